@@ -1,0 +1,5 @@
+import sys
+
+from metabolic.cli import main
+
+sys.exit(main())

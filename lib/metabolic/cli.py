@@ -1,0 +1,81 @@
+"""Command line: `python -m metabolic {run,study,config}`.
+
+    python -m metabolic run --profile smoke [--stages corpus,pretrain] [--set train.epochs=3 ...]
+    python -m metabolic study --profile smoke [--only 00,01] [--set ...]
+    python -m metabolic config --profile gpu [--set ...]
+
+Errors caused by input (profile, override, assets, data) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from metabolic.errors import MetabolicError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m metabolic", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (
+        ("run", "run the stages without Jupyter"),
+        ("study", "run the notebooks headless with papermill"),
+        ("config", "print the resolved config"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--profile", default="smoke", help="smoke, gpu or paper (default: smoke)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value; repeatable")
+        if name == "run":
+            p.add_argument("--stages", default="", help="comma-separated stages (default: all, in order)")
+        if name == "study":
+            p.add_argument("--only", default="", help="comma-separated notebook prefixes, e.g. 00,01")
+            p.add_argument("--inplace", action="store_true", help="write outputs back into notebooks/*.ipynb (smoke)")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from metabolic.config import parse_override_strings
+        from metabolic.profiles import load_config
+
+        overrides = parse_override_strings(args.overrides)
+        cfg = load_config(args.profile, overrides)
+        if args.command == "config":
+            print(cfg.to_json())
+        elif args.command == "run":
+            from metabolic import artefacts, stages
+
+            t0 = time.perf_counter()
+            timings = stages.run(cfg, [s.strip() for s in args.stages.split(",") if s.strip()] or None)
+            summary = {"profile": cfg.profile, "stages_s": timings, "total_s": time.perf_counter() - t0}
+            artefacts.atomic_write_json(artefacts.run_dir(cfg.profile) / "run_timings.json", summary)
+            print(json.dumps(summary, indent=2))
+        elif args.command == "study":
+            from metabolic import artefacts
+            from metabolic.study import run_study
+
+            t0 = time.perf_counter()
+            timings = run_study(args.profile, overrides, [o.strip() for o in args.only.split(",") if o.strip()] or None,
+                                inplace=args.inplace)
+            summary = {"profile": args.profile, "notebooks_s": timings, "total_s": time.perf_counter() - t0}
+            artefacts.atomic_write_json(artefacts.run_dir(args.profile) / "study_timings.json", summary)
+            print(json.dumps(summary, indent=2))
+    except MetabolicError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

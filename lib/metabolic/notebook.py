@@ -1,0 +1,45 @@
+"""Notebook glue: resolve the config from papermill parameters, quiet logging, one-line input errors.
+
+Kept tiny on purpose: notebooks call the library; this only sets up the session.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Mapping
+
+from metabolic.config import StudyConfig
+from metabolic.errors import MetabolicError
+
+PROFILE_NOTES = {
+    "smoke": "smoke profile (tiny CPU run: its numbers show that the pipeline runs, not what the method achieves)",
+    "gpu": "gpu profile (one H100, GPT-2 6x384 pretrained here on WikiText-2)",
+    "paper": "paper profile (GPT-2 small from the Hub, the paper's hyper-parameters)",
+}
+
+
+def profile_label(cfg: StudyConfig) -> str:
+    return PROFILE_NOTES.get(cfg.profile, f"{cfg.profile} profile")
+
+
+def _one_line_error(shell, etype, value, tb, tb_offset=None):  # pragma: no cover - needs a live kernel
+    print(f"error: {value}", file=sys.stderr)
+    return None
+
+
+def setup(profile: str, overrides: Mapping[str, Any] | None = None, level: int = logging.WARNING) -> StudyConfig:
+    """Resolve and validate the config; input errors print one line instead of a traceback."""
+    from metabolic.profiles import load_config
+
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
+    logging.getLogger("metabolic").setLevel(level)
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is not None:
+            shell.set_custom_exc((MetabolicError,), _one_line_error)
+    except ImportError:  # pragma: no cover
+        pass
+    return load_config(profile, overrides)

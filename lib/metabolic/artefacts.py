@@ -8,6 +8,7 @@ into place with a rename only when complete: a reader never sees a half-written 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -147,6 +148,27 @@ def build_artefact(
     if not force and is_fresh(folder, key, required):
         log.info("reusing %s (fingerprint %s)", folder, key[:12])
         return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time per artefact (two notebooks or processes may ask for the same stage).
+    with _exclusive(folder.with_name(f".{folder.name}.lock")):
+        if not force and is_fresh(folder, key, required):
+            return folder
+        return _build_locked(folder, key, description, build, config_json)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    import fcntl
+
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_locked(folder: Path, key: str, description: dict[str, Any], build, config_json: str | None) -> Path:
     if folder.exists():
         why = "stale" if read_manifest(folder) else "incomplete or corrupt"
         log.warning("%s is %s: rebuilding it", folder, why)

@@ -1,0 +1,57 @@
+"""The command line: one-line errors for bad input, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(args, tmp_path, **env):
+    data = tmp_path / "data"
+    full_env = {**os.environ, "METABOLIC_DATA": str(data), "METABOLIC_FIGURES": str(tmp_path / "fig"), **env}
+    proc = subprocess.run([sys.executable, "-m", "metabolic", *args], capture_output=True, text=True, env=full_env, timeout=300)
+    return proc, data
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["config", "--profile", "nope"], {}, "unknown profile 'nope'"),
+        (["config", "--set", "train.nope=1"], {}, "unknown override key 'train.nope'"),
+        (["config", "--set", "train.epochs=many"], {}, "train.epochs='many' has the wrong type: expected int"),
+        (["config", "--set", "train.epochs"], {}, "write it as section.key=value"),
+        (["run", "--stages", "corpus"], {"METABOLIC_ASSETS": "/no/such/folder"}, "METABOLIC_ASSETS='/no/such/folder' is not a folder"),
+        (["run", "--stages", "nope"], {}, "unknown stage 'nope'"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, env, message):
+    proc, data = _run(args, tmp_path, **env)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not data.exists() or not any(data.rglob("*"))
+
+
+def test_empty_corpus_is_one_line_and_writes_nothing(tmp_path, assets_dir):
+    folder = tmp_path / "assets"
+    shutil.copytree(assets_dir / "gpt2-tokenizer", folder / "gpt2-tokenizer")
+    (folder / "wikitext-2").mkdir()
+    for name in ("train.txt", "valid.txt", "test.txt"):
+        (folder / "wikitext-2" / name).write_text("\n\n")
+    proc, data = _run(["run", "--stages", "corpus"], tmp_path, METABOLIC_ASSETS=str(folder))
+    assert proc.returncode == 2 and "has no non-empty lines" in proc.stderr and "Traceback" not in proc.stderr
+    assert not data.exists() or not any(p.is_file() for p in data.rglob("*"))
+
+
+def test_config_prints_the_resolved_profile(tmp_path):
+    import json
+
+    proc, _ = _run(["config", "--profile", "gpu", "--set", "train.epochs=2"], tmp_path)
+    assert proc.returncode == 0
+    cfg = json.loads(proc.stdout)
+    assert cfg["profile"] == "gpu" and cfg["train"]["epochs"] == 2 and cfg["backbone"]["n_embd"] == 384

@@ -1,0 +1,41 @@
+"""Integration: the foundation stages on a tiny config, their artefacts, and reuse on a second run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from metabolic import artefacts, stages
+from metabolic.backbone import load_backbone
+
+
+def test_foundation_stages_run_and_are_reused(tiny_cfg):
+    timings = stages.run(tiny_cfg, ["corpus", "pretrain", "prior"])
+    assert set(timings) == {"corpus", "pretrain", "prior"}
+    root = artefacts.run_dir(tiny_cfg.profile)
+    for name in ("corpus", "backbone", "prior"):
+        manifest = artefacts.read_manifest(root / name)
+        assert manifest is not None and manifest["description"]["library_version"]
+        saved = json.loads((root / name / artefacts.CONFIG_FILE).read_text())
+        assert saved == json.loads(tiny_cfg.to_json())
+    backbone = stages.pretrain_backbone(tiny_cfg, progress=False)
+    assert backbone.pretrained_here and [m["step"] for m in backbone.metrics] == [2, 4]
+    model = load_backbone(backbone.path, "cpu")
+    assert model.config.n_layer == 1 and model.config.vocab_size == 50257
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[15496, 995]])).logits).all()
+    before = (root / "backbone" / "model.safetensors").stat().st_mtime_ns
+    stages.run(tiny_cfg, ["pretrain"])  # same inputs: reused, not retrained
+    assert (root / "backbone" / "model.safetensors").stat().st_mtime_ns == before
+    prior = stages.energy_prior(tiny_cfg).prior
+    assert prior.cost.shape == (50257,) and abs(prior.cost.mean() - 1) < 1e-6 and np.all(prior.cost >= 0.3)
+
+
+def test_corpus_stage_matches_the_papers_counts(tiny_cfg):
+    data = stages.corpus(tiny_cfg)
+    assert (len(data.train_ids), len(data.valid_ids)) == (23767, 2461)
+    seqs = stages.train_sequences(tiny_cfg, data)
+    assert len(seqs) == 64 and max(map(len, seqs)) <= 32
+    assert seqs == stages.train_sequences(tiny_cfg, data)

@@ -1,0 +1,245 @@
+"""Budgeted generation: processor and criterion contracts, identity with plain generate(), bad input."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metabolic.errors import ConfigError, DataError
+from metabolic.generation import (
+    BudgetStoppingCriteria,
+    Calibration,
+    CostSteeringLogitsProcessor,
+    generate_with_budget,
+    kept_lengths,
+    plain_generate,
+    sentence_end_mask,
+    stop_rule,
+)
+from tiny_lm import tiny_gpt2, token_costs
+
+PROMPTS = ["The future of artificial intelligence", "Hello"]  # different lengths: left padding is exercised
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_gpt2(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def costs(tokenizer):
+    return token_costs(len(tokenizer))
+
+
+IDENTITY = Calibration(a=0.0, b=1.0)
+
+
+# --- identity with plain generate() -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("do_sample", [True, False])
+@pytest.mark.parametrize("steer", [False, True])
+def test_unlimited_budget_matches_plain_generate(model, tokenizer, costs, do_sample, steer):
+    ref = plain_generate(model, tokenizer, PROMPTS, max_new_tokens=12, do_sample=do_sample, seed=3)
+    gens = generate_with_budget(model, tokenizer, PROMPTS, math.inf, token_costs=costs, calibration=IDENTITY,
+                                max_new_tokens=12, steer=steer, stop=True, do_sample=do_sample, seed=3)
+    prompt_len = ref.shape[1] - 12
+    for row, g in enumerate(gens):
+        expected = ref[row, prompt_len:].tolist()
+        if tokenizer.eos_token_id in expected:  # the text ends at EOS; generate pads after it
+            expected = expected[: expected.index(tokenizer.eos_token_id)]
+        assert g.generated_ids == expected
+        assert g.stopped_by in ("max_new_tokens", "eos")
+        if steer:
+            assert g.lambdas == [0.0] * len(g.generated_ids)
+
+
+# --- the steering processor ---------------------------------------------------------------------
+
+
+def test_processor_returns_new_tensor_and_leaves_scores_alone(costs):
+    proc = CostSteeringLogitsProcessor(costs, [0.5, 2.0], prompt_len=3, max_new_tokens=10)
+    scores = torch.randn(2, costs.numel())
+    before = scores.clone()
+    ids = torch.randint(0, costs.numel(), (2, 5))
+    out = proc(ids, scores)
+    assert out is not scores and out.data_ptr() != scores.data_ptr()
+    assert torch.equal(scores, before)
+    lam = proc.last_lambda
+    assert torch.allclose(out, scores - lam[:, None] * costs[None, :])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), pace_quantile=st.floats(0.2, 0.8))
+def test_processor_tilts_expected_cost_to_the_pace(seed, pace_quantile):
+    """When the pace lies inside the reachable range, E_tilted[C] lands on it (within Newton's error)."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = 64
+    costs = 0.05 + torch.rand(vocab, generator=gen)
+    scores = torch.randn(1, vocab, generator=gen)
+    mean0 = float(torch.softmax(scores, -1) @ costs)
+    # a pace between the cheapest-weighted and the untilted expectation, or above it
+    lo, hi = float(costs.min()) + 0.2, float(costs.max()) - 0.2
+    pace = lo + (hi - lo) * pace_quantile
+    proc = CostSteeringLogitsProcessor(costs, [pace * 4], prompt_len=0, max_new_tokens=4, lambda_max=50.0, newton_steps=8)
+    out = proc(torch.zeros(1, 0, dtype=torch.long), scores)
+    tilted = float(torch.softmax(out, -1) @ costs)
+    assert abs(tilted - pace) < abs(mean0 - pace) + 1e-6  # never further from the pace than before
+    assert abs(tilted - pace) < 0.02
+    assert math.copysign(1, float(proc.last_lambda)) == math.copysign(1, mean0 - pace) or abs(mean0 - pace) < 1e-3
+
+
+def test_processor_lambda_sign_follows_the_spend(costs):
+    """A row far over its pace gets lambda > 0 (cheaper tokens), one far under gets lambda < 0."""
+    scores = torch.zeros(2, costs.numel())
+    ids = torch.zeros(2, 4, dtype=torch.long)  # prompt_len 2, two generated tokens of cost costs[0]
+    proc = CostSteeringLogitsProcessor(costs, [costs[0].item() * 2.05, 100.0], prompt_len=2, max_new_tokens=10)
+    lam = proc.lambdas(ids, scores)
+    assert lam[0] > 0 and lam[1] < 0
+    assert lam.abs().max() <= proc.lambda_max
+    one_sided = CostSteeringLogitsProcessor(costs, [costs[0].item() * 2.05, 100.0], 2, 10, two_sided=False)
+    assert one_sided.lambdas(ids, scores)[1] == 0
+
+
+def test_processor_handles_masked_scores(costs):
+    scores = torch.full((1, costs.numel()), -math.inf)
+    scores[0, :5] = torch.tensor([1.0, 0.5, 0.2, 0.0, -1.0])  # what top-k leaves
+    out = CostSteeringLogitsProcessor(costs, [0.1], 0, 5)(torch.zeros(1, 0, dtype=torch.long), scores)
+    assert torch.isfinite(out[0, :5]).all() and torch.isinf(out[0, 5:]).all()
+
+
+# --- the stopping criterion ---------------------------------------------------------------------
+
+
+def test_stop_rule_exact_values():
+    spent = torch.tensor([0.9, 0.94, 0.96, 0.5], dtype=torch.float64)
+    budget = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    at_end = torch.tensor([False, True, False, True])
+    # n = 10 generated: average 0.09-0.096, half of it 0.045-0.048
+    out = stop_rule(spent, 10, budget, at_end, sentence_slack=0.05)
+    # 0.9 < 1 - 0.045 -> go on; 0.94 at a sentence end >= 0.95? no, but 0.94 >= 1 - 0.047 -> no; 0.96 >= 1-0.048 -> stop
+    assert out.tolist() == [False, False, True, False]
+    assert stop_rule(spent, 10, torch.full((4,), math.inf, dtype=torch.float64), at_end, 0.1).tolist() == [False] * 4
+
+
+def test_criterion_contract_and_rows(costs):
+    vocab = costs.numel()
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    spent = float(costs[3] + costs[4])
+    crit = BudgetStoppingCriteria(costs, [spent, spent * 10], prompt_len=2)
+    out = crit(ids, None)
+    assert out.dtype == torch.bool and out.shape == (2,)
+    assert out.tolist() == [True, False]
+    assert crit(ids[:, :2], None).tolist() == [False, False]  # nothing generated yet
+    end = torch.zeros(vocab, dtype=torch.bool)
+    end[4] = True
+    soft = BudgetStoppingCriteria(costs, [spent / 0.95], prompt_len=2, sentence_end=end, sentence_slack=0.1)
+    assert soft(ids[:1], None).tolist() == [True]
+
+
+def test_generation_stops_near_budget_per_row(model, tokenizer, costs):
+    budgets = [0.6, 1.5]
+    gens = generate_with_budget(model, tokenizer, PROMPTS, budgets, token_costs=costs, calibration=IDENTITY,
+                                max_new_tokens=30, steer=False, seed=1)
+    top = float(costs.max())
+    for g, b in zip(gens, budgets):
+        if g.stopped_by == "budget":
+            assert b - top <= g.spent_proxy <= b + top
+            assert abs(g.spent_proxy - b) <= top / 2 + max(c for c in costs[g.generated_ids].tolist()) / 2 + 1e-9
+        assert g.spent_proxy == pytest.approx(float(costs[g.generated_ids].double().sum()))
+    assert len(gens[0].generated_ids) < len(gens[1].generated_ids) or gens[1].stopped_by != "budget"
+
+
+def test_steering_moves_spend_towards_the_budget(model, tokenizer, costs):
+    """Over a fixed window (no stopping), steering spends closer to the budget than plain sampling."""
+    prompts = ["The history of the city", "In 1990 the team"] * 2
+    n = 20
+    for budget in (0.8, 5.0):  # pace 0.04/token (cheap) and 0.25/token (dear), the mean cost is 0.17
+        free = generate_with_budget(model, tokenizer, prompts, budget, token_costs=costs, calibration=IDENTITY,
+                                    max_new_tokens=n, steer=False, stop=False, seed=5)
+        steered = generate_with_budget(model, tokenizer, prompts, budget, token_costs=costs, calibration=IDENTITY,
+                                       max_new_tokens=n, steer=True, stop=False, seed=5)
+        err_free = sum(abs(g.spent_proxy - budget) for g in free)
+        err_steered = sum(abs(g.spent_proxy - budget) for g in steered)
+        assert err_steered < err_free
+
+
+def test_kept_lengths_matches_the_criterion(costs):
+    gen = torch.tensor([[5, 6, 7, 8, 9], [5, 50256, 0, 0, 0]])
+    budgets = torch.tensor([float(costs[5] + costs[6] + costs[7]), 100.0], dtype=torch.float64)
+    out = kept_lengths(gen, costs, budgets, None, 0.1, eos_token_id=50256)
+    crit = BudgetStoppingCriteria(costs, budgets[:1], prompt_len=0)
+    first = next(t for t in range(1, 6) if crit(gen[:1, :t], None)[0])
+    assert out[0] == (first, "budget")
+    assert out[1] == (1, "eos")
+
+
+def test_sentence_end_mask(tokenizer):
+    mask = sentence_end_mask(tokenizer, len(tokenizer))
+    assert mask[tokenizer.encode(".")[0]] and mask[tokenizer.encode("?")[0]]
+    assert not mask[tokenizer.encode(" the")[0]]
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0.0, -1.0, math.nan, [1.0, math.nan]])
+def test_bad_budgets_raise(model, tokenizer, costs, budget):
+    with pytest.raises(ConfigError, match="budget"):
+        generate_with_budget(model, tokenizer, PROMPTS, budget, token_costs=costs, calibration=IDENTITY, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("prompts", [[], [""], ["ok", "   "]])
+def test_empty_prompts_raise(model, tokenizer, costs, prompts):
+    with pytest.raises(DataError, match="prompt"):
+        generate_with_budget(model, tokenizer, prompts, 1.0, token_costs=costs, calibration=IDENTITY, max_new_tokens=4)
+
+
+def test_prompt_longer_than_context_raises(model, tokenizer, costs):
+    long_prompt = "word " * 60  # the tiny model has 48 positions
+    with pytest.raises(DataError, match="context of 48"):
+        generate_with_budget(model, tokenizer, [long_prompt], 1.0, token_costs=costs, calibration=IDENTITY, max_new_tokens=4)
+
+
+def test_out_of_range_budget_is_clamped_with_a_warning(model, tokenizer, costs, caplog):
+    with caplog.at_level(logging.WARNING, logger="metabolic.generation"):
+        gens = generate_with_budget(model, tokenizer, ["Hello"], 500.0, token_costs=costs, calibration=IDENTITY,
+                                    max_new_tokens=4, budget_range=(0.5, 2.0))
+    assert gens[0].budget_requested_csc == 500.0 and gens[0].budget_csc == 2.0 and gens[0].budget_proxy == 2.0
+    assert "outside the trained range" in caplog.text
+
+
+def test_calibration_maps_and_validates():
+    cal = Calibration(a=-7.297, b=2.0)
+    assert cal.to_proxy(cal.to_csc(3.0)) == pytest.approx(3.0)
+    assert cal.to_proxy(5.0) == pytest.approx((5.0 + 7.297) / 2.0)
+    with pytest.raises(ConfigError, match="slope"):
+        Calibration(a=0.0, b=0.0)
+    with pytest.raises(ConfigError, match="finite"):
+        Calibration(a=math.nan, b=1.0)
+
+
+def test_budget_below_the_calibration_intercept_raises(model, tokenizer, costs):
+    with pytest.raises(ConfigError, match="above 2"):
+        generate_with_budget(model, tokenizer, ["Hi"], 1.0, token_costs=costs, calibration=Calibration(2.0, 1.0), max_new_tokens=4)
+
+
+def test_processor_argument_validation(costs):
+    with pytest.raises(ConfigError):
+        CostSteeringLogitsProcessor(costs[None, :], [1.0], 0, 4)
+    with pytest.raises(ConfigError):
+        CostSteeringLogitsProcessor(-costs, [1.0], 0, 4)
+    with pytest.raises(ConfigError):
+        CostSteeringLogitsProcessor(costs, [1.0], 0, 0)
+    with pytest.raises(ConfigError):
+        BudgetStoppingCriteria(costs, [1.0], 0, sentence_slack=1.0)
+    proc = CostSteeringLogitsProcessor(costs, [1.0], 0, 4)
+    with pytest.raises(DataError, match="token_costs"):
+        proc(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 10))
+    with pytest.raises(ConfigError, match="batch rows"):
+        CostSteeringLogitsProcessor(costs, [1.0, 2.0], 0, 4)(torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, costs.numel()))

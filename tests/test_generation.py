@@ -243,3 +243,53 @@ def test_processor_argument_validation(costs):
         proc(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 10))
     with pytest.raises(ConfigError, match="batch rows"):
         CostSteeringLogitsProcessor(costs, [1.0, 2.0], 0, 4)(torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, costs.numel()))
+
+
+# --- MetabolicGPT-2: the budget pathway through the backbone's generate() ------------------------
+
+
+@pytest.fixture(scope="module")
+def metabolic_model(tokenizer):
+    from metabolic.model import MetabolicGPT2, MetabolicSettings
+
+    model = MetabolicGPT2(tiny_gpt2(tokenizer), MetabolicSettings(K=3, budget_scale=0.5, per_layer_budget=True))
+    torch.manual_seed(11)
+    with torch.no_grad():  # a non-zero budget pathway, as after training
+        model.budget_proj.weight.normal_(0, 2.0)
+        for proj in model.layer_budget_proj:
+            proj.weight.normal_(0, 1.0)
+        model.set_calibration([0.1] * 3, [2.0] * 3)
+    return model.eval()
+
+
+def test_budget_conditioning_reproduces_the_model_logits(metabolic_model):
+    from metabolic.generation import budget_conditioning
+
+    ids = torch.tensor([[464, 2003, 286, 11666], [15496, 995, 13, 383]])
+    budgets = torch.tensor([0.3, 2.0])
+    with torch.no_grad():
+        expected = metabolic_model(ids, budget=budgets).logits
+        plain = metabolic_model.backbone(input_ids=ids).logits
+        with budget_conditioning(metabolic_model, budgets):
+            got = metabolic_model.backbone(input_ids=ids).logits
+        after = metabolic_model.backbone(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the pathway matters here
+    assert torch.equal(after, plain)  # hooks removed
+
+
+def test_metabolic_generation_uses_model_costs_and_budget(metabolic_model, tokenizer):
+    from metabolic.generation import model_calibration, model_token_costs
+
+    gens = generate_with_budget(metabolic_model, tokenizer, PROMPTS, [0.4, 0.9], max_new_tokens=10, seed=2)
+    costs = model_token_costs(metabolic_model)
+    cal = model_calibration(metabolic_model)
+    assert (cal.a, cal.b) == pytest.approx((0.1, 2.0))
+    for g, b in zip(gens, [0.4, 0.9]):
+        assert g.budget_proxy == pytest.approx((b - 0.1) / 2.0)
+        assert g.spent_proxy == pytest.approx(float(costs[g.generated_ids].double().sum()), rel=1e-6)
+    # budget-conditioned sampling differs from the unconditioned backbone on the same seed
+    free = plain_generate(metabolic_model, tokenizer, PROMPTS, max_new_tokens=10, seed=2)
+    cond = generate_with_budget(metabolic_model, tokenizer, PROMPTS, [0.4, 0.9], max_new_tokens=10, seed=2,
+                                steer=False, stop=False)
+    assert [g.generated_ids for g in cond] != [free[r, -10:].tolist() for r in range(2)]

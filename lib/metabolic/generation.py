@@ -28,6 +28,7 @@ Documented behaviour on edge cases:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -356,6 +357,61 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return ids
 
 
+def is_metabolic(model) -> bool:
+    """True for a MetabolicGPT-2 (a backbone plus `vocab_costs` and a budget pathway)."""
+    return hasattr(model, "vocab_costs") and hasattr(model, "backbone") and hasattr(model, "budget_proj")
+
+
+def model_token_costs(model) -> torch.Tensor:
+    """C_vocab of a MetabolicGPT-2 as one proxy number per token: the mean over K, float32 [V] on CPU."""
+    with torch.no_grad():
+        return model.proxy_total(model.vocab_costs()).detach().float().cpu()
+
+
+def model_calibration(model) -> Calibration:
+    """The model's calibration as one affine map (the mean of its K (a, b) pairs, as `to_proxy` uses)."""
+    return Calibration(a=float(model.calib_a.mean()), b=float(model.calib_b.mean()))
+
+
+@contextlib.contextmanager
+def budget_conditioning(model, budget_csc: torch.Tensor | None):
+    """Make `model.backbone`'s logits those of `model(..., budget=budget_csc)` while inside the block.
+
+    The budget pathway (eq. 15-16) adds `u = W_bud log(1 + B / scale)` to the final hidden states
+    before the LM head (and, with `per_layer_budget`, its own bias before every block). A pre-hook on
+    `lm_head` adds `u` per batch row, so `model.backbone.generate()` samples from exactly the
+    MetabolicGPT-2 distribution. `budget_csc=None` leaves the backbone unconditioned.
+    """
+    if budget_csc is None:
+        yield
+        return
+    budget = model.budget_vector(torch.as_tensor(budget_csc, dtype=torch.float32), batch=len(budget_csc))
+    enc = model.encode_budget(budget).to(model.cost_head.weight.dtype)
+    with torch.no_grad():
+        u = model.budget_proj(enc)  # [B, H]
+        layer_bias = [proj(enc) for proj in model.layer_budget_proj] if model.settings.per_layer_budget else None
+
+    def add_budget(module, args):
+        h = args[0]
+        return (h + _rows_2d(u, h.shape[0]).to(h.dtype)[:, None, :], *args[1:])
+
+    handle = model.backbone.lm_head.register_forward_pre_hook(add_budget)
+    model._layer_bias = layer_bias
+    try:
+        yield
+    finally:
+        handle.remove()
+        model._layer_bias = None
+
+
+def _rows_2d(values: torch.Tensor, n_rows: int) -> torch.Tensor:
+    if values.shape[0] == n_rows:
+        return values
+    if n_rows % values.shape[0] == 0:
+        return values.repeat_interleave(n_rows // values.shape[0], dim=0)
+    raise ConfigError(f"{values.shape[0]} budgets for {n_rows} batch rows: give one budget per prompt")
+
+
 @torch.inference_mode()
 def generate_with_budget(
     model,
@@ -363,8 +419,9 @@ def generate_with_budget(
     prompts: Sequence[str] | str,
     budget_csc: float | Sequence[float],
     *,
-    token_costs: Any,
-    calibration: Calibration,
+    token_costs: Any = None,
+    calibration: Calibration | None = None,
+    condition: bool = True,
     max_new_tokens: int = 64,
     steer: bool = True,
     stop: bool = True,
@@ -381,9 +438,19 @@ def generate_with_budget(
 
     Runs `model.generate()` with the steering processor (if `steer`) and the budget stopping criterion
     (if `stop`) appended to the defaults. `model` is anything with `.generate(input_ids=..., ...)`
-    (a `GPT2LMHeadModel`, or a budget-conditioned wrapper whose `generate` takes extra kwargs passed
-    through `generate_kwargs`). `token_costs` is `C_vocab` [V] in proxy units.
+    (a `GPT2LMHeadModel`), or a `MetabolicGPT2`: then `token_costs` and `calibration` default to the
+    model's own, and (if `condition`) its backbone generates under the budget pathway for each row's
+    (finite) CSC budget, see `budget_conditioning`. `token_costs` is `C_vocab` [V] in proxy units.
     """
+    metabolic = is_metabolic(model)
+    if token_costs is None:
+        if not metabolic:
+            raise ConfigError("token_costs is required for a plain language model: pass C_vocab as a [V] tensor")
+        token_costs = model_token_costs(model)
+    if calibration is None:
+        if not metabolic:
+            raise ConfigError("calibration is required for a plain language model: pass Calibration(a, b)")
+        calibration = model_calibration(model)
     prompt_ids = encode_prompts(tokenizer, prompts)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -401,7 +468,8 @@ def generate_with_budget(
             f"budget_csc={bad} maps to a proxy budget <= 0 through calibration a={calibration.a:.4g}, "
             f"b={calibration.b:.4g}: ask for a budget above {calibration.a:.4g} CSC"
         )
-    context = _context_size(model)
+    lm = model.backbone if metabolic else model
+    context = _context_size(lm)
     longest = max(len(p) for p in prompt_ids)
     if context is not None and longest + max_new_tokens > context:
         raise DataError(
@@ -409,7 +477,7 @@ def generate_with_budget(
             f"context of {context}: shorten the prompt to <= {context - max_new_tokens} tokens or lower max_new_tokens"
         )
     costs = _as_cost_vector(token_costs)
-    device = next(model.parameters()).device
+    device = next(lm.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_len = longest
     input_ids = torch.full((len(prompts), prompt_len), pad_id, dtype=torch.long)
@@ -436,7 +504,12 @@ def generate_with_budget(
     if do_sample:
         kwargs.update(temperature=float(temperature), top_k=int(top_k))
     kwargs.update(generate_kwargs or {})
-    output = model.generate(**kwargs)
+    finite = bool(torch.isfinite(used).all())
+    conditioned = used.float() if (metabolic and condition and finite) else None
+    if metabolic and condition and not finite:
+        log.info("an unlimited budget has no budget-pathway input: generating unconditioned")
+    with budget_conditioning(model, conditioned):
+        output = lm.generate(**kwargs)
     gen = output[:, prompt_len:].cpu()
     ends = kept_lengths(gen, costs, budgets_proxy, sentence_end, sentence_slack, tokenizer.eos_token_id, budget_stop=stop)
     history = torch.stack(recorder.history, dim=1) if recorder is not None and recorder.history else None
@@ -454,7 +527,10 @@ def generate_with_budget(
 
 def plain_generate(model, tokenizer, prompts: Sequence[str] | str, *, max_new_tokens: int = 64, do_sample: bool = True,
                    temperature: float = 1.0, top_k: int = 50, seed: int | None = 0) -> torch.Tensor:
-    """Plain `generate()` on the same left-padded batch as `generate_with_budget` (the reference)."""
+    """Plain `generate()` on the same left-padded batch as `generate_with_budget` (the reference).
+
+    For a MetabolicGPT-2 this is its backbone without any budget input (unbudgeted generation).
+    """
     prompt_ids = encode_prompts(tokenizer, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_len = max(len(p) for p in prompt_ids)
@@ -463,7 +539,8 @@ def plain_generate(model, tokenizer, prompts: Sequence[str] | str, *, max_new_to
     for row, ids in enumerate(prompt_ids):
         input_ids[row, prompt_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
         attention[row, prompt_len - len(ids):] = 1
-    device = next(model.parameters()).device
+    lm = model.backbone if is_metabolic(model) else model
+    device = next(lm.parameters()).device
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = dict(input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
@@ -471,4 +548,4 @@ def plain_generate(model, tokenizer, prompts: Sequence[str] | str, *, max_new_to
     if do_sample:
         kwargs.update(temperature=float(temperature), top_k=int(top_k))
     with torch.inference_mode():
-        return model.generate(**kwargs).cpu()
+        return lm.generate(**kwargs).cpu()

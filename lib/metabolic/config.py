@@ -177,6 +177,10 @@ class TrainConfig:
     calib_refit_every: int = 10  # steps between refits of (a, b)
     curriculum_start: float = 1.5  # first epoch's budgets are this multiple of the targets
     per_layer_budget: bool = False  # inject the budget bias in every block (paper's future work)
+    # Floor of every proxy cost (eq. 14's c_min) in proxy units, which CSC supervision keeps near CSC
+    # units (~1e-3 per token): the prior's c_min = 0.3 is in prior units (mean 1) and would dwarf CSC.
+    vocab_cost_min: float = 1e-4
+    token_cost_from_prior: bool = False  # initialise token costs as token_cost_init x the synthetic prior
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -186,6 +190,8 @@ class TrainConfig:
                      "vocab_aux_weight", "calib_ridge"):
             _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "use >= 0")
         _require(0 <= self.a_mix <= 1, "train.a_mix", self.a_mix, "use a value in [0, 1]")
+        _require(math.isfinite(self.vocab_cost_min) and self.vocab_cost_min >= 0, "train.vocab_cost_min",
+                 self.vocab_cost_min, "use a finite floor >= 0")
         if self.budgets:
             _finite_positive_tuple("train.budgets", self.budgets)
             _require(len(self.budgets) == self.K, "train.budgets", self.budgets, f"give K={self.K} budgets")
@@ -223,11 +229,38 @@ class EnergyConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     input_tokens: int = 64
     idle_s: float = 2.0
+    counter_period_s: float = 0.1  # windows shorter than the counter's update period are flagged and warned about
+    poll_interval_s: float = 0.01  # power sampling period on GPUs without the energy counter
+    gpu_index: int = 0
+    # Cap on output tokens: the 1:50 task shrinks its input instead (GPT-2 has 1,024 positions, and
+    # long decodes dominate the run time); every row records the exact T_in and T_out.
+    max_output_tokens: int = 512
+    tasks: tuple[str, ...] = ("classification", "chat", "reasoning", "creative")  # metabolic.workloads.TASK_RATIOS
+    # metabolic.workloads: random-weight GPT-2 shapes (energy does not depend on weight values),
+    # "gpt2" from the Hub when it loads, "metabolic" = the trained MetabolicGPT-2 at each budget level.
+    models: tuple[str, ...] = ("tiny", "gpu-6x384", "gpt2-small-scratch", "gpt2", "metabolic")
+    paths: tuple[str, ...] = ("default", "static-compile")  # HF generate() vs static KV cache (+ torch.compile on CUDA)
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp16"  # on CUDA; CPU runs fp32
+    calib_model: str = "gpt2-small-scratch"  # model of the semantic-cost -> joules calibration
+    calib_requests: int = 32  # requests of varied T_in / T_out measured for the calibration
+    budget_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # joule budgets as fractions of the largest calibration request
+    budget_prompts: int = 8  # prompts generated per joule budget (Hit@10% over them)
 
     def __post_init__(self) -> None:
-        _positive("energy", self, "min_window_s", "repeats", "input_tokens", "idle_s")
+        _positive("energy", self, "min_window_s", "repeats", "input_tokens", "idle_s", "counter_period_s",
+                  "poll_interval_s", "max_output_tokens", "calib_requests", "budget_prompts")
         _require(len(self.batch_sizes) > 0 and all(b > 0 for b in self.batch_sizes), "energy.batch_sizes",
                  self.batch_sizes, "give batch sizes > 0")
+        _require(self.gpu_index >= 0, "energy.gpu_index", self.gpu_index, "use an NVML GPU index >= 0")
+        _require(len(self.models) > 0, "energy.models", self.models, "name at least one model")
+        _require(len(self.tasks) > 0, "energy.tasks", self.tasks, "name at least one task")
+        _require(len(self.paths) > 0 and set(self.paths) <= {"default", "static-compile"}, "energy.paths",
+                 self.paths, "choose among 'default' and 'static-compile'")
+        _require(self.calib_model in ("tiny", "gpu-6x384", "gpt2-small-scratch"), "energy.calib_model",
+                 self.calib_model, "choose tiny, gpu-6x384 or gpt2-small-scratch")
+        _require(self.calib_requests >= 4, "energy.calib_requests", self.calib_requests, "use >= 4 (3 parameters are fitted)")
+        _require(all(0 < f <= 1 for f in self.budget_fractions), "energy.budget_fractions", self.budget_fractions,
+                 "use fractions in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -299,35 +332,30 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.strip().lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}={value!r} has the wrong type: expected true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} has the wrong type: expected int, {fix}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r} has the wrong type: expected int, {fix}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} has the wrong type: expected float, {fix}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r} has the wrong type: expected float, {fix}")
+    if tp in (int, float):
+        return _number(key, tp, value, fix)
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}={value!r} has the wrong type: expected a string")
     return value
+
+
+def _number(key: str, tp: type, value: Any, fix: str) -> Any:
+    """An int or float from a number or a string; booleans and fractional values for ints are rejected."""
+    if not isinstance(value, bool):
+        if isinstance(value, str):
+            try:
+                return tp(value.strip())
+            except ValueError:
+                pass
+        elif tp is float and isinstance(value, (int, float)):
+            return float(value)
+        elif tp is int and isinstance(value, int):
+            return value
+        elif tp is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {tp.__name__}, {fix}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -187,11 +187,27 @@ def energy_prior(cfg: StudyConfig) -> PriorData:
     return PriorData(prior=prior, folder=folder, fingerprint=artefacts.fingerprint(description))
 
 
+def csc_labels(cfg: StudyConfig, progress: bool = True) -> Any:
+    """Stage `csc`: exact CSC labels of the profile's sequences (`metabolic.csc_dataset.CSCData`)."""
+    from metabolic.csc_dataset import csc_labels as build_csc_labels  # imported here: it imports this module
+
+    return build_csc_labels(cfg, progress=progress)
+
+
+def measure_etokens(cfg: StudyConfig, progress: bool = True):
+    """Stage `etokens`: energy per query by phase, e-tokens, calibration (see metabolic.query_energy)."""
+    from metabolic.query_energy import measure_etokens as run_etokens
+
+    return run_etokens(cfg, progress=progress)
+
+
 # Registered in pipeline order; later issues add their stages here.
 STAGES: dict[str, Callable[[StudyConfig], Any]] = {
     "corpus": corpus,
     "pretrain": pretrain_backbone,
     "prior": energy_prior,
+    "csc": csc_labels,
+    "etokens": measure_etokens,
 }
 
 

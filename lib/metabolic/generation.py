@@ -3,7 +3,7 @@
 Two small parts with the standard contracts, composable with any other processor or criterion:
 
 - `CostSteeringLogitsProcessor` subtracts `lambda_t * C_vocab` from the next-token scores. `lambda_t`
-  is solved per batch row and per step (a few Newton steps on the tilted distribution) so that the
+  is solved per batch row and per step (Newton steps on the tilted distribution) so that the
   expected cost of the next token equals the pace the budget still allows, `(B - spent) / steps_left`:
   a row that is spending too fast is pushed towards cheap tokens, one that is too slow towards dearer
   ones. `|lambda_t| <= lambda_max` keeps the text close to the model's own distribution.
@@ -154,12 +154,13 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         prompt_len: length of the (left-padded) prompt; tokens after it are the generation.
         max_new_tokens: the generation's token limit, which sets the pace `(B - spent) / steps_left`.
         lambda_max: bound on `|lambda_t|` (in score units per unit of proxy cost).
-        newton_steps: Newton iterations solving E_lambda[C] = pace (1-3 are plenty).
+        newton_steps: Newton iterations solving E_lambda[C] = pace (1 is cheap and enough for pacing;
+            each adds one softmax over the vocabulary per step).
         two_sided: also push under-spending rows towards dearer tokens (negative lambda).
     """
 
     def __init__(self, token_costs: Any, budgets_proxy: Any, prompt_len: int, max_new_tokens: int,
-                 lambda_max: float = 5.0, newton_steps: int = 2, two_sided: bool = True) -> None:
+                 lambda_max: float = 5.0, newton_steps: int = 1, two_sided: bool = True) -> None:
         self.token_costs = _as_cost_vector(token_costs)
         self.budgets = _as_budgets(budgets_proxy, "budgets_proxy")
         if not isinstance(prompt_len, int) or prompt_len < 0:
@@ -176,6 +177,14 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         self.newton_steps = newton_steps
         self.two_sided = two_sided
         self.last_lambda: torch.Tensor | None = None  # diagnostics: lambda_t of the latest step, [B]
+        self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _costs_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, C^2) on `device`, cached: the processor runs once per generated token."""
+        if self._cached is None or self._cached[0].device != device:
+            costs = self.token_costs.to(device)
+            self._cached = (costs, costs * costs)
+        return self._cached
 
     def lambdas(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """lambda_t per row, float32 [B] (pure: depends only on the arguments and the settings)."""
@@ -187,7 +196,7 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         n_gen = input_ids.shape[1] - self.prompt_len
         if n_gen < 0:
             raise DataError(f"input has {input_ids.shape[1]} tokens, fewer than prompt_len={self.prompt_len}")
-        costs = self.token_costs.to(scores.device)
+        costs, costs_sq = self._costs_on(scores.device)
         budget = _rows(self.budgets.to(scores.device), scores.shape[0], "budgets_proxy")
         spent = generated_spend(input_ids, costs, self.prompt_len)
         steps_left = max(self.max_new_tokens - n_gen, 1)
@@ -195,20 +204,22 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         logits = scores.float()
         lam = torch.zeros(scores.shape[0], dtype=torch.float32, device=scores.device)
         low = -self.lambda_max if self.two_sided else 0.0
-        for _ in range(self.newton_steps):
-            probs = torch.softmax(logits - lam[:, None] * costs[None, :], dim=-1)
-            probs = torch.nan_to_num(probs, nan=0.0)  # a row of all -inf has no distribution to tilt
+        for step in range(self.newton_steps):
+            tilted = logits if step == 0 else torch.addcmul(logits, lam[:, None], costs[None, :], value=-1.0)
+            probs = torch.softmax(tilted, dim=-1)
             mean = probs @ costs
-            var = (probs @ (costs * costs) - mean * mean).clamp(min=0.0)
-            # d E_lambda[C] / d lambda = -Var_lambda[C]: a Newton step towards E = pace.
-            lam = (lam + (mean - pace) / (var + 1e-8)).clamp(low, self.lambda_max)
+            var = (probs @ costs_sq - mean * mean).clamp(min=0.0)
+            # d E_lambda[C] / d lambda = -Var_lambda[C]: a Newton step towards E = pace. A row whose
+            # scores are all -inf has no distribution (NaN): it gets lambda 0.
+            lam = torch.nan_to_num(lam + (mean - pace) / (var + 1e-8), nan=0.0).clamp(low, self.lambda_max)
         return torch.where(torch.isfinite(budget), lam, torch.zeros_like(lam))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         lam = self.lambdas(input_ids, scores)
         self.last_lambda = lam.detach().cpu()
-        tilt = lam[:, None] * self.token_costs.to(scores.device)[None, :]
-        return scores - tilt.to(scores.dtype)  # a new tensor: scores are never edited in place
+        costs, _ = self._costs_on(scores.device)
+        # A new tensor (scores - lambda * C): scores are never edited in place.
+        return torch.addcmul(scores, lam[:, None].to(scores.dtype), costs[None, :].to(scores.dtype), value=-1.0)
 
 
 class BudgetStoppingCriteria(StoppingCriteria):

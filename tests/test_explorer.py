@@ -1,0 +1,76 @@
+"""The budget explorer's logic, without a browser: render, error views, widget handlers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from metabolic.explorer import BudgetExplorer, cost_colour, gauge_html
+from metabolic.generation import Calibration
+from tiny_lm import tiny_gpt2, token_costs
+
+
+@pytest.fixture(scope="module")
+def explorer(tokenizer):
+    model = tiny_gpt2(tokenizer)
+    return BudgetExplorer(model, tokenizer, (0.5, 3.0), token_costs=token_costs(len(tokenizer)),
+                          calibration=Calibration(0.1, 1.0), max_new_tokens=12)
+
+
+def test_render_colours_every_generated_token(explorer):
+    view = explorer.render("The history of the city", 1.0, 1.0, 12)
+    assert view.error is None
+    assert 1 <= view.n_tokens <= 12
+    assert view.text_html.count('title="cost ') == view.n_tokens
+    assert view.budget_csc == 1.0
+    assert "spent" in view.gauge_html and math.isfinite(view.spent_csc)
+    # the same inputs give the same text (seeded)
+    assert explorer.render("The history of the city", 1.0, 1.0, 12).text_html == view.text_html
+
+
+def test_out_of_range_budget_is_clamped_and_said(explorer):
+    view = explorer.render("Hello", 50.0, 1.0, 8)
+    assert view.error is None and view.budget_csc == 3.0
+    assert "clamped" in view.status
+
+
+@pytest.mark.parametrize(
+    "prompt, budget, temperature, max_tokens, message",
+    [
+        ("", 1.0, 1.0, 8, "empty"),
+        ("   ", 1.0, 1.0, 8, "empty"),
+        ("Hello", 0.0, 1.0, 8, "budget"),
+        ("Hello", float("nan"), 1.0, 8, "NaN"),
+        ("Hello", 1.0, 0.0, 8, "temperature"),
+        ("Hello", 1.0, 1.0, 0, "max_new_tokens"),
+        ("word " * 60, 1.0, 1.0, 8, "context"),
+    ],
+)
+def test_bad_input_shows_an_error_and_never_raises(explorer, prompt, budget, temperature, max_tokens, message):
+    view = explorer.render(prompt, budget, temperature, max_tokens)
+    assert view.error is not None and message in view.error
+    assert view.n_tokens == 0 and "error:" in view.text_html
+
+
+def test_moving_the_slider_regenerates(explorer):
+    pytest.importorskip("ipywidgets")
+    ui = explorer.widget()
+    assert ui is not None
+    first = explorer.renders
+    before = explorer._widgets["output"].value
+    explorer._widgets["budget"].value = 2.5
+    assert explorer.renders == first + 1
+    assert explorer.last.budget_csc == 2.5
+    assert explorer._widgets["status"].value.count(f'data-renders="{first + 1}"') == 1
+    explorer._widgets["prompt"].value = ""
+    assert "error" in explorer._widgets["output"].value  # shown in the widget, not raised
+    explorer._widgets["prompt"].value = "The history of the city"
+    assert explorer._widgets["output"].value != before or explorer.last.error is None
+
+
+def test_colours_and_gauge_are_bounded():
+    assert cost_colour(-5, 0, 1) == cost_colour(0, 0, 1)
+    assert cost_colour(9, 0, 1) == cost_colour(1, 0, 1)
+    assert cost_colour(float("nan"), 0, 1) == "#dddddd"
+    assert "(100%)" in gauge_html(2.0, 2.0) and "(0%)" in gauge_html(0.0, 2.0)

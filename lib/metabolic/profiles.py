@@ -43,7 +43,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         "energy.batch_sizes": (1, 4),
         "energy.input_tokens": 32,
         "energy.idle_s": 0.5,
-        "energy.min_window_s": 0.2,
+        "energy.min_window_s": 0.05,  # CPU timings only (no energy counter here): short windows keep smoke fast
+        # CPU smoke: no energy here, only timings of the tiny model (and MetabolicGPT-2 when trained)
+        "energy.models": ("tiny", "metabolic"),
+        "energy.max_output_tokens": 8,
+        "energy.calib_model": "tiny",
+        "energy.calib_requests": 8,
+        "energy.budget_prompts": 2,
     },
     # One H100, offline assets: a 6 x 384 GPT-2 pretrained on all of WikiText-2, thousands of
     # 256-token texts with every token CSC-labelled; whole pipeline in about 9 minutes.

@@ -144,9 +144,12 @@ class CSCConfig:
     precision: Literal["fp32", "tf32", "fp16"] = "fp32"  # reduced precision only on CUDA (see csc.py)
     scale: Literal["raw", "length"] = "raw"  # "length": T x CSC_t, totals that grow with content
     seed: int = 0
+    # Sequences per resumable chunk of the cache: an interrupted labelling run loses at most one chunk.
+    chunk_sequences: int = 32
 
     def __post_init__(self) -> None:
-        _positive("csc", self, "max_sequences", "max_valid_sequences", "positions_per_sequence", "batch_size")
+        _positive("csc", self, "max_sequences", "max_valid_sequences", "positions_per_sequence", "batch_size",
+                  "chunk_sequences")
 
 
 @dataclass(frozen=True)

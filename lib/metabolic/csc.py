@@ -50,11 +50,16 @@ NEGATIVE_TOLERANCE = 1e-4
 
 
 def encoder_window(encoder) -> int:
-    """Word pieces the encoder can see: its position table, capped by the tokenizer's model length."""
-    model = encoder[0].auto_model
-    positions = int(getattr(model.config, "max_position_embeddings", 512))
-    tok_max = int(getattr(encoder.tokenizer, "model_max_length", positions) or positions)
-    return min(positions, tok_max) if tok_max < 10**8 else positions
+    """Word pieces the encoder can see: its position table (not the tokenizer's shorter default).
+
+    MiniLM's tokenizer says 256, its model has 512 positions; RoBERTa-style models (MPNet) reserve
+    the first two of theirs for the padding offset.
+    """
+    config = encoder[0].auto_model.config
+    positions = int(getattr(config, "max_position_embeddings", 512))
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "mpnet", "camembert"):
+        positions -= 2
+    return positions
 
 
 def counterfactual_ids(ids: np.ndarray, positions: np.ndarray) -> list[list[int]]:
@@ -151,8 +156,11 @@ class CSCLabeller:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids, self.label([ids], progress=False)[0]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
+    def counterfactual_texts(self, ids: Sequence[int], positions: np.ndarray | None = None) -> list[str]:
+        """`tokenizer.decode(ids without position t)` for each t of `positions` (default: all)."""
+        arr = np.asarray(list(ids), dtype=np.int64)
+        pos = np.arange(arr.size) if positions is None else np.asarray(positions, dtype=np.int64)
+        return self.tokenizer.batch_decode(counterfactual_ids(arr, pos))
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
@@ -224,7 +232,7 @@ class CSCLabeller:
             if n_pieces > self.window:
                 log.debug("sequence %d has %d word pieces > window %d: labels left NaN", i, n_pieces, self.window)
                 continue  # the whole sequence stays NaN: its full-text embedding would be truncated
-            cfs = self.tokenizer.batch_decode(counterfactual_ids(seqs[i], pos[i]))
+            cfs = self.counterfactual_texts(seqs[i], pos[i])
             texts.append(text)
             texts.extend(cfs)
             owner.append(np.full(len(cfs) + 1, i, dtype=np.int64))

@@ -41,7 +41,6 @@ from metabolic.errors import DataError
 log = logging.getLogger(__name__)
 
 DATA_FILE = "csc.npz"
-CHUNK_SEQUENCES = 32  # sequences per resumable chunk (fixed: chunk boundaries must not move on resume)
 SCALES = ("raw", "length")
 STAT_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 
@@ -206,7 +205,8 @@ def label_split(labeller, name: str, split: int, sequences: list[list[int]], cfg
     positions = label_positions([len(s) for s in sequences], cfg.csc.positions, cfg.csc.positions_per_sequence,
                                 cfg.csc.seed, split)
     out: list[np.ndarray] = []
-    starts = range(0, len(sequences), CHUNK_SEQUENCES)
+    size = cfg.csc.chunk_sequences  # fingerprinted: chunk boundaries must not move on resume
+    starts = range(0, len(sequences), size)
     n_labels = [len(s) if p is None else len(p) for s, p in zip(sequences, positions)]
     bar = None
     if progress:
@@ -214,16 +214,16 @@ def label_split(labeller, name: str, split: int, sequences: list[list[int]], cfg
 
         bar = tqdm(total=sum(n_labels), unit="label", desc=f"CSC {name}")  # its rate is labels/s
     for k, start in enumerate(starts):
-        seqs = sequences[start:start + CHUNK_SEQUENCES]
+        seqs = sequences[start:start + size]
         path = chunks_dir / f"{name}-{k:05d}.npz"
         labels = _load_chunk(path, [len(s) for s in seqs])
         if labels is None:
-            labels = labeller.label(seqs, positions[start:start + CHUNK_SEQUENCES], progress=False)
+            labels = labeller.label(seqs, positions[start:start + size], progress=False)
             flat, offsets = _pack(labels, np.float32)
             _save_npz(path, csc=flat, offsets=offsets)
         out.extend(labels)
         if bar is not None:
-            bar.update(sum(n_labels[start:start + CHUNK_SEQUENCES]))
+            bar.update(sum(n_labels[start:start + size]))
     if bar is not None:
         bar.close()
     return out
@@ -244,10 +244,10 @@ def csc_labels(cfg: StudyConfig, progress: bool = True, device: str | None = Non
         "tokenizer": stages.tokenizer_fingerprint(data.tokenizer),
         "corpus_fingerprint": data.fingerprint,
         "corpus": {k: getattr(cfg.corpus, k) for k in ("seq_len", "max_train_texts", "max_valid_texts", "min_tokens", "seed")},
-        "csc": {k: getattr(cfg.csc, k) for k in ("max_sequences", "max_valid_sequences", "positions", "positions_per_sequence", "seed")},
+        "csc": {k: getattr(cfg.csc, k) for k in ("max_sequences", "max_valid_sequences", "positions", "positions_per_sequence",
+                                                  "seed", "chunk_sequences")},
         "precision": labeller.precision,
         "device_type": labeller.device.type,
-        "chunk_sequences": CHUNK_SEQUENCES,
     }
     folder = artefacts.run_dir(cfg.profile) / "csc"
 

@@ -1,0 +1,160 @@
+"""Exact CSC labeller (issue 3 acceptance): agreement with an independent computation, decoding of
+multi-byte text, edge cases and bad input. Real GPT-2 tokenizer and real all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metabolic.errors import AssetError, ConfigError, DataError
+
+FIXED_TEXT = "The quick brown fox jumps over the lazy dog near the old river bank."
+MULTIBYTE = "naïve café – 東京"
+
+
+def _gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte <-> printable character table (OpenAI's encoder.py), written out independently."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@pytest.fixture(scope="session")
+def encoder(assets_dir):
+    from metabolic.assets import load_encoder
+
+    return load_encoder("sentence-transformers/all-MiniLM-L6-v2").value
+
+
+@pytest.fixture(scope="session")
+def labeller(encoder, tokenizer):
+    from metabolic.csc import CSCLabeller
+
+    return CSCLabeller(encoder, tokenizer, device="cpu", precision="fp32", batch_size=8)
+
+
+def test_labels_match_independent_sentence_transformers_computation(labeller, encoder, tokenizer):
+    ids, csc = labeller.label_text(FIXED_TEXT)
+    assert ids == tokenizer(FIXED_TEXT)["input_ids"]
+    # Independent path: SentenceTransformer.encode on decoded strings, cosine distance.
+    texts = [tokenizer.decode(ids)] + [tokenizer.decode(ids[:t] + ids[t + 1:]) for t in range(len(ids))]
+    emb = encoder.encode(texts, convert_to_numpy=True, normalize_embeddings=True, batch_size=4)
+    expected = 1.0 - emb[1:] @ emb[0]
+    assert csc.dtype == np.float32 and csc.shape == (len(ids),)
+    np.testing.assert_allclose(csc, expected, atol=1e-4, rtol=0)
+    assert (csc >= 0).all()
+    # Content words cost more than the final full stop's neighbourhood average: the labels carry signal.
+    assert csc.max() > 5 * csc.min()
+
+
+def test_multibyte_counterfactuals_are_decodings_of_the_remaining_ids(labeller, tokenizer):
+    ids = tokenizer(MULTIBYTE)["input_ids"]
+    byte_decoder = {v: k for k, v in _gpt2_bytes_to_unicode().items()}
+    token_bytes = [bytes(byte_decoder[ch] for ch in tokenizer.convert_ids_to_tokens(i)) for i in ids]
+    assert b"".join(token_bytes).decode("utf-8") == MULTIBYTE == tokenizer.decode(ids)
+    cfs = labeller.counterfactual_texts(ids)
+    assert len(cfs) == len(ids)
+    whole = 0
+    for t, text in enumerate(cfs):
+        assert text == tokenizer.decode(ids[:t] + ids[t + 1:])
+        remaining = b"".join(token_bytes[:t] + token_bytes[t + 1:])
+        assert text == remaining.decode("utf-8", errors="replace")
+        try:
+            token_bytes[t].decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # a piece of a multi-byte character: the remaining bytes cannot all be valid
+        # A token holding whole characters: the counterfactual is exactly the text without them.
+        start = len(b"".join(token_bytes[:t]))
+        assert text == (remaining[:start] + remaining[start:]).decode("utf-8") and "\ufffd" not in text
+        whole += 1
+    assert whole >= 3  # "na", " caf", " –" ... hold whole characters
+    # Joining per-token strings (the wrong way) turns the pieces of 東 and 京 into replacement characters.
+    assert "\ufffd" in "".join(tokenizer.decode([i]) for i in ids)
+    _, csc = labeller.label_text(MULTIBYTE)
+    assert np.isfinite(csc).all() and (csc >= 0).all()
+
+
+def test_labels_do_not_depend_on_batching_or_sequence_order(labeller, tokenizer):
+    a = tokenizer("Paris is the capital of France.")["input_ids"]
+    b = tokenizer("A short one.")["input_ids"]
+    alone = labeller.label([a], progress=False)[0]
+    together = labeller.label([b, a], progress=False)
+    np.testing.assert_allclose(together[1], alone, atol=1e-6)
+    assert len(together[0]) == len(b)
+
+
+def test_position_subset_leaves_the_rest_nan(labeller, tokenizer):
+    ids = tokenizer(FIXED_TEXT)["input_ids"]
+    full = labeller.label([ids], progress=False)[0]
+    part = labeller.label([ids], [np.array([5, 1, 5])], progress=False)[0]
+    assert np.isnan(part).sum() == len(ids) - 2
+    np.testing.assert_allclose(part[[1, 5]], full[[1, 5]], atol=1e-6)
+
+
+def test_empty_and_one_token_sequences_have_defined_results(labeller, encoder, tokenizer):
+    empty, one = labeller.label([[], [464]], progress=False)
+    assert empty.shape == (0,)
+    emb = encoder.encode(["The", ""], convert_to_numpy=True, normalize_embeddings=True)
+    np.testing.assert_allclose(one, [1.0 - emb[0] @ emb[1]], atol=1e-4)
+
+
+def test_texts_longer_than_the_window_are_nan_not_truncated(labeller, tokenizer):
+    long_ids = tokenizer(" word" * (labeller.window + 5))["input_ids"]
+    short = tokenizer("Fine.")["input_ids"]
+    assert labeller.window == 512  # MiniLM's 512 positions, not its default 256
+    out = labeller.label([long_ids, short], [np.array([0, 1]), None], progress=False)
+    assert np.isnan(out[0]).all()
+    assert np.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("bad", [[50257], [-1], [10, 99999999]])
+def test_ids_outside_the_vocabulary_are_a_data_error(labeller, bad):
+    with pytest.raises(DataError, match="outside the tokenizer's vocabulary"):
+        labeller.label([[464, 318], bad], progress=False)
+
+
+def test_bad_positions_and_precision(labeller, encoder, tokenizer):
+    from metabolic.csc import CSCLabeller
+
+    with pytest.raises(DataError, match="position 3 of sequence 0"):
+        labeller.label([[464, 318, 257]], [np.array([3])], progress=False)
+    with pytest.raises(DataError, match="one per sequence"):
+        labeller.label([[464]], [None, None], progress=False)
+    with pytest.raises(ConfigError, match="bf16"):
+        CSCLabeller(encoder, tokenizer, precision="bf16")
+    cpu = CSCLabeller(encoder, tokenizer, precision="fp16")  # reduced precision is CUDA-only
+    assert cpu.precision == "fp32"
+
+
+def test_missing_encoder_is_an_asset_error(tiny_cfg, tmp_path):
+    from metabolic.config import apply_overrides
+    from metabolic.csc import CSCLabeller
+
+    cfg = apply_overrides(tiny_cfg, {"assets.encoder": str(tmp_path / "no-such-encoder")})
+    with pytest.raises(AssetError, match="cannot load encoder"):
+        CSCLabeller.from_config(cfg, device="cpu")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 50256), min_size=1, max_size=40), st.data())
+def test_counterfactual_ids_delete_exactly_one_position(ids, data):
+    from metabolic.csc import counterfactual_ids
+
+    positions = data.draw(st.lists(st.integers(0, len(ids) - 1), min_size=1, max_size=len(ids), unique=True))
+    rows = counterfactual_ids(np.array(ids), np.array(positions))
+    assert rows == [ids[:t] + ids[t + 1:] for t in positions]
+
+
+def test_flops_per_text_matches_the_issue_anchor():
+    from metabolic.csc import flops_per_text
+
+    # MiniLM-L6 (6 x 384, d_ff 1536) on ~268 word pieces: ~6.4 GFLOP per text (issue 3).
+    assert 6.2e9 < float(flops_per_text(6, 384, 1536, 268)) < 6.6e9

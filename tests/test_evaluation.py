@@ -1,0 +1,132 @@
+"""Budget-tracking metrics (pure, property-tested) and the Table I helpers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from metabolic.errors import DataError
+from metabolic.evaluation import (
+    PAPER_TABLE1,
+    distinct_n,
+    goal_status,
+    hit_rate,
+    mae,
+    mape,
+    paper_side_by_side,
+    perplexity,
+    relative_change,
+    table_row,
+)
+
+positive = st.floats(0.01, 100.0, allow_nan=False, allow_infinity=False)
+pairs = st.lists(st.tuples(positive, positive), min_size=1, max_size=30)
+
+
+def split(p):
+    a, t = zip(*p)
+    return np.array(a), np.array(t)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pairs)
+def test_metric_bounds_and_orderings(p):
+    a, t = split(p)
+    assert mae(a, t) >= 0 and mape(a, t) >= 0
+    h10, h20, h50 = (hit_rate(a, t, d) for d in (10, 20, 50))
+    assert 0 <= h10 <= h20 <= h50 <= 100
+    # Hit@delta is the share of per-item relative errors <= delta: it is 100 when MAPE's max term is within
+    if np.max(np.abs(a - t) / t) <= 0.099:
+        assert h10 == 100.0
+    assert mape(a, t) == pytest.approx(100 * np.mean(np.abs(a - t) / t))
+
+
+@settings(max_examples=60, deadline=None)
+@given(pairs, st.floats(0.1, 10.0))
+def test_scale_invariance_of_relative_metrics(p, c):
+    a, t = split(p)
+    assert mape(a * c, t * c) == pytest.approx(mape(a, t), rel=1e-9, abs=1e-9)
+    for d in (10, 20, 50):
+        # boundary cases may flip by one ulp; compare away from the boundary
+        rel = np.abs(a - t) / t
+        assume(np.all(np.abs(rel - d / 100) > 1e-9))
+        assert hit_rate(a * c, t * c, d) == hit_rate(a, t, d)
+    assert mae(a * c, t * c) == pytest.approx(c * mae(a, t), rel=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(positive, min_size=1, max_size=20))
+def test_perfect_tracking(t):
+    t = np.array(t)
+    assert mae(t, t) == 0 and mape(t, t) == 0
+    assert hit_rate(t, t, 0) == 100.0
+    row = table_row(t, t, 1.0)
+    assert row["Hit@10"] == row["Hit@50"] == 100.0 and row["Achieved"] == pytest.approx(row["Target"])
+
+
+def test_exact_values_and_boundaries():
+    # target 10: achieved 11 (10% off: a hit at 10, inclusive), 12 (20%), 16 (60%)
+    a, t = [11.0, 12.0, 16.0], [10.0, 10.0, 10.0]
+    assert mae(a, t) == pytest.approx(3.0)
+    assert mape(a, t) == pytest.approx(30.0)
+    assert hit_rate(a, t, 10) == pytest.approx(100 / 3)
+    assert hit_rate(a, t, 20) == pytest.approx(200 / 3)
+    assert hit_rate(a, t, 50) == pytest.approx(200 / 3)
+    row = table_row(a, 10.0, 10.0)
+    assert row == {"Budget": 10.0, "MAE": pytest.approx(3.0), "MAPE": pytest.approx(30.0), "Hit@10": pytest.approx(100 / 3),
+                   "Hit@20": pytest.approx(200 / 3), "Hit@50": pytest.approx(200 / 3), "Achieved": pytest.approx(13.0),
+                   "Target": 10.0, "n": 3}
+
+
+def test_paper_table_reproduces_its_own_average():
+    rows = PAPER_TABLE1["rows"]
+    assert np.mean([r["MAE"] for r in rows]) == pytest.approx(PAPER_TABLE1["average_MAE"], abs=1e-3)
+    # MAE >= |mean achieved - target| (Jensen): the paper's rows satisfy it (low: 1.78 >= 1.19)
+    for r in rows:
+        assert r["MAE"] >= abs(r["Achieved"] - r["Target"]) - 0.01
+
+
+@pytest.mark.parametrize("bad", [([], []), ([1.0], [0.0]), ([1.0, 2.0], [1.0, 2.0, 3.0]), ([math.nan], [1.0])])
+def test_bad_inputs_raise(bad):
+    with pytest.raises(DataError):
+        mae(*bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 20), max_size=15), max_size=6), st.integers(1, 3))
+def test_distinct_n_is_a_ratio(lists, n):
+    d = distinct_n(lists, n)
+    assert 0 <= d <= 1
+    total = sum(max(0, len(x) - n + 1) for x in lists)
+    if total:
+        assert d > 0
+        assert d == pytest.approx(len({tuple(x[i:i + n]) for x in lists for i in range(len(x) - n + 1)}) / total)
+
+
+def test_distinct_exact_and_perplexity():
+    assert distinct_n([[1, 1, 1, 1]], 1) == 0.25
+    assert distinct_n([[1, 2, 1, 2]], 2) == pytest.approx(2 / 3)
+    assert distinct_n([[1]], 2) == 0.0
+    assert perplexity(0.0, 5) == 1.0 and perplexity(5 * math.log(3), 5) == pytest.approx(3.0)
+    assert math.isnan(perplexity(1.0, 0))
+    assert relative_change(11.0, 10.0) == pytest.approx(0.1) and math.isnan(relative_change(1.0, 0.0))
+
+
+def test_goal_status_and_side_by_side():
+    row = lambda level, hit: {"level": level, "csc": {"Budget": 1.0, "MAE": 0.1, "MAPE": 5.0, "Hit@10": hit, "Hit@20": 100.0,
+                                                       "Hit@50": 100.0, "Achieved": 1.0, "Target": 1.0}}
+    table = {"rows": [row("low", 95.0), row("medium", 90.0), row("high", 100.0)], "fluency": {"judge_ppl_rel_change": 0.08}}
+    assert goal_status(table)["met"] is True
+    table["rows"][1] = row("medium", 89.9)
+    assert goal_status(table)["met"] is False and goal_status(table)["hit_ok"] is False
+    table["rows"][1] = row("medium", 90.0)
+    table["fluency"]["judge_ppl_rel_change"] = -0.11
+    status = goal_status(table)
+    assert status["hit_ok"] and not status["fluency_ok"] and not status["met"]
+    side = paper_side_by_side(table)
+    assert [s["paper Budget"] for s in side] == [5.01, 7.16, 9.31]
+    assert side[0]["ours Hit@10"] == 95.0

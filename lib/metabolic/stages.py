@@ -201,6 +201,13 @@ def measure_etokens(cfg: StudyConfig, progress: bool = True):
     return run_etokens(cfg, progress=progress)
 
 
+def evaluate_budgets(cfg: StudyConfig, progress: bool = True):
+    """Stage `evaluate`: budgeted generation, Table I per variant and decoding (see `metabolic.evaluation`)."""
+    from metabolic.evaluation import evaluate_budgets as run_evaluation  # imported here: it imports this module
+
+    return run_evaluation(cfg, progress=progress)
+
+
 # Registered in pipeline order; later issues add their stages here.
 STAGES: dict[str, Callable[[StudyConfig], Any]] = {
     "corpus": corpus,
@@ -208,6 +215,7 @@ STAGES: dict[str, Callable[[StudyConfig], Any]] = {
     "prior": energy_prior,
     "csc": csc_labels,
     "etokens": measure_etokens,
+    "evaluate": evaluate_budgets,
 }
 
 

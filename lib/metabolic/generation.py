@@ -537,7 +537,8 @@ def generate_with_budget(
 
 
 def plain_generate(model, tokenizer, prompts: Sequence[str] | str, *, max_new_tokens: int = 64, do_sample: bool = True,
-                   temperature: float = 1.0, top_k: int = 50, seed: int | None = 0) -> torch.Tensor:
+                   temperature: float = 1.0, top_k: int = 50, seed: int | None = 0,
+                   generate_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
     """Plain `generate()` on the same left-padded batch as `generate_with_budget` (the reference).
 
     For a MetabolicGPT-2 this is its backbone without any budget input (unbudgeted generation).
@@ -558,5 +559,6 @@ def plain_generate(model, tokenizer, prompts: Sequence[str] | str, *, max_new_to
                   do_sample=do_sample, pad_token_id=pad_id)
     if do_sample:
         kwargs.update(temperature=float(temperature), top_k=int(top_k))
+    kwargs.update(generate_kwargs or {})
     with torch.inference_mode():
         return lm.generate(**kwargs).cpu()

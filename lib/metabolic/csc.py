@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import queue
 import threading
@@ -60,6 +61,14 @@ def encoder_window(encoder) -> int:
     if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "mpnet", "camembert"):
         positions -= 2
     return positions
+
+
+@functools.lru_cache(maxsize=2)
+def cached_encoder(spec: str, device: str):
+    """`load_encoder(spec, device)`, loaded once per process (stages and notebooks share it)."""
+    from metabolic.assets import load_encoder
+
+    return load_encoder(spec, device).value
 
 
 def counterfactual_ids(ids: np.ndarray, positions: np.ndarray) -> list[list[int]]:
@@ -118,11 +127,10 @@ class CSCLabeller:
     @classmethod
     def from_config(cls, cfg, device: str | None = None) -> "CSCLabeller":
         """The configured encoder (resolved by `metabolic.assets`), GPT-2 tokenizer and CSC settings."""
-        from metabolic.assets import load_encoder
         from metabolic.stages import _tokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        encoder = load_encoder(cfg.assets.encoder, device).value
+        encoder = cached_encoder(cfg.assets.encoder, device)
         tokenizer = _tokenizer(cfg.assets.tokenizer).value
         return cls(encoder, tokenizer, device=device, precision=cfg.csc.precision, batch_size=cfg.csc.batch_size,
                    encoder_name=cfg.assets.encoder)

@@ -1,0 +1,200 @@
+"""Workloads, the query runner and the `etokens` stage: CPU path for real, GPU path with NVML mocked (autospec)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from unittest import mock
+
+import numpy as np
+import pynvml
+import pytest
+import torch
+
+from metabolic.config import apply_overrides
+from metabolic.errors import ConfigError, DataError
+from metabolic.joules import JouleBudgetStopping, fit_linear, hit_rate, tokens_predictor
+from metabolic.workloads import SCRATCH_SHAPES, TASK_RATIOS, ModelSpec, load_model, make_tasks, model_specs, pick_prompts
+
+WATTS = 100.0  # the fake GPU draws a constant 100 W
+
+
+@contextlib.contextmanager
+def fake_gpu_counter():
+    """NVML with an energy counter that grows at exactly WATTS (mJ = W x ms), patched with autospec."""
+    t0 = time.perf_counter()
+    handle = object()
+    values = {
+        "nvmlInit": dict(return_value=None),
+        "nvmlShutdown": dict(return_value=None),
+        "nvmlDeviceGetCount": dict(return_value=1),
+        "nvmlDeviceGetHandleByIndex": dict(return_value=handle),
+        "nvmlDeviceGetName": dict(return_value="NVIDIA H100 80GB HBM3"),
+        "nvmlSystemGetDriverVersion": dict(return_value="550.54.15"),
+        "nvmlDeviceGetEnforcedPowerLimit": dict(return_value=700_000),
+        "nvmlDeviceGetTotalEnergyConsumption": dict(side_effect=lambda h: int(WATTS * 1000 * (time.perf_counter() - t0))),
+    }
+    with contextlib.ExitStack() as stack:
+        for name, kw in values.items():
+            stack.enter_context(mock.patch.object(pynvml, name, autospec=True, **kw))
+        yield
+
+
+# --- workloads -----------------------------------------------------------------------------------
+
+
+def test_tasks_follow_the_note_ratios():
+    tasks = {t.name: t for t in make_tasks(64, 512)}
+    assert [(t.input_tokens, t.output_tokens) for t in tasks.values()] == [(64, 6), (64, 64), (64, 320), (10, 500)]
+    for t in tasks.values():
+        assert t.output_tokens / t.input_tokens == pytest.approx(TASK_RATIOS[t.name], rel=0.1)
+
+
+def test_task_cap_keeps_ratio_and_context():
+    tasks = make_tasks(32, 8)
+    assert [(t.input_tokens, t.output_tokens) for t in tasks] == [(32, 3), (8, 8), (2, 8), (1, 8)]
+    with pytest.raises(ConfigError, match="exceeds GPT-2's 1024 positions"):
+        make_tasks(600, 1000, ("chat",))
+    with pytest.raises(ConfigError, match="unknown task 'poetry'"):
+        make_tasks(8, 8, ("poetry",))
+
+
+def test_prompts_are_exact_and_seeded():
+    seqs = [list(range(i, i + n)) for i, n in enumerate([3, 10, 12, 40, 7, 9])]
+    a = pick_prompts(seqs, 3, 8, seed=0)
+    assert a == pick_prompts(seqs, 3, 8, seed=0)
+    assert all(len(p) == 8 for p in a) and len(a) == 3
+    assert len(pick_prompts(seqs, 10, 8, seed=1)) == 10  # with replacement when few texts are long enough
+    with pytest.raises(DataError, match="no validation text has 50 tokens"):
+        pick_prompts(seqs, 1, 50, seed=0)
+
+
+def test_model_specs_and_optional_metabolic(tmp_path):
+    specs, skipped = model_specs(("tiny", "gpt2-small-scratch", "metabolic"), tmp_path, budgets=(1.0, 2.0))
+    assert [s.name for s in specs] == ["tiny", "gpt2-small-scratch"]
+    assert specs[1].shape == (12, 768, 12)
+    assert skipped and skipped[0]["model"] == "metabolic"
+    with pytest.raises(ConfigError, match="unknown model 'llama'"):
+        model_specs(("llama",), tmp_path, ())
+
+
+def test_scratch_models_have_the_right_size(tokenizer):
+    model = load_model(ModelSpec("tiny", "scratch", shape=SCRATCH_SHAPES["tiny"]), len(tokenizer),
+                       tokenizer.eos_token_id, torch.device("cpu"), torch.float32)
+    assert model.config.n_layer == 2 and model.config.n_embd == 128 and model.config.n_positions == 1024
+
+
+# --- calibration maths and the joule-budget stopping criterion ----------------------------------
+
+
+def test_fit_linear_recovers_a_plane():
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 100, size=(20, 2)).astype(float)
+    y = 3.0 + 0.05 * x[:, 0] + 0.9 * x[:, 1]
+    fit = fit_linear(x, y, ("input_tokens", "output_tokens"))
+    assert fit.intercept == pytest.approx(3.0) and fit.coef == pytest.approx((0.05, 0.9))
+    assert fit.r2 == pytest.approx(1.0) and max(abs(r) for r in fit.residuals) < 1e-9
+    noisy = fit_linear(x, y + rng.normal(0, 5, 20), ("input_tokens", "output_tokens"))
+    assert 0 < noisy.r2 < 1 and noisy.rmse > 1
+
+
+def test_fit_linear_bad_inputs():
+    with pytest.raises(DataError, match="cannot fit"):
+        fit_linear([[1.0], [2.0]], [1.0, 2.0], ("semantic_cost",))
+    with pytest.raises(DataError, match="NaN"):
+        fit_linear([[1.0], [2.0], [3.0], [4.0]], [1.0, float("nan"), 2.0, 3.0], ("semantic_cost",))
+    with pytest.raises(DataError, match="pair up"):
+        fit_linear([[1.0], [2.0]], [1.0], ("semantic_cost",))
+
+
+def test_hit_rate():
+    assert hit_rate([9.5, 11.5, 10.0, 20.0], [10.0] * 4) == 0.5
+    with pytest.raises(DataError):
+        hit_rate([], [])
+
+
+def test_joule_budget_stops_where_the_calibration_says(tokenizer):
+    model = load_model(ModelSpec("tiny", "scratch", shape=SCRATCH_SHAPES["tiny"]), len(tokenizer),
+                       tokenizer.eos_token_id, torch.device("cpu"), torch.float32)
+    x = [[i, o] for i in (4, 8) for o in (1, 5, 9)]
+    fit = fit_linear(x, [2.0 + 0.1 * i + 0.5 * o for i, o in x], ("input_tokens", "output_tokens"))
+    predict, step = tokens_predictor(fit)
+    ids = torch.tensor([list(range(100, 108))])
+    budget = 2.0 + 0.1 * 8 + 0.5 * 6 + 0.2  # room for 6 tokens, not 7
+    crit = JouleBudgetStopping([budget], 8, predict, step)
+    from transformers import StoppingCriteriaList
+
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id, eos_token_id=None, stopping_criteria=StoppingCriteriaList([crit]))
+    assert out.shape[1] - 8 == 6
+    with pytest.raises(ConfigError, match="joule budgets"):
+        JouleBudgetStopping([0.0], 8, predict, step)
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_cfg(tiny_cfg):
+    return apply_overrides(tiny_cfg, {
+        "energy.models": ("tiny",), "energy.tasks": ("creative",), "energy.batch_sizes": (1, 2),
+        "energy.paths": ("default", "static-compile"), "energy.repeats": 2, "energy.input_tokens": 16,
+        "energy.max_output_tokens": 3, "energy.min_window_s": 0.02, "energy.idle_s": 0.05,
+        "energy.calib_model": "tiny", "energy.calib_requests": 5, "energy.budget_prompts": 2,
+        "energy.budget_fractions": (1.0,),
+    })
+
+
+def test_stage_on_cpu_records_unavailable_energy(small_cfg):
+    from metabolic.query_energy import measure_etokens, summarise
+
+    res = measure_etokens(small_cfg, progress=False)
+    assert not res.energy_available and res.machine["energy_source"] == "unavailable"
+    rows = [r for r in res.rows if r["results_file"].startswith(res.folder.name)]
+    assert len(rows) == 1 * 2 * 1 * 2 * 2  # models x paths x tasks x batch sizes x repeats
+    for r in rows:
+        assert r["total_j"] is None and r["e_in_wh"] is None and r["energy_source"] == "unavailable"
+        assert "CPU/wall timings only" in r["etoken_note"]
+        assert r["full_window_s"] > 0 and r["output_tokens_per_s"] > 0
+        assert r["full_n_calls"] >= 1 and r["batch_size"] in (1, 2) and r["min_window_s"] == 0.02
+    # greedy outputs agree between the two serving paths
+    assert all(r["same_outputs_as_first_path"] for r in rows if r["path"] == "static-compile")
+    assert "energy unavailable" in res.calibration["skipped"]
+    table = summarise(rows)
+    assert len(table) == 4 and all(t["total_j"] is None and t["repeats"] == 2 for t in table)
+    again = measure_etokens(small_cfg, progress=False)  # reused, not re-measured
+    assert again.folder == res.folder and again.rows == res.rows
+
+
+def test_grid_with_mocked_gpu_counter(small_cfg, tokenizer, tmp_path):
+    from metabolic import stages
+    from metabolic.energy import EnergyMeter
+    from metabolic.query_energy import machine_info, run_calibration, run_grid
+
+    cfg = apply_overrides(small_cfg, {"energy.tasks": ("chat",), "energy.batch_sizes": (2,), "energy.paths": ("default",)})
+    valid = stages.valid_sequences(cfg, stages.corpus(cfg))
+    with fake_gpu_counter():
+        meter = EnergyMeter(sync=None, counter_period_s=0.001)
+        assert meter.source == "counter"
+        machine = machine_info(meter, torch.device("cpu"))
+        specs, _ = model_specs(("tiny",), tmp_path, ())
+        rows, skipped = run_grid(cfg, meter, tokenizer, valid, specs, torch.device("cpu"), machine, progress=False)
+        calib = run_calibration(cfg, meter, tokenizer, valid, np.ones(len(tokenizer)), torch.device("cpu"), progress=False)
+        meter.close()
+    assert not skipped and len(rows) == 2
+    for r in rows:
+        assert r["gpu_name"] == "NVIDIA H100 80GB HBM3" and r["energy_source"] == "counter"
+        assert r["idle_power_w"] == pytest.approx(WATTS, rel=0.05)
+        # energy = 100 W x the window's time, within the counter's 1 mJ resolution and read skew
+        per_call_s = r["full_window_s"] / r["full_n_calls"] / 2
+        assert r["full_j"] == pytest.approx(WATTS * per_call_s, rel=0.05, abs=0.01)
+        assert r["total_j"] == pytest.approx(r["preprocess_j"] + r["full_j"])
+        assert r["decode_j"] == pytest.approx(r["full_j"] - r["prefill_j"])
+        assert abs(r["active_j"]) < 0.1 * r["total_j"] + 0.01  # nothing but "idle" power on this fake GPU
+        assert r["identity_ok"] and r["e_in_wh"] / r["e_out_wh"] == pytest.approx(r["output_tokens"] / r["input_tokens"])
+    assert len(calib["points"]) == 5 and all(p["energy_j"] > 0 for p in calib["points"])
+    assert calib["fit_tokens"]["names"] == ("input_tokens", "output_tokens") and calib["fit_tokens"]["r2"] <= 1
+    for b in calib["budgets"]:
+        assert 0.0 <= b["hit10"] <= 1.0 and len(b["measured_j"]) == 2 and all(m > 0 for m in b["measured_j"])
+        assert math.isfinite(b["budget_j"])

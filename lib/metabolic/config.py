@@ -214,8 +214,14 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int = 50
     seed: int = 0
+    # Budget -> proxy map for steered decoding. "continuation": refit on training texts split like a
+    # generation (first prompt_tokens tokens = prompt, the rest counted), the same token-counting rule
+    # Table I scores; "model": the training calibration (whole texts, all tokens counted).
+    calibration: Literal["continuation", "model"] = "continuation"
+    lambda_max: float = 5.0  # bound on |lambda_t| of the steering processor (score units per proxy unit)
 
     def __post_init__(self) -> None:
+        _positive("generation", self, "lambda_max")
         if self.budgets:
             _finite_positive_tuple("generation.budgets", self.budgets)
         _positive("generation", self, "prompt_tokens", "max_new_tokens", "temperature")

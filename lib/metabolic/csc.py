@@ -88,6 +88,7 @@ class _Plan:
     texts: list[str]
     owner: np.ndarray
     position: np.ndarray
+    pieces: np.ndarray  # word pieces of each text ([CLS] and [SEP] included)
 
 
 class CSCLabeller:
@@ -246,8 +247,10 @@ class CSCLabeller:
             owner.append(np.full(len(cfs) + 1, i, dtype=np.int64))
             position.append(np.concatenate([[-1], pos[i]]).astype(np.int64))
         if not texts:
-            return _Plan([], np.zeros(0, np.int64), np.zeros(0, np.int64))
-        return _Plan(texts, np.concatenate(owner), np.concatenate(position))
+            empty = np.zeros(0, np.int64)
+            return _Plan([], empty, empty, empty)
+        pieces = np.asarray(self._piece_lengths(texts), dtype=np.int64)
+        return _Plan(texts, np.concatenate(owner), np.concatenate(position), pieces)
 
     def _piece_lengths(self, texts: list[str]) -> list[int]:
         enc = self.enc_tokenizer(texts, add_special_tokens=True, truncation=False, padding=False,
@@ -260,8 +263,9 @@ class CSCLabeller:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def _batches(self, plan: _Plan) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Length-sorted batches (character length sorts word-piece length closely), tokenized."""
-        order = np.argsort(np.fromiter((len(t) for t in plan.texts), dtype=np.int64, count=len(plan.texts)), kind="stable")
+        """Batches of texts sorted by word-piece length (little padding); texts past the window are skipped."""
+        fits = np.flatnonzero(plan.pieces <= self.window)
+        order = fits[np.argsort(plan.pieces[fits], kind="stable")]
         for start in range(0, order.size, self.batch_size):
             idx = order[start:start + self.batch_size]
             yield idx, self._tokenize([plan.texts[j] for j in idx])
@@ -271,18 +275,11 @@ class CSCLabeller:
             if bar is not None:
                 bar.update(int(sum(pos[i].size for i in chunk)))
             return
-        emb = torch.empty((len(plan.texts), self.dim), dtype=torch.float32, device=self.device)
-        valid = np.ones(len(plan.texts), dtype=bool)
+        emb = torch.zeros((len(plan.texts), self.dim), dtype=torch.float32, device=self.device)
+        # A counterfactual that re-tokenizes past the window (rare) is NaN, never truncated.
+        valid = plan.pieces <= self.window
         with torch.inference_mode(), self._precision_context():
             for idx, batch in _background(self._batches(plan)):
-                lengths = batch["attention_mask"].sum(axis=1)
-                too_long = lengths > self.window
-                if too_long.any():  # a counterfactual that re-tokenizes past the window: NaN, not truncated
-                    valid[idx[too_long]] = False
-                    idx = idx[~too_long]
-                    batch = {k: v[~too_long][:, : int(lengths[~too_long].max(initial=1))] for k, v in batch.items()}
-                    if idx.size == 0:
-                        continue
                 emb[torch.as_tensor(idx, device=self.device)] = self._forward(batch)
                 self.stats["texts"] += int(idx.size)
                 self.stats["word_pieces"] += int(batch["attention_mask"].sum())

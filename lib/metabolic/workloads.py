@@ -139,7 +139,7 @@ def find_metabolic(run_folder: Path) -> tuple[Optional[Path], str]:
     for found in sorted(Path(run_folder).glob(f"*/{settings}")) + sorted(Path(run_folder).glob(f"*/*/{settings}")):
         if ".partial" not in str(found):
             return found.parent, ""
-    return None, f"no trained MetabolicGPT-2 under {run_folder} (run the training stage first)"
+    return None, "no trained MetabolicGPT-2 in this profile's run folder (run the training stage first)"
 
 
 def load_model(spec: ModelSpec, vocab_size: int, eos_id: int, device: torch.device, dtype: torch.dtype):

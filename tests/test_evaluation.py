@@ -130,3 +130,32 @@ def test_goal_status_and_side_by_side():
     side = paper_side_by_side(table)
     assert [s["paper Budget"] for s in side] == [5.01, 7.16, 9.31]
     assert side[0]["ours Hit@10"] == 95.0
+
+
+def test_continuation_points_count_only_tokens_after_the_prompt():
+    from metabolic.evaluation import continuation_points
+
+    costs = np.array([0.1, 0.2, 0.3, 0.4])
+    ids = [[0, 1, 2, 3], [3, 3], [0, 1, 2]]
+    labels = [np.array([0.5, 0.1, 0.2, 0.3]), np.array([0.1, 0.1]), np.array([0.2, np.nan, np.nan])]
+    x, y = continuation_points(ids, labels, costs, prompt_tokens=2)
+    assert x.tolist() == pytest.approx([0.7]) and y.tolist() == pytest.approx([0.5])  # text 2: no continuation; 3: unlabelled
+    x, y = continuation_points(ids, labels, costs, prompt_tokens=1, scale="length")
+    assert x.tolist() == pytest.approx([0.9, 0.4]) and y.tolist() == pytest.approx([0.6 * 4, 0.1 * 2])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0.01, 2.0), st.floats(0.1, 3.0), st.integers(0, 1000))
+def test_continuation_calibration_recovers_a_line_and_falls_back(a, b, seed):
+    from metabolic.evaluation import fit_continuation_calibration
+
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.5, 5.0, 40)
+    cal, how = fit_continuation_calibration(x, a + b * x, ridge=0.0)
+    assert how == "ridge" and cal.a == pytest.approx(a, abs=1e-6) and cal.b == pytest.approx(b, rel=1e-6)
+    # a falling line cannot map budgets: the ratio fallback keeps b > 0
+    cal, how = fit_continuation_calibration(x, 10.0 - x, ridge=0.0)
+    assert how.startswith("ratio") and cal.a == 0 and cal.b == pytest.approx((10.0 - x).sum() / x.sum())
+    # a budget below the intercept also falls back
+    cal, how = fit_continuation_calibration(x, a + b * x, ridge=0.0, budgets=[a / 2])
+    assert how.startswith("ratio") and cal.to_proxy(a / 2) > 0

@@ -223,15 +223,16 @@ def _record(g, variant: str, decoding: str, level: str, **extra) -> dict[str, An
 
 
 def evaluate_variant(model, tokenizer, judge, labeller, prompts: list[str], budgets: dict[str, float], cfg,
-                     budget_range: tuple[float, float], variant: str, progress: bool = False) -> tuple[dict, list[dict]]:
+                     budget_range: tuple[float, float], variant: str, calibration, calibration_note: str,
+                     progress: bool = False) -> tuple[dict, list[dict]]:
     """Generate at every budget level with each decoding, measure achieved costs and fluency; tables + records."""
-    from metabolic.generation import generate_with_budget, model_calibration, model_token_costs
+    from metabolic.generation import generate_with_budget, model_token_costs
 
     g = cfg.generation
     costs = model_token_costs(model)
-    cal = model_calibration(model)
+    cal = calibration
     common = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, seed=g.seed,
-                  do_sample=True, budget_range=budget_range)
+                  do_sample=True, budget_range=budget_range, calibration=cal, lambda_max=g.lambda_max)
     reference = generate_with_budget(model, tokenizer, prompts, math.inf, steer=False, stop=False, **common)
     ref_fluency = fluency(judge, reference)
     records = [_record(r, variant, "unbudgeted", "none", token_costs=costs[r.generated_ids].tolist()) for r in reference]
@@ -271,7 +272,8 @@ def evaluate_variant(model, tokenizer, judge, labeller, prompts: list[str], budg
             "average_MAE_proxy": float(np.mean([r["proxy"]["MAE"] for r in rows])),
             "fluency": {"budgeted": flu, "unbudgeted": ref_fluency,
                         "judge_ppl_rel_change": relative_change(flu["judge_ppl"], ref_fluency["judge_ppl"])},
-            "calibration": {"a": cal.a, "b": cal.b},
+            "calibration": {"a": cal.a, "b": cal.b, "how": calibration_note,
+                            "model_a": float(model.calib_a.mean()), "model_b": float(model.calib_b.mean())},
         }
         table["goal"] = goal_status(table)
         tables[f"{variant}_{decoding}"] = table
@@ -319,7 +321,9 @@ def evaluate_budgets(cfg, progress: bool = True):
         tables, records = {}, []
         for variant, result in results.items():
             model = result.load_best()
-            t, r = evaluate_variant(model, tok, judge, labeller, prompts, budgets, cfg, data.budget_range, variant, progress)
+            cal, note = choose_calibration(model, cfg, csc.train_ids, csc.train_csc, list(budgets.values()))
+            t, r = evaluate_variant(model, tok, judge, labeller, prompts, budgets, cfg, data.budget_range, variant,
+                                    cal, note, progress)
             for table in t.values():
                 best = result.metrics[result.best_epoch - 1] if 0 < result.best_epoch <= len(result.metrics) else {}
                 table.update(best_epoch=result.best_epoch, val_ppl=best.get("val_ppl"), backbone_val_ppl=result.reference_ppl)
@@ -365,3 +369,60 @@ def paper_side_by_side(table: dict[str, Any]) -> list[dict[str, Any]]:
             entry[f"paper {key}"] = paper.get(key)
         out.append(entry)
     return out
+
+
+def continuation_points(ids_list: Sequence[Sequence[int]], csc_list: Sequence[np.ndarray], token_costs: np.ndarray,
+                        prompt_tokens: int, scale: str = "raw") -> tuple[np.ndarray, np.ndarray]:
+    """(C_vocab spend, true CSC) of each text's continuation after its first `prompt_tokens` tokens.
+
+    The texts' cached labels were computed on the full text, so each point counts exactly what a
+    generation counts: the tokens after the prompt, scored in the context of prompt + continuation.
+    Texts with no continuation or an unlabelled continuation token are skipped.
+    """
+    costs = np.asarray(token_costs, dtype=np.float64)
+    xs, ys = [], []
+    for ids, lab in zip(ids_list, csc_list):
+        lab = np.asarray(lab, dtype=np.float64)
+        if len(ids) <= prompt_tokens or not np.all(np.isfinite(lab[prompt_tokens:])):
+            continue
+        xs.append(float(costs[np.asarray(ids[prompt_tokens:], dtype=np.int64)].sum()))
+        ys.append(float(lab[prompt_tokens:].sum() * (len(ids) if scale == "length" else 1)))
+    return np.asarray(xs), np.asarray(ys)
+
+
+def fit_continuation_calibration(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, budgets: Sequence[float] = ()):
+    """Affine `csc = a + b * proxy` on continuation points (eq. 21's ridge fit).
+
+    If the fit's slope is not positive (proxy and CSC do not rise together on these points, which an
+    undertrained cost model can show), a budget cannot be inverted through it: the fallback is the
+    ratio map through the origin, b = sum(y) / sum(x), a = 0. The same fallback applies when one of
+    `budgets` (CSC) would map to a proxy budget <= 0 (a budget below the intercept). Returns
+    (Calibration, how it was made).
+    """
+    from metabolic.calibration import OnlineAffine
+    from metabolic.generation import Calibration
+
+    if x.size < 2 or not np.all(np.isfinite(x)) or not np.all(np.isfinite(y)):
+        raise DataError(f"{x.size} continuation points: label more training texts longer than generation.prompt_tokens")
+    fit = OnlineAffine(1, ridge).update(x, y).fit()
+    a, b = float(fit.a[0]), float(fit.b[0])
+    if b > 0 and np.isfinite(a):
+        if all((B - a) / b > 0 for B in budgets):
+            return Calibration(a, b), "ridge"
+        return Calibration(0.0, float(y.sum() / x.sum())), f"ratio (a budget is below the ridge intercept {a:.4g})"
+    return Calibration(0.0, float(y.sum() / x.sum())), f"ratio (ridge slope {b:.4g} <= 0)"
+
+
+def choose_calibration(model, cfg, train_ids, train_csc, budgets: Sequence[float]):
+    """The budget -> proxy map for steered decoding (`generation.calibration`), and a note on how it was made."""
+    from metabolic.generation import Calibration, model_token_costs
+
+    if cfg.generation.calibration == "model":
+        a, b = float(model.calib_a.mean()), float(model.calib_b.mean())
+        if b > 0 and all((B - a) / b > 0 for B in budgets):
+            return Calibration(a, b), "model (training calibration)"
+        log.warning("the model's calibration (a=%.4g, b=%.4g) cannot map budgets %s: using the continuation fit", a, b, budgets)
+    x, y = continuation_points(train_ids, train_csc, model_token_costs(model).numpy(), cfg.generation.prompt_tokens,
+                               cfg.csc.scale)
+    cal, how = fit_continuation_calibration(x, y, cfg.train.calib_ridge, budgets)
+    return cal, f"continuation {how} on {x.size} training texts"

@@ -54,8 +54,8 @@ here = "energy measured" if res.energy_available else "energy UNAVAILABLE"
 print(f"this machine: {res.machine['device']}, GPU {res.machine['gpu_name']}, energy source: {res.machine['energy_source']} ({here})")
 if not res.energy_available:
     print("why:", res.machine["energy_unavailable_reason"].split(" (")[0])
-own = rows[rows["results_file"].str.startswith(res.folder.name)]
-print(f"this machine's rows: {len(own)} (models x paths x tasks x batch sizes x {cfg.energy.repeats} repeats)")
+own = rows[rows["results_file"].str.startswith(res.folder.name)] if res.measured_here else rows
+print(f"rows measured here: {len(own) if res.measured_here else 0} (models x paths x tasks x batch sizes x {cfg.energy.repeats} repeats)")
 print("tasks (T_in -> T_out):", ", ".join(sorted({f"{t} {i}->{o}" for t, i, o in own[["task", "input_tokens", "output_tokens"]].itertuples(index=False)})))
 print("models:", ", ".join(sorted(own["model"].unique())), "| paths:", ", ".join(sorted(own["path"].unique())),
       "| batch sizes:", ", ".join(str(b) for b in sorted(own["batch_size"].unique())))
@@ -71,6 +71,7 @@ print("devices in the merged table:", ", ".join(sorted(set(rows["gpu_name"].fill
 
 # %%
 cols = ["gpu_name", "model", "path", "task", "batch_size", "input_tokens", "output_tokens"]
+print(f"merged table: {len(rows)} rows from {rows['results_file'].nunique()} result file(s)")
 if has_energy:
     view = table[table["total_j"].notna()][cols + ["total_j", "e_in_wh", "e_out_wh", "j_per_output_token",
                                                    "output_tokens_per_s", "window_s_min"]]

@@ -262,3 +262,16 @@ def test_trapezoid_rejects_unpaired():
     with pytest.raises(DataError, match="must pair up"):
         trapezoid_energy_j([0.0, 1.0], [1.0])
     assert math.isclose(trapezoid_energy_j([0.0], [5.0]), 0.0)
+
+
+def test_benchmark_exits_cleanly_without_gpu(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "energy_meter.py"
+    spec = importlib.util.spec_from_file_location("energy_meter_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with mock.patch.object(pynvml, "nvmlInit", autospec=True, side_effect=pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)):
+        assert bench.main([]) == 0
+    assert "no GPU energy meter on this machine" in capsys.readouterr().out

@@ -198,3 +198,33 @@ def test_grid_with_mocked_gpu_counter(small_cfg, tokenizer, tmp_path):
     for b in calib["budgets"]:
         assert 0.0 <= b["hit10"] <= 1.0 and len(b["measured_j"]) == 2 and all(m > 0 for m in b["measured_j"])
         assert math.isfinite(b["budget_j"])
+
+
+def test_cpu_machine_only_merges_copied_gpu_results(small_cfg):
+    """With GPU results copied into data/<profile>/etokens/, a CPU machine merges them instead of measuring."""
+    from metabolic import artefacts
+    from metabolic.etokens import etokens
+    from metabolic.query_energy import CALIBRATION, ROWS, measure_etokens
+
+    cfg = small_cfg
+    root = artefacts.run_dir(cfg.profile) / "etokens"
+    gpu_folder = root / "NVIDIA-H100-gpuhost-abcdef12"
+    e = etokens(92.0, 32, 100)
+    row = {"gpu_name": "NVIDIA H100", "host": "gpuhost", "model": "tiny", "path": "default", "task": "chat",
+           "batch_size": 1, "device": "cuda", "energy_source": "counter", "input_tokens": 32, "output_tokens": 100,
+           "n_params": 1, "compiled": False, "total_j": 92.0, "e_in_wh": e.e_in_wh, "e_out_wh": e.e_out_wh,
+           "preprocess_window_s": 1.0, "prefill_window_s": 1.0, "full_window_s": 1.2}
+    artefacts.atomic_write_text(gpu_folder / ROWS, __import__("json").dumps(row) + "\n")
+    artefacts.atomic_write_json(gpu_folder / CALIBRATION, {"model": "tiny", "points": []})
+    try:
+        res = measure_etokens(cfg, progress=False)
+        assert not res.measured_here and res.folder is None
+        gpu_rows = [r for r in res.rows if r["results_file"].startswith(gpu_folder.name)]
+        assert len(gpu_rows) == 1 and gpu_rows[0]["total_j"] == 92.0
+        assert res.calibration == {"model": "tiny", "points": []}
+        bad = {**row, "e_in_wh": row["e_in_wh"] * 2}
+        artefacts.atomic_write_text(gpu_folder / ROWS, __import__("json").dumps(bad) + "\n")
+        with pytest.raises(DataError, match="e_in/e_out"):
+            measure_etokens(cfg, progress=False)
+    finally:
+        __import__("shutil").rmtree(gpu_folder)

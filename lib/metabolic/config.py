@@ -254,6 +254,10 @@ class EnergyConfig:
     calib_requests: int = 32  # requests of varied T_in / T_out measured for the calibration
     budget_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # joule budgets as fractions of the largest calibration request
     budget_prompts: int = 8  # prompts generated per joule budget (Hit@10% over them)
+    calibrate: bool = True  # run the calibration and joule budgets (GPU only); off to split a long run into parts
+    # "auto": measure unless this machine has no energy meter and results with energy are already in
+    # data/<profile>/etokens/ (copied from a GPU machine); then only merge them. "always" / "never" force it.
+    measure: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self) -> None:
         _positive("energy", self, "min_window_s", "repeats", "input_tokens", "idle_s", "counter_period_s",

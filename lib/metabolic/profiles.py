@@ -76,6 +76,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.lr": 1e-4,
         "generation.n_valid_prompts": 64,
         "generation.max_new_tokens": 64,
+        "energy.repeats": 3,  # medians and IQR over 3 windows of >= 1 s per phase keep one model under 10 min
     },
     # The paper's section V.B on GPT-2 small from the Hub (needs network and a GPU).
     "paper": {

@@ -1,0 +1,153 @@
+"""Benchmark the energy meter: agreement with zeus's ZeusMonitor on the same windows, and its overhead.
+
+    python benchmarks/energy_meter.py [--windows 1,2,5] [--repeats 5] [--gpu 0]
+
+1. Agreement: the same GPU workload (back-to-back fp16 matmuls) is measured by `metabolic.energy`
+   and by `zeus.monitor.ZeusMonitor` in nested windows (which one is outside alternates per repeat,
+   so neither always gets the wider window); agreement = |ours - zeus| / zeus in %. Goal: <= 2% on
+   windows >= 1 s.
+2. Overhead: the same fixed workload is timed bare and inside a meter window (counter, then forced
+   polling); overhead = (with - bare) / bare, as a fraction of window time. Goal: <= 1%.
+
+zeus is optional (`pip install -e '.[bench]'`): without it only the overhead is measured. On a
+machine without an NVIDIA GPU the script says so and exits 0: there is nothing to measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+
+def _workload(seconds: float, device: str = "cuda"):
+    """A callable that keeps the GPU busy for about `seconds` (calibrated once), and its iteration count."""
+    import torch
+
+    a = torch.randn(4096, 4096, device=device, dtype=torch.float16)
+    b = torch.randn(4096, 4096, device=device, dtype=torch.float16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    per_iter = (time.perf_counter() - t0) / 20
+    n = max(1, round(seconds / per_iter))
+
+    def run() -> None:
+        for _ in range(n):
+            a @ b
+
+    return run, n
+
+
+def agreement(windows_s: list[float], repeats: int, gpu: int) -> list[dict]:
+    import torch
+    from zeus.monitor import ZeusMonitor
+
+    from metabolic.energy import EnergyMeter
+
+    meter = EnergyMeter(gpu_index=gpu)
+    zeus = ZeusMonitor(gpu_indices=[gpu], cpu_indices=[])
+    out = []
+    for window_s in windows_s:
+        run, _ = _workload(window_s)
+        for r in range(repeats):
+            torch.cuda.synchronize()
+            if r % 2 == 0:
+                zeus.begin_window("w")
+                with meter.window() as w:
+                    run()
+                z = zeus.end_window("w")
+            else:
+                wid = meter.begin()
+                zeus.begin_window("w")
+                run()
+                z = zeus.end_window("w")
+                ours = meter.end(wid)
+            m = w.measurement if r % 2 == 0 else ours
+            zeus_j = z.gpu_energy[gpu]
+            out.append({"window_s": m.time_s, "ours_j": m.energy_j, "zeus_j": zeus_j, "source": m.source,
+                        "agreement_pct": 100 * abs(m.energy_j - zeus_j) / zeus_j})
+    meter.close()
+    return out
+
+
+def overhead(window_s: float, repeats: int, gpu: int) -> dict[str, float]:
+    import torch
+
+    from metabolic.energy import EnergyMeter
+
+    run, _ = _workload(window_s)
+
+    def timed(meter=None) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if meter is None:
+            run()
+            torch.cuda.synchronize()
+        else:
+            with meter.window():
+                run()
+        return time.perf_counter() - t0
+
+    result = {}
+    bare = statistics.median(timed() for _ in range(repeats))
+    for mode in ("counter", "polling"):
+        try:
+            meter = EnergyMeter(gpu_index=gpu, mode=mode)
+        except Exception as exc:  # noqa: BLE001 - e.g. no counter on this GPU
+            print(f"  {mode}: not available ({exc})")
+            continue
+        with_meter = statistics.median(timed(meter) for _ in range(repeats))
+        meter.close()
+        result[mode] = (with_meter - bare) / bare
+    result["bare_s"] = bare
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", default="1,2,5", help="window lengths in seconds")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--gpu", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from metabolic.energy import EnergyMeter
+
+    probe = EnergyMeter(gpu_index=args.gpu)
+    if not probe.available:
+        print(f"energy_meter benchmark: no GPU energy meter on this machine ({probe.reason}); nothing to measure.")
+        return 0
+    info = probe.info
+    probe.close()
+    print(f"GPU {args.gpu}: {info.name}, driver {info.driver}, power limit {info.power_limit_w} W, "
+          f"counter {'yes' if info.counter_supported else 'no'}")
+    windows = [float(w) for w in args.windows.split(",") if w.strip()]
+
+    try:
+        import zeus  # noqa: F401
+    except ImportError:
+        print("zeus is not installed (pip install -e '.[bench]'): skipping the agreement part")
+    else:
+        rows = agreement(windows, args.repeats, args.gpu)
+        print(f"{'window_s':>9} {'ours_J':>10} {'zeus_J':>10} {'agree_%':>8} source")
+        for r in rows:
+            print(f"{r['window_s']:9.3f} {r['ours_j']:10.3f} {r['zeus_j']:10.3f} {r['agreement_pct']:8.3f} {r['source']}")
+        for w in windows:
+            sel = [r["agreement_pct"] for r in rows if abs(r["window_s"] - w) < 0.5 * w]
+            if sel:
+                print(f"window ~{w:g} s: median disagreement {statistics.median(sel):.3f}% (goal <= 2%), batch = one matmul stream")
+
+    ov = overhead(max(windows), args.repeats, args.gpu)
+    for mode in ("counter", "polling"):
+        if mode in ov:
+            print(f"meter overhead ({mode}): {100 * ov[mode]:.3f}% of a {ov['bare_s']:.2f} s window (goal <= 1%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

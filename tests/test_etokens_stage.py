@@ -228,3 +228,31 @@ def test_cpu_machine_only_merges_copied_gpu_results(small_cfg):
             measure_etokens(cfg, progress=False)
     finally:
         __import__("shutil").rmtree(gpu_folder)
+
+
+def test_metabolic_model_at_each_trained_budget(tmp_path, tokenizer):
+    """A saved MetabolicGPT-2 is found, measured at each budget it was trained on, and decoded with a KV cache."""
+    from metabolic.backbone import scratch_model
+    from metabolic.config import BackboneConfig
+    from metabolic.model import MetabolicGPT2, MetabolicSettings
+    from metabolic.query_energy import greedy_generate_fn
+
+    eos = tokenizer.eos_token_id
+    backbone = scratch_model(BackboneConfig(n_layer=1, n_embd=32, n_head=2), len(tokenizer), 64, eos)
+    saved = MetabolicGPT2(backbone, MetabolicSettings(K=1))
+    saved.training_info = {"targets": [0.5, 1.5]}
+    saved.save_pretrained(tmp_path / "train" / "expected-cost")
+    specs, skipped = model_specs(("metabolic",), tmp_path, ())
+    assert not skipped and [s.budget for s in specs] == [0.5, 1.5]
+    assert specs[0].name == "metabolic[train/expected-cost]@0.5"
+    model = load_model(specs[1], len(tokenizer), eos, torch.device("cpu"), torch.float32)
+    ids = torch.tensor([[464, 3290, 318, 257], [1212, 318, 257, 1332]])
+    out = greedy_generate_fn(model, specs[1], "manual-kv", eos)(ids, 5)
+    seq = ids
+    with torch.inference_mode():  # the cached loop equals recomputing the whole sequence each step
+        for _ in range(5):
+            nxt = model(seq, torch.full((2,), 1.5)).logits[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    assert torch.equal(out, seq)
+    specs_cfg, _ = model_specs(("metabolic",), tmp_path, (2.0,))  # configured budgets win
+    assert [s.budget for s in specs_cfg] == [2.0]

@@ -113,33 +113,47 @@ def model_specs(names: Sequence[str], run_folder: Path, budgets: Sequence[float]
         elif name in HUB_MODELS:
             specs.append(ModelSpec(name, "hub", source=name))
         elif name == METABOLIC:
-            found, why = find_metabolic(run_folder)
-            if found is None:
+            folders, why = find_metabolic(run_folder)
+            if not folders:
                 skipped.append({"model": name, "reason": why})
-            elif not budgets:
-                skipped.append({"model": name, "reason": "no budget levels configured (generation.budgets / train.budgets)"})
-            else:
-                for b in budgets:
-                    specs.append(ModelSpec(f"metabolic@{b:g}", "metabolic", source=str(found), budget=float(b)))
+            for folder in folders:
+                levels = list(budgets) or _trained_targets(folder)
+                label = f"metabolic[{folder.parent.name}/{folder.name}]"
+                if not levels:
+                    skipped.append({"model": label, "reason": "no budget levels: set generation.budgets or train.budgets"})
+                for b in levels:
+                    specs.append(ModelSpec(f"{label}@{b:.3g}", "metabolic", source=str(folder), budget=float(b)))
         else:
             raise ConfigError(f"unknown model {name!r} in energy.models: choose among "
                               f"{', '.join([*SCRATCH_SHAPES, *HUB_MODELS, METABOLIC])}")
     return specs, skipped
 
 
-def find_metabolic(run_folder: Path) -> tuple[Optional[Path], str]:
-    """A trained MetabolicGPT-2 folder under the run folder (one holding its settings file), or why not."""
+def find_metabolic(run_folder: Path) -> tuple[list[Path], str]:
+    """Trained MetabolicGPT-2 folders under the run folder (those holding its settings file), or why none."""
     try:
-        from metabolic import model as _model  # noqa: F401 - written by the MetabolicGPT-2 issue
+        from metabolic import model as _model  # the MetabolicGPT-2 issue's module
     except ImportError:
-        return None, "metabolic.model is not available in this checkout"
+        return [], "metabolic.model is not available in this checkout"
     if not hasattr(_model, "MetabolicGPT2"):
-        return None, "metabolic.model has no MetabolicGPT2 class"
+        return [], "metabolic.model has no MetabolicGPT2 class"
     settings = getattr(_model, "SETTINGS_FILE", "metabolic_config.json")
-    for found in sorted(Path(run_folder).glob(f"*/{settings}")) + sorted(Path(run_folder).glob(f"*/*/{settings}")):
-        if ".partial" not in str(found):
-            return found.parent, ""
-    return None, "no trained MetabolicGPT-2 in this profile's run folder (run the training stage first)"
+    found = sorted(Path(run_folder).glob(f"*/{settings}")) + sorted(Path(run_folder).glob(f"*/*/{settings}"))
+    folders = [f.parent for f in found if ".partial" not in str(f) and "etokens" not in f.parts]
+    if not folders:
+        return [], "no trained MetabolicGPT-2 in this profile's run folder (run the training stage first)"
+    return folders, ""
+
+
+def _trained_targets(folder: Path) -> list[float]:
+    """The target budgets a MetabolicGPT-2 was trained on (its training_info.json), if recorded."""
+    import json
+
+    try:
+        info = json.loads((Path(folder) / "training_info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [float(t) for t in info.get("targets", [])]
 
 
 def load_model(spec: ModelSpec, vocab_size: int, eos_id: int, device: torch.device, dtype: torch.dtype):

@@ -201,6 +201,13 @@ def measure_etokens(cfg: StudyConfig, progress: bool = True):
     return run_etokens(cfg, progress=progress)
 
 
+def train_variants(cfg: StudyConfig, progress: bool = True):
+    """Stage `train`: MetabolicGPT-2, both variants (see `metabolic.training.train_variants`)."""
+    from metabolic.training import train_variants as run_training  # imported here: it imports this module
+
+    return run_training(cfg, progress=progress)
+
+
 def evaluate_budgets(cfg: StudyConfig, progress: bool = True):
     """Stage `evaluate`: budgeted generation, Table I per variant and decoding (see `metabolic.evaluation`)."""
     from metabolic.evaluation import evaluate_budgets as run_evaluation  # imported here: it imports this module
@@ -214,6 +221,7 @@ STAGES: dict[str, Callable[[StudyConfig], Any]] = {
     "pretrain": pretrain_backbone,
     "prior": energy_prior,
     "csc": csc_labels,
+    "train": train_variants,
     "etokens": measure_etokens,
     "evaluate": evaluate_budgets,
 }

@@ -52,7 +52,7 @@ from torch.nn import functional as F
 
 from metabolic import artefacts, losses
 from metabolic.artefacts import atomic_torch_save, atomic_write_json
-from metabolic.backbone import batch_order, default_device, write_metrics
+from metabolic.backbone import batch_order, default_device, read_metrics, write_metrics
 from metabolic.calibration import OnlineAffine
 from metabolic.config import StudyConfig, TrainConfig
 from metabolic.dual import curriculum_factor, dual_update
@@ -103,9 +103,10 @@ def _check_ids(ids: Sequence[Sequence[int]], vocab_size: int, split: str) -> Non
 
 
 def target_budgets(train: TrainConfig, stats: dict[str, Any], totals: np.ndarray) -> np.ndarray:
-    """The K targets: `train.budgets`, else the CSC statistics' low/medium/high (K = 3), else quantiles."""
+    """The K targets, ascending (tier k = dimension k): `train.budgets`, else the CSC statistics'
+    low/medium/high (K = 3), else the `budget_quantiles` of the training totals."""
     if train.budgets:
-        return np.asarray(train.budgets, dtype=np.float64)
+        return np.sort(np.asarray(train.budgets, dtype=np.float64))
     budgets = stats.get("budgets") or {}
     if len(budgets) == train.K:
         values = np.asarray(list(budgets.values()), dtype=np.float64)

@@ -154,9 +154,17 @@ else:
 # NBVAL_CHECK_OUTPUT
 if has_energy:
     gpus = ", ".join(sorted(table.loc[table["total_j"].notna(), "gpu_name"].unique()))
+    batches = ", ".join(str(int(b)) for b in sorted(table["batch_size"].unique()))
     print(f"Measured on the {profile_label(cfg)} with GPU energy ({gpus}): e-tokens for "
-          f"{table['model'].nunique()} models x {table['task'].nunique()} tasks, prefill/decode split and batch sizes "
-          f"{sorted(table['batch_size'].unique())}; every number names its GPU, batch size and window length.")
+          f"{table['model'].nunique()} model(s) x {table['task'].nunique()} tasks, the prefill/decode split and batch "
+          f"sizes {batches}; every row names its GPU, batch size and window length (shortest phase window "
+          f"{table['window_s_min'].min():.2f} s).")
+    if "skipped" in calib:
+        print("The semantic-cost -> joules calibration and joule budgets were not measured in these results.")
+    else:
+        hits = ", ".join(f"{b['hit10']:.0%} at {b['budget_j']:.3g} J" for b in calib["budgets"])
+        print(f"Calibration on {calib['model']} (batch 1): R^2 {calib['fit_tokens']['r2']:.2f} for J ~ tokens, "
+              f"{calib['fit_cost']['r2']:.2f} for J ~ semantic cost; joule-budget Hit@10%: {hits} (goal >= 90%).")
 else:
     print(f"Run on the {profile_label(cfg)} on a machine without a GPU: energy is unavailable here, so this notebook "
           f"reports no joules and no e-tokens. It shows CPU wall times and tokens/s per phase for "

@@ -143,7 +143,7 @@ else:
     fig.update_layout(title="Per-request joules against semantic cost", xaxis_title="semantic cost", yaxis_title="J per request")
     save_figure(fig, cfg, "05_cost_to_joules", "05_etokens")
     fig.show()
-    hits = pd.DataFrame([{k: b[k] for k in ("fraction", "budget_j", "hit10")} | {"median_measured_j": pd.Series(b["measured_j"]).median()}
+    hits = pd.DataFrame([{k: b[k] for k in ("predictor", "fraction", "budget_j", "hit10")} | {"median_measured_j": pd.Series(b["measured_j"]).median()}
                          for b in calib["budgets"]])
     print(hits.round(4).to_string(index=False))
 
@@ -162,7 +162,7 @@ if has_energy:
     if "skipped" in calib:
         print("The semantic-cost -> joules calibration and joule budgets were not measured in these results.")
     else:
-        hits = ", ".join(f"{b['hit10']:.0%} at {b['budget_j']:.3g} J" for b in calib["budgets"])
+        hits = ", ".join(f"{b['hit10']:.0%} at {b['budget_j']:.3g} J ({b['predictor']})" for b in calib["budgets"])
         print(f"Calibration on {calib['model']} (batch 1): R^2 {calib['fit_tokens']['r2']:.2f} for J ~ tokens, "
               f"{calib['fit_cost']['r2']:.2f} for J ~ semantic cost; joule-budget Hit@10%: {hits} (goal >= 90%).")
 else:

@@ -195,6 +195,7 @@ def test_grid_with_mocked_gpu_counter(small_cfg, tokenizer, tmp_path):
         assert r["identity_ok"] and r["e_in_wh"] / r["e_out_wh"] == pytest.approx(r["output_tokens"] / r["input_tokens"])
     assert len(calib["points"]) == 5 and all(p["energy_j"] > 0 for p in calib["points"])
     assert calib["fit_tokens"]["names"] == ("input_tokens", "output_tokens") and calib["fit_tokens"]["r2"] <= 1
+    assert [(b["predictor"], b["fraction"]) for b in calib["budgets"]] == [("tokens", 1.0), ("cost", 1.0)]
     for b in calib["budgets"]:
         assert 0.0 <= b["hit10"] <= 1.0 and len(b["measured_j"]) == 2 and all(m > 0 for m in b["measured_j"])
         assert math.isfinite(b["budget_j"])
@@ -256,3 +257,17 @@ def test_metabolic_model_at_each_trained_budget(tmp_path, tokenizer):
     assert torch.equal(out, seq)
     specs_cfg, _ = model_specs(("metabolic",), tmp_path, (2.0,))  # configured budgets win
     assert [s.budget for s in specs_cfg] == [2.0]
+
+
+def test_cost_predictor_adds_token_costs():
+    from metabolic.joules import cost_predictor
+
+    x = [[c] for c in (0.0, 1.0, 2.0, 3.0, 4.0)]
+    fit = fit_linear(x, [1.0 + 2.0 * c[0] for c in x], ("semantic_cost",))
+    token_cost = np.array([0.5, 1.0, 3.0, 1.5])  # mean 1.5
+    predict, step = cost_predictor(fit, token_cost, prompt_cost=2.0)
+    assert predict(4, []) == pytest.approx(1 + 2 * 2.0)
+    assert predict(4, [2, 0]) == pytest.approx(1 + 2 * (2.0 + 3.0 + 0.5))
+    assert step(4, [2]) == pytest.approx(2 * 1.5)
+    with pytest.raises(ConfigError, match="cost predictor"):
+        cost_predictor(fit_linear([[1, 2], [2, 1], [3, 3], [4, 1]], [1, 2, 3, 4], ("input_tokens", "output_tokens")), token_cost)

@@ -274,7 +274,7 @@ def run_calibration(cfg: StudyConfig, meter: EnergyMeter, tokenizer, valid, toke
     from transformers import StoppingCriteriaList
     from tqdm.auto import tqdm
 
-    from metabolic.joules import JouleBudgetStopping, fit_linear, hit_rate, tokens_predictor
+    from metabolic.joules import JouleBudgetStopping, cost_predictor, fit_linear, hit_rate, tokens_predictor
     from metabolic.workloads import SCRATCH_SHAPES
 
     if not meter.available:
@@ -304,29 +304,34 @@ def run_calibration(cfg: StudyConfig, meter: EnergyMeter, tokenizer, valid, toke
     fit_tokens = fit_linear([[p["input_tokens"], p["output_tokens"]] for p in points], [p["energy_j"] for p in points],
                             ("input_tokens", "output_tokens"))
     fit_cost = fit_linear([[p["semantic_cost"]] for p in points], [p["energy_j"] for p in points], ("semantic_cost",))
-    predict, step = tokens_predictor(fit_tokens)
     top = max(p["energy_j"] for p in points)
     budgets = []
-    for frac in e.budget_fractions:
-        budget_j = frac * top
-        measured, targets, lengths = [], [], []
-        for i in range(e.budget_prompts):
-            prompt = pick_prompts(valid, 1, e.input_tokens, cfg.seed + 1000 + i)
-            ids = torch.tensor(prompt, device=device)
-            crit = JouleBudgetStopping([budget_j], e.input_tokens, predict, step)
+    for predictor in ("tokens", "cost"):
+        for frac in e.budget_fractions:
+            budget_j = frac * top
+            measured, lengths = [], []
+            for i in range(e.budget_prompts):
+                prompt = pick_prompts(valid, 1, e.input_tokens, cfg.seed + 1000 + i)
+                if predictor == "tokens":
+                    predict, step = tokens_predictor(fit_tokens)
+                else:
+                    predict, step = cost_predictor(fit_cost, token_cost, float(token_cost[prompt[0]].sum()))
+                ids = torch.tensor(prompt, device=device)
+                crit = JouleBudgetStopping([budget_j], e.input_tokens, predict, step)
 
-            def fn(ids=ids, crit=crit):
-                with torch.inference_mode():
-                    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=e.max_output_tokens,
-                                          do_sample=False, pad_token_id=eos, stopping_criteria=StoppingCriteriaList([crit]))
-            out = fn()
-            n = calls_for_window(fn, e.min_window_s, sync)
-            m = measure_window(meter, fn, n)
-            measured.append(m.energy_j / n)
-            targets.append(budget_j)
-            lengths.append(out.shape[1] - e.input_tokens)
-        budgets.append({"fraction": frac, "budget_j": budget_j, "measured_j": measured, "output_tokens": lengths,
-                        "hit10": hit_rate(measured, targets, 0.10), "predictor": "tokens"})
+                def fn(ids=ids, crit=crit):
+                    with torch.inference_mode():
+                        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                              max_new_tokens=e.max_output_tokens, do_sample=False, pad_token_id=eos,
+                                              stopping_criteria=StoppingCriteriaList([crit]))
+                out = fn()
+                n = calls_for_window(fn, e.min_window_s, sync)
+                m = measure_window(meter, fn, n)
+                measured.append(m.energy_j / n)
+                lengths.append(out.shape[1] - e.input_tokens)
+            budgets.append({"predictor": predictor, "fraction": frac, "budget_j": budget_j, "measured_j": measured,
+                            "output_tokens": lengths, "hit10": hit_rate(measured, [budget_j] * len(measured), 0.10),
+                            "batch_size": 1, "min_window_s": e.min_window_s})
     return {"model": spec.name, "points": points, "semantic_cost": "synthetic prior (sum over input and output tokens)",
             "fit_tokens": fit_tokens.__dict__, "fit_cost": fit_cost.__dict__, "budgets": budgets,
             "min_window_s": e.min_window_s}

@@ -41,31 +41,33 @@ def test_interrupted_run_resumes_and_gives_the_same_labels(fresh_data, monkeypat
 
     cfg = fresh_data
     folder = artefacts.run_dir(cfg.profile) / "csc"
-    real_label = CSCLabeller.label
-    calls = []
+    real_groups = CSCLabeller.label_groups
+    chunks_done = []
 
     def killed_after_two_chunks(self, *args, **kwargs):
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated kill")
-        calls.append(1)
-        return real_label(self, *args, **kwargs)
+        for item in real_groups(self, *args, **kwargs):
+            if len(chunks_done) == 2:
+                raise KeyboardInterrupt("simulated kill")
+            chunks_done.append(1)
+            yield item
 
-    monkeypatch.setattr(CSCLabeller, "label", killed_after_two_chunks)
+    monkeypatch.setattr(CSCLabeller, "label_groups", killed_after_two_chunks)
     with pytest.raises(KeyboardInterrupt):
         csc_labels(cfg, progress=False)
     assert not folder.exists()  # nothing half-written where readers look
     partial = folder.with_name("csc.partial")
     assert len(list((partial / "chunks").glob("*.npz"))) == 2
 
-    resumed_calls = []
+    resumed_chunks = []
 
     def counting(self, *args, **kwargs):
-        resumed_calls.append(1)
-        return real_label(self, *args, **kwargs)
+        for item in real_groups(self, *args, **kwargs):
+            resumed_chunks.append(1)
+            yield item
 
-    monkeypatch.setattr(CSCLabeller, "label", counting)
+    monkeypatch.setattr(CSCLabeller, "label_groups", counting)
     resumed = csc_labels(cfg, progress=False)
-    assert len(resumed_calls) == 3  # 5 chunks, 2 already done
+    assert len(resumed_chunks) == 3  # 5 chunks, 2 already done
     assert not partial.exists() and (folder / "csc.npz").exists()
 
     shutil.rmtree(folder)  # an uninterrupted run from scratch gives the same labels
@@ -77,9 +79,9 @@ def test_interrupted_run_resumes_and_gives_the_same_labels(fresh_data, monkeypat
     assert all(np.isfinite(c).all() and c.dtype == np.float32 for c in resumed.train_csc)
 
     # Reused while fresh: no labelling at all.
-    resumed_calls.clear()
+    resumed_chunks.clear()
     again = csc_labels(cfg, progress=False)
-    assert resumed_calls == [] and _same(again.train_csc, uninterrupted.train_csc)
+    assert resumed_chunks == [] and _same(again.train_csc, uninterrupted.train_csc)
 
 
 @pytest.mark.slow
@@ -91,14 +93,15 @@ def test_changed_inputs_rebuild_and_corrupt_cache_is_rebuilt(fresh_data, assets_
 
     cfg = fresh_data
     base = csc_labels(cfg, progress=False)
-    real_label = CSCLabeller.label
+    real_groups = CSCLabeller.label_groups
     calls = []
 
     def counting(self, *args, **kwargs):
-        calls.append(1)
-        return real_label(self, *args, **kwargs)
+        for item in real_groups(self, *args, **kwargs):
+            calls.append(1)
+            yield item
 
-    monkeypatch.setattr(CSCLabeller, "label", counting)
+    monkeypatch.setattr(CSCLabeller, "label_groups", counting)
 
     # A corrupt data file under a matching manifest is detected and rebuilt, not reused.
     path = artefacts.run_dir(cfg.profile) / "csc" / "csc.npz"

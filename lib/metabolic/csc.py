@@ -146,19 +146,18 @@ class CSCLabeller:
         """
         seqs, pos = self._validate(sequences, positions)
         out = [np.full(len(s), np.nan, dtype=np.float32) for s in seqs]
-        n_labels = int(sum(p.size for p in pos))
-        if n_labels == 0:
-            return out
-        bar = _progress(n_labels, progress)
-        try:
-            # Plans (decoding) are made a chunk ahead in a thread, batches tokenized in another.
-            plans = ((chunk, self._plan(chunk, seqs, pos)) for chunk in self._chunks(seqs, pos))
-            for chunk, plan in _background(plans, depth=1):
-                self._label_chunk(chunk, plan, pos, out, bar)
-        finally:
-            if bar is not None:
-                bar.close()
+        groups = list(self._chunks(seqs, pos))
+        for k, labels in self._label_groups(seqs, pos, groups, progress):
+            for i, lab in zip(groups[k], labels):
+                out[i] = lab
         return out
+
+    def label_groups(self, sequences: Sequence[Sequence[int]], positions: Sequence[np.ndarray | None] | None,
+                     groups: Sequence[Sequence[int]], progress: bool = True) -> Iterator[tuple[int, list[np.ndarray]]]:
+        """Label `groups` (lists of sequence indices) in order, yielding `(k, labels of group k)` as each
+        finishes, so a caller can save it; decoding the next group overlaps the encoder."""
+        seqs, pos = self._validate(sequences, positions)
+        yield from self._label_groups(seqs, pos, [list(g) for g in groups], progress)
 
     def label_text(self, text: str) -> tuple[list[int], np.ndarray]:
         """GPT-2 ids of `text` and the CSC of each of its tokens."""
@@ -216,6 +215,21 @@ class CSCLabeller:
             pos.append(p)
         return seqs, pos
 
+    def _label_groups(self, seqs, pos, groups: list[list[int]], progress: bool) -> Iterator[tuple[int, list[np.ndarray]]]:
+        n_labels = int(sum(pos[i].size for g in groups for i in g))
+        bar = _progress(n_labels, progress and n_labels > 0)
+        try:
+            # Plans (decoding, word-piece lengths) are made a group ahead in a thread; batches are
+            # tokenized in another thread while the encoder runs.
+            plans = ((k, group, self._plan(group, seqs, pos)) for k, group in enumerate(groups))
+            for k, group, plan in _background(plans, depth=1):
+                out = {i: np.full(len(seqs[i]), np.nan, dtype=np.float32) for i in group}
+                self._label_chunk(group, plan, pos, out, bar)
+                yield k, [out[i] for i in group]
+        finally:
+            if bar is not None:
+                bar.close()
+
     def _chunks(self, seqs: list[np.ndarray], pos: list[np.ndarray]) -> Iterator[list[int]]:
         chunk: list[int] = []
         size = 0
@@ -238,6 +252,8 @@ class CSCLabeller:
         owner: list[np.ndarray] = []
         position: list[np.ndarray] = []
         for i, text, n_pieces in zip(chunk, full_texts, lengths):
+            if pos[i].size == 0:
+                continue  # nothing to label (an empty sequence, or no position asked for)
             if n_pieces > self.window:
                 log.debug("sequence %d has %d word pieces > window %d: labels left NaN", i, n_pieces, self.window)
                 continue  # the whole sequence stays NaN: its full-text embedding would be truncated

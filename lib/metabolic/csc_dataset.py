@@ -206,34 +206,26 @@ def _load_chunk(path: Path, expected: list[int]) -> list[np.ndarray] | None:
 
 def label_split(labeller, name: str, split: int, sequences: list[list[int]], cfg: StudyConfig, work: Path,
                 progress: bool = True) -> list[np.ndarray]:
-    """Label one split chunk by chunk, reusing chunks already in `work/chunks/` (resume)."""
+    """Label one split in chunks of `csc.chunk_sequences`, each saved as it finishes; chunks already in
+    `work/chunks/` are reused (resume). One labeller call covers all missing chunks, so decoding the
+    next chunk overlaps the encoder."""
     chunks_dir = work / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
     positions = label_positions([len(s) for s in sequences], cfg.csc.positions, cfg.csc.positions_per_sequence,
                                 cfg.csc.seed, split)
-    out: list[np.ndarray] = []
     size = cfg.csc.chunk_sequences  # fingerprinted: chunk boundaries must not move on resume
-    starts = range(0, len(sequences), size)
-    n_labels = [len(s) if p is None else len(p) for s, p in zip(sequences, positions)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(n_labels), unit="label", desc=f"CSC {name}")  # its rate is labels/s
-    for k, start in enumerate(starts):
-        seqs = sequences[start:start + size]
-        path = chunks_dir / f"{name}-{k:05d}.npz"
-        labels = _load_chunk(path, [len(s) for s in seqs])
-        if labels is None:
-            labels = labeller.label(seqs, positions[start:start + size], progress=False)
-            flat, offsets = _pack(labels, np.float32)
-            _save_npz(path, csc=flat, offsets=offsets)
-        out.extend(labels)
-        if bar is not None:
-            bar.update(sum(n_labels[start:start + size]))
-    if bar is not None:
-        bar.close()
-    return out
+    groups = [list(range(start, min(start + size, len(sequences)))) for start in range(0, len(sequences), size)]
+    paths = [chunks_dir / f"{name}-{k:05d}.npz" for k in range(len(groups))]
+    done = {k: _load_chunk(paths[k], [len(sequences[i]) for i in g]) for k, g in enumerate(groups)}
+    todo = [k for k in range(len(groups)) if done[k] is None]
+    if len(todo) < len(groups):
+        log.info("CSC %s: resuming, %d of %d chunks already labelled", name, len(groups) - len(todo), len(groups))
+    for j, labels in labeller.label_groups(sequences, positions, [groups[k] for k in todo], progress=progress):
+        k = todo[j]
+        flat, offsets = _pack(labels, np.float32)
+        _save_npz(paths[k], csc=flat, offsets=offsets)
+        done[k] = labels
+    return [lab for k in range(len(groups)) for lab in done[k]]
 
 
 def csc_labels(cfg: StudyConfig, progress: bool = True, device: str | None = None) -> CSCData:

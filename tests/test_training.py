@@ -154,19 +154,15 @@ def test_fixed_budget_steps_lower_lm_and_csc_losses_and_move_lambda(backbone_dir
     budgets = training.step_budgets(model, batch, data.targets, 1.0)
     history, lambdas = [], []
     for _ in range(6):
-        res = training.compute_step(model, batch, budgets, cfg, vocab_ids, means.float())
+        res = training.train_step(model, opt, batch, budgets, cfg, vocab_ids, means.float())
         assert all(math.isfinite(v) for v in res.terms.as_floats().values())
-        opt.zero_grad()
-        res.terms.total.backward()
-        opt.step()
-        model.dual_lambda.copy_(torch.as_tensor(training.dual_update(
-            model.dual_lambda.numpy(), res.totals.double().mean(0).numpy(), budgets.double().mean(0).numpy(), cfg.mu, cfg.lambda_max)))
         history.append(res.terms.as_floats())
         lambdas.append(model.dual_lambda.clone())
     assert history[-1]["lm"] < history[0]["lm"]
     assert history[-1]["csc_mse"] < history[0]["csc_mse"]
     assert not torch.equal(lambdas[0], lambdas[-1])
     assert torch.all(lambdas[-1] > 0)  # init costs (0.05 / token) exceed the budgets: lambda rises
+    assert model.calibration.n == 6 * 4  # every step's pairs reached the online calibration
 
 
 @pytest.mark.parametrize("variant", ["faithful", "expected-cost"])
@@ -200,6 +196,8 @@ def test_training_runs_log_every_monitored_quantity(runs, variant, data):
     assert selection["best_epoch"] == result.best_epoch
     model = result.load_best(device="cpu")
     assert model.settings.variant == variant
+    labels = np.concatenate(data.train_labels).astype(np.float64)
+    assert model.settings.token_cost_init == pytest.approx(float(np.nanmean(labels)))  # token_cost_init_from_csc
     assert model.training_info["targets"] == pytest.approx(data.targets.tolist())
 
 

@@ -184,6 +184,10 @@ class TrainConfig:
     # units (~1e-3 per token): the prior's c_min = 0.3 is in prior units (mean 1) and would dwarf CSC.
     vocab_cost_min: float = 1e-4
     token_cost_from_prior: bool = False  # initialise token costs as token_cost_init x the synthetic prior
+    # Start every cost at the mean per-token CSC label of the training cache instead of token_cost_init:
+    # 0.05 (the paper's) is ~4x the smoke labels and ~28x the 256-token ones, so training would open
+    # far over every budget and lambda would saturate before the costs could fall.
+    token_cost_init_from_csc: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -47,6 +47,9 @@ Public API used by generation (all tensors on the model's device):
     model.proxy_total(costs)            # [..., K] -> [...]: mean over the K dimensions
     model.to_csc(proxy_total)           # a + b x: proxy units -> CSC units (calibration, eq. 17)
     model.to_proxy(csc_budget)          # (B - a) / b: CSC budget -> proxy units
+    model.budget_vector(b, batch=n)     # validated [n, K] conditioning vector (DataError on <= 0, NaN, wrong K)
+    model.hidden_and_costs(ids, budget) # forward without the LM head: (hidden [b, T, H], costs, cache)
+    model.training_info                 # {"budget_range": [lo, hi], "targets": [...], "variant": ...}
 """
 
 from __future__ import annotations

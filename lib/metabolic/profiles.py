@@ -37,6 +37,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.epochs": 3,
         "train.batch_size": 8,
         "train.lr": 1e-4,
+        "train.token_cost_init_from_csc": True,  # costs start at the labels' scale (see config.py)
         "generation.n_valid_prompts": 8,
         "generation.max_new_tokens": 24,
         "energy.repeats": 2,
@@ -74,6 +75,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.epochs": 5,
         "train.batch_size": 16,
         "train.lr": 1e-4,
+        "train.token_cost_init_from_csc": True,
         "generation.n_valid_prompts": 64,
         "generation.max_new_tokens": 64,
         "energy.repeats": 3,  # medians and IQR over 3 windows of >= 1 s per phase keep one model under 10 min

@@ -248,6 +248,27 @@ def level_expected_totals(model: MetabolicGPT2, batch: Batch, level: float, c_vo
     return losses.expected_totals(probs, at, batch.ids, batch.mask, c_vocab)
 
 
+def train_step(model: MetabolicGPT2, optimizer, batch: Batch, budgets: torch.Tensor, cfg: TrainConfig,
+               vocab_ids: torch.Tensor, vocab_means: torch.Tensor, step: int = 0) -> StepResult:
+    """One full training step: eq. (22) terms, backward, clipping, AdamW, dual ascent (eq. 23), and the
+    batch's (proxy total, CSC total) pairs into the online calibration (refits are the caller's)."""
+    res = compute_step(model, batch, budgets, cfg, vocab_ids, vocab_means)
+    if not bool(torch.isfinite(res.terms.total.detach())):
+        raise DataError(f"the training loss became {float(res.terms.total.detach())} at step {step}: "
+                        f"lower train.lr or train.cost_lr_multiplier")
+    optimizer.zero_grad(set_to_none=True)
+    res.terms.total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    c_hat = res.totals.double().mean(0).cpu().numpy()  # eq. (23)'s batch-average cost vector
+    b_bar = budgets.double().mean(0).cpu().numpy()
+    model.dual_lambda.copy_(torch.as_tensor(dual_update(model.dual_lambda.cpu().numpy(), c_hat, b_bar, cfg.mu, cfg.lambda_max)))
+    known = torch.isfinite(batch.totals)
+    if bool(known.any()):
+        model.calibration.update(res.totals[known].double().cpu().numpy(), batch.totals[known].cpu().numpy())
+    return res
+
+
 # --- optimiser ---------------------------------------------------------------------------------
 
 COST_PREFIXES = ("cost_head.", "token_cost_logits", "budget_proj.", "layer_budget_proj.")
@@ -383,10 +404,23 @@ class TrainResult:
         return MetabolicGPT2.from_pretrained(self.best_dir, device=device)
 
 
-def model_settings(cfg: TrainConfig, variant: str, budget_scale: float) -> MetabolicSettings:
+def model_settings(cfg: TrainConfig, variant: str, budget_scale: float,
+                   token_cost_init: float | None = None) -> MetabolicSettings:
     return MetabolicSettings(variant=variant, K=cfg.K, a_mix=cfg.a_mix, c_min=cfg.vocab_cost_min, budget_scale=budget_scale,
-                             per_layer_budget=cfg.per_layer_budget, token_cost_init=cfg.token_cost_init,
+                             per_layer_budget=cfg.per_layer_budget,
+                             token_cost_init=cfg.token_cost_init if token_cost_init is None else token_cost_init,
                              calib_ridge=cfg.calib_ridge)
+
+
+def initial_token_cost(cfg: TrainConfig, data: TrainingData) -> float:
+    """`train.token_cost_init`, or with `token_cost_init_from_csc` the mean per-token training label."""
+    if not cfg.token_cost_init_from_csc:
+        return cfg.token_cost_init
+    flat = np.concatenate([np.asarray(x, np.float64) for x in data.train_labels])
+    mean = float(np.nanmean(flat)) if np.isfinite(flat).any() else float("nan")
+    if not (math.isfinite(mean) and mean > 0):
+        raise DataError(f"mean per-token CSC label {mean!r} is not > 0: set train.token_cost_init_from_csc=false")
+    return mean
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -444,7 +478,7 @@ def train(
     _check_ids(data.valid_ids, vocab_size, "valid")
     if len(data.targets) != cfg.K:
         raise ConfigError(f"{len(data.targets)} target budgets for train.K={cfg.K}: give K budgets")
-    settings = model_settings(cfg, variant, data.budget_scale)
+    settings = model_settings(cfg, variant, data.budget_scale, token_cost_init=initial_token_cost(cfg, data))
     model = MetabolicGPT2(backbone, settings, prior_cost=prior_cost)
     model.training_info = {"budget_range": list(data.budget_range), "targets": data.targets.tolist(), "variant": variant}
     optimizer = make_optimizer(model, cfg)
@@ -483,22 +517,10 @@ def train(
             batch = make_batch([data.train_ids[i] for i in idx], [data.train_labels[i] for i in idx],
                                data.train_totals[idx], device)
             budgets = step_budgets(model, batch, data.targets, factor)
-            res = compute_step(model, batch, budgets, cfg, vocab_ids, vocab_means)
-            if not bool(torch.isfinite(res.terms.total.detach())):
-                raise DataError(f"the training loss became {float(res.terms.total.detach())} at step {step}: "
-                                f"lower train.lr or train.cost_lr_multiplier")
-            optimizer.zero_grad(set_to_none=True)
-            res.terms.total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            res = train_step(model, optimizer, batch, budgets, cfg, vocab_ids, vocab_means, step)
             gap = res.gap.double().cpu().numpy()
-            c_hat = res.totals.double().mean(0).cpu().numpy()  # eq. (23)'s batch-average cost
+            c_hat = res.totals.double().mean(0).cpu().numpy()
             b_bar = budgets.double().mean(0).cpu().numpy()
-            model.dual_lambda.copy_(torch.as_tensor(dual_update(model.dual_lambda.cpu().numpy(), c_hat, b_bar,
-                                                                cfg.mu, cfg.lambda_max)))
-            known = torch.isfinite(batch.totals)
-            if bool(known.any()):
-                model.calibration.update(res.totals[known].double().cpu().numpy(), batch.totals[known].cpu().numpy())
             step += 1
             if step % cfg.calib_refit_every == 0:
                 model.refit_calibration()

@@ -324,7 +324,7 @@ class EnergyMeter:
         self._open_windows[wid] = state
         return wid
 
-    def end(self, wid: int) -> Measurement:
+    def end(self, wid: int, _stacklevel: int = 2) -> Measurement:
         """Close window `wid` (after synchronising CUDA) and return its measurement."""
         if wid not in self._open_windows:
             raise ValueError(f"window {wid} is not open")
@@ -361,7 +361,7 @@ class EnergyMeter:
                 f"energy window of {time_s * 1000:.1f} ms is shorter than the counter update period "
                 f"({self.counter_period_s * 1000:.0f} ms): put more queries in the window or repeat them",
                 ShortWindowWarning,
-                stacklevel=3,
+                stacklevel=_stacklevel,
             )
         self._check(energy_j, time_s, short)
         info = self.info
@@ -392,7 +392,7 @@ class EnergyMeter:
         except BaseException:
             self._abandon(wid)
             raise
-        handle._measurement = self.end(wid)
+        handle._measurement = self.end(wid, _stacklevel=4)  # point the warning at the `with` block
 
     def _abandon(self, wid: int) -> None:
         self._open_windows.pop(wid, None)

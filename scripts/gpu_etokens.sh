@@ -20,7 +20,11 @@ PATHS=${PATHS:-"default,static-compile"}  # comma list: both in one run, so thei
 PY=${PYTHON:-python}
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/lib"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
-if [ -z "${METABOLIC_ASSETS:-}" ] && [ -d shared/data ]; then export METABOLIC_ASSETS="$PWD/shared/data"; fi
+# offline assets (wikitext-2/, gpt2-tokenizer/): $METABOLIC_ASSETS, else shared/data in or beside the checkout
+if [ -z "${METABOLIC_ASSETS:-}" ]; then
+  for d in "$PWD/shared/data" "$PWD/../shared/data"; do [ -d "$d" ] && export METABOLIC_ASSETS="$d" && break; done
+fi
+echo "assets: ${METABOLIC_ASSETS:-<unset: the Hub>}"
 
 "$PY" -c "import pynvml; pynvml.nvmlInit(); print('GPU:', pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))"
 

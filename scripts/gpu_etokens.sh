@@ -26,7 +26,8 @@ if [ -z "${METABOLIC_ASSETS:-}" ]; then
 fi
 echo "assets: ${METABOLIC_ASSETS:-<unset: the Hub>}"
 
-"$PY" -c "import pynvml; pynvml.nvmlInit(); print('GPU:', pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))"
+"$PY" -c "import pynvml; pynvml.nvmlInit(); print('GPU:', pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))" \
+  || { echo "no NVIDIA GPU/NVML on this machine: this script measures GPU energy (CPU timings: python -m metabolic run --stages etokens)"; exit 1; }
 
 calibrate=true
 for model in $MODELS; do

@@ -4,9 +4,10 @@
 #
 #   bash scripts/gpu_etokens.sh                 # every model, both serving paths, then the meter benchmark
 #   MODELS="tiny gpu-6x384" bash scripts/gpu_etokens.sh
+#   PARTS=calib bash scripts/gpu_etokens.sh    # one part per command where a command may run <= 10 min
 #
-# Each model is its own `python -m metabolic run` (a few minutes each, under a 10-minute
-# command limit); the calibration and joule budgets run once, with the first model. Results land in
+# The calibration and each model x path are separate `python -m metabolic run` calls (a few minutes
+# each, under a 10-minute command limit). Results land in
 # data/<profile>/etokens/<GPU>-<host>-<key>/ (rows.jsonl, calibration.json, machine.json); copy those
 # folders into the same place on any machine and notebook 05 (or metabolic.query_energy.merge_results)
 # merges every machine into one table. With $OUT set, the results and the benchmark log are copied there.
@@ -16,7 +17,8 @@ set -euo pipefail
 
 PROFILE=${PROFILE:-gpu}
 MODELS=${MODELS:-"tiny gpu-6x384 gpt2-small-scratch gpt2 metabolic"}
-PATHS=${PATHS:-"default,static-compile"}  # comma list: both in one run, so their greedy outputs are compared
+PATHS=${PATHS:-"default static-compile"}
+PARTS=${PARTS:-"calib grid bench"}  # e.g. PARTS=grid MODELS=gpt2-small-scratch PATHS=default for one part per command
 PY=${PYTHON:-python}
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/lib"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -29,16 +31,28 @@ echo "assets: ${METABOLIC_ASSETS:-<unset: the Hub>}"
 "$PY" -c "import pynvml; pynvml.nvmlInit(); print('GPU:', pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))" \
   || { echo "no NVIDIA GPU/NVML on this machine: this script measures GPU energy (CPU timings: python -m metabolic run --stages etokens)"; exit 1; }
 
-calibrate=true
-for model in $MODELS; do
-  echo "== etokens: model=$model paths=$PATHS calibrate=$calibrate"
-  "$PY" -m metabolic run --profile "$PROFILE" --stages etokens \
-    --set "energy.models=$model" --set "energy.paths=$PATHS" --set "energy.calibrate=$calibrate" \
-    --set "energy.measure=always" || echo "!! $model failed (see above); continuing"
-  calibrate=false
-done
-
-"$PY" benchmarks/energy_meter.py | tee "data/$PROFILE/etokens/energy_meter_benchmark.txt"
+run() {  # one `python -m metabolic run` per part keeps each under the 10-minute command limit
+  echo "== etokens: $*"
+  "$PY" -m metabolic run --profile "$PROFILE" --stages etokens --set energy.measure=always "$@" \
+    || echo "!! part failed ($*); continuing"
+}
+# 1. calibration and joule budgets (semantic cost -> J, tokens -> J, Hit@10%), with a one-cell grid
+if [[ " $PARTS " == *" calib "* ]]; then
+  run --set energy.models=tiny --set energy.tasks=chat --set energy.batch_sizes=1 --set energy.paths=default \
+      --set energy.calibrate=true
+fi
+# 2. the e-token grid, one model and one serving path at a time (outputs are compared by hash across runs)
+if [[ " $PARTS " == *" grid "* ]]; then
+  for model in $MODELS; do
+    for path in $PATHS; do
+      run --set "energy.models=$model" --set "energy.paths=$path" --set energy.calibrate=false
+    done
+  done
+fi
+if [[ " $PARTS " == *" bench "* ]]; then
+  mkdir -p "data/$PROFILE/etokens"
+  "$PY" benchmarks/energy_meter.py | tee "data/$PROFILE/etokens/energy_meter_benchmark.txt"
+fi
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/etokens"

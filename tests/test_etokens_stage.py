@@ -160,6 +160,9 @@ def test_stage_on_cpu_records_unavailable_energy(small_cfg):
         assert r["full_n_calls"] >= 1 and r["batch_size"] in (1, 2) and r["min_window_s"] == 0.02
     # greedy outputs agree between the two serving paths
     assert all(r["same_outputs_as_first_path"] for r in rows if r["path"] == "static-compile")
+    from metabolic.query_energy import paths_agree
+
+    assert paths_agree(rows) == {"cells_with_several_paths": 2, "identical_outputs": 2}
     assert "energy unavailable" in res.calibration["skipped"]
     table = summarise(rows)
     assert len(table) == 4 and all(t["total_j"] is None and t["repeats"] == 2 for t in table)

@@ -250,8 +250,10 @@ def run_grid(cfg: StudyConfig, meter: EnergyMeter, tokenizer, valid: Sequence[Se
                     key = (task.name, batch_size)
                     same = bool(torch.equal(reference[key], outputs)) if key in reference else None
                     reference.setdefault(key, outputs)
+                    # a hash of the greedy outputs lets paths measured in separate runs be compared too
+                    digest = artefacts.sha256_bytes(outputs.to(torch.int64).numpy().tobytes())
                     for row in cell_rows:
-                        rows.append({**machine, **cell, "same_outputs_as_first_path": same, **row})
+                        rows.append({**machine, **cell, "same_outputs_as_first_path": same, "outputs_sha256": digest, **row})
                     bar.update(1)
         del model
         if device.type == "cuda":
@@ -447,6 +449,20 @@ GROUP = ("gpu_name", "host", "model", "path", "task", "batch_size")
 SUMMARY_FIELDS = ("total_j", "preprocess_j", "prefill_j", "decode_j", "active_j", "e_in_wh", "e_out_wh",
                   "j_per_output_token", "total_s_per_query", "prefill_s_per_query", "decode_s_per_query",
                   "output_tokens_per_s")
+
+
+def paths_agree(rows: Sequence[dict]) -> dict[str, int]:
+    """Cells (machine x model x task x batch size) measured on several paths: how many gave identical outputs."""
+    seen: dict[tuple, set] = {}
+    paths: dict[tuple, set] = {}
+    for r in rows:
+        if "outputs_sha256" not in r:
+            continue
+        key = (r.get("gpu_name"), r.get("host"), r["model"], r["task"], r["batch_size"])
+        seen.setdefault(key, set()).add(r["outputs_sha256"])
+        paths.setdefault(key, set()).add(r["path"])
+    multi = [k for k in seen if len(paths[k]) > 1]
+    return {"cells_with_several_paths": len(multi), "identical_outputs": sum(len(seen[k]) == 1 for k in multi)}
 
 
 def summarise(rows: Sequence[dict]) -> list[dict]:

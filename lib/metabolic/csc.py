@@ -179,6 +179,9 @@ class CSCLabeller:
         for start in range(0, len(texts), self.batch_size):
             idx = order[start:start + self.batch_size]
             batch = self._tokenize([texts[i] for i in idx])
+            if batch["input_ids"].shape[1] > self.window:
+                raise DataError(f"a text has {batch['input_ids'].shape[1]} word pieces > the encoder window {self.window}: "
+                                f"shorten it (the labeller marks such texts NaN instead)")
             emb = self._forward(batch)
             out[torch.as_tensor(idx, device=self.device)] = emb
         return out

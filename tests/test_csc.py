@@ -158,3 +158,14 @@ def test_flops_per_text_matches_the_issue_anchor():
 
     # MiniLM-L6 (6 x 384, d_ff 1536) on ~268 word pieces: ~6.4 GFLOP per text (issue 3).
     assert 6.2e9 < float(flops_per_text(6, 384, 1536, 268)) < 6.6e9
+
+
+def test_generated_tokens_are_labelled_on_the_full_text(labeller, tokenizer):
+    prompt = tokenizer("The city of")["input_ids"]
+    generated = tokenizer(" Paris is large.")["input_ids"]
+    (gen,) = labeller.label_generated([prompt], [generated])
+    full = labeller.label([prompt + generated], progress=False)[0]
+    assert gen.shape == (len(generated),)
+    np.testing.assert_allclose(gen, full[len(prompt):], atol=1e-6)
+    with pytest.raises(DataError, match="one prompt per generation"):
+        labeller.label_generated([prompt], [])

@@ -159,6 +159,17 @@ class CSCLabeller:
         seqs, pos = self._validate(sequences, positions)
         yield from self._label_groups(seqs, pos, [list(g) for g in groups], progress)
 
+    def label_generated(self, prompts: Sequence[Sequence[int]], generations: Sequence[Sequence[int]],
+                        progress: bool = False) -> list[np.ndarray]:
+        """CSC of each generated token, computed on the full prompt + generation text (the tokens that
+        count for a generation, see `metabolic.csc_dataset`); arrays of len(generation)."""
+        if len(prompts) != len(generations):
+            raise DataError(f"{len(prompts)} prompts for {len(generations)} generations: give one prompt per generation")
+        full = [list(p) + list(g) for p, g in zip(prompts, generations)]
+        positions = [np.arange(len(p), len(p) + len(g)) for p, g in zip(prompts, generations)]
+        labels = self.label(full, positions, progress=progress)
+        return [lab[len(p):] for lab, p in zip(labels, prompts)]
+
     def label_text(self, text: str) -> tuple[list[int], np.ndarray]:
         """GPT-2 ids of `text` and the CSC of each of its tokens."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

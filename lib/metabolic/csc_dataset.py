@@ -3,8 +3,9 @@
 What counts (used by every stage that sums CSC):
 - for a corpus text, every token of the text counts; its CSC is computed on the text itself;
 - for a generation, the generated tokens count, and their CSC is computed on the full
-  prompt + generation text (label the generated positions of `prompt_ids + generated_ids`, then
-  total `csc[len(prompt):]` with `lengths = [len(prompt) + len(generated)]`).
+  prompt + generation text (`CSCLabeller.label_generated(prompts, generations)` labels the generated
+  positions of `prompt_ids + generated_ids`; total them with `sequence_totals(labels, scale,
+  lengths=[len(prompt) + len(generated), ...])`).
 
 Totals of a sequence (`sequence_totals`):
 - `scale="raw"`: the sum of the per-token CSC of the tokens that count. A partially labelled

@@ -41,7 +41,7 @@ print("profile:", profile_label(cfg))
 import pandas as pd
 
 from metabolic import stages
-from metabolic.query_energy import summarise
+from metabolic.query_energy import paths_agree, summarise
 
 res = stages.measure_etokens(cfg, progress=False)
 rows = pd.DataFrame(res.rows)
@@ -72,6 +72,10 @@ print("devices in the merged table:", ", ".join(sorted(set(rows["gpu_name"].fill
 # %%
 cols = ["gpu_name", "model", "path", "task", "batch_size", "input_tokens", "output_tokens"]
 print(f"merged table: {len(rows)} rows from {rows['results_file'].nunique()} result file(s)")
+agree = paths_agree(res.rows)
+if agree["cells_with_several_paths"]:
+    print(f"greedy outputs identical across serving paths in {agree['identical_outputs']} of "
+          f"{agree['cells_with_several_paths']} cells measured on both")
 if has_energy:
     view = table[table["total_j"].notna()][cols + ["total_j", "e_in_wh", "e_out_wh", "j_per_output_token",
                                                    "output_tokens_per_s", "window_s_min"]]

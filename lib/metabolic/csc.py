@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import logging
 import queue
 import threading
@@ -89,6 +90,7 @@ class _Plan:
     owner: np.ndarray
     position: np.ndarray
     pieces: np.ndarray  # word pieces of each text ([CLS] and [SEP] included)
+    piece_ids: list[list[int]]  # the encoder's ids of each text, tokenized once
 
 
 class CSCLabeller:
@@ -278,14 +280,18 @@ class CSCLabeller:
             position.append(np.concatenate([[-1], pos[i]]).astype(np.int64))
         if not texts:
             empty = np.zeros(0, np.int64)
-            return _Plan([], empty, empty, empty)
-        pieces = np.asarray(self._piece_lengths(texts), dtype=np.int64)
-        return _Plan(texts, np.concatenate(owner), np.concatenate(position), pieces)
+            return _Plan([], empty, empty, empty, [])
+        piece_ids = self._piece_ids(texts)
+        pieces = np.fromiter((len(x) for x in piece_ids), dtype=np.int64, count=len(piece_ids))
+        return _Plan(texts, np.concatenate(owner), np.concatenate(position), pieces, piece_ids)
+
+    def _piece_ids(self, texts: list[str]) -> list[list[int]]:
+        """Encoder word-piece ids of each text, unpadded and untruncated (one batched Rust call)."""
+        return self.enc_tokenizer(texts, add_special_tokens=True, truncation=False, padding=False,
+                                  return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
 
     def _piece_lengths(self, texts: list[str]) -> list[int]:
-        enc = self.enc_tokenizer(texts, add_special_tokens=True, truncation=False, padding=False,
-                                 return_attention_mask=False, return_token_type_ids=False, verbose=False)
-        return [len(x) for x in enc["input_ids"]]
+        return [len(x) for x in self._piece_ids(texts)]
 
     def _tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         enc = self.enc_tokenizer(texts, add_special_tokens=True, truncation=False, padding="longest",
@@ -296,9 +302,16 @@ class CSCLabeller:
         """Batches of texts sorted by word-piece length (little padding); texts past the window are skipped."""
         fits = np.flatnonzero(plan.pieces <= self.window)
         order = fits[np.argsort(plan.pieces[fits], kind="stable")]
+        pad_id = self.enc_tokenizer.pad_token_id or 0
         for start in range(0, order.size, self.batch_size):
             idx = order[start:start + self.batch_size]
-            yield idx, self._tokenize([plan.texts[j] for j in idx])
+            lengths = plan.pieces[idx]
+            keep = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
+            input_ids = np.full(keep.shape, pad_id, dtype=np.int64)
+            # Row-major boolean assignment fills each row's first `length` slots, in order.
+            input_ids[keep] = np.fromiter(itertools.chain.from_iterable(plan.piece_ids[j] for j in idx),
+                                          dtype=np.int64, count=int(lengths.sum()))
+            yield idx, {"input_ids": input_ids, "attention_mask": keep.astype(np.int64)}
 
     def _label_chunk(self, chunk, plan: _Plan, pos, out, bar) -> None:
         if not plan.texts:
@@ -354,13 +367,12 @@ class CSCLabeller:
         if self.device.type != "cuda" or self.precision != "tf32":
             yield
             return
-        old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")  # "high" = TF32 tensor-core matmuls for fp32 tensors
         try:
             yield
         finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+            torch.set_float32_matmul_precision(old)
 
 
 def _progress(total: int, enabled: bool):

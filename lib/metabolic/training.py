@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -508,6 +509,7 @@ def train(
     for epoch in range(epoch0, cfg.epochs):
         factor = curriculum_factor(epoch, cfg.epochs, cfg.curriculum_start) if variant == "faithful" else 1.0
         acc: dict[str, float] = {}
+        epoch_t0 = time.perf_counter()  # timings go to the log only: metrics must be identical on resume
         gaps, achieved, targets_used = [], [], []
         n_seen = 0
         bar = tqdm(batch_order(n_train, cfg.batch_size, epoch, cfg.seed), desc=f"{variant} epoch {epoch + 1}/{cfg.epochs}",
@@ -533,6 +535,7 @@ def train(
             targets_used.append(b_bar * b)
             bar.set_postfix(loss=f"{float(res.terms.total.detach()):.3f}", lam=f"{float(model.dual_lambda.mean()):.3f}")
         bar.close()
+        train_s = time.perf_counter() - epoch_t0
         model.refit_calibration()
         terms = {k: v / n_seen for k, v in acc.items()}
         val = evaluate(model, data, cfg, factor, vocab_ids, vocab_means)
@@ -576,6 +579,8 @@ def train(
             "points": points, "best": best, "epochs_done": epoch + 1, "step": step, "reference_ppl": reference_ppl,
         })
         epochs_this_call += 1
+        log.info("%s epoch %d: %.1f s training, %.1f s evaluating and saving", variant, epoch + 1, train_s,
+                 time.perf_counter() - epoch_t0 - train_s)
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and epoch + 1 < cfg.epochs:
             raise KeyboardInterrupt(f"stopped after {epochs_this_call} epochs (simulated interruption)")
     model.save_pretrained(work_dir / LAST_DIR)
@@ -593,15 +598,22 @@ def train(
 # --- stage ------------------------------------------------------------------------------------
 
 
-def train_metabolic(cfg: StudyConfig, variant: str | None = None, progress: bool = True) -> TrainResult:
-    """Stage `train` for one variant (default `train.variant`): run folder `data/<profile>/train/<variant>/`."""
+@dataclass(frozen=True)
+class StageInputs:
+    """What both variants train from (loaded once: the CSC stage alone loads and hashes the encoder)."""
+
+    backbone: Any  # stages.BackboneData
+    csc: Any  # csc_dataset.CSCData
+    data: TrainingData
+    prior: np.ndarray | None
+    prior_fingerprint: str | None
+
+
+def stage_inputs(cfg: StudyConfig, progress: bool = True) -> StageInputs:
+    """The backbone, the CSC cache (checked against the tokenizer), training data and the optional prior."""
     from metabolic import stages
-    from metabolic.backbone import read_metrics
     from metabolic.csc_dataset import csc_labels
 
-    variant = variant or cfg.train.variant
-    if variant not in VARIANTS:
-        raise ConfigError(f"variant={variant!r} is invalid: choose one of {', '.join(VARIANTS)}")
     backbone = stages.pretrain_backbone(cfg, progress=progress)
     csc = csc_labels(cfg, progress=progress)
     corpus = stages.corpus(cfg)
@@ -612,17 +624,28 @@ def train_metabolic(cfg: StudyConfig, variant: str | None = None, progress: bool
         raise DataError(f"CSC cache {csc.folder} was made for another tokenizer: rebuild it "
                         f"(python -m metabolic run --stages csc) with assets.tokenizer={cfg.assets.tokenizer!r}")
     data = prepare_data(csc, cfg.train, vocab_size=len(corpus.tokenizer), scale=cfg.csc.scale)
-    prior = stages.energy_prior(cfg).prior.cost if cfg.train.token_cost_from_prior else None
+    prior = stages.energy_prior(cfg) if cfg.train.token_cost_from_prior else None
+    return StageInputs(backbone=backbone, csc=csc, data=data, prior=None if prior is None else prior.prior.cost,
+                       prior_fingerprint=None if prior is None else prior.fingerprint)
+
+
+def train_metabolic(cfg: StudyConfig, variant: str | None = None, progress: bool = True,
+                    inputs: StageInputs | None = None) -> TrainResult:
+    """Stage `train` for one variant (default `train.variant`): run folder `data/<profile>/train/<variant>/`.
+
+    A finished run made from the same inputs and config is reused; an interrupted one resumes.
+    """
+    variant = variant or cfg.train.variant
+    if variant not in VARIANTS:
+        raise ConfigError(f"variant={variant!r} is invalid: choose one of {', '.join(VARIANTS)}")
+    inputs = inputs or stage_inputs(cfg, progress=progress)
     tcfg = replace(cfg.train, variant=variant)
     description = {"stage": "train", "variant": variant, "train": asdict(tcfg), "csc_scale": cfg.csc.scale,
-                   "backbone": backbone.fingerprint, "csc": csc.fingerprint,
-                   "prior": stages.energy_prior(cfg).fingerprint if prior is not None else None}
+                   "backbone": inputs.backbone.fingerprint, "csc": inputs.csc.fingerprint, "prior": inputs.prior_fingerprint}
     folder = artefacts.run_dir(cfg.profile) / "train" / variant
-    holder: dict[str, TrainResult] = {}
 
     def build(work: Path) -> dict[str, Any]:
-        result = train(backbone.path, data, tcfg, variant, work, prior_cost=prior, progress=progress)
-        holder["result"] = result
+        result = train(inputs.backbone.path, inputs.data, tcfg, variant, work, prior_cost=inputs.prior, progress=progress)
         (work / CHECKPOINT).unlink(missing_ok=True)  # best/ and last/ supersede it
         return {"best_epoch": result.best_epoch, "reference_ppl": result.reference_ppl, "epochs": len(result.metrics)}
 
@@ -637,5 +660,6 @@ def train_metabolic(cfg: StudyConfig, variant: str | None = None, progress: bool
 
 def train_variants(cfg: StudyConfig, progress: bool = True) -> dict[str, TrainResult]:
     """Stage `train` in the pipeline: both variants on the same data, backbone and protocol."""
-    return {v: train_metabolic(cfg, v, progress=progress) for v in VARIANTS}
+    inputs = stage_inputs(cfg, progress=progress)
+    return {v: train_metabolic(cfg, v, progress=progress, inputs=inputs) for v in VARIANTS}
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from metabolic.errors import DataError
 from metabolic.etokens import check_rows, etokens, spread
 
-energies = st.floats(min_value=0.0, max_value=1e7, allow_nan=False, allow_infinity=False)
+# 0 J or at least 1 uJ: NVML reads mJ, and subnormal floats would underflow to 0 Wh
+energies = st.one_of(st.just(0.0), st.floats(min_value=1e-6, max_value=1e7, allow_nan=False, allow_infinity=False))
 tokens_in = st.integers(min_value=1, max_value=10**6)
 tokens_out = st.integers(min_value=1, max_value=10**6)
 

@@ -63,7 +63,7 @@ def test_unlimited_budget_matches_plain_generate(model, tokenizer, costs, do_sam
 
 
 def test_processor_returns_new_tensor_and_leaves_scores_alone(costs):
-    proc = CostSteeringLogitsProcessor(costs, [0.5, 2.0], prompt_len=3, max_new_tokens=10)
+    proc = CostSteeringLogitsProcessor(costs, [0.5, 2.0], prompt_len=3, max_new_tokens=10, two_sided=True)
     scores = torch.randn(2, costs.numel())
     before = scores.clone()
     ids = torch.randint(0, costs.numel(), (2, 5))
@@ -71,7 +71,8 @@ def test_processor_returns_new_tensor_and_leaves_scores_alone(costs):
     assert out is not scores and out.data_ptr() != scores.data_ptr()
     assert torch.equal(scores, before)
     lam = proc.last_lambda
-    assert torch.allclose(out, scores - lam[:, None] * costs[None, :], atol=1e-6)
+    assert torch.allclose(out, scores - lam[:, None] * costs[None, :] / proc.cost_scale, atol=1e-6)
+    assert proc.cost_scale == pytest.approx(float(costs.std()))
 
 
 @settings(max_examples=40, deadline=None)
@@ -86,7 +87,8 @@ def test_processor_tilts_expected_cost_to_the_pace(seed, pace_quantile):
     # a pace between the cheapest-weighted and the untilted expectation, or above it
     lo, hi = float(costs.min()) + 0.2, float(costs.max()) - 0.2
     pace = lo + (hi - lo) * pace_quantile
-    proc = CostSteeringLogitsProcessor(costs, [pace * 4], prompt_len=0, max_new_tokens=4, lambda_max=50.0, newton_steps=8)
+    proc = CostSteeringLogitsProcessor(costs, [pace * 4], prompt_len=0, max_new_tokens=4, lambda_max=50.0, newton_steps=8,
+                                       two_sided=True)
     out = proc(torch.zeros(1, 0, dtype=torch.long), scores)
     tilted = float(torch.softmax(out, -1) @ costs)
     assert abs(tilted - pace) < abs(mean0 - pace) + 1e-6  # never further from the pace than before
@@ -98,7 +100,7 @@ def test_processor_lambda_sign_follows_the_spend(costs):
     """A row far over its pace gets lambda > 0 (cheaper tokens), one far under gets lambda < 0."""
     scores = torch.zeros(2, costs.numel())
     ids = torch.zeros(2, 4, dtype=torch.long)  # prompt_len 2, two generated tokens of cost costs[0]
-    proc = CostSteeringLogitsProcessor(costs, [costs[0].item() * 2.05, 100.0], prompt_len=2, max_new_tokens=10)
+    proc = CostSteeringLogitsProcessor(costs, [costs[0].item() * 2.05, 100.0], prompt_len=2, max_new_tokens=10, two_sided=True)
     lam = proc.lambdas(ids, scores)
     assert lam[0] > 0 and lam[1] < 0
     assert lam.abs().max() <= proc.lambda_max
@@ -163,7 +165,7 @@ def test_steering_moves_spend_towards_the_budget(model, tokenizer, costs):
         free = generate_with_budget(model, tokenizer, prompts, budget, token_costs=costs, calibration=IDENTITY,
                                     max_new_tokens=n, steer=False, stop=False, seed=5)
         steered = generate_with_budget(model, tokenizer, prompts, budget, token_costs=costs, calibration=IDENTITY,
-                                       max_new_tokens=n, steer=True, stop=False, seed=5)
+                                       max_new_tokens=n, steer=True, stop=False, seed=5, two_sided=True)
         err_free = sum(abs(g.spent_proxy - budget) for g in free)
         err_steered = sum(abs(g.spent_proxy - budget) for g in steered)
         assert err_steered < err_free

@@ -301,13 +301,21 @@ def evaluate_budgets(cfg, progress: bool = True):
     backbone = stages.pretrain_backbone(cfg, progress=progress)
     results = {v: training.train_metabolic(cfg, v, progress=progress) for v in VARIANTS}
     data = training.prepare_data(csc, cfg.train, vocab_size=len(tok), scale=cfg.csc.scale)
-    targets = list(cfg.generation.budgets) if cfg.generation.budgets else [float(x) for x in data.targets]
+    g = cfg.generation
+    cont = continuation_totals(csc.train_ids, csc.train_csc, g.prompt_tokens, g.max_new_tokens, cfg.csc.scale)
+    if g.budgets:
+        targets, source = list(g.budgets), "generation.budgets"
+    else:
+        targets = [float(np.quantile(cont, q)) for q in cfg.train.budget_quantiles]
+        source = (f"quantiles {list(cfg.train.budget_quantiles)} of the true CSC of {cont.size} training-text continuations "
+                  f"(first {g.prompt_tokens} tokens = prompt, 1..{g.max_new_tokens} tokens counted)")
     names = LEVELS if len(targets) == 3 else tuple(f"B{i}" for i in range(len(targets)))
     budgets = dict(zip(names, targets))
+    budget_range = (min(data.budget_range[0], float(cont.min())), max(data.budget_range[1], float(cont.max())))
     description = {
         "stage": "evaluate", "generation": cfg.generation.__dict__, "csc": csc.fingerprint, "csc_scale": cfg.csc.scale,
         "backbone": backbone.fingerprint, "train": {v: r.fingerprint for v, r in results.items()},
-        "encoder": cfg.assets.encoder, "budgets": budgets,
+        "encoder": cfg.assets.encoder, "budgets": budgets, "budget_range": budget_range,
     }
     folder = artefacts.run_dir(cfg.profile) / "evaluation"
 
@@ -322,14 +330,17 @@ def evaluate_budgets(cfg, progress: bool = True):
         for variant, result in results.items():
             model = result.load_best()
             cal, note = choose_calibration(model, cfg, csc.train_ids, csc.train_csc, list(budgets.values()))
-            t, r = evaluate_variant(model, tok, judge, labeller, prompts, budgets, cfg, data.budget_range, variant,
+            t, r = evaluate_variant(model, tok, judge, labeller, prompts, budgets, cfg, budget_range, variant,
                                     cal, note, progress)
             for table in t.values():
                 best = result.metrics[result.best_epoch - 1] if 0 < result.best_epoch <= len(result.metrics) else {}
                 table.update(best_epoch=result.best_epoch, val_ppl=best.get("val_ppl"), backbone_val_ppl=result.reference_ppl)
             tables.update(t)
             records.extend(r)
-        combined = {"profile": cfg.profile, "budgets": budgets, "budget_range": list(data.budget_range),
+        combined = {"profile": cfg.profile, "budgets": budgets, "budget_source": source, "budget_range": list(budget_range),
+                    "training_targets": [float(x) for x in data.targets],
+                    "continuation_csc": {"n": int(cont.size), "min": float(cont.min()), "median": float(np.median(cont)),
+                                         "max": float(cont.max())},
                     "prompts": prompts, "tables": tables, "paper": PAPER_TABLE1}
         artefacts.atomic_write_json(work / TABLES_FILE, combined)
         artefacts.atomic_write_text(work / GENERATIONS_FILE, "".join(json.dumps(r) + "\n" for r in records))
@@ -388,6 +399,26 @@ def continuation_points(ids_list: Sequence[Sequence[int]], csc_list: Sequence[np
         xs.append(float(costs[np.asarray(ids[prompt_tokens:], dtype=np.int64)].sum()))
         ys.append(float(lab[prompt_tokens:].sum() * (len(ids) if scale == "length" else 1)))
     return np.asarray(xs), np.asarray(ys)
+
+
+def continuation_totals(ids_list, csc_list, prompt_tokens: int, max_new_tokens: int, scale: str = "raw") -> np.ndarray:
+    """True CSC totals of training-text continuations of 1..max_new_tokens tokens after the first `prompt_tokens`.
+
+    What a generation of that length would be scored on (the same counting rule), hence the natural
+    source of generation budgets; falls back to continuations of any length when fewer than 3 fit.
+    """
+    lengths = np.array([len(x) - prompt_tokens for x in ids_list])
+    keep = [(i, l) for i, l in enumerate(lengths) if 1 <= l <= max_new_tokens]
+    if len(keep) < 3:
+        keep = [(i, l) for i, l in enumerate(lengths) if l >= 1]
+    idx = [i for i, _ in keep]
+    _, y = continuation_points([ids_list[i] for i in idx], [csc_list[i] for i in idx],
+                               np.zeros(1 + max(max(ids_list[i]) for i in idx)) if idx else np.zeros(1),
+                               prompt_tokens, scale)
+    if y.size < 3:
+        raise DataError(f"only {y.size} labelled training texts are longer than generation.prompt_tokens={prompt_tokens}: "
+                        f"label more texts or shorten the prompts")
+    return y
 
 
 def fit_continuation_calibration(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, budgets: Sequence[float] = ()):

@@ -2,11 +2,13 @@
 
 Two small parts with the standard contracts, composable with any other processor or criterion:
 
-- `CostSteeringLogitsProcessor` subtracts `lambda_t * C_vocab` from the next-token scores. `lambda_t`
+- `CostSteeringLogitsProcessor` subtracts `lambda_t * C_vocab / s` from the next-token scores (s = the
+  std of C_vocab, so lambda is in nats per typical cost difference whatever C_vocab's scale). `lambda_t`
   is solved per batch row and per step (Newton steps on the tilted distribution) so that the
   expected cost of the next token equals the pace the budget still allows, `(B - spent) / steps_left`:
-  a row that is spending too fast is pushed towards cheap tokens, one that is too slow towards dearer
-  ones. `|lambda_t| <= lambda_max` keeps the text close to the model's own distribution.
+  a row that is spending too fast is pushed towards cheap tokens (and, only with `two_sided=True`, one
+  that is too slow towards dearer ones). `|lambda_t| <= lambda_max` keeps the text close to the model's
+  own distribution.
 - `BudgetStoppingCriteria` ends a row when its spend is as close to the budget as it is going to get
   (`spent >= B - r/2`, with `r` the row's average cost per generated token), or earlier at a sentence
   end once `spent >= (1 - sentence_slack) * B`.
@@ -153,15 +155,26 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         budgets_proxy: proxy-unit budget per prompt (or one for all); `inf` = unlimited (no steering).
         prompt_len: length of the (left-padded) prompt; tokens after it are the generation.
         max_new_tokens: the generation's token limit, which sets the pace `(B - spent) / steps_left`.
-        lambda_max: bound on `|lambda_t|` (in score units per unit of proxy cost).
+        lambda_max: bound on `|lambda_t|`, in score units (nats) per `cost_scale` of cost.
+        cost_scale: the cost unit lambda is measured in (default: the std of `token_costs` over the
+            vocabulary), so `lambda_max` means the same tilt whatever the scale of C_vocab.
         newton_steps: Newton iterations solving E_lambda[C] = pace (1 is cheap and enough for pacing;
             each adds one softmax over the vocabulary per step).
-        two_sided: also push under-spending rows towards dearer tokens (negative lambda).
+        two_sided: also push under-spending rows towards dearer tokens (negative lambda). Off by default:
+            on smoke it drove text into repeating rare tokens (judge perplexity x300) without raising
+            the true CSC, so by default steering only ever brakes an over-spending row.
     """
 
     def __init__(self, token_costs: Any, budgets_proxy: Any, prompt_len: int, max_new_tokens: int,
-                 lambda_max: float = 5.0, newton_steps: int = 1, two_sided: bool = True) -> None:
+                 lambda_max: float = 5.0, newton_steps: int = 1, two_sided: bool = False,
+                 cost_scale: float | None = None) -> None:
         self.token_costs = _as_cost_vector(token_costs)
+        if cost_scale is None:
+            cost_scale = float(self.token_costs.std()) if self.token_costs.numel() > 1 else 0.0
+            cost_scale = cost_scale if cost_scale > 0 else max(float(self.token_costs.mean()), 1e-8)
+        if not (math.isfinite(cost_scale) and cost_scale > 0):
+            raise ConfigError(f"cost_scale={cost_scale!r} is invalid: use a finite value > 0")
+        self.cost_scale = float(cost_scale)
         self.budgets = _as_budgets(budgets_proxy, "budgets_proxy")
         if not isinstance(prompt_len, int) or prompt_len < 0:
             raise ConfigError(f"prompt_len={prompt_len!r} is invalid: give the prompt's token count (>= 0)")
@@ -182,7 +195,7 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
     def _costs_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(C, C^2) on `device`, cached: the processor runs once per generated token."""
         if self._cached is None or self._cached[0].device != device:
-            costs = self.token_costs.to(device)
+            costs = self.token_costs.to(device) / self.cost_scale  # in units of cost_scale
             self._cached = (costs, costs * costs)
         return self._cached
 
@@ -198,9 +211,9 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
             raise DataError(f"input has {input_ids.shape[1]} tokens, fewer than prompt_len={self.prompt_len}")
         costs, costs_sq = self._costs_on(scores.device)
         budget = _rows(self.budgets.to(scores.device), scores.shape[0], "budgets_proxy")
-        spent = generated_spend(input_ids, costs, self.prompt_len)
+        spent = generated_spend(input_ids, self.token_costs.to(scores.device), self.prompt_len)
         steps_left = max(self.max_new_tokens - n_gen, 1)
-        pace = ((budget - spent) / steps_left).clamp(min=0.0).float()
+        pace = ((budget - spent) / steps_left / self.cost_scale).clamp(min=0.0).float()
         logits = scores.float()
         lam = torch.zeros(scores.shape[0], dtype=torch.float32, device=scores.device)
         low = -self.lambda_max if self.two_sided else 0.0
@@ -218,7 +231,7 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         lam = self.lambdas(input_ids, scores)
         self.last_lambda = lam.detach().cpu()
         costs, _ = self._costs_on(scores.device)
-        # A new tensor (scores - lambda * C): scores are never edited in place.
+        # A new tensor (scores - lambda * C / cost_scale): scores are never edited in place.
         return torch.addcmul(scores, lam[:, None].to(scores.dtype), costs[None, :].to(scores.dtype), value=-1.0)
 
 
@@ -442,6 +455,7 @@ def generate_with_budget(
     seed: int | None = 0,
     budget_range: tuple[float, float] | None = None,
     lambda_max: float = 5.0,
+    two_sided: bool = False,
     sentence_slack: float = 0.1,
     generate_kwargs: dict[str, Any] | None = None,
 ) -> list[Generation]:
@@ -500,7 +514,8 @@ def generate_with_budget(
     processors = LogitsProcessorList()
     recorder = None
     if steer:
-        steering = CostSteeringLogitsProcessor(costs, budgets_proxy, prompt_len, max_new_tokens, lambda_max=lambda_max)
+        steering = CostSteeringLogitsProcessor(costs, budgets_proxy, prompt_len, max_new_tokens, lambda_max=lambda_max,
+                                               two_sided=two_sided)
         recorder = _LambdaRecorder(steering)
         processors.extend([steering, recorder])
     criteria = StoppingCriteriaList()

@@ -56,7 +56,9 @@ def test_interrupted_run_resumes_and_gives_the_same_labels(fresh_data, monkeypat
         csc_labels(cfg, progress=False)
     assert not folder.exists()  # nothing half-written where readers look
     partial = folder.with_name("csc.partial")
-    assert len(list((partial / "chunks").glob("*.npz"))) == 2
+    saved = sorted((partial / "chunks").glob("*.npz"))
+    assert len(saved) == 2
+    saved[1].write_bytes(saved[1].read_bytes()[:50])  # a damaged chunk is relabelled, not trusted
 
     resumed_chunks = []
 
@@ -67,7 +69,7 @@ def test_interrupted_run_resumes_and_gives_the_same_labels(fresh_data, monkeypat
 
     monkeypatch.setattr(CSCLabeller, "label_groups", counting)
     resumed = csc_labels(cfg, progress=False)
-    assert len(resumed_chunks) == 3  # 5 chunks, 2 already done
+    assert len(resumed_chunks) == 4  # 5 chunks: 1 reused, 1 damaged and 3 missing relabelled
     assert not partial.exists() and (folder / "csc.npz").exists()
 
     shutil.rmtree(folder)  # an uninterrupted run from scratch gives the same labels

@@ -172,7 +172,11 @@ fig.show()
 # ## Approximations against exact labels
 # Word-piece masking (one tokenisation, the removed token's pieces masked out of attention and
 # pooling) and a gradient sketch (one forward and backward per text, 16 random probes), on the same
-# tokens as exact labels. Speeds are wall-clock on this machine, in the same run.
+# tokens as exact labels. Speeds are wall-clock on this machine, in the same run. Costs scale
+# differently: exact needs T + 1 encoder passes of a T-token text, masking T + 1 passes at the full
+# length (no re-tokenisation), the sketch a fixed 16 forward + backward passes; on the short smoke
+# texts (12-24 tokens) the sketch's fixed cost is larger than exact labelling, its advantage only
+# appears for long texts (T = 256 in the gpu profile).
 
 # %%
 pool = [i for i, x in enumerate(data.train_ids) if 12 <= len(x) <= 24] or list(range(len(data.train_ids)))

@@ -6,8 +6,10 @@ PNG found in `figures/<profile>/` says where it came from.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 from metabolic import artefacts
@@ -37,6 +39,25 @@ def stamp(fig, cfg: StudyConfig, notebook: str):
     return fig
 
 
+_server_started = False
+
+
+def _ensure_png_server() -> None:
+    """Keep one headless browser alive for the process: the first PNG costs ~3 s, later ones ~0.3 s."""
+    global _server_started
+    import os
+
+    if _server_started:
+        return
+    if not os.environ.get("BROWSER_PATH"):
+        os.environ["BROWSER_PATH"] = next(shutil.which(b) for b in _BROWSERS if shutil.which(b))
+    import kaleido
+
+    kaleido.start_sync_server(silence_warnings=True)
+    atexit.register(kaleido.stop_sync_server, silence_warnings=True)
+    _server_started = True
+
+
 def save_figure(fig, cfg: StudyConfig, name: str, notebook: str) -> dict[str, Path]:
     """Write `figures/<profile>/<name>.html` and, if possible, `.png`; return the paths written."""
     import os
@@ -49,10 +70,11 @@ def save_figure(fig, cfg: StudyConfig, name: str, notebook: str) -> dict[str, Pa
     artefacts.atomic_write_text(html, fig.to_html(include_plotlyjs="cdn", full_html=True))
     written["html"] = html
     if png_backend_available():
-        if not os.environ.get("BROWSER_PATH"):
-            os.environ["BROWSER_PATH"] = next(shutil.which(b) for b in _BROWSERS if shutil.which(b))
         try:
-            png = fig.to_image(format="png", width=900, height=520, scale=1.5)
+            _ensure_png_server()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "kopts ignored with a server": expected
+                png = fig.to_image(format="png", width=900, height=520, scale=1.5)
         except Exception as exc:  # noqa: BLE001 - a PNG is a convenience; the HTML is already written
             log.warning("PNG export of %s failed (%s); the HTML is written", name, str(exc).splitlines()[0][:160])
         else:

@@ -196,6 +196,8 @@ def goal_status(table: dict[str, Any], fluency_tolerance: float = 0.10, hit_goal
 
 # --- the `evaluate` stage -----------------------------------------------------------------------
 
+# Bumped when what the stage computes changes, so an artefact from older code is rebuilt.
+EVALUATION_VERSION = 2
 DECODINGS = ("plain", "steered")  # plain: budget pathway only (the paper); steered: + steering + budget stop
 TABLES_FILE = "tables.json"
 GENERATIONS_FILE = "generations.jsonl"
@@ -265,6 +267,12 @@ def evaluate_variant(model, tokenizer, judge, labeller, prompts: list[str], budg
                                        token_csc=[float(v) for v in lab]))
             all_gens.extend(gens)
         flu = fluency(judge, all_gens)
+        # distinct-n per budget level, averaged: pooling the levels would count the same prompt's
+        # (often similar) continuations at three budgets as repetition.
+        n_levels = len(budgets)
+        per_level = [all_gens[i * len(prompts):(i + 1) * len(prompts)] for i in range(n_levels)]
+        for n in (1, 2):
+            flu[f"distinct_{n}"] = float(np.mean([distinct_n([x.generated_ids for x in lv], n) for lv in per_level]))
         table = {
             "variant": variant, "decoding": decoding, "csc_scale": cfg.csc.scale, "n_prompts": len(prompts),
             "rows": rows,
@@ -313,7 +321,7 @@ def evaluate_budgets(cfg, progress: bool = True):
     budgets = dict(zip(names, targets))
     budget_range = (min(data.budget_range[0], float(cont.min())), max(data.budget_range[1], float(cont.max())))
     description = {
-        "stage": "evaluate", "generation": cfg.generation.__dict__, "csc": csc.fingerprint, "csc_scale": cfg.csc.scale,
+        "stage": "evaluate", "version": EVALUATION_VERSION, "generation": cfg.generation.__dict__, "csc": csc.fingerprint, "csc_scale": cfg.csc.scale,
         "backbone": backbone.fingerprint, "train": {v: r.fingerprint for v, r in results.items()},
         "encoder": cfg.assets.encoder, "budgets": budgets, "budget_range": budget_range,
     }
@@ -383,18 +391,21 @@ def paper_side_by_side(table: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def continuation_points(ids_list: Sequence[Sequence[int]], csc_list: Sequence[np.ndarray], token_costs: np.ndarray,
-                        prompt_tokens: int, scale: str = "raw") -> tuple[np.ndarray, np.ndarray]:
+                        prompt_tokens: int, scale: str = "raw", max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(C_vocab spend, true CSC) of each text's continuation after its first `prompt_tokens` tokens.
 
     The texts' cached labels were computed on the full text, so each point counts exactly what a
     generation counts: the tokens after the prompt, scored in the context of prompt + continuation.
-    Texts with no continuation or an unlabelled continuation token are skipped.
+    Texts with no continuation, more than `max_tokens` continuation tokens (when given) or an
+    unlabelled continuation token are skipped.
     """
     costs = np.asarray(token_costs, dtype=np.float64)
     xs, ys = [], []
     for ids, lab in zip(ids_list, csc_list):
         lab = np.asarray(lab, dtype=np.float64)
         if len(ids) <= prompt_tokens or not np.all(np.isfinite(lab[prompt_tokens:])):
+            continue
+        if max_tokens is not None and len(ids) - prompt_tokens > max_tokens:
             continue
         xs.append(float(costs[np.asarray(ids[prompt_tokens:], dtype=np.int64)].sum()))
         ys.append(float(lab[prompt_tokens:].sum() * (len(ids) if scale == "length" else 1)))
@@ -453,7 +464,11 @@ def choose_calibration(model, cfg, train_ids, train_csc, budgets: Sequence[float
         if b > 0 and all((B - a) / b > 0 for B in budgets):
             return Calibration(a, b), "model (training calibration)"
         log.warning("the model's calibration (a=%.4g, b=%.4g) cannot map budgets %s: using the continuation fit", a, b, budgets)
-    x, y = continuation_points(train_ids, train_csc, model_token_costs(model).numpy(), cfg.generation.prompt_tokens,
-                               cfg.csc.scale)
+    # The same continuations the budgets come from (1..max_new_tokens tokens), else any length.
+    costs = model_token_costs(model).numpy()
+    g = cfg.generation
+    x, y = continuation_points(train_ids, train_csc, costs, g.prompt_tokens, cfg.csc.scale, max_tokens=g.max_new_tokens)
+    if x.size < 3:
+        x, y = continuation_points(train_ids, train_csc, costs, g.prompt_tokens, cfg.csc.scale)
     cal, how = fit_continuation_calibration(x, y, cfg.train.calib_ridge, budgets)
     return cal, f"continuation {how} on {x.size} training texts"

@@ -30,7 +30,7 @@ def main() -> None:
 
     from metabolic import stages
     from metabolic.evaluation import select_prompts
-    from metabolic.generation import generate_with_budget, plain_generate
+    from metabolic.generation import Calibration, generate_with_budget, plain_generate
     from metabolic.model import MetabolicGPT2
     from metabolic.profiles import load_config
     from metabolic.training import train_metabolic
@@ -50,26 +50,33 @@ def main() -> None:
         return plain_generate(model, tok, prompts, max_new_tokens=n, seed=0, temperature=cfg.generation.temperature,
                               top_k=cfg.generation.top_k, generate_kwargs=extra)
 
-    def budgeted():
+    def budgeted(two_sided: bool = False):
+        # Timing does not depend on the calibration; the identity keeps a smoke model with a slope <= 0 usable.
         return generate_with_budget(model, tok, prompts, huge, max_new_tokens=n, steer=True, stop=True, seed=0,
+                                    calibration=Calibration(0.0, 1.0), two_sided=two_sided,
                                     temperature=cfg.generation.temperature, top_k=cfg.generation.top_k,
                                     generate_kwargs=extra)
 
     gens = budgeted()
     assert all(len(g.generated_ids) == n for g in gens), "budgeted rows ended early: raise the budget"
     # Interleave the two so that load on a shared machine hits both alike.
-    plain_t, budget_t = [], []
-    plain(), budgeted()
+    # Two budgeted cases: the default one-sided brake, which under budget needs no softmax (exact
+    # shortcut), and two-sided steering, which solves lambda_t with a softmax over V at every step
+    # (the worst case of the processor's cost).
+    plain_t, budget_t, full_t = [], [], []
+    plain(), budgeted(), budgeted(True)
     for _ in range(args.repeats):
         plain_t.append(_once(plain, device))
         budget_t.append(_once(budgeted, device))
+        full_t.append(_once(lambda: budgeted(True), device))
     tokens = n * len(prompts)
-    p, b = statistics.median(plain_t), statistics.median(budget_t)
+    p, b, f = statistics.median(plain_t), statistics.median(budget_t), statistics.median(full_t)
     print(f"profile={args.profile} device={device} variant={args.variant} batch={len(prompts)} new_tokens={n} "
           f"repeats={args.repeats} torch_threads={torch.get_num_threads()}")
     print(f"plain generate():      {tokens / p:10.1f} tokens/s  (median {p * 1000:.1f} ms per call)")
     print(f"budgeted generation:   {tokens / b:10.1f} tokens/s  (median {b * 1000:.1f} ms per call)")
-    print(f"per-token cost ratio budgeted/plain = {b / p:.3f}  (target <= 1.10)")
+    print(f"budgeted, two-sided:   {tokens / f:10.1f} tokens/s  (median {f * 1000:.1f} ms per call)")
+    print(f"per-token cost ratio budgeted/plain = {b / p:.3f} (default), {f / p:.3f} (two-sided)  (target <= 1.10)")
 
 
 def _once(fn, device: str) -> float:

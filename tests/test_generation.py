@@ -295,3 +295,14 @@ def test_metabolic_generation_uses_model_costs_and_budget(metabolic_model, token
     cond = generate_with_budget(metabolic_model, tokenizer, PROMPTS, [0.4, 0.9], max_new_tokens=10, seed=2,
                                 steer=False, stop=False)
     assert [g.generated_ids for g in cond] != [free[r, -10:].tolist() for r in range(2)]
+
+
+def test_one_sided_shortcut_is_exact(costs):
+    """Under budget, the one-sided brake skips the softmax; the full solve gives the same zero lambda."""
+    scores = torch.randn(2, costs.numel())
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    fast = CostSteeringLogitsProcessor(costs, [100.0], prompt_len=2, max_new_tokens=5)
+    full = CostSteeringLogitsProcessor(costs, [100.0], prompt_len=2, max_new_tokens=5, two_sided=True)
+    assert fast.lambdas(ids, scores).tolist() == [0.0, 0.0]
+    assert (full.lambdas(ids, scores) < 0).all()  # two-sided would push towards dearer tokens
+    assert torch.equal(fast(ids, scores), scores)

@@ -191,6 +191,7 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         self.two_sided = two_sided
         self.last_lambda: torch.Tensor | None = None  # diagnostics: lambda_t of the latest step, [B]
         self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._max: float | None = None
 
     def _costs_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(C, C^2) on `device`, cached: the processor runs once per generated token."""
@@ -198,6 +199,11 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
             costs = self.token_costs.to(device) / self.cost_scale  # in units of cost_scale
             self._cached = (costs, costs * costs)
         return self._cached
+
+    def _max_cost(self, costs: torch.Tensor) -> float:
+        if self._max is None:
+            self._max = float(costs.max())
+        return self._max
 
     def lambdas(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """lambda_t per row, float32 [B] (pure: depends only on the arguments and the settings)."""
@@ -214,8 +220,11 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         spent = generated_spend(input_ids, self.token_costs.to(scores.device), self.prompt_len)
         steps_left = max(self.max_new_tokens - n_gen, 1)
         pace = ((budget - spent) / steps_left / self.cost_scale).clamp(min=0.0).float()
-        logits = scores.float()
         lam = torch.zeros(scores.shape[0], dtype=torch.float32, device=scores.device)
+        if not self.two_sided and bool((pace >= self._max_cost(costs)).all()):
+            # E[C] <= max C <= pace for every row: the one-sided brake is exactly 0, no softmax needed.
+            return lam
+        logits = scores.float()
         low = -self.lambda_max if self.two_sided else 0.0
         for step in range(self.newton_steps):
             tilted = logits if step == 0 else torch.addcmul(logits, lam[:, None], costs[None, :], value=-1.0)

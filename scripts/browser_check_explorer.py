@@ -96,7 +96,8 @@ def main() -> int:
     port, token = free_port(), secrets.token_hex(16)
     lab = subprocess.Popen(
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={token}", "--LabApp.expose_app_in_browser=True", f"--ServerApp.root_dir={work}"],
+         f"--IdentityProvider.token={token}", "--LabApp.expose_app_in_browser=True", f"--ServerApp.root_dir={work}",
+         *(["--allow-root"] if os.geteuid() == 0 else [])],
         env=env, stdout=subprocess.DEVNULL, stderr=open(work / "lab.log", "w"))
     chrome = None
     try:
@@ -112,9 +113,16 @@ def main() -> int:
         cdp.call("Page.enable")
         cdp.call("Page.navigate", url=f"http://127.0.0.1:{port}/lab/tree/06_budget_explorer.ipynb?token={token}")
         cdp.wait_js("!!(window.jupyterapp && document.querySelector('.jp-Notebook'))", 90, "JupyterLab and the notebook")
-        cdp.wait_js("(() => { const w = window.jupyterapp.shell.currentWidget; return !!(w && w.sessionContext && "
-                    "w.sessionContext.session && w.sessionContext.session.kernel && "
-                    "w.sessionContext.session.kernel.status === 'idle'); })()", 120, "an idle kernel")
+        # Accept a kernel-selection dialog if one shows, then wait for the session to be ready.
+        end = time.time() + 120
+        while time.time() < end:
+            cdp.js("(() => { const b = document.querySelector('.jp-Dialog .jp-mod-accept'); if (b) b.click(); })()")
+            state = cdp.js("(() => { const w = window.jupyterapp.shell.currentWidget; const k = w && w.sessionContext && "
+                           "w.sessionContext.session && w.sessionContext.session.kernel; return k ? k.status : 'none'; })()")
+            if state == "idle":
+                break
+            time.sleep(1)
+        print("kernel:", state)
         cdp.js("window.jupyterapp.commands.execute('notebook:run-all-cells')")
         first = cdp.wait_js(STATUS_JS, 240, "the first render of the explorer")
         print("after run-all:", first[:200])

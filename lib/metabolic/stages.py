@@ -222,8 +222,8 @@ STAGES: dict[str, Callable[[StudyConfig], Any]] = {
     "prior": energy_prior,
     "csc": csc_labels,
     "train": train_variants,
-    "etokens": measure_etokens,
     "evaluate": evaluate_budgets,
+    "etokens": measure_etokens,  # last: it also measures the trained MetabolicGPT-2 when it exists
 }
 
 

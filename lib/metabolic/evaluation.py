@@ -112,6 +112,22 @@ def relative_change(value: float, reference: float) -> float:
 # --- achieved costs of generations ------------------------------------------------------------
 
 
+def _label_once(labeller, seqs: list[list[int]], positions: list[np.ndarray], progress: bool) -> list[np.ndarray]:
+    """`labeller.label`, but each distinct (ids, positions) is labelled once per labeller.
+
+    Plain and steered decoding often produce the same text (the brake does not engage while a row
+    spends below its budget); labels depend only on the ids, so a memo on the labeller saves the
+    encoder passes.
+    """
+    memo = labeller.__dict__.setdefault("_generation_memo", {})
+    keys = [(tuple(s), tuple(p.tolist())) for s, p in zip(seqs, positions)]
+    todo = list(dict.fromkeys(k for k in keys if k not in memo))
+    if todo:
+        fresh = labeller.label([list(k[0]) for k in todo], [np.array(k[1], dtype=np.int64) for k in todo], progress=progress)
+        memo.update(zip(todo, fresh))
+    return [memo[k].copy() for k in keys]
+
+
 def csc_of_generations(labeller, gens, scale: str = "raw", progress: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
     """True CSC total of each generation: the labeller on prompt + generation ids, generated positions only.
 
@@ -123,7 +139,7 @@ def csc_of_generations(labeller, gens, scale: str = "raw", progress: bool = Fals
 
     seqs = [list(g.prompt_ids) + list(g.generated_ids) for g in gens]
     positions = [np.arange(len(g.prompt_ids), len(g.prompt_ids) + len(g.generated_ids), dtype=np.int64) for g in gens]
-    labels = labeller.label(seqs, positions, progress=progress)
+    labels = _label_once(labeller, seqs, positions, progress)
     generated = [lab[len(g.prompt_ids):] for lab, g in zip(labels, gens)]
     totals = sequence_totals(generated, scale, lengths=[len(s) for s in seqs])
     empty = np.array([len(g.generated_ids) == 0 for g in gens], dtype=bool)

@@ -13,9 +13,9 @@ from metabolic.errors import ConfigError
 
 PROFILES: dict[str, dict[str, Any]] = {
     # Whole pipeline in minutes on 2 CPU cores: a 2 x 128 GPT-2 briefly pretrained by the study,
-    # tens of texts of <= 64 tokens. Its numbers show that the code runs, not what the method achieves.
+    # tens of texts of <= 48 tokens. Its numbers show that the code runs, not what the method achieves.
     "smoke": {
-        "corpus.seq_len": 64,
+        "corpus.seq_len": 48,
         "corpus.max_train_texts": 600,
         "corpus.max_valid_texts": 120,
         "backbone.source": "pretrain",
@@ -25,20 +25,20 @@ PROFILES: dict[str, dict[str, Any]] = {
         "backbone.block_size": 64,
         "backbone.batch_size": 8,
         "backbone.epochs": 1,
-        "backbone.max_steps": 40,
+        "backbone.max_steps": 30,
         "backbone.lr": 2e-3,
         "backbone.warmup_steps": 5,
-        "backbone.eval_every": 20,
+        "backbone.eval_every": 15,
         "backbone.max_eval_blocks": 16,
-        "backbone.checkpoint_every": 20,
-        "csc.max_sequences": 48,
-        "csc.max_valid_sequences": 16,
+        "backbone.checkpoint_every": 15,
+        "csc.max_sequences": 32,
+        "csc.max_valid_sequences": 12,
         "csc.batch_size": 64,
         "train.epochs": 3,
         "train.batch_size": 8,
         "train.lr": 1e-4,
         "train.token_cost_init_from_csc": True,  # costs start at the labels' scale (see config.py)
-        "generation.n_valid_prompts": 8,
+        "generation.n_valid_prompts": 5,
         "generation.max_new_tokens": 24,
         "energy.repeats": 2,
         "energy.batch_sizes": (1, 4),

@@ -68,5 +68,25 @@ def run_study(
                 kernel_name="python3", progress_bar=False, log_output=False,
             )
             timings[source.stem] = time.perf_counter() - t0
+            if inplace:
+                _strip_run_metadata(output)
         print(f"{source.stem}: {timings[source.stem]:.1f} s", flush=True)
     return timings
+
+
+def _strip_run_metadata(path: Path) -> None:
+    """Drop papermill's per-cell run metadata (timings, empty tags) from a stored notebook.
+
+    The stored notebooks are reviewed in diffs and paired with the py:percent files: empty tag lists
+    would otherwise appear as `tags=[]` on every cell of the .py, and timings change on every run.
+    """
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        if not cell.metadata.get("tags", True):
+            cell.metadata.pop("tags")
+    nb.metadata.pop("papermill", None)
+    artefacts.atomic_write_text(path, nbformat.writes(nb))

@@ -245,10 +245,12 @@ def test_metabolic_model_at_each_trained_budget(tmp_path, tokenizer):
     backbone = scratch_model(BackboneConfig(n_layer=1, n_embd=32, n_head=2), len(tokenizer), 64, eos)
     saved = MetabolicGPT2(backbone, MetabolicSettings(K=1))
     saved.training_info = {"targets": [0.5, 1.5]}
-    saved.save_pretrained(tmp_path / "train" / "expected-cost")
+    # the training stage's layout: the selected checkpoint in best/, the last epoch in last/ (not measured)
+    saved.save_pretrained(tmp_path / "train" / "expected-cost" / "best")
+    saved.save_pretrained(tmp_path / "train" / "expected-cost" / "last")
     specs, skipped = model_specs(("metabolic",), tmp_path, ())
     assert not skipped and [s.budget for s in specs] == [0.5, 1.5]
-    assert specs[0].name == "metabolic[train/expected-cost]@0.5"
+    assert specs[0].name == "metabolic[expected-cost/best]@0.5"
     model = load_model(specs[1], len(tokenizer), eos, torch.device("cpu"), torch.float32)
     ids = torch.tensor([[464, 3290, 318, 257], [1212, 318, 257, 1332]])
     out = greedy_generate_fn(model, specs[1], "manual-kv", eos)(ids, 5)

@@ -40,8 +40,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.token_cost_init_from_csc": True,  # costs start at the labels' scale (see config.py)
         "generation.n_valid_prompts": 5,
         "generation.max_new_tokens": 24,
-        "energy.repeats": 2,
-        "energy.batch_sizes": (1, 4),
+        "energy.repeats": 1,  # CPU timings only on smoke: one repeat keeps the stage short
+        "energy.batch_sizes": (1,),
+        "energy.paths": ("default",),  # static-compile is covered by tests; on CPU it is not compiled anyway
         "energy.input_tokens": 32,
         "energy.idle_s": 0.5,
         "energy.min_window_s": 0.05,  # CPU timings only (no energy counter here): short windows keep smoke fast

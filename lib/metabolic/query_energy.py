@@ -397,7 +397,11 @@ def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: t
     budgets = cfg.generation.budgets or cfg.train.budgets
     specs, skipped_models = model_specs(e.models, run_folder, budgets)
     settings = {k: v for k, v in e.__dict__.items() if k != "measure"}
+    # the models measured (a retrained MetabolicGPT-2 changes its folder's manifest) are part of the key
+    model_keys = [(s.name, s.source, (artefacts.read_manifest(Path(s.source).parent) or {}).get("fingerprint"))
+                  for s in specs]
     description = {"stage": "etokens", "energy": settings, "seed": cfg.seed, "corpus": data.fingerprint,
+                   "models": model_keys,
                    "machine": {k: machine[k] for k in ("host", "device", "gpu_name", "driver", "energy_source")},
                    "models": [s.name for s in specs]}
     key = artefacts.fingerprint(description)[:8]

@@ -138,8 +138,11 @@ def find_metabolic(run_folder: Path) -> tuple[list[Path], str]:
     if not hasattr(_model, "MetabolicGPT2"):
         return [], "metabolic.model has no MetabolicGPT2 class"
     settings = getattr(_model, "SETTINGS_FILE", "metabolic_config.json")
-    found = sorted(Path(run_folder).glob(f"*/{settings}")) + sorted(Path(run_folder).glob(f"*/*/{settings}"))
-    folders = [f.parent for f in found if ".partial" not in str(f) and "etokens" not in f.parts]
+    # The training stage keeps each variant's selected checkpoint in train/<variant>/best/ (and the
+    # last epoch in .../last/, resumable checkpoints beside them): the "best" ones are measured.
+    found = sorted(Path(run_folder).rglob(settings))
+    folders = [f.parent for f in found
+               if f.parent.name == "best" and not any(p.endswith(".partial") or p == "etokens" for p in f.parts)]
     if not folders:
         return [], "no trained MetabolicGPT-2 in this profile's run folder (run the training stage first)"
     return folders, ""

@@ -398,8 +398,8 @@ def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: t
     specs, skipped_models = model_specs(e.models, run_folder, budgets)
     settings = {k: v for k, v in e.__dict__.items() if k != "measure"}
     # the models measured (a retrained MetabolicGPT-2 changes its folder's manifest) are part of the key
-    model_keys = [(s.name, s.source, (artefacts.read_manifest(Path(s.source).parent) or {}).get("fingerprint"))
-                  for s in specs]
+    model_keys = [(s.name, s.source, (artefacts.read_manifest(Path(s.source).parent) or {}).get("fingerprint")
+                   if s.kind == "metabolic" else None) for s in specs]
     description = {"stage": "etokens", "energy": settings, "seed": cfg.seed, "corpus": data.fingerprint,
                    "models": model_keys,
                    "machine": {k: machine[k] for k in ("host", "device", "gpu_name", "driver", "energy_source")},

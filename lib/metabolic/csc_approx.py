@@ -47,19 +47,28 @@ def pieces_of_tokens(labeller, ids: Sequence[int]) -> tuple[dict[str, np.ndarray
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, overlap
 
 
+def _labels_and_pieces(labeller, ids: Sequence[int]):
+    """A NaN label array for `ids` (filled in place by the caller) and its word pieces, or None when
+    there is nothing to label: an empty text, or one beyond the encoder's window (labels stay NaN)."""
+    labels = np.full(len(ids), np.nan, dtype=np.float32)
+    if len(ids) == 0:
+        return labels, None
+    batch, overlap = pieces_of_tokens(labeller, ids)
+    if batch["input_ids"].shape[1] > labeller.window:
+        return labels, None
+    return labels, (batch, overlap)
+
+
 def masked_csc(labeller, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
     """CSC with token t's word pieces masked out of attention and pooling (NaN past the window)."""
     out = []
     with torch.inference_mode():
         for ids in sequences:
-            labels = np.full(len(ids), np.nan, dtype=np.float32)
-            if len(ids) == 0:
-                out.append(labels)
+            labels, pieces = _labels_and_pieces(labeller, ids)
+            out.append(labels)
+            if pieces is None:
                 continue
-            batch, overlap = pieces_of_tokens(labeller, ids)
-            if batch["input_ids"].shape[1] > labeller.window:
-                out.append(labels)
-                continue
+            batch, overlap = pieces
             full = labeller._forward(batch)[0]
             embs = []
             for start in range(0, len(ids), labeller.batch_size):
@@ -70,7 +79,6 @@ def masked_csc(labeller, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]
             cos = torch.cat(embs) @ full
             labels[:] = np.maximum(1.0 - cos.double().cpu().numpy(), 0.0)
             labels[~overlap.any(axis=1)] = 0.0  # no word piece (e.g. a lone space): nothing masked
-            out.append(labels)
     return out
 
 
@@ -82,15 +90,12 @@ def gradient_csc(labeller, sequences: Sequence[Sequence[int]], probes: int = 16,
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for ids in sequences:
-        labels = np.full(len(ids), np.nan, dtype=np.float32)
-        if len(ids) == 0:
-            out.append(labels)
+        labels, pieces = _labels_and_pieces(labeller, ids)
+        out.append(labels)
+        if pieces is None:
             continue
-        batch, overlap = pieces_of_tokens(labeller, ids)
+        batch, overlap = pieces
         n = batch["input_ids"].shape[1]
-        if n > labeller.window:
-            out.append(labels)
-            continue
         input_ids = torch.from_numpy(batch["input_ids"]).to(labeller.device).repeat(probes, 1)
         mask = torch.from_numpy(batch["attention_mask"]).to(labeller.device).repeat(probes, 1)
         gates = torch.ones((probes, n), dtype=torch.float32, device=labeller.device, requires_grad=True)
@@ -106,7 +111,6 @@ def gradient_csc(labeller, sequences: Sequence[Sequence[int]], probes: int = 16,
         # r_j^T J delta_t = -sum of the gradient over token t's pieces
         proj = grad.double().cpu().numpy() @ overlap.T.astype(np.float64)  # [probes, T]
         labels[:] = 0.5 * (proj**2).mean(axis=0)
-        out.append(labels)
     return out
 
 

@@ -317,13 +317,12 @@ def evaluate_budgets(cfg, progress: bool = True):
     from metabolic.backbone import load_backbone
     from metabolic.csc import CSCLabeller
     from metabolic.csc_dataset import csc_labels
-    from metabolic.model import VARIANTS
 
     corpus = stages.corpus(cfg)
     tok = corpus.tokenizer
     csc = csc_labels(cfg, progress=progress)
     backbone = stages.pretrain_backbone(cfg, progress=progress)
-    results = {v: training.train_metabolic(cfg, v, progress=progress) for v in VARIANTS}
+    results = training.train_variants(cfg, progress=progress)  # one load of the training inputs for both
     data = training.prepare_data(csc, cfg.train, vocab_size=len(tok), scale=cfg.csc.scale)
     g = cfg.generation
     cont = continuation_totals(csc.train_ids, csc.train_csc, g.prompt_tokens, g.max_new_tokens, cfg.csc.scale)

@@ -169,3 +169,15 @@ def test_generated_tokens_are_labelled_on_the_full_text(labeller, tokenizer):
     np.testing.assert_allclose(gen, full[len(prompt):], atol=1e-6)
     with pytest.raises(DataError, match="one prompt per generation"):
         labeller.label_generated([prompt], [])
+
+
+@pytest.mark.parametrize("order", [[1, 0, 2], [2, 1, 0], [1, 0], [2]])
+def test_label_groups_pairs_each_counterfactual_with_its_own_text(labeller, tokenizer, order):
+    """Groups in any order (not only ascending ranges) give the same labels as `label`."""
+    texts = [FIXED_TEXT, "A short one.", "Rivers carry sediment to the sea."]
+    seqs = [tokenizer(t)["input_ids"] for t in texts]
+    expected = labeller.label(seqs, progress=False)
+    (k, labels), = list(labeller.label_groups(seqs, None, [order], progress=False))
+    assert k == 0 and len(labels) == len(order)
+    for i, lab in zip(order, labels):
+        np.testing.assert_allclose(lab, expected[i], rtol=0, atol=1e-6)

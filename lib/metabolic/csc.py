@@ -329,9 +329,12 @@ class CSCLabeller:
                 self.stats["padded_word_pieces"] += int(batch["attention_mask"].size)
                 if bar is not None:
                     bar.update(int((plan.position[idx] >= 0).sum()))
-            full_rows = np.flatnonzero(plan.position < 0)  # owners ascend, one full text each
+            # Each counterfactual is compared with its own sequence's full text, whatever the order
+            # of the sequences in the group (one full text per owner).
+            full_rows = np.flatnonzero(plan.position < 0)
+            by_owner = np.argsort(plan.owner[full_rows], kind="stable")
             cf = np.flatnonzero(plan.position >= 0)
-            ref = full_rows[np.searchsorted(plan.owner[full_rows], plan.owner[cf])]
+            ref = full_rows[by_owner[np.searchsorted(plan.owner[full_rows][by_owner], plan.owner[cf])]]
             dots = (emb[torch.as_tensor(cf, device=self.device)] * emb[torch.as_tensor(ref, device=self.device)]).sum(-1)
             csc = (1.0 - dots).double().cpu().numpy()
         lowest = csc.min(initial=0.0)

@@ -276,3 +276,31 @@ def test_cost_predictor_adds_token_costs():
     assert step(4, [2]) == pytest.approx(2 * 1.5)
     with pytest.raises(ConfigError, match="cost predictor"):
         cost_predictor(fit_linear([[1, 2], [2, 1], [3, 3], [4, 1]], [1, 2, 3, 4], ("input_tokens", "output_tokens")), token_cost)
+
+
+def test_retraining_measures_the_model_again(small_cfg, session_data_dir, tmp_path, monkeypatch, tokenizer):
+    """A retrained MetabolicGPT-2 (new training manifest) is measured again, never given stale rows."""
+    from metabolic import artefacts, stages
+    from metabolic.backbone import scratch_model
+    from metabolic.config import BackboneConfig
+    from metabolic.model import MetabolicGPT2, MetabolicSettings
+    from metabolic.query_energy import measure_etokens
+
+    corpus_folder = stages.corpus(small_cfg).folder  # tokenized once, in the session's data folder
+    run = tmp_path / small_cfg.profile
+    run.mkdir()
+    (run / "corpus").symlink_to(corpus_folder)
+    monkeypatch.setenv("METABOLIC_DATA", str(tmp_path))
+    backbone = scratch_model(BackboneConfig(n_layer=1, n_embd=32, n_head=2), len(tokenizer), 64, tokenizer.eos_token_id)
+    saved = MetabolicGPT2(backbone, MetabolicSettings(K=1))
+    saved.training_info = {"targets": [0.5]}
+    variant = run / "train" / "expected-cost"
+    saved.save_pretrained(variant / "best")
+    cfg = apply_overrides(small_cfg, {"energy.models": ("metabolic",), "energy.paths": ("default",),
+                                      "energy.batch_sizes": (1,), "energy.repeats": 1})
+    artefacts.atomic_write_json(variant / "manifest.json", {"fingerprint": "trained-once"})
+    first = measure_etokens(cfg, progress=False)
+    assert measure_etokens(cfg, progress=False).folder == first.folder  # reused while nothing changes
+    artefacts.atomic_write_json(variant / "manifest.json", {"fingerprint": "trained-again"})
+    second = measure_etokens(cfg, progress=False)
+    assert second.folder != first.folder and second.measured_here

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
 import random
 import re
@@ -386,6 +385,24 @@ def _calibrations(root: Path) -> list[dict]:
     return [artefacts.read_json(p) for p in sorted(Path(root).glob(f"*/{CALIBRATION}")) if ".partial" not in p.parent.name]
 
 
+def measured_model_keys(specs: Sequence[ModelSpec]) -> list[tuple[str, str, str | None]]:
+    """(name, source, training fingerprint) per model: a retrained MetabolicGPT-2 changes its
+    training folder's manifest fingerprint, and so the e-token stage's key."""
+    return [(s.name, s.source, (artefacts.read_manifest(Path(s.source).parent) or {}).get("fingerprint")
+             if s.kind == "metabolic" else None) for s in specs]
+
+
+def stage_description(settings: dict, seed: int, corpus_fingerprint: str, model_keys: list, machine: dict) -> dict:
+    """What the e-token stage's artefact is made from: a change to any of it measures again.
+
+    `model_keys` holds (name, source, training fingerprint) per measured model, so a retrained
+    MetabolicGPT-2 (new manifest fingerprint) is measured again instead of reusing stale rows.
+    """
+    return {"stage": "etokens", "energy": settings, "seed": seed, "corpus": corpus_fingerprint,
+            "models": [list(k) for k in model_keys],
+            "machine": {k: machine[k] for k in ("host", "device", "gpu_name", "driver", "energy_source")}}
+
+
 def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: torch.device, progress: bool) -> Path:
     from metabolic import stages
 
@@ -397,13 +414,7 @@ def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: t
     budgets = cfg.generation.budgets or cfg.train.budgets
     specs, skipped_models = model_specs(e.models, run_folder, budgets)
     settings = {k: v for k, v in e.__dict__.items() if k != "measure"}
-    # the models measured (a retrained MetabolicGPT-2 changes its folder's manifest) are part of the key
-    model_keys = [(s.name, s.source, (artefacts.read_manifest(Path(s.source).parent) or {}).get("fingerprint")
-                   if s.kind == "metabolic" else None) for s in specs]
-    description = {"stage": "etokens", "energy": settings, "seed": cfg.seed, "corpus": data.fingerprint,
-                   "models": model_keys,
-                   "machine": {k: machine[k] for k in ("host", "device", "gpu_name", "driver", "energy_source")},
-                   "models": [s.name for s in specs]}
+    description = stage_description(settings, cfg.seed, data.fingerprint, measured_model_keys(specs), machine)
     key = artefacts.fingerprint(description)[:8]
     folder = run_folder / "etokens" / f"{machine_tag(machine)}-{key}"
 

@@ -38,6 +38,7 @@ study: $(STAMP)
 	$(PY) -m metabolic study --profile $(PROFILE)
 
 test: $(STAMP)
+	$(PY) -m ruff check lib tests benchmarks scripts notebooks
 	$(PY) -m pytest
 
 lab: $(STAMP)

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             opt.step()
 
         plain_s = timed(plain_step)
-        del plain, opt
+        plain = opt = None  # free the plain model before the variants (the closure above is done)
         results = {}
         variants = ("faithful", "expected-cost") if args.variant == "both" else (args.variant,)
         targets = np.full(cfg.train.K, 1.0)

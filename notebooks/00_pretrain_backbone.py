@@ -52,7 +52,6 @@ for row in backbone.metrics:
     print(f"step {row['step']:>5}  train loss {row['train_loss']:.3f}  val loss {row['val_loss']:.3f}  val ppl {row['val_ppl']:.1f}")
 
 # %%
-import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from metabolic.figures import save_figure

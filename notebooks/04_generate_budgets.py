@@ -122,7 +122,6 @@ print(flu.round(3).to_string(index=False))
 
 # %%
 import numpy as np
-import torch
 
 from metabolic import budget_figures as bf
 from metabolic.figures import save_figure

@@ -60,7 +60,6 @@ def _ensure_png_server() -> None:
 
 def save_figure(fig, cfg: StudyConfig, name: str, notebook: str) -> dict[str, Path]:
     """Write `figures/<profile>/<name>.html` and, if possible, `.png`; return the paths written."""
-    import os
 
     folder = artefacts.figures_dir(cfg.profile)
     folder.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,6 @@ Public API used by generation (all tensors on the model's device):
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path

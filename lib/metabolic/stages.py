@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -11,6 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from metabolic import numerics
+
+# The tests and the nbval kernels (children of this process) run in the smoke profile's pinned CPU
+# numeric mode, before anything imports torch, so checked values do not depend on the CPU.
+numerics.pin("smoke")
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("METABOLIC_ASSETS", str((ROOT.parent / "shared" / "data").resolve()))
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from metabolic import numerics
+
+    numerics.pin(args.profile)  # before anything loads torch (see metabolic.numerics)
     try:
         from metabolic.config import parse_override_strings
         from metabolic.profiles import load_config

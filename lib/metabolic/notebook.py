@@ -20,7 +20,13 @@ PROFILE_NOTES = {
 
 
 def profile_label(cfg: StudyConfig) -> str:
-    return PROFILE_NOTES.get(cfg.profile, f"{cfg.profile} profile")
+    """The profile in words, and the CPU numeric mode when it is pinned (see `metabolic.numerics`)."""
+    from metabolic import numerics
+
+    label = PROFILE_NOTES.get(cfg.profile, f"{cfg.profile} profile")
+    if numerics.wanted(cfg.profile):
+        label += "; CPU numerics pinned (ATen AVX2 kernels, MKL compatible branch, 2 threads)"
+    return label
 
 
 def _one_line_error(shell, etype, value, tb, tb_offset=None):  # pragma: no cover - needs a live kernel
@@ -29,8 +35,11 @@ def _one_line_error(shell, etype, value, tb, tb_offset=None):  # pragma: no cove
 
 
 def setup(profile: str, overrides: Mapping[str, Any] | None = None, level: int = logging.WARNING) -> StudyConfig:
-    """Resolve and validate the config; input errors print one line instead of a traceback."""
+    """Pin the profile's CPU numerics, resolve and validate the config; input errors print one line."""
+    from metabolic import numerics
     from metabolic.profiles import load_config
+
+    numerics.pin(profile)  # first: torch must load its kernels under the pinned settings
 
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
     logging.getLogger("metabolic").setLevel(level)

@@ -36,8 +36,10 @@ def run_study(
     import jupytext
     import papermill
 
+    from metabolic import numerics
     from metabolic.profiles import load_config
 
+    numerics.pin(profile)  # the kernels inherit the pinned settings
     # Kernels run in notebooks/: make relative folders in the environment absolute first.
     for var in ("METABOLIC_ASSETS", "METABOLIC_DATA", "METABOLIC_FIGURES"):
         if os.environ.get(var):

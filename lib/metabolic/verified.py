@@ -1,0 +1,404 @@
+"""The verified budget controller: the exact CSC labeller in the decoding loop (issue 12).
+
+A learned proxy cannot tell where a continuation's true CSC meets a budget: at a fixed length the
+true CSC of a continuation varies far more than a ±10% band is wide (DESIGN.md). So the controller
+checks the truth. For each prompt it samples `n_candidates` continuations, finds on each the stop
+point whose true CSC (labelled exactly, on prompt + prefix) is nearest the budget, and keeps the
+best candidate:
+
+1. **Candidates.** `n_candidates` samples per prompt from the model's own distribution (optionally
+   steered by the learned costs towards the budget), with EOS held back so that the budget, not an
+   early end, decides how long a text may grow; up to `max_new_tokens` tokens each.
+2. **Stop points.** A candidate may stop after token k only at a word end (the next token starts a
+   new word or is punctuation) or at its last token; sentence ends are preferred among equals.
+3. **Search, labelling only where a stop is plausible.** Prefix CSC is roughly, not strictly,
+   increasing in k. Each round labels one prefix per searching candidate, all candidates of all
+   prompts in one batched labeller call: the first probe at `budget / rate_hint` tokens, then a
+   secant step inside the first bracket [f(k_lo) < B <= f(k_hi)], or a proportional step outwards
+   while no bracket exists. A candidate stops searching when a probe lands in the band, its
+   bracket has no unlabelled stop point left, it cannot move further out, or after `max_probes`.
+   Prefix totals are memoised by ids, so nothing is labelled twice (across rounds, candidates and
+   calls that share the memo, e.g. the budget levels of one evaluation).
+4. **Choice.** Band membership first, then likelihood (the candidate's mean token log-probability
+   under the sampling distribution). Candidates are searched in likelihood order, in waves of 1, 1,
+   2, 4, ...: a wave starts only when the earlier ones found nothing in the band, so the choice is
+   the same as searching all of them, at a fraction of the labels.
+5. **Honest outcome.** Every result says whether it is in the band; when no candidate can reach
+   the budget (all too cheap at their full length, or all too dear at their first stop point) the
+   status says `unreachable`, never silently returning a far-off text as if it were a hit.
+
+Totals are on the labeller's raw scale (`scale="raw"`: sum of CSC_t over the generated tokens) or
+the length-aware scale (`scale="length"`: that sum times T = prompt + prefix tokens), the same
+counting rule as Table I (`metabolic.evaluation.csc_of_generations`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from transformers import LogitsProcessorList
+
+from metabolic.errors import ConfigError, DataError
+from metabolic.generation import (
+    Calibration,
+    CostSteeringLogitsProcessor,
+    encode_prompts,
+    is_metabolic,
+    model_calibration,
+    model_token_costs,
+)
+
+SCALES = ("raw", "length")
+STATUSES = ("in band", "closest below", "closest above", "unreachable below", "unreachable above")
+
+
+@dataclass
+class Candidate:
+    """One sampled continuation and what the search learnt about it."""
+
+    prompt_index: int
+    index: int  # sampling order within its prompt
+    ids: list[int]
+    mean_logprob: float
+    stops: np.ndarray  # allowed stop points k (tokens kept), ascending
+    sentence_stops: frozenset[int]
+    labelled: dict[int, float] = field(default_factory=dict)  # k -> prefix CSC total
+    searching: bool = True
+
+
+@dataclass
+class VerifiedGeneration:
+    """The controller's answer for one prompt: the chosen stop of the chosen candidate, verified."""
+
+    prompt: str
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    text: str
+    budget_csc: float
+    achieved_csc: float  # true CSC of the kept tokens (the labeller's number, on `scale`)
+    scale: str
+    in_band: bool
+    status: str  # one of STATUSES
+    candidate: int  # which sample was kept (sampling order)
+    n_candidates: int
+    stop_kind: str  # "sentence", "word" or "end"
+    mean_logprob: float
+    probes: int  # prefixes labelled for this prompt (all candidates)
+    labels: int  # encoder texts those probes needed (memo hits excluded)
+    seconds: float  # wall time of the call (sampling + labelling) divided by its prompts
+
+    @property
+    def relative_error(self) -> float:
+        return (self.achieved_csc - self.budget_csc) / self.budget_csc
+
+
+class PrefixLabeller:
+    """True CSC totals of (prompt, prefix) pairs, batched and memoised by ids.
+
+    `totals(requests, scale)` labels, in one `CSCLabeller.label` call, every request not seen
+    before: the generated positions of prompt + prefix (the prompt's tokens are context, never
+    counted). The memo holds raw sums, so both scales share it.
+    """
+
+    def __init__(self, labeller) -> None:
+        self.labeller = labeller
+        self.memo: dict[tuple[tuple[int, ...], int], float] = {}  # (full ids, prompt length) -> raw sum
+        self.texts = 0  # encoder texts labelled (full texts + counterfactuals), for the cost report
+
+    def totals(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+               scale: str = "raw") -> tuple[list[float], list[int]]:
+        """(total on `scale`, encoder texts this call spent on it) per request; a memo hit costs 0."""
+        if scale not in SCALES:
+            raise ConfigError(f"scale={scale!r} is invalid: choose one of {', '.join(SCALES)}")
+        keys = [(tuple(p) + tuple(g), len(p)) for p, g in requests]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
+        cost = dict.fromkeys(todo, 0)
+        if todo:
+            seqs = [list(full) for full, _ in todo]
+            positions = [np.arange(n_prompt, len(full), dtype=np.int64) for full, n_prompt in todo]
+            labels = self.labeller.label(seqs, positions, progress=False)
+            for key, lab, pos in zip(todo, labels, positions):
+                values = lab[pos].astype(np.float64)
+                self.memo[key] = float(values.sum()) if np.all(np.isfinite(values)) else math.nan
+                cost[key] = int(pos.size) + 1  # the full text and one counterfactual per counted token
+                self.texts += cost[key]
+        spent = [cost.pop(k, 0) for k in keys]  # charged to the first request of a key
+        return [self.memo[k] * (len(k[0]) if scale == "length" else 1.0) for k in keys], spent
+
+
+def stop_points(tokenizer, ids: Sequence[int]) -> tuple[np.ndarray, frozenset[int]]:
+    """Allowed stop points k (1..len) of a continuation, and those that end a sentence.
+
+    k is allowed when the next token starts a new word (leading space or newline) or is not a word
+    piece at all (punctuation), or when k is the whole continuation.
+    """
+    ids = list(ids)
+    if not ids:
+        return np.zeros(0, dtype=np.int64), frozenset()
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    texts = [tokenizer.convert_tokens_to_string([p]) for p in pieces]
+    stops, sentence = [], set()
+    for k in range(1, len(ids) + 1):
+        nxt = texts[k] if k < len(ids) else ""
+        if k == len(ids) or not nxt or not nxt[0].isalnum():
+            stops.append(k)
+            if texts[k - 1].rstrip().endswith((".", "!", "?")):
+                sentence.add(k)
+    return np.asarray(stops, dtype=np.int64), frozenset(sentence)
+
+
+def next_probe(c: Candidate, budget: float, band: float, rate_hint: float | None) -> int | None:
+    """The next prefix length to label for candidate `c`, or None when its search is over (pure)."""
+    stops = c.stops
+    if stops.size == 0:
+        return None
+    lo_band, hi_band = budget * (1 - band), budget * (1 + band)
+    points = sorted((k, f) for k, f in c.labelled.items() if math.isfinite(f))
+    if any(lo_band <= f <= hi_band for _, f in points):
+        return None
+    unlabelled = np.array([k for k in stops if k not in c.labelled], dtype=np.int64)
+    if unlabelled.size == 0:
+        return None
+    if not points:
+        guess = budget / rate_hint if rate_hint and rate_hint > 0 else stops[-1] / 2
+        return int(unlabelled[np.argmin(np.abs(unlabelled - guess))])
+    for (k0, f0), (k1, f1) in zip(points, points[1:]):  # the first bracket, if any
+        if f0 < budget <= f1:
+            inside = unlabelled[(unlabelled > k0) & (unlabelled < k1)]
+            if inside.size == 0:
+                return None
+            guess = k0 + (budget - f0) * (k1 - k0) / max(f1 - f0, 1e-12)
+            return int(inside[np.argmin(np.abs(inside - guess))])
+    if all(f < budget for _, f in points):  # still too cheap: grow, proportionally to the way there
+        k, f = points[-1]
+        further = unlabelled[unlabelled > k]
+        if further.size == 0:
+            return None
+        guess = k * budget / f if f > 0 else 2 * k
+        return int(further[np.argmin(np.abs(further - max(guess, k + 1)))])
+    k, f = points[0]  # too dear already: shrink
+    nearer = unlabelled[unlabelled < k]
+    if nearer.size == 0:
+        return None
+    return int(nearer[np.argmin(np.abs(nearer - min(k * budget / f, k - 1)))])
+
+
+def _best_point(c: Candidate, budget: float) -> tuple[int, float]:
+    """The labelled stop of `c` nearest the budget (sentence ends win ties within the band)."""
+    finite = [(k, f) for k, f in c.labelled.items() if math.isfinite(f)]
+    return min(finite, key=lambda kf: (abs(kf[1] - budget), kf[0] not in c.sentence_stops, kf[0]))
+
+
+def _validate(budgets: Any, n_prompts: int, n_candidates: Any, band: Any, max_new_tokens: Any, max_probes: Any) -> np.ndarray:
+    values = np.asarray(budgets, dtype=np.float64).reshape(-1)
+    if values.size == 1:
+        values = np.full(n_prompts, values.item())
+    if values.size != n_prompts:
+        raise ConfigError(f"{values.size} budgets for {n_prompts} prompts: give one budget, or one per prompt")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ConfigError(f"budget_csc={values.tolist()} is invalid for verified generation: give finite budgets > 0 "
+                          f"(an unlimited budget has nothing to verify: use plain generation)")
+    if isinstance(n_candidates, bool) or not isinstance(n_candidates, (int, np.integer)) or n_candidates < 1:
+        raise ConfigError(f"n_candidates={n_candidates!r} is invalid: use an int >= 1")
+    if not (isinstance(band, (int, float)) and 0 < band < 1):
+        raise ConfigError(f"band={band!r} is invalid: use a relative tolerance in (0, 1), e.g. 0.1 for ±10%")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid: use an int >= 1")
+    if isinstance(max_probes, bool) or not isinstance(max_probes, int) or max_probes < 1:
+        raise ConfigError(f"max_probes={max_probes!r} is invalid: use an int >= 1")
+    return values
+
+
+@torch.inference_mode()
+def sample_candidates(model, tokenizer, prompts: Sequence[str], n_candidates: int, max_new_tokens: int, *,
+                      temperature: float = 1.0, top_k: int = 50, seed: int | None = 0,
+                      logits_processor: LogitsProcessorList | None = None) -> tuple[list[list[int]], list[Candidate]]:
+    """`n_candidates` sampled continuations per prompt (EOS held back), with their mean token log-probs.
+
+    One `generate()` call: the prompts left-padded, `num_return_sequences=n_candidates`. A
+    MetabolicGPT-2 samples through its backbone (the budget pathway off).
+    """
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    lm = model.backbone if is_metabolic(model) else model
+    device = next(lm.parameters()).device
+    context = getattr(lm.config, "n_positions", None)
+    longest = max(len(p) for p in prompt_ids)
+    if context is not None and longest + max_new_tokens > context:
+        raise DataError(f"a prompt has {longest} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
+                        f"context of {context}: shorten the prompt or lower max_new_tokens")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(prompt_ids), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, longest - len(ids):] = 1
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = lm.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=True,
+                      temperature=float(temperature), top_k=int(top_k), max_new_tokens=max_new_tokens,
+                      min_new_tokens=max_new_tokens, num_return_sequences=n_candidates, pad_token_id=pad_id,
+                      logits_processor=logits_processor or LogitsProcessorList(), output_scores=True,
+                      return_dict_in_generate=True)
+    gen = out.sequences[:, longest:]
+    logp = lm.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).float().cpu()
+    candidates = []
+    for row in range(gen.shape[0]):
+        ids = gen[row].tolist()
+        stops, sentence = stop_points(tokenizer, ids)
+        finite = logp[row][torch.isfinite(logp[row])]
+        candidates.append(Candidate(prompt_index=row // n_candidates, index=row % n_candidates, ids=ids,
+                                    mean_logprob=float(finite.mean()) if finite.numel() else -math.inf,
+                                    stops=stops, sentence_stops=sentence))
+    return prompt_ids, candidates
+
+
+def search(candidates: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]], budgets: np.ndarray,
+           prefixes: PrefixLabeller, band: float = 0.10, rate_hint: float | None = None,
+           max_probes: int = 6, scale: str = "raw") -> tuple[list[int], list[int]]:
+    """Run the stop-point search on `candidates` (in place); return (probes, encoder texts) per prompt.
+
+    Each prompt's candidates are searched in likelihood order, in waves of 1, 1, 2, 4, ... (the most
+    likely first): a wave starts only when the earlier ones found nothing in the band, and within a
+    wave a candidate less likely than an in-band one stops. Every round labels one prefix per
+    searching candidate of every prompt in one batched call.
+    """
+    probes = [0] * len(prompt_ids)
+    texts = [0] * len(prompt_ids)
+    by_prompt: dict[int, list[Candidate]] = {}
+    for c in candidates:
+        c.searching = True
+        by_prompt.setdefault(c.prompt_index, []).append(c)
+    for group in by_prompt.values():
+        group.sort(key=lambda c: (-c.mean_logprob, c.index))
+    active = dict.fromkeys(by_prompt, 1)  # how many of each prompt's candidates are in play
+    while True:
+        requests, owners = [], []
+        for p, group in by_prompt.items():
+            B = float(budgets[p])
+            while True:
+                wave = group[:active[p]]
+                best_in_band = next((c for c in wave if _in_band(c, B, band)), None)
+                for c in wave:
+                    if best_in_band is not None and (c is best_in_band or c.mean_logprob <= best_in_band.mean_logprob):
+                        c.searching = False  # a more likely in-band candidate is already found
+                    elif c.searching and (len(c.labelled) >= max_probes or next_probe(c, B, band, rate_hint) is None):
+                        c.searching = False
+                if best_in_band is not None or any(c.searching for c in wave) or active[p] >= len(group):
+                    break
+                active[p] = min(len(group), 2 * active[p])  # nothing in band yet: the next wave
+            for c in group[:active[p]]:
+                if c.searching:
+                    k = next_probe(c, B, band, rate_hint)
+                    requests.append((prompt_ids[p], c.ids[:k]))
+                    owners.append((c, k))
+        if not requests:
+            return probes, texts
+        totals, spent = prefixes.totals(requests, scale)
+        for (c, k), total, n_texts in zip(owners, totals, spent):
+            c.labelled[k] = total
+            probes[c.prompt_index] += 1
+            texts[c.prompt_index] += n_texts
+
+
+def _in_band(c: Candidate, budget: float, band: float) -> bool:
+    return any(math.isfinite(f) and abs(f - budget) <= band * budget * (1 + 1e-12) for f in c.labelled.values())
+
+
+def choose(group: Sequence[Candidate], budget: float, band: float) -> tuple[Candidate | None, int, float, str]:
+    """(candidate, k, total, status) for one prompt: band membership first, then likelihood."""
+    labelled = [c for c in group if any(math.isfinite(f) for f in c.labelled.values())]
+    if not labelled:
+        return None, 0, math.nan, "unreachable below"
+    in_band = [c for c in labelled if _in_band(c, budget, band)]
+    if in_band:
+        c = max(in_band, key=lambda c: (c.mean_logprob, -c.index))
+        k, f = _best_point(c, budget)
+        return c, k, f, "in band"
+    c, (k, f) = min(((c, _best_point(c, budget)) for c in labelled), key=lambda cp: (abs(cp[1][1] - budget), cp[0].index))
+    if f < budget:
+        # Unreachable when every candidate was labelled at its full length and still fell short.
+        full = [c.labelled.get(int(c.stops[-1])) for c in labelled if c.stops.size]
+        unreachable = all(v is not None and math.isfinite(v) and v < budget * (1 - band) for v in full)
+        return c, k, f, "unreachable below" if unreachable else "closest below"
+    first = [c.labelled.get(int(c.stops[0])) for c in labelled if c.stops.size]
+    unreachable = all(v is not None and math.isfinite(v) and v > budget * (1 + band) for v in first)
+    return c, k, f, "unreachable above" if unreachable else "closest above"
+
+
+def verify(pool: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]], prompts: Sequence[str], tokenizer,
+           budget_csc: float | Sequence[float], prefixes: PrefixLabeller, *, n_candidates: int | None = None,
+           band: float = 0.10, scale: str = "raw", rate_hint: float | None = None, max_probes: int = 6,
+           sampling_seconds: float = 0.0) -> list[VerifiedGeneration]:
+    """Search and choose on a sampled `pool` (from `sample_candidates`), using its first `n_candidates`
+    samples per prompt (default: all). The pool is not modified, so one pool serves several budgets,
+    scales and candidate counts, and `prefixes` shares their labels."""
+    n_pool = 1 + max((c.index for c in pool), default=0)
+    n = n_pool if n_candidates is None else n_candidates
+    budgets = _validate(budget_csc, len(prompts), n, band, 1, max_probes)
+    if n > n_pool:
+        raise ConfigError(f"n_candidates={n} but the pool holds {n_pool} per prompt: sample at least {n}")
+    if scale not in SCALES:
+        raise ConfigError(f"scale={scale!r} is invalid: choose one of {', '.join(SCALES)}")
+    candidates = [replace(c, labelled={}, searching=True) for c in pool if c.index < n]
+    t0 = time.perf_counter()
+    probes, texts = search(candidates, prompt_ids, budgets, prefixes, band, rate_hint, max_probes, scale)
+    seconds = sampling_seconds + (time.perf_counter() - t0) / len(prompts)  # the call's time, shared evenly
+    results = []
+    for p, prompt in enumerate(prompts):
+        group = [c for c in candidates if c.prompt_index == p]
+        c, k, f, status = choose(group, float(budgets[p]), band)
+        kept = c.ids[:k] if c is not None else []
+        kind = "sentence" if c is not None and k in c.sentence_stops else ("end" if c is not None and k == len(c.ids) else "word")
+        results.append(VerifiedGeneration(
+            prompt=prompt, prompt_ids=list(prompt_ids[p]), generated_ids=kept, text=tokenizer.decode(kept),
+            budget_csc=float(budgets[p]), achieved_csc=float(f), scale=scale, in_band=status == "in band", status=status,
+            candidate=c.index if c is not None else -1, n_candidates=n, stop_kind=kind,
+            mean_logprob=c.mean_logprob if c is not None else -math.inf, probes=probes[p], labels=texts[p],
+            seconds=seconds))
+    return results
+
+
+def generate_verified(model, tokenizer, labeller, prompts: Sequence[str] | str, budget_csc: float | Sequence[float], *,
+                      n_candidates: int = 4, band: float = 0.10, max_new_tokens: int = 64, scale: str = "raw",
+                      temperature: float = 1.0, top_k: int = 50, seed: int | None = 0, rate_hint: float | None = None,
+                      max_probes: int = 6, steer: bool = False, token_costs: Any = None,
+                      calibration: Calibration | None = None, lambda_max: float = 5.0,
+                      prefixes: PrefixLabeller | None = None) -> list[VerifiedGeneration]:
+    """Generate a continuation of each prompt whose true CSC is within `band` of `budget_csc`.
+
+    `labeller` is a `metabolic.csc.CSCLabeller`. `rate_hint` (CSC per generated token on `scale`)
+    places the first probe; None starts in the middle. With `steer=True` the candidates are sampled
+    under `CostSteeringLogitsProcessor` towards the budget through the learned costs (a
+    MetabolicGPT-2's own, or `token_costs` + `calibration`). Pass one `prefixes` to several calls to
+    share labels. See the module docstring; `sample_candidates` + `verify` do the same in two steps.
+
+    >>> gens = generate_verified(model, tok, labeller, ["The river"], 0.2, n_candidates=4)  # doctest: +SKIP
+    >>> gens[0].in_band, gens[0].achieved_csc, gens[0].status  # doctest: +SKIP
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompt_ids = encode_prompts(tokenizer, prompts)  # empty prompts are a DataError before any work
+    budgets = _validate(budget_csc, len(prompts), n_candidates, band, max_new_tokens, max_probes)
+    processors = LogitsProcessorList()
+    if steer:
+        if token_costs is None or calibration is None:
+            if not is_metabolic(model):
+                raise ConfigError("steer=True on a plain language model needs token_costs and calibration")
+            token_costs = model_token_costs(model) if token_costs is None else token_costs
+            calibration = model_calibration(model) if calibration is None else calibration
+        proxy = np.array([calibration.to_proxy(float(b)) for b in budgets])
+        if np.any(proxy <= 0):
+            raise ConfigError(f"budget_csc={budgets.tolist()} maps to a proxy budget <= 0 through calibration "
+                              f"a={calibration.a:.4g}, b={calibration.b:.4g}: steer=False, or refit the calibration")
+        processors.append(CostSteeringLogitsProcessor(token_costs, np.repeat(proxy, n_candidates),
+                                                      max(len(p) for p in prompt_ids), max_new_tokens, lambda_max=lambda_max))
+    t0 = time.perf_counter()
+    prompt_ids, pool = sample_candidates(model, tokenizer, prompts, n_candidates, max_new_tokens, temperature=temperature,
+                                         top_k=top_k, seed=seed, logits_processor=processors)
+    return verify(pool, prompt_ids, prompts, tokenizer, budgets, prefixes or PrefixLabeller(labeller), band=band,
+                  scale=scale, rate_hint=rate_hint, max_probes=max_probes,
+                  sampling_seconds=(time.perf_counter() - t0) / len(prompts))

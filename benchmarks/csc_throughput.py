@@ -5,7 +5,7 @@ full texts) with default settings in fp32, then cosine distances. Its window is 
 encoder's 512 positions like the labeller's, so both compute the same labels (the default 256 would
 truncate 256-token texts). Prints labels/s of both, their ratio, mean and max |label difference|
 against fp32, and on CUDA the fraction of the GPU's fp16 tensor peak reached (encoder FLOPs counted
-from the unpadded word-piece lengths, `metabolic.csc.flops_per_text`).
+from the unpadded word-piece lengths, `metabolic.csc.labeller.flops_per_text`).
 
     python benchmarks/csc_throughput.py --profile smoke --device cpu            # about a minute here
     python benchmarks/csc_throughput.py --profile gpu --device cuda --sequences 2000
@@ -70,10 +70,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     logging.basicConfig(level=logging.WARNING)
-    from metabolic import stages
-    from metabolic.csc import CSCLabeller, cached_encoder, flops_per_text
-    from metabolic.csc_dataset import select_for_labelling
-    from metabolic.profiles import load_config
+    from metabolic.pipeline import stages
+    from metabolic.csc.labeller import CSCLabeller, cached_encoder, flops_per_text
+    from metabolic.csc.dataset import select_for_labelling
+    from metabolic.core.profiles import load_config
 
     cfg = load_config(args.profile)
     cuda = args.device.startswith("cuda")

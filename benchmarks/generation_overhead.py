@@ -28,12 +28,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from metabolic import stages
-    from metabolic.evaluation import select_prompts
-    from metabolic.generation import Calibration, generate_with_budget, plain_generate
-    from metabolic.model import MetabolicGPT2
-    from metabolic.profiles import load_config
-    from metabolic.training import train_metabolic
+    from metabolic.pipeline import stages
+    from metabolic.evaluate.scoring import select_prompts
+    from metabolic.generate.budgeted import Calibration, generate_with_budget, plain_generate
+    from metabolic.model.metabolic_gpt2 import MetabolicGPT2
+    from metabolic.core.profiles import load_config
+    from metabolic.train.loop import train_metabolic
 
     cfg = load_config(args.profile)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

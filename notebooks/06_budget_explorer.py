@@ -31,7 +31,7 @@ overrides = {}
 variant = "expected-cost"
 
 # %%
-from metabolic.notebook import profile_label, setup
+from metabolic.report.notebook import profile_label, setup
 
 cfg = setup(profile, overrides)
 print("profile:", profile_label(cfg))
@@ -39,11 +39,11 @@ print("profile:", profile_label(cfg))
 # %%
 import numpy as np
 
-from metabolic import stages
-from metabolic.csc_dataset import csc_labels
-from metabolic.evaluation import choose_calibration, continuation_totals
-from metabolic.explorer import BudgetExplorer
-from metabolic.training import prepare_data, train_metabolic
+from metabolic.pipeline import stages
+from metabolic.csc.dataset import csc_labels
+from metabolic.evaluate.scoring import choose_calibration, continuation_totals
+from metabolic.report.explorer import BudgetExplorer
+from metabolic.train.loop import prepare_data, train_metabolic
 
 g = cfg.generation
 tok = stages.corpus(cfg).tokenizer

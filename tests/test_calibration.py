@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from metabolic.calibration import OnlineAffine
-from metabolic.errors import DataError
+from metabolic.model.calibration import OnlineAffine
+from metabolic.core.errors import DataError
 
 
 def numpy_ridge(x: np.ndarray, y: np.ndarray, gamma: float) -> tuple[float, float]:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metabolic.dual import curriculum_budgets, curriculum_factor, dual_update
-from metabolic.errors import ConfigError
+from metabolic.train.dual import curriculum_budgets, curriculum_factor, dual_update
+from metabolic.core.errors import ConfigError
 
 value = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False)
 

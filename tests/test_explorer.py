@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from metabolic.explorer import BudgetExplorer, cost_colour, gauge_html
-from metabolic.generation import Calibration
+from metabolic.report.explorer import BudgetExplorer, cost_colour, gauge_html
+from metabolic.generate.budgeted import Calibration
 from tiny_lm import tiny_gpt2, token_costs
 
 

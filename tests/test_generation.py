@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metabolic.errors import ConfigError, DataError
-from metabolic.generation import (
+from metabolic.core.errors import ConfigError, DataError
+from metabolic.generate.budgeted import (
     BudgetStoppingCriteria,
     Calibration,
     CostSteeringLogitsProcessor,
@@ -209,7 +209,7 @@ def test_prompt_longer_than_context_raises(model, tokenizer, costs):
 
 
 def test_out_of_range_budget_is_clamped_with_a_warning(model, tokenizer, costs, caplog):
-    with caplog.at_level(logging.WARNING, logger="metabolic.generation"):
+    with caplog.at_level(logging.WARNING, logger="metabolic.generate.budgeted"):
         gens = generate_with_budget(model, tokenizer, ["Hello"], 500.0, token_costs=costs, calibration=IDENTITY,
                                     max_new_tokens=4, budget_range=(0.5, 2.0))
     assert gens[0].budget_requested_csc == 500.0 and gens[0].budget_csc == 2.0 and gens[0].budget_proxy == 2.0
@@ -252,7 +252,7 @@ def test_processor_argument_validation(costs):
 
 @pytest.fixture(scope="module")
 def metabolic_model(tokenizer):
-    from metabolic.model import MetabolicGPT2, MetabolicSettings
+    from metabolic.model.metabolic_gpt2 import MetabolicGPT2, MetabolicSettings
 
     model = MetabolicGPT2(tiny_gpt2(tokenizer), MetabolicSettings(K=3, budget_scale=0.5, per_layer_budget=True))
     torch.manual_seed(11)
@@ -265,7 +265,7 @@ def metabolic_model(tokenizer):
 
 
 def test_budget_conditioning_reproduces_the_model_logits(metabolic_model):
-    from metabolic.generation import budget_conditioning
+    from metabolic.generate.budgeted import budget_conditioning
 
     ids = torch.tensor([[464, 2003, 286, 11666], [15496, 995, 13, 383]])
     budgets = torch.tensor([0.3, 2.0])
@@ -281,7 +281,7 @@ def test_budget_conditioning_reproduces_the_model_logits(metabolic_model):
 
 
 def test_metabolic_generation_uses_model_costs_and_budget(metabolic_model, tokenizer):
-    from metabolic.generation import model_calibration, model_token_costs
+    from metabolic.generate.budgeted import model_calibration, model_token_costs
 
     gens = generate_with_budget(metabolic_model, tokenizer, PROMPTS, [0.4, 0.9], max_new_tokens=10, seed=2)
     costs = model_token_costs(metabolic_model)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from metabolic.backbone import load_backbone, scratch_model
-from metabolic.config import BackboneConfig
-from metabolic.errors import DataError
-from metabolic.model import MetabolicGPT2, MetabolicSettings
+from metabolic.model.backbone import load_backbone, scratch_model
+from metabolic.core.config import BackboneConfig
+from metabolic.core.errors import DataError
+from metabolic.model.metabolic_gpt2 import MetabolicGPT2, MetabolicSettings
 
 
 @pytest.fixture(scope="module")

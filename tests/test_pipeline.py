@@ -7,8 +7,10 @@ import json
 import numpy as np
 import torch
 
-from metabolic import artefacts, stages
-from metabolic.backbone import load_backbone
+from metabolic.core import artefacts
+
+from metabolic.pipeline import stages
+from metabolic.model.backbone import load_backbone
 
 
 def test_foundation_stages_run_and_are_reused(tiny_cfg):

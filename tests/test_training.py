@@ -15,12 +15,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from metabolic import losses, training
-from metabolic.backbone import scratch_model
-from metabolic.config import BackboneConfig
-from metabolic.csc_dataset import CSCData, csc_stats
-from metabolic.errors import ConfigError, DataError
-from metabolic.model import MetabolicGPT2
+from metabolic.train import losses
+
+from metabolic.train import loop as training
+from metabolic.model.backbone import scratch_model
+from metabolic.core.config import BackboneConfig
+from metabolic.csc.dataset import CSCData, csc_stats
+from metabolic.core.errors import ConfigError, DataError
+from metabolic.model.metabolic_gpt2 import MetabolicGPT2
 
 N_TRAIN, N_VALID = 8, 4
 
@@ -38,8 +40,8 @@ def backbone_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def csc_data(tiny_cfg, assets_dir, tokenizer):
     """12 short WikiText-2 training texts with exact CSC labels (8 to train on, 4 to validate)."""
-    from metabolic.csc import CSCLabeller
-    from metabolic.corpus import non_empty_texts
+    from metabolic.csc.labeller import CSCLabeller
+    from metabolic.data.corpus import non_empty_texts
 
     lines = non_empty_texts((assets_dir / "wikitext-2" / "train.txt").read_text(encoding="utf-8").splitlines())
     seqs = []
@@ -145,7 +147,7 @@ def test_vocab_aux_is_zero_for_perfect_correlation():
 def test_fixed_budget_steps_lower_lm_and_csc_losses_and_move_lambda(backbone_dir, data, tiny_cfg, tokenizer):
     cfg = train_cfg(tiny_cfg, curriculum_start=1.0)
     torch.manual_seed(0)
-    from metabolic.backbone import load_backbone
+    from metabolic.model.backbone import load_backbone
 
     model = MetabolicGPT2(load_backbone(backbone_dir, device="cpu"), training.model_settings(cfg, "faithful", data.budget_scale))
     opt = training.make_optimizer(model, cfg)
@@ -264,7 +266,8 @@ def test_unknown_variant_is_a_config_error(backbone_dir, data, tiny_cfg, tmp_pat
 
 
 def test_train_stage_builds_both_variant_folders_and_reuses_them(tiny_cfg):
-    from metabolic import artefacts, stages
+    from metabolic.core import artefacts
+    from metabolic.pipeline import stages
 
     results = stages.STAGES["train"](tiny_cfg, progress=False)
     assert set(results) == {"faithful", "expected-cost"}

@@ -70,10 +70,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     logging.basicConfig(level=logging.WARNING)
-    from metabolic.pipeline import stages
-    from metabolic.csc.labeller import CSCLabeller, cached_encoder, flops_per_text
-    from metabolic.csc.dataset import select_for_labelling
     from metabolic.core.profiles import load_config
+    from metabolic.csc.labeller import CSCLabeller, flops_per_text
+    from metabolic.pipeline import stages
 
     cfg = load_config(args.profile)
     cuda = args.device.startswith("cuda")
@@ -81,10 +80,10 @@ def main(argv=None) -> int:
     precisions = (args.precisions or ("fp32,tf32,fp16" if cuda else "fp32")).split(",")
     batch = args.batch_size or cfg.csc.batch_size
     data = stages.corpus(cfg)
-    sequences, _ = select_for_labelling(cfg, data)
+    sequences, _ = stages.select_for_labelling(cfg, data)
     sequences = sequences[:n_seq]
     n_labels = sum(len(s) for s in sequences)
-    encoder = cached_encoder(cfg.assets.encoder, args.device)
+    encoder = stages._encoder(cfg.assets.encoder, args.device)
     tok = data.tokenizer
     print(f"device {args.device} ({torch.cuda.get_device_name() if cuda else f'{torch.get_num_threads()} CPU threads'}), "
           f"profile {args.profile}: {len(sequences)} sequences, {n_labels} labels, "

@@ -46,9 +46,8 @@ def _workload(seconds: float, device: str = "cuda"):
 
 def agreement(windows_s: list[float], repeats: int, gpu: int) -> list[dict]:
     import torch
-    from zeus.monitor import ZeusMonitor
-
     from metabolic.energy.meter import EnergyMeter
+    from zeus.monitor import ZeusMonitor
 
     meter = EnergyMeter(gpu_index=gpu)
     zeus = ZeusMonitor(gpu_indices=[gpu], cpu_indices=[])
@@ -78,7 +77,6 @@ def agreement(windows_s: list[float], repeats: int, gpu: int) -> list[dict]:
 
 def overhead(window_s: float, repeats: int, gpu: int) -> dict[str, float]:
     import torch
-
     from metabolic.energy.meter import EnergyMeter
 
     run, _ = _workload(window_s)

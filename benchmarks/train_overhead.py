@@ -38,15 +38,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
     import torch
-
-    from metabolic.pipeline import stages
-
-    from metabolic.train import loop as training
-    from metabolic.model.backbone import default_device, load_backbone, scratch_model
+    from metabolic.core import resume
     from metabolic.core.config import parse_override_strings
     from metabolic.core.errors import MetabolicError
-    from metabolic.model.metabolic_gpt2 import MetabolicGPT2
     from metabolic.core.profiles import load_config
+    from metabolic.model.backbone import default_device, load_backbone, scratch_model
+    from metabolic.model.metabolic_gpt2 import MetabolicGPT2
+    from metabolic.pipeline import stages
+    from metabolic.train import loop as training
 
     try:
         cfg = load_config(args.profile, parse_override_strings(args.overrides))
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
         batch = training.make_batch(texts, labels, totals, device)
         n_tokens = int(batch.mask.sum())
-        autocast = training._autocast(device)
+        autocast = resume.autocast(device)
 
         def sync():
             if device.type == "cuda":

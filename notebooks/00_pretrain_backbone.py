@@ -52,9 +52,8 @@ for row in backbone.metrics:
     print(f"step {row['step']:>5}  train loss {row['train_loss']:.3f}  val loss {row['val_loss']:.3f}  val ppl {row['val_ppl']:.1f}")
 
 # %%
-from plotly.subplots import make_subplots
-
 from metabolic.report.figures import save_figure
+from plotly.subplots import make_subplots
 
 if backbone.metrics:
     steps = [r["step"] for r in backbone.metrics]

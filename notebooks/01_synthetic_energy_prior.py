@@ -35,7 +35,6 @@ print("profile:", profile_label(cfg))
 
 # %%
 import numpy as np
-
 from metabolic.pipeline import stages
 
 prior = stages.energy_prior(cfg).prior
@@ -61,7 +60,6 @@ print("heading-like tokens:", show(np.flatnonzero(prior.heading)[:12]))
 # %%
 import plotly.express as px
 import plotly.graph_objects as go
-
 from metabolic.report.figures import save_figure
 
 fig = px.histogram(x=cost, nbins=80, labels={"x": "synthetic cost (vocabulary mean = 1)"}, log_y=True)

@@ -51,20 +51,17 @@ import html
 import numpy as np
 import plotly.graph_objects as go
 from IPython.display import HTML, display
-from plotly.subplots import make_subplots
-
-from metabolic.csc.labeller import analysis as csc_analysis
-
-from metabolic.csc.labeller import approx as csc_approx
-
-from metabolic.pipeline import stages
-from metabolic.csc.labeller import CSCLabeller
+from metabolic.csc import analysis as csc_analysis
+from metabolic.csc import approx as csc_approx
 from metabolic.csc.dataset import sequence_totals
+from metabolic.csc.labeller import CSCLabeller
+from metabolic.pipeline import stages
 from metabolic.report.figures import save_figure
+from plotly.subplots import make_subplots
 
 NB = "02_csc_labels"
 data = stages.csc_labels(cfg)
-labeller = CSCLabeller.from_config(cfg)
+labeller = stages.csc_labeller(cfg)
 tok = labeller.tokenizer
 
 # %%

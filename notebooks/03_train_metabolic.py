@@ -45,11 +45,12 @@ print("profile:", profile_label(cfg))
 # %%
 import time
 
-from metabolic.train import loop as training
 from metabolic.model.metabolic_gpt2 import VARIANTS
+from metabolic.pipeline import stages
+from metabolic.train import loop as training
 
 t0 = time.perf_counter()
-results = training.train_variants(cfg)
+results = stages.train_variants(cfg)
 print(f"wall time (not checked): {time.perf_counter() - t0:.1f} s")
 
 # %%
@@ -76,9 +77,8 @@ print(table.set_index(["variant", "epoch"]).round(4).to_string())
 
 # %%
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
-
 from metabolic.report.figures import save_figure
+from plotly.subplots import make_subplots
 
 panels = [("train_loss", "train loss"), ("val_loss", "val loss"), ("val_ppl", "val perplexity"),
           ("aux", "aux (CSC + vocab-aux)"), ("err", "budget error C - B"), ("lambda", "lambda (mean over K)"),

@@ -53,11 +53,10 @@ print("profile:", profile_label(cfg))
 import time
 
 from metabolic.pipeline import stages
-from metabolic.evaluate.scoring import read_generations
 
 t0 = time.perf_counter()
 combined = stages.evaluate_budgets(cfg, progress=False)
-records = read_generations(cfg)
+records = stages.read_generations(cfg)
 print(f"wall time (not checked): {time.perf_counter() - t0:.1f} s")
 
 # %%
@@ -78,7 +77,6 @@ print(f"{len(combined['prompts'])} prompts; {len(records)} generations")
 # %%
 # NBVAL_CHECK_OUTPUT
 import pandas as pd
-
 from metabolic.evaluate.scoring import PAPER_TABLE1
 
 COLS = ["Budget", "MAE", "MAPE", "Hit@10", "Hit@20", "Hit@50", "Achieved", "Target"]
@@ -122,17 +120,15 @@ print(flu.round(3).to_string(index=False))
 
 # %%
 import numpy as np
-
-from metabolic.report import budget_figures as bf
-from metabolic.report.figures import save_figure
+from metabolic.data.prior import decoded_tokens
 from metabolic.generate.budgeted import model_token_costs
 from metabolic.model.metabolic_gpt2 import VARIANTS
-from metabolic.data.prior import decoded_tokens
-from metabolic.train.loop import train_metabolic
+from metabolic.report import budget_figures as bf
+from metabolic.report.figures import save_figure
 
 NB = "04_generate_budgets"
 tok = stages.corpus(cfg).tokenizer
-results = {v: train_metabolic(cfg, v, progress=False) for v in VARIANTS}
+results = {v: stages.train_metabolic(cfg, v, progress=False) for v in VARIANTS}
 costs = {v: model_token_costs(r.load_best(device="cpu")).numpy() for v, r in results.items()}
 tokens = decoded_tokens(tok, len(tok))
 
@@ -171,7 +167,6 @@ fig.show()
 
 # %%
 from IPython.display import HTML, display
-
 from metabolic.core import artefacts
 
 allc = np.concatenate(list(costs.values()))

@@ -43,9 +43,8 @@ print("profile:", profile_label(cfg))
 
 # %%
 import pandas as pd
-
-from metabolic.pipeline import stages
 from metabolic.energy.measurement import paths_agree, summarise
+from metabolic.pipeline import stages
 
 res = stages.measure_etokens(cfg, progress=False)
 rows = pd.DataFrame(res.rows)
@@ -94,7 +93,6 @@ view.sort_values(cols).round(6)
 
 # %%
 import plotly.express as px
-
 from metabolic.report.figures import save_figure
 
 split = table[table["path"] == "default"].copy()

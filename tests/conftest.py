@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from metabolic.core import numerics
 
 # The tests and the nbval kernels (children of this process) run in the smoke profile's pinned CPU

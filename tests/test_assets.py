@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from metabolic.core import assets
 from metabolic.core.errors import AssetError
 

@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from metabolic.core.config import StudyConfig, apply_overrides, from_dict, parse_override_strings
 from metabolic.core.errors import ConfigError
 from metabolic.core.profiles import PROFILES, load_config

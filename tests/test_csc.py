@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from metabolic.core.errors import AssetError, ConfigError, DataError
 
 FIXED_TEXT = "The quick brown fox jumps over the lazy dog near the old river bank."
@@ -136,11 +135,11 @@ def test_bad_positions_and_precision(labeller, encoder, tokenizer):
 
 def test_missing_encoder_is_an_asset_error(tiny_cfg, tmp_path):
     from metabolic.core.config import apply_overrides
-    from metabolic.csc.labeller import CSCLabeller
+    from metabolic.pipeline import stages
 
     cfg = apply_overrides(tiny_cfg, {"assets.encoder": str(tmp_path / "no-such-encoder")})
     with pytest.raises(AssetError, match="cannot load encoder"):
-        CSCLabeller.from_config(cfg, device="cpu")
+        stages.csc_labeller(cfg, device="cpu")
 
 
 @settings(max_examples=50, deadline=None)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from metabolic.core.errors import AssetError, DataError
 
 TEXT = "Paris is the capital and largest city of France."

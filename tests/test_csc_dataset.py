@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from metabolic.core.errors import DataError
 
 # Five short sequences (<= 8 tokens), one per chunk, so that an interruption can fall between chunks.
@@ -20,8 +19,8 @@ CACHE_OVERRIDES = {"corpus.seq_len": 8, "csc.max_sequences": 3, "csc.max_valid_s
 def fresh_data(tiny_cfg, tmp_path, monkeypatch):
     """An empty data root holding only a copy of the tiny profile's corpus artefact (no relabelling shared)."""
     from metabolic.core import artefacts
-    from metabolic.pipeline import stages
     from metabolic.core.config import apply_overrides
+    from metabolic.pipeline import stages
 
     stages.corpus(tiny_cfg)
     src = artefacts.run_dir(tiny_cfg.profile) / "corpus"
@@ -38,7 +37,7 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 def test_interrupted_run_resumes_and_gives_the_same_labels(fresh_data, monkeypatch):
     from metabolic.core import artefacts
     from metabolic.csc.labeller import CSCLabeller
-    from metabolic.csc.dataset import csc_labels
+    from metabolic.pipeline.stages import csc_labels
 
     cfg = fresh_data
     folder = artefacts.run_dir(cfg.profile) / "csc"
@@ -92,7 +91,7 @@ def test_changed_inputs_rebuild_and_corrupt_cache_is_rebuilt(fresh_data, assets_
     from metabolic.core import artefacts
     from metabolic.core.config import apply_overrides
     from metabolic.csc.labeller import CSCLabeller
-    from metabolic.csc.dataset import csc_labels
+    from metabolic.pipeline.stages import csc_labels
 
     cfg = fresh_data
     base = csc_labels(cfg, progress=False)
@@ -129,7 +128,8 @@ def test_changed_inputs_rebuild_and_corrupt_cache_is_rebuilt(fresh_data, assets_
 
 def test_stats_and_budgets_follow_the_config(fresh_data):
     from metabolic.core.config import apply_overrides
-    from metabolic.csc.dataset import csc_labels, sequence_totals
+    from metabolic.csc.dataset import sequence_totals
+    from metabolic.pipeline.stages import csc_labels
 
     data = csc_labels(fresh_data, progress=False)
     totals = np.array([c.sum() for c in data.train_csc], dtype=np.float64)

@@ -12,7 +12,7 @@ import pynvml
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
+from metabolic.core.errors import ConfigError, DataError
 from metabolic.energy.meter import (
     COUNTER_MODULUS,
     EnergyMeter,
@@ -20,7 +20,6 @@ from metabolic.energy.meter import (
     counter_delta_mj,
     trapezoid_energy_j,
 )
-from metabolic.core.errors import ConfigError, DataError
 
 HANDLE = object()
 

@@ -7,7 +7,6 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from metabolic.core.errors import DataError
 from metabolic.energy.etokens import check_rows, etokens, spread
 

@@ -11,7 +11,6 @@ import numpy as np
 import pynvml
 import pytest
 import torch
-
 from metabolic.core.config import apply_overrides
 from metabolic.core.errors import ConfigError, DataError
 from metabolic.energy.joules import JouleBudgetStopping, fit_linear, hit_rate, tokens_predictor
@@ -147,7 +146,8 @@ def small_cfg(tiny_cfg):
 
 
 def test_stage_on_cpu_records_unavailable_energy(small_cfg):
-    from metabolic.energy.measurement import measure_etokens, summarise
+    from metabolic.energy.measurement import summarise
+    from metabolic.pipeline.stages import measure_etokens
 
     res = measure_etokens(small_cfg, progress=False)
     assert not res.energy_available and res.machine["energy_source"] == "unavailable"
@@ -171,9 +171,9 @@ def test_stage_on_cpu_records_unavailable_energy(small_cfg):
 
 
 def test_grid_with_mocked_gpu_counter(small_cfg, tokenizer, tmp_path):
-    from metabolic.pipeline import stages
-    from metabolic.energy.meter import EnergyMeter
     from metabolic.energy.measurement import machine_info, run_calibration, run_grid
+    from metabolic.energy.meter import EnergyMeter
+    from metabolic.pipeline import stages
 
     cfg = apply_overrides(small_cfg, {"energy.tasks": ("chat",), "energy.batch_sizes": (2,), "energy.paths": ("default",)})
     valid = stages.valid_sequences(cfg, stages.corpus(cfg))
@@ -208,7 +208,8 @@ def test_cpu_machine_only_merges_copied_gpu_results(small_cfg):
     """With GPU results copied into data/<profile>/etokens/, a CPU machine merges them instead of measuring."""
     from metabolic.core import artefacts
     from metabolic.energy.etokens import etokens
-    from metabolic.energy.measurement import CALIBRATION, ROWS, measure_etokens
+    from metabolic.energy.measurement import CALIBRATION, ROWS
+    from metabolic.pipeline.stages import measure_etokens
 
     cfg = small_cfg
     root = artefacts.run_dir(cfg.profile) / "etokens"
@@ -236,10 +237,10 @@ def test_cpu_machine_only_merges_copied_gpu_results(small_cfg):
 
 def test_metabolic_model_at_each_trained_budget(tmp_path, tokenizer):
     """A saved MetabolicGPT-2 is found, measured at each budget it was trained on, and decoded with a KV cache."""
-    from metabolic.model.backbone import scratch_model
     from metabolic.core.config import BackboneConfig
-    from metabolic.model.metabolic_gpt2 import MetabolicGPT2, MetabolicSettings
     from metabolic.energy.measurement import greedy_generate_fn
+    from metabolic.model.backbone import scratch_model
+    from metabolic.model.metabolic_gpt2 import MetabolicGPT2, MetabolicSettings
 
     eos = tokenizer.eos_token_id
     backbone = scratch_model(BackboneConfig(n_layer=1, n_embd=32, n_head=2), len(tokenizer), 64, eos)
@@ -281,11 +282,11 @@ def test_cost_predictor_adds_token_costs():
 def test_retraining_measures_the_model_again(small_cfg, session_data_dir, tmp_path, monkeypatch, tokenizer):
     """A retrained MetabolicGPT-2 (new training manifest) is measured again, never given stale rows."""
     from metabolic.core import artefacts
-    from metabolic.pipeline import stages
-    from metabolic.model.backbone import scratch_model
     from metabolic.core.config import BackboneConfig
+    from metabolic.model.backbone import scratch_model
     from metabolic.model.metabolic_gpt2 import MetabolicGPT2, MetabolicSettings
-    from metabolic.energy.measurement import measure_etokens
+    from metabolic.pipeline import stages
+    from metabolic.pipeline.stages import measure_etokens
 
     corpus_folder = stages.corpus(small_cfg).folder  # tokenized once, in the session's data folder
     run = tmp_path / small_cfg.profile

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
 from metabolic.core.errors import DataError
 from metabolic.evaluate.scoring import (
     PAPER_TABLE1,

@@ -6,11 +6,9 @@ import json
 
 import numpy as np
 import torch
-
 from metabolic.core import artefacts
-
-from metabolic.pipeline import stages
 from metabolic.model.backbone import load_backbone
+from metabolic.pipeline import stages
 
 
 def test_foundation_stages_run_and_are_reused(tiny_cfg):

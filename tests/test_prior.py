@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
 from metabolic.core.config import PriorConfig
 from metabolic.core.errors import ConfigError, DataError
 from metabolic.data.prior import base_cost, build_prior, decoded_tokens, is_heading_like, normalise_with_floor, token_counts

@@ -27,7 +27,9 @@ from typing import Sequence
 import numpy as np
 
 from metabolic.core import artefacts
+from metabolic.core.assets import load_encoder
 from metabolic.core.errors import AssetError, DataError
+from metabolic.csc.dataset import sequence_totals
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,6 @@ def truncation_effect(labeller, sequences: Sequence[Sequence[int]], lengths: Seq
 
 def length_table(ids: Sequence[Sequence[int]], csc: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Length, total CSC (raw), per-token mean CSC and length-scale total of each labelled sequence."""
-    from metabolic.csc.dataset import sequence_totals
-
     lengths = np.array([len(x) for x in ids])
     raw = sequence_totals(csc, "raw")
     return {"length": lengths, "total": raw, "per_token": raw / np.maximum(lengths, 1),
@@ -105,8 +105,6 @@ def local_encoders_dir() -> Path:
 
 def load_second_encoder(spec: str = MPNET_ID, device: str = "cpu"):
     """The ablation encoder through the one resolver, else from `data/encoders/<name>`; AssetError if absent."""
-    from metabolic.core.assets import load_encoder
-
     try:
         return load_encoder(spec, device).value
     except AssetError as exc:

@@ -26,8 +26,8 @@ selection, the position policy, the precision and device type, and the library v
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from metabolic.core import artefacts
-from metabolic.core.config import StudyConfig
+from metabolic.core.artefacts import pack_ragged, unpack_ragged
+from metabolic.core.config import CSCConfig
 from metabolic.core.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -138,17 +139,6 @@ def label_positions(lengths: Sequence[int], policy: str, per_sequence: int, seed
     return out
 
 
-def select_for_labelling(cfg: StudyConfig, data) -> tuple[list[list[int]], list[list[int]]]:
-    """The profile's train/valid sequences (stages.*_sequences), seeded subsets of csc.max_*sequences."""
-    from metabolic.pipeline import stages
-    from metabolic.data.corpus import subsample_indices
-
-    train = stages.train_sequences(cfg, data)
-    valid = stages.valid_sequences(cfg, data)
-    train = [train[i] for i in subsample_indices(len(train), cfg.csc.max_sequences, cfg.csc.seed)]
-    valid = [valid[i] for i in subsample_indices(len(valid), cfg.csc.max_valid_sequences, cfg.csc.seed + 1)]
-    return train, valid
-
 
 _WEIGHTS_SHA: dict[int, tuple[Any, str]] = {}
 
@@ -170,20 +160,7 @@ def encoder_weights_sha256(encoder) -> str:
 # --- the artefact ----------------------------------------------------------------------------
 
 
-def _pack(arrays: Sequence[Sequence], dtype) -> tuple[np.ndarray, np.ndarray]:
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(a) for a in arrays])
-    flat = np.concatenate([np.asarray(a, dtype=dtype) for a in arrays]) if arrays else np.zeros(0, dtype)
-    return flat.astype(dtype, copy=False), offsets
-
-
-def _unpack(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
-    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-
-
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    import io
-
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     artefacts.atomic_write_bytes(path, buffer.getvalue())
@@ -195,7 +172,7 @@ def _load_chunk(path: Path, expected: list[int]) -> list[np.ndarray] | None:
         return None
     try:
         with np.load(path) as z:
-            labels = _unpack(z["csc"], z["offsets"])
+            labels = unpack_ragged(z["csc"], z["offsets"])
     except Exception as exc:  # noqa: BLE001 - a damaged chunk is relabelled, not trusted
         log.warning("chunk %s is unreadable (%s): relabelling it", path.name, exc)
         return None
@@ -205,16 +182,15 @@ def _load_chunk(path: Path, expected: list[int]) -> list[np.ndarray] | None:
     return labels
 
 
-def label_split(labeller, name: str, split: int, sequences: list[list[int]], cfg: StudyConfig, work: Path,
+def label_split(labeller, name: str, split: int, sequences: list[list[int]], csc: CSCConfig, work: Path,
                 progress: bool = True) -> list[np.ndarray]:
     """Label one split in chunks of `csc.chunk_sequences`, each saved as it finishes; chunks already in
     `work/chunks/` are reused (resume). One labeller call covers all missing chunks, so decoding the
     next chunk overlaps the encoder."""
     chunks_dir = work / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
-    positions = label_positions([len(s) for s in sequences], cfg.csc.positions, cfg.csc.positions_per_sequence,
-                                cfg.csc.seed, split)
-    size = cfg.csc.chunk_sequences  # fingerprinted: chunk boundaries must not move on resume
+    positions = label_positions([len(s) for s in sequences], csc.positions, csc.positions_per_sequence, csc.seed, split)
+    size = csc.chunk_sequences  # fingerprinted: chunk boundaries must not move on resume
     groups = [list(range(start, min(start + size, len(sequences)))) for start in range(0, len(sequences), size)]
     paths = [chunks_dir / f"{name}-{k:05d}.npz" for k in range(len(groups))]
     done = {k: _load_chunk(paths[k], [len(sequences[i]) for i in g]) for k, g in enumerate(groups)}
@@ -223,64 +199,24 @@ def label_split(labeller, name: str, split: int, sequences: list[list[int]], cfg
         log.info("CSC %s: resuming, %d of %d chunks already labelled", name, len(groups) - len(todo), len(groups))
     for j, labels in labeller.label_groups(sequences, positions, [groups[k] for k in todo], progress=progress):
         k = todo[j]
-        flat, offsets = _pack(labels, np.float32)
+        flat, offsets = pack_ragged(labels, np.float32)
         _save_npz(paths[k], csc=flat, offsets=offsets)
         done[k] = labels
     return [lab for k in range(len(groups)) for lab in done[k]]
 
 
-def csc_labels(cfg: StudyConfig, progress: bool = True, device: str | None = None) -> CSCData:
-    """Stage `csc`: label (or reuse) the profile's train/valid sequences with exact CSC."""
-    from metabolic.pipeline import stages
-    from metabolic.csc.labeller import CSCLabeller
 
-    data = stages.corpus(cfg)
-    train, valid = select_for_labelling(cfg, data)
-    labeller = CSCLabeller.from_config(cfg, device=device)
-    description = {
-        "stage": "csc",
-        "encoder": {"name": cfg.assets.encoder, "weights_sha256": encoder_weights_sha256(labeller.encoder),
-                    "window": labeller.window},
-        "tokenizer": stages.tokenizer_fingerprint(data.tokenizer),
-        "corpus_fingerprint": data.fingerprint,
-        "corpus": {k: getattr(cfg.corpus, k) for k in ("seq_len", "max_train_texts", "max_valid_texts", "min_tokens", "seed")},
-        "csc": {k: getattr(cfg.csc, k) for k in ("max_sequences", "max_valid_sequences", "positions", "positions_per_sequence",
-                                                  "seed", "chunk_sequences")},
-        "precision": labeller.precision,
-        "device_type": labeller.device.type,
-    }
-    folder = artefacts.run_dir(cfg.profile) / "csc"
-
-    def build(work: Path) -> dict[str, Any]:
-        train_csc = label_split(labeller, "train", 0, train, cfg, work, progress)
-        valid_csc = label_split(labeller, "valid", 1, valid, cfg, work, progress)
-        arrays = {}
-        for name, ids, labels in (("train", train, train_csc), ("valid", valid, valid_csc)):
-            arrays[f"{name}_ids"], arrays[f"{name}_offsets"] = _pack(ids, np.int32)
-            arrays[f"{name}_csc"], _ = _pack(labels, np.float32)
-        _save_npz(work / DATA_FILE, **arrays)
-        shutil.rmtree(work / "chunks", ignore_errors=True)  # merged into csc.npz
-        raw = csc_stats(train_csc, "raw", cfg.train.budget_quantiles)
-        return {"n_train": len(train), "n_valid": len(valid), "raw_total_mean": raw["mean"],
-                "token_mean": raw["token_mean"], "n_labels": raw["n_labels"]}
-
-    artefacts.build_artefact(folder, description, build, cfg.to_json(), required=(DATA_FILE,))
-    try:
-        loaded = _load_data(folder, train, valid)
-    except DataError as exc:
-        log.warning("%s: rebuilding the CSC cache", exc)
-        artefacts.build_artefact(folder, description, build, cfg.to_json(), required=(DATA_FILE,), force=True)
-        loaded = _load_data(folder, train, valid)
-    train_csc, valid_csc = loaded
-    return CSCData(
-        train_ids=train, train_csc=train_csc, valid_ids=valid, valid_csc=valid_csc,
-        stats=csc_stats(train_csc, cfg.csc.scale, cfg.train.budget_quantiles),
-        fingerprint=artefacts.fingerprint({**description, "library_version": artefacts.__version__}),
-        folder=folder,
-    )
+def save_data(path: Path, train: Sequence[Sequence[int]], train_csc: Sequence[np.ndarray],
+              valid: Sequence[Sequence[int]], valid_csc: Sequence[np.ndarray]) -> None:
+    """`csc.npz`: ids and labels of both splits (ragged arrays as flat + offsets)."""
+    arrays = {}
+    for name, ids, labels in (("train", train, train_csc), ("valid", valid, valid_csc)):
+        arrays[f"{name}_ids"], arrays[f"{name}_offsets"] = pack_ragged(ids, np.int32)
+        arrays[f"{name}_csc"], _ = pack_ragged(labels, np.float32)
+    _save_npz(path, **arrays)
 
 
-def _load_data(folder: Path, train: list[list[int]], valid: list[list[int]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def load_data(folder: Path, train: list[list[int]], valid: list[list[int]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Labels from `csc.npz`, checked against the sequences they must belong to (else DataError)."""
     try:
         with np.load(folder / DATA_FILE) as z:
@@ -290,8 +226,8 @@ def _load_data(folder: Path, train: list[list[int]], valid: list[list[int]]) -> 
     out = []
     for name, ids in (("train", train), ("valid", valid)):
         try:
-            stored = _unpack(arrays[f"{name}_ids"], arrays[f"{name}_offsets"])
-            labels = _unpack(arrays[f"{name}_csc"], arrays[f"{name}_offsets"])
+            stored = unpack_ragged(arrays[f"{name}_ids"], arrays[f"{name}_offsets"])
+            labels = unpack_ragged(arrays[f"{name}_csc"], arrays[f"{name}_offsets"])
         except KeyError as exc:
             raise DataError(f"{folder / DATA_FILE} lacks {exc}") from exc
         if len(stored) != len(ids) or any(len(a) != len(b) or a.tolist() != b for a, b in zip(stored, ids)):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import itertools
 import logging
 import queue
@@ -62,14 +61,6 @@ def encoder_window(encoder) -> int:
     if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "mpnet", "camembert"):
         positions -= 2
     return positions
-
-
-@functools.lru_cache(maxsize=2)
-def cached_encoder(spec: str, device: str):
-    """`load_encoder(spec, device)`, loaded once per process (stages and notebooks share it)."""
-    from metabolic.core.assets import load_encoder
-
-    return load_encoder(spec, device).value
 
 
 def counterfactual_ids(ids: np.ndarray, positions: np.ndarray) -> list[list[int]]:
@@ -126,17 +117,6 @@ class CSCLabeller:
             self._transformer = copy.deepcopy(self._modules[0]).half()
         self._with_token_types = "token_type_ids" in getattr(self.enc_tokenizer, "model_input_names", [])
         self.stats = {"texts": 0, "labels": 0, "word_pieces": 0, "padded_word_pieces": 0}
-
-    @classmethod
-    def from_config(cls, cfg, device: str | None = None) -> "CSCLabeller":
-        """The configured encoder (resolved by `metabolic.core.assets`), GPT-2 tokenizer and CSC settings."""
-        from metabolic.pipeline.stages import _tokenizer
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        encoder = cached_encoder(cfg.assets.encoder, device)
-        tokenizer = _tokenizer(cfg.assets.tokenizer).value
-        return cls(encoder, tokenizer, device=device, precision=cfg.csc.precision, batch_size=cfg.csc.batch_size,
-                   encoder_name=cfg.assets.encoder)
 
     # --- public API ---------------------------------------------------------------------------
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
+from metabolic.core.artefacts import pack_ragged, unpack_ragged
 from metabolic.core.assets import Candidate, candidates, resolve
 from metabolic.core.config import AssetsConfig
 from metabolic.core.errors import DataError
@@ -89,17 +91,12 @@ def tokenize(tokenizer, texts: Sequence[str], batch_size: int = 2048) -> list[li
 
 def pack_ids(ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged id lists as (flat int32 ids, int64 offsets of length n+1) for compact storage."""
-    lengths = torch.tensor([len(x) for x in ids], dtype=torch.int64)
-    offsets = torch.zeros(len(ids) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(lengths, 0)
-    flat = torch.tensor([t for x in ids for t in x], dtype=torch.int32)
-    return flat, offsets
+    flat, offsets = pack_ragged(ids, np.int32)
+    return torch.from_numpy(flat), torch.from_numpy(offsets)
 
 
 def unpack_ids(flat: torch.Tensor, offsets: torch.Tensor) -> list[list[int]]:
-    bounds = offsets.tolist()
-    values = flat.tolist()
-    return [values[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
+    return [x.tolist() for x in unpack_ragged(flat.numpy(), offsets.numpy())]
 
 
 def subsample_indices(n_total: int, n_keep: int | None, seed: int) -> list[int]:

@@ -37,18 +37,18 @@ import random
 import re
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from metabolic.core import artefacts
 from metabolic.core.config import StudyConfig
-from metabolic.energy.meter import EnergyMeter, IdleBaseline, Measurement
 from metabolic.core.errors import AssetError, DataError
 from metabolic.energy.etokens import check_rows, etokens, spread
-from metabolic.energy.workloads import ModelSpec, Task, count_parameters, load_model, make_tasks, model_specs, pick_prompts
+from metabolic.energy.joules import JouleBudgetStopping, cost_predictor, fit_linear, hit_rate, tokens_predictor
+from metabolic.energy.meter import EnergyMeter, IdleBaseline, Measurement
+from metabolic.energy.workloads import SCRATCH_SHAPES, ModelSpec, Task, count_parameters, load_model, make_tasks, pick_prompts
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +273,8 @@ def run_calibration(cfg: StudyConfig, meter: EnergyMeter, tokenizer, valid, toke
     tokens (the study's "metabolic tokenizer"; a trained MetabolicGPT-2's calibrated cost can replace
     it). Needs a working energy meter: on a machine without one this returns a `skipped` reason.
     """
-    from transformers import StoppingCriteriaList
     from tqdm.auto import tqdm
-
-    from metabolic.energy.joules import JouleBudgetStopping, cost_predictor, fit_linear, hit_rate, tokens_predictor
-    from metabolic.energy.workloads import SCRATCH_SHAPES
+    from transformers import StoppingCriteriaList
 
     if not meter.available:
         return {"skipped": f"energy unavailable: {meter.reason}"}
@@ -342,46 +339,8 @@ def run_calibration(cfg: StudyConfig, meter: EnergyMeter, tokenizer, valid, toke
 # --- the stage -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EtokenResults:
-    folder: Optional[Path]  # this machine's results (None when this machine only merged others')
-    rows: list[dict]  # every machine's rows under data/<profile>/etokens/
-    skipped: list[dict]
-    calibration: dict[str, Any]  # the first measured calibration found, else this machine's `skipped` reason
-    machine: dict[str, Any]
-    energy_available: bool  # this machine has an energy meter
-    measured_here: bool
 
-
-def measure_etokens(cfg: StudyConfig, progress: bool = True) -> EtokenResults:
-    """Stage `etokens`: measure this machine's grid (or reuse it), then merge every machine's results.
-
-    With `energy.measure="auto"`, a machine without an energy meter does not measure when results
-    with energy already sit in data/<profile>/etokens/ (copied from GPU machines): it only merges.
-    """
-    e = cfg.energy
-    root = artefacts.run_dir(cfg.profile) / "etokens"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    meter = EnergyMeter(gpu_index=e.gpu_index, counter_period_s=e.counter_period_s, poll_interval_s=e.poll_interval_s)
-    try:
-        machine = machine_info(meter, device)
-        existing = merge_results(root)
-        with_energy = any(r.get("total_j") is not None for r in existing)
-        measure = e.measure == "always" or (e.measure == "auto" and (meter.available or not with_energy))
-        folder = _measure_here(cfg, meter, machine, device, progress) if measure else None
-    finally:
-        meter.close()
-    if folder is not None:
-        own = artefacts.read_json(folder / MACHINE)
-        skipped, own_calibration = own["skipped"], artefacts.read_json(folder / CALIBRATION)
-    else:
-        skipped, own_calibration = [], {"skipped": f"not measured on this machine (energy.measure={e.measure!r})"}
-    calibration = next((c for c in _calibrations(root) if "skipped" not in c), own_calibration)
-    return EtokenResults(folder=folder, rows=merge_results(root), skipped=skipped, calibration=calibration,
-                         machine=machine, energy_available=meter.available, measured_here=folder is not None)
-
-
-def _calibrations(root: Path) -> list[dict]:
+def calibrations(root: Path) -> list[dict]:
     return [artefacts.read_json(p) for p in sorted(Path(root).glob(f"*/{CALIBRATION}")) if ".partial" not in p.parent.name]
 
 
@@ -402,38 +361,6 @@ def stage_description(settings: dict, seed: int, corpus_fingerprint: str, model_
             "models": [list(k) for k in model_keys],
             "machine": {k: machine[k] for k in ("host", "device", "gpu_name", "driver", "energy_source")}}
 
-
-def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: torch.device, progress: bool) -> Path:
-    from metabolic.pipeline import stages
-
-    e = cfg.energy
-    data = stages.corpus(cfg)
-    valid = stages.valid_sequences(cfg, data)
-    tokenizer = data.tokenizer
-    run_folder = artefacts.run_dir(cfg.profile)
-    budgets = cfg.generation.budgets or cfg.train.budgets
-    specs, skipped_models = model_specs(e.models, run_folder, budgets)
-    settings = {k: v for k, v in e.__dict__.items() if k != "measure"}
-    description = stage_description(settings, cfg.seed, data.fingerprint, measured_model_keys(specs), machine)
-    key = artefacts.fingerprint(description)[:8]
-    folder = run_folder / "etokens" / f"{machine_tag(machine)}-{key}"
-
-    def build(work: Path) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        rows, skipped = run_grid(cfg, meter, tokenizer, valid, specs, device, machine, progress)
-        if not meter.available:
-            calibration = {"skipped": f"energy unavailable: {meter.reason}"}
-        elif not e.calibrate:
-            calibration = {"skipped": "energy.calibrate=false for this run"}
-        else:
-            prior = stages.energy_prior(cfg).prior
-            calibration = run_calibration(cfg, meter, tokenizer, valid, prior.cost, device, progress)
-        artefacts.atomic_write_text(work / ROWS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        artefacts.atomic_write_json(work / CALIBRATION, calibration)
-        artefacts.atomic_write_json(work / MACHINE, {**machine, "skipped": skipped_models + skipped})
-        return {"n_rows": len(rows), "wall_s": time.perf_counter() - t0, "energy_available": meter.available}
-
-    return artefacts.build_artefact(folder, description, build, cfg.to_json(), required=(ROWS, CALIBRATION, MACHINE))
 
 
 def merge_results(root: Path, extra: Sequence[Path] = ()) -> list[dict]:

@@ -25,7 +25,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from metabolic.core.config import BackboneConfig
 from metabolic.core.errors import AssetError, ConfigError, DataError
+from metabolic.model.backbone import load_backbone, scratch_model
+from metabolic.model.metabolic_gpt2 import SETTINGS_FILE, MetabolicGPT2
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +134,7 @@ def model_specs(names: Sequence[str], run_folder: Path, budgets: Sequence[float]
 
 def find_metabolic(run_folder: Path) -> tuple[list[Path], str]:
     """Trained MetabolicGPT-2 folders under the run folder (those holding its settings file), or why none."""
-    try:
-        from metabolic import model as _model  # the MetabolicGPT-2 issue's module
-    except ImportError:
-        return [], "metabolic.model.metabolic_gpt2 is not available in this checkout"
-    if not hasattr(_model, "MetabolicGPT2"):
-        return [], "metabolic.model.metabolic_gpt2 has no MetabolicGPT2 class"
-    settings = getattr(_model, "SETTINGS_FILE", "metabolic_config.json")
+    settings = SETTINGS_FILE
     # The training stage keeps each variant's selected checkpoint in train/<variant>/best/ (and the
     # last epoch in .../last/, resumable checkpoints beside them): the "best" ones are measured.
     found = sorted(Path(run_folder).rglob(settings))
@@ -162,18 +159,11 @@ def _trained_targets(folder: Path) -> list[float]:
 def load_model(spec: ModelSpec, vocab_size: int, eos_id: int, device: torch.device, dtype: torch.dtype):
     """The model of `spec` on `device` in `dtype`, eval mode. A Hub model that cannot load is an AssetError."""
     if spec.kind == "scratch":
-        from metabolic.model.backbone import scratch_model
-        from metabolic.core.config import BackboneConfig
-
         n_layer, n_embd, n_head = spec.shape
         model = scratch_model(BackboneConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head), vocab_size, N_POSITIONS, eos_id)
     elif spec.kind == "hub":
-        from metabolic.model.backbone import load_backbone
-
         model = load_backbone(spec.source, device="cpu")
     elif spec.kind == "metabolic":
-        from metabolic.model.metabolic_gpt2 import MetabolicGPT2
-
         try:
             model = MetabolicGPT2.from_pretrained(spec.source)
         except Exception as exc:  # noqa: BLE001 - an optional model: report why it did not load

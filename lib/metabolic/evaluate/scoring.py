@@ -19,6 +19,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from metabolic.core.errors import DataError
+from metabolic.csc.dataset import sequence_totals
+from metabolic.generate.budgeted import generate_with_budget, model_token_costs
+from metabolic.model.calibration import OnlineAffine, ProxyCalibration
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +138,6 @@ def csc_of_generations(labeller, gens, scale: str = "raw", progress: bool = Fals
     length T = prompt + generation (`csc_dataset.sequence_totals`). NaN when a text is beyond the
     encoder's window. Returns (totals [n], per-token labels of the generated tokens on `scale`).
     """
-    from metabolic.csc.dataset import sequence_totals
-
     seqs = [list(g.prompt_ids) + list(g.generated_ids) for g in gens]
     positions = [np.arange(len(g.prompt_ids), len(g.prompt_ids) + len(g.generated_ids), dtype=np.int64) for g in gens]
     labels = _label_once(labeller, seqs, positions, progress)
@@ -244,8 +245,6 @@ def evaluate_variant(model, tokenizer, judge, labeller, prompts: list[str], budg
                      budget_range: tuple[float, float], variant: str, calibration, calibration_note: str,
                      progress: bool = False) -> tuple[dict, list[dict]]:
     """Generate at every budget level with each decoding, measure achieved costs and fluency; tables + records."""
-    from metabolic.generate.budgeted import generate_with_budget, model_token_costs
-
     g = cfg.generation
     costs = model_token_costs(model)
     cal = calibration
@@ -303,96 +302,6 @@ def evaluate_variant(model, tokenizer, judge, labeller, prompts: list[str], budg
         tables[f"{variant}_{decoding}"] = table
     return tables, records
 
-
-def evaluate_budgets(cfg, progress: bool = True):
-    """Stage `evaluate`: Table I for both training variants x both decodings, written to data/<profile>/.
-
-    Writes the artefact `data/<profile>/evaluation/` (tables.json, generations.jsonl) and publishes
-    `data/<profile>/table1_<variant>_<decoding>.json` plus the combined `data/<profile>/table1.json`.
-    Returns the combined dict (tables, paper, profile, budgets, prompts).
-    """
-    import json
-
-    from metabolic.core import artefacts
-
-    from metabolic.pipeline import stages
-
-    from metabolic.train import loop as training
-    from metabolic.model.backbone import load_backbone
-    from metabolic.csc.labeller import CSCLabeller
-    from metabolic.csc.dataset import csc_labels
-
-    corpus = stages.corpus(cfg)
-    tok = corpus.tokenizer
-    csc = csc_labels(cfg, progress=progress)
-    backbone = stages.pretrain_backbone(cfg, progress=progress)
-    results = training.train_variants(cfg, progress=progress)  # one load of the training inputs for both
-    data = training.prepare_data(csc, cfg.train, vocab_size=len(tok), scale=cfg.csc.scale)
-    g = cfg.generation
-    cont = continuation_totals(csc.train_ids, csc.train_csc, g.prompt_tokens, g.max_new_tokens, cfg.csc.scale)
-    if g.budgets:
-        targets, source = list(g.budgets), "generation.budgets"
-    else:
-        targets = [float(np.quantile(cont, q)) for q in cfg.train.budget_quantiles]
-        source = (f"quantiles {list(cfg.train.budget_quantiles)} of the true CSC of {cont.size} training-text continuations "
-                  f"(first {g.prompt_tokens} tokens = prompt, 1..{g.max_new_tokens} tokens counted)")
-    names = LEVELS if len(targets) == 3 else tuple(f"B{i}" for i in range(len(targets)))
-    budgets = dict(zip(names, targets))
-    budget_range = (min(data.budget_range[0], float(cont.min())), max(data.budget_range[1], float(cont.max())))
-    description = {
-        "stage": "evaluate", "version": EVALUATION_VERSION, "generation": cfg.generation.__dict__, "csc": csc.fingerprint, "csc_scale": cfg.csc.scale,
-        "backbone": backbone.fingerprint, "train": {v: r.fingerprint for v, r in results.items()},
-        "encoder": cfg.assets.encoder, "budgets": budgets, "budget_range": budget_range,
-    }
-    folder = artefacts.run_dir(cfg.profile) / "evaluation"
-
-    def build(work):
-        import torch
-
-        torch.manual_seed(cfg.generation.seed)
-        prompts = select_prompts(cfg, tok, csc.valid_ids)
-        judge = load_backbone(backbone.path)
-        labeller = CSCLabeller.from_config(cfg)
-        tables, records = {}, []
-        for variant, result in results.items():
-            model = result.load_best()
-            cal, note = choose_calibration(model, cfg, csc.train_ids, csc.train_csc, list(budgets.values()))
-            t, r = evaluate_variant(model, tok, judge, labeller, prompts, budgets, cfg, budget_range, variant,
-                                    cal, note, progress)
-            for table in t.values():
-                best = result.metrics[result.best_epoch - 1] if 0 < result.best_epoch <= len(result.metrics) else {}
-                table.update(best_epoch=result.best_epoch, val_ppl=best.get("val_ppl"), backbone_val_ppl=result.reference_ppl)
-            tables.update(t)
-            records.extend(r)
-        combined = {"profile": cfg.profile, "budgets": budgets, "budget_source": source, "budget_range": list(budget_range),
-                    "training_targets": [float(x) for x in data.targets],
-                    "continuation_csc": {"n": int(cont.size), "min": float(cont.min()), "median": float(np.median(cont)),
-                                         "max": float(cont.max())},
-                    "prompts": prompts, "tables": tables, "paper": PAPER_TABLE1}
-        artefacts.atomic_write_json(work / TABLES_FILE, combined)
-        artefacts.atomic_write_text(work / GENERATIONS_FILE, "".join(json.dumps(r) + "\n" for r in records))
-        return {"n_generations": len(records)}
-
-    artefacts.build_artefact(folder, description, build, cfg.to_json(), required=(TABLES_FILE, GENERATIONS_FILE))
-    combined = artefacts.read_json(folder / TABLES_FILE)
-    run = artefacts.run_dir(cfg.profile)
-    for key, table in combined["tables"].items():
-        artefacts.atomic_write_json(run / f"table1_{key}.json",
-                                    {"profile": cfg.profile, **table, "paper": PAPER_TABLE1})
-    artefacts.atomic_write_json(run / "table1.json", combined)
-    return combined
-
-
-def read_generations(cfg) -> list[dict[str, Any]]:
-    """The per-generation records of the `evaluate` stage (run it first)."""
-    import json
-
-    from metabolic.core import artefacts
-
-    path = artefacts.run_dir(cfg.profile) / "evaluation" / GENERATIONS_FILE
-    if not path.is_file():
-        raise DataError(f"{path} is missing: run the evaluate stage (python -m metabolic run --stages evaluate)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def paper_side_by_side(table: dict[str, Any]) -> list[dict[str, Any]]:
@@ -458,30 +367,25 @@ def fit_continuation_calibration(x: np.ndarray, y: np.ndarray, ridge: float = 1e
     undertrained cost model can show), a budget cannot be inverted through it: the fallback is the
     ratio map through the origin, b = sum(y) / sum(x), a = 0. The same fallback applies when one of
     `budgets` (CSC) would map to a proxy budget <= 0 (a budget below the intercept). Returns
-    (Calibration, how it was made).
+    (ProxyCalibration, how it was made).
     """
-    from metabolic.model.calibration import OnlineAffine
-    from metabolic.generate.budgeted import Calibration
-
     if x.size < 2 or not np.all(np.isfinite(x)) or not np.all(np.isfinite(y)):
         raise DataError(f"{x.size} continuation points: label more training texts longer than generation.prompt_tokens")
     fit = OnlineAffine(1, ridge).update(x, y).fit()
     a, b = float(fit.a[0]), float(fit.b[0])
     if b > 0 and np.isfinite(a):
         if all((B - a) / b > 0 for B in budgets):
-            return Calibration(a, b), "ridge"
-        return Calibration(0.0, float(y.sum() / x.sum())), f"ratio (a budget is below the ridge intercept {a:.4g})"
-    return Calibration(0.0, float(y.sum() / x.sum())), f"ratio (ridge slope {b:.4g} <= 0)"
+            return ProxyCalibration(a, b), "ridge"
+        return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (a budget is below the ridge intercept {a:.4g})"
+    return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (ridge slope {b:.4g} <= 0)"
 
 
 def choose_calibration(model, cfg, train_ids, train_csc, budgets: Sequence[float]):
     """The budget -> proxy map for steered decoding (`generation.calibration`), and a note on how it was made."""
-    from metabolic.generate.budgeted import Calibration, model_token_costs
-
     if cfg.generation.calibration == "model":
         a, b = float(model.calib_a.mean()), float(model.calib_b.mean())
         if b > 0 and all((B - a) / b > 0 for B in budgets):
-            return Calibration(a, b), "model (training calibration)"
+            return ProxyCalibration(a, b), "model (training calibration)"
         log.warning("the model's calibration (a=%.4g, b=%.4g) cannot map budgets %s: using the continuation fit", a, b, budgets)
     # The same continuations the budgets come from (1..max_new_tokens tokens), else any length.
     costs = model_token_costs(model).numpy()

@@ -41,33 +41,12 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from metabolic.core.errors import ConfigError, DataError
+from metabolic.model.calibration import ProxyCalibration
 
 log = logging.getLogger(__name__)
 
 # Characters that end a sentence when a token's decoded text ends with one of them.
 SENTENCE_END_CHARS = (".", "!", "?")
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Affine map between sequence-total proxy cost and CSC: `csc = a + b * proxy` (eq. 17)."""
-
-    a: float
-    b: float
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.a) and math.isfinite(self.b)):
-            raise ConfigError(f"calibration (a={self.a!r}, b={self.b!r}) is not finite: refit the calibration")
-        if self.b <= 0:
-            raise ConfigError(
-                f"calibration slope b={self.b!r} is invalid: proxy and CSC must rise together (b > 0); refit the calibration"
-            )
-
-    def to_proxy(self, csc: float) -> float:
-        return (csc - self.a) / self.b
-
-    def to_csc(self, proxy: float) -> float:
-        return self.a + self.b * proxy
 
 
 def _as_cost_vector(token_costs: Any, name: str = "token_costs") -> torch.Tensor:
@@ -390,6 +369,26 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return ids
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id (GPT-2 has no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [n, longest], left padded: every row's generation starts at column `longest`.
+
+    >>> left_pad([[5, 6], [7]], pad_id=0)[0].tolist()
+    [[5, 6], [0, 7]]
+    """
+    longest = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompt_ids), longest), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, longest - len(ids):] = 1
+    return input_ids, attention
+
+
 def is_metabolic(model) -> bool:
     """True for a MetabolicGPT-2 (a backbone plus `vocab_costs` and a budget pathway)."""
     return hasattr(model, "vocab_costs") and hasattr(model, "backbone") and hasattr(model, "budget_proj")
@@ -401,50 +400,6 @@ def model_token_costs(model) -> torch.Tensor:
         return model.proxy_total(model.vocab_costs()).detach().float().cpu()
 
 
-def model_calibration(model) -> Calibration:
-    """The model's calibration as one affine map (the mean of its K (a, b) pairs, as `to_proxy` uses)."""
-    return Calibration(a=float(model.calib_a.mean()), b=float(model.calib_b.mean()))
-
-
-@contextlib.contextmanager
-def budget_conditioning(model, budget_csc: torch.Tensor | None):
-    """Make `model.backbone`'s logits those of `model(..., budget=budget_csc)` while inside the block.
-
-    The budget pathway (eq. 15-16) adds `u = W_bud log(1 + B / scale)` to the final hidden states
-    before the LM head (and, with `per_layer_budget`, its own bias before every block). A pre-hook on
-    `lm_head` adds `u` per batch row, so `model.backbone.generate()` samples from exactly the
-    MetabolicGPT-2 distribution. `budget_csc=None` leaves the backbone unconditioned.
-    """
-    if budget_csc is None:
-        yield
-        return
-    budget = model.budget_vector(torch.as_tensor(budget_csc, dtype=torch.float32), batch=len(budget_csc))
-    enc = model.encode_budget(budget).to(model.cost_head.weight.dtype)
-    with torch.no_grad():
-        u = model.budget_proj(enc)  # [B, H]
-        layer_bias = [proj(enc) for proj in model.layer_budget_proj] if model.settings.per_layer_budget else None
-
-    def add_budget(module, args):
-        h = args[0]
-        return (h + _rows_2d(u, h.shape[0]).to(h.dtype)[:, None, :], *args[1:])
-
-    handle = model.backbone.lm_head.register_forward_pre_hook(add_budget)
-    model._layer_bias = layer_bias
-    try:
-        yield
-    finally:
-        handle.remove()
-        model._layer_bias = None
-
-
-def _rows_2d(values: torch.Tensor, n_rows: int) -> torch.Tensor:
-    if values.shape[0] == n_rows:
-        return values
-    if n_rows % values.shape[0] == 0:
-        return values.repeat_interleave(n_rows // values.shape[0], dim=0)
-    raise ConfigError(f"{values.shape[0]} budgets for {n_rows} batch rows: give one budget per prompt")
-
-
 @torch.inference_mode()
 def generate_with_budget(
     model,
@@ -453,7 +408,7 @@ def generate_with_budget(
     budget_csc: float | Sequence[float],
     *,
     token_costs: Any = None,
-    calibration: Calibration | None = None,
+    calibration: ProxyCalibration | None = None,
     condition: bool = True,
     max_new_tokens: int = 64,
     steer: bool = True,
@@ -474,7 +429,7 @@ def generate_with_budget(
     (if `stop`) appended to the defaults. `model` is anything with `.generate(input_ids=..., ...)`
     (a `GPT2LMHeadModel`), or a `MetabolicGPT2`: then `token_costs` and `calibration` default to the
     model's own, and (if `condition`) its backbone generates under the budget pathway for each row's
-    (finite) CSC budget, see `budget_conditioning`. `token_costs` is `C_vocab` [V] in proxy units.
+    (finite) CSC budget, see `MetabolicGPT2.conditioned_on`. `token_costs` is `C_vocab` [V] in proxy units.
     """
     metabolic = is_metabolic(model)
     if token_costs is None:
@@ -483,8 +438,8 @@ def generate_with_budget(
         token_costs = model_token_costs(model)
     if calibration is None:
         if not metabolic:
-            raise ConfigError("calibration is required for a plain language model: pass Calibration(a, b)")
-        calibration = model_calibration(model)
+            raise ConfigError("calibration is required for a plain language model: pass ProxyCalibration(a, b)")
+        calibration = model.proxy_calibration()
     prompt_ids = encode_prompts(tokenizer, prompts)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -512,13 +467,9 @@ def generate_with_budget(
         )
     costs = _as_cost_vector(token_costs)
     device = next(lm.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
+    input_ids, attention = left_pad(prompt_ids, pad_id)
     prompt_len = longest
-    input_ids = torch.full((len(prompts), prompt_len), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), prompt_len), dtype=torch.long)
-    for row, ids in enumerate(prompt_ids):  # left padding: every row's generation starts at prompt_len
-        input_ids[row, prompt_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention[row, prompt_len - len(ids):] = 1
     sentence_end = sentence_end_mask(tokenizer, costs.numel())
     processors = LogitsProcessorList()
     recorder = None
@@ -543,7 +494,7 @@ def generate_with_budget(
     conditioned = used.float() if (metabolic and condition and finite) else None
     if metabolic and condition and not finite:
         log.info("an unlimited budget has no budget-pathway input: generating unconditioned")
-    with budget_conditioning(model, conditioned):
+    with (model.conditioned_on(conditioned) if metabolic else contextlib.nullcontext()):
         output = lm.generate(**kwargs)
     gen = output[:, prompt_len:].cpu()
     ends = kept_lengths(gen, costs, budgets_proxy, sentence_end, sentence_slack, tokenizer.eos_token_id, budget_stop=stop)
@@ -568,13 +519,8 @@ def plain_generate(model, tokenizer, prompts: Sequence[str] | str, *, max_new_to
     For a MetabolicGPT-2 this is its backbone without any budget input (unbudgeted generation).
     """
     prompt_ids = encode_prompts(tokenizer, prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompt_len = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), prompt_len), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for row, ids in enumerate(prompt_ids):
-        input_ids[row, prompt_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention[row, prompt_len - len(ids):] = 1
+    pad_id = pad_token_id(tokenizer)
+    input_ids, attention = left_pad(prompt_ids, pad_id)
     lm = model.backbone if is_metabolic(model) else model
     device = next(lm.parameters()).device
     if seed is not None:

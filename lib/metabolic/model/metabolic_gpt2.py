@@ -54,6 +54,7 @@ Public API used by generation (all tensors on the model's device):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -65,8 +66,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from metabolic.core.artefacts import atomic_write_bytes, atomic_write_json, read_json
-from metabolic.model.calibration import OnlineAffine
 from metabolic.core.errors import ConfigError, DataError
+from metabolic.model.backbone import load_backbone
+from metabolic.model.calibration import OnlineAffine, ProxyCalibration
 
 SETTINGS_FILE = "metabolic_config.json"
 STATE_FILE = "metabolic.safetensors"
@@ -205,6 +207,39 @@ class MetabolicGPT2(nn.Module):
         """Eq. (15): log(1 + B / scale), [batch, K]."""
         return torch.log1p(budget / self.settings.budget_scale)
 
+    def budget_inputs(self, budget: Any, batch: int) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Eq. (16)'s budget biases for a batch: u = W_bud log(1 + B / scale) [batch, H], added before the LM
+        head, and with `per_layer_budget` one bias [batch, H] per block (else None)."""
+        enc = self.encode_budget(self.budget_vector(budget, batch=batch)).to(self.cost_head.weight.dtype)
+        layer_bias = [proj(enc) for proj in self.layer_budget_proj] if self.settings.per_layer_budget else None
+        return self.budget_proj(enc), layer_bias
+
+    @contextlib.contextmanager
+    def conditioned_on(self, budget_csc: torch.Tensor | None):
+        """Make `self.backbone`'s logits those of `self(..., budget=budget_csc)` while inside the block.
+
+        A pre-hook on `lm_head` adds `u` per batch row (and the per-layer biases go before every block),
+        so `self.backbone.generate()` samples from exactly the MetabolicGPT-2 distribution.
+        `budget_csc=None` leaves the backbone unconditioned.
+        """
+        if budget_csc is None:
+            yield
+            return
+        with torch.no_grad():
+            u, layer_bias = self.budget_inputs(torch.as_tensor(budget_csc, dtype=torch.float32), len(budget_csc))
+
+        def add_budget(module, args):
+            h = args[0]
+            return (h + _rows_2d(u, h.shape[0]).to(h.dtype)[:, None, :], *args[1:])
+
+        handle = self.backbone.lm_head.register_forward_pre_hook(add_budget)
+        self._layer_bias = layer_bias
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._layer_bias = None
+
     # --- costs ---------------------------------------------------------------------------------
 
     def token_cost_table(self) -> torch.Tensor:
@@ -246,6 +281,10 @@ class MetabolicGPT2(nn.Module):
             raise DataError("calibration slope b is 0: the model has not been calibrated; train it or refit the calibration")
         return (y - a) / b
 
+    def proxy_calibration(self) -> ProxyCalibration:
+        """The calibration as one affine map on sequence totals (the mean of the K (a, b) pairs, as `to_proxy`)."""
+        return ProxyCalibration(a=float(self.calib_a.mean()), b=float(self.calib_b.mean()))
+
     def set_calibration(self, a: np.ndarray, b: np.ndarray) -> None:
         self.calib_a.copy_(torch.as_tensor(a, dtype=torch.float64))
         self.calib_b.copy_(torch.as_tensor(b, dtype=torch.float64))
@@ -282,10 +321,7 @@ class MetabolicGPT2(nn.Module):
         costs [batch, T, K] and the cache. Training applies the LM head to real positions only."""
         if input_ids.ndim != 2:
             raise DataError(f"input_ids has shape {tuple(input_ids.shape)}: give [batch, T] token ids")
-        budget = self.budget_vector(budget, batch=input_ids.shape[0])
-        enc = self.encode_budget(budget).to(self.cost_head.weight.dtype)
-        if self.settings.per_layer_budget:
-            self._layer_bias = [proj(enc) for proj in self.layer_budget_proj]
+        u, self._layer_bias = self.budget_inputs(budget, input_ids.shape[0])
         try:
             out = self.backbone.transformer(
                 input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, use_cache=use_cache
@@ -293,7 +329,7 @@ class MetabolicGPT2(nn.Module):
         finally:
             self._layer_bias = None
         h = out.last_hidden_state
-        h_budget = h + self.budget_proj(enc)[:, None, :]
+        h_budget = h + u[:, None, :]
         if self.settings.variant == "faithful":
             cost_states = h_budget  # the paper: costs read on states that carry the budget
         elif self.settings.per_layer_budget:
@@ -333,8 +369,6 @@ class MetabolicGPT2(nn.Module):
         """Load a saved MetabolicGPT-2; `expected` settings, when given, must match the saved ones."""
         from safetensors.torch import load_file
 
-        from metabolic.model.backbone import load_backbone
-
         folder = Path(folder)
         if not (folder / SETTINGS_FILE).is_file() or not (folder / STATE_FILE).is_file():
             raise DataError(f"{folder} is not a saved MetabolicGPT-2 (no {SETTINGS_FILE} or {STATE_FILE}): "
@@ -357,3 +391,12 @@ class MetabolicGPT2(nn.Module):
         if (folder / TRAINING_INFO_FILE).is_file():
             model.training_info = read_json(folder / TRAINING_INFO_FILE)
         return model.eval()
+
+
+def _rows_2d(values: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """`values` [b, H] repeated to `n_rows` rows (each budget row for n_rows / b consecutive batch rows)."""
+    if values.shape[0] == n_rows:
+        return values
+    if n_rows % values.shape[0] == 0:
+        return values.repeat_interleave(n_rows // values.shape[0], dim=0)
+    raise ConfigError(f"{values.shape[0]} budgets for {n_rows} batch rows: give one budget per prompt")

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from metabolic.core import artefacts
+from metabolic.core import artefacts, numerics
 from metabolic.core.errors import ConfigError
+from metabolic.core.profiles import load_config
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,6 @@ def run_study(
     """Execute every notebook (or those whose name starts with an entry of `only`); return wall seconds each."""
     import jupytext
     import papermill
-
-    from metabolic.core import numerics
-    from metabolic.core.profiles import load_config
 
     numerics.pin(profile)  # the kernels inherit the pinned settings
     # Kernels run in notebooks/: make relative folders in the environment absolute first.

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from metabolic.report.explorer import tokens_html
+
 
 def cost_histogram(costs: np.ndarray, title: str):
     """Histogram of C_vocab over the full vocabulary with the mean and median marked (paper Fig. 1)."""
@@ -80,8 +82,6 @@ def lambda_curve(metrics_by_variant: dict[str, list[dict[str, Any]]], title: str
 def examples_html(records: list[dict[str, Any]], tokenizer, colour_low: float, colour_high: float,
                   per_level: int = 1, cost_key: str = "token_costs") -> str:
     """Generations at each budget level, tokens coloured by cost (`token_costs` = C_vocab, `token_csc` = true CSC)."""
-    from metabolic.report.explorer import tokens_html
-
     parts = []
     levels: list[tuple[str, str, str]] = []
     for r in records:

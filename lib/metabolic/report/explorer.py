@@ -18,14 +18,8 @@ from typing import Any
 
 import torch
 
-from metabolic.generate.budgeted import (
-    Calibration,
-    Generation,
-    generate_with_budget,
-    is_metabolic,
-    model_calibration,
-    model_token_costs,
-)
+from metabolic.generate.budgeted import Generation, generate_with_budget, is_metabolic, model_token_costs
+from metabolic.model.calibration import ProxyCalibration
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +88,13 @@ class BudgetExplorer:
     """
 
     def __init__(self, model, tokenizer, budget_range: tuple[float, float], *, token_costs: Any = None,
-                 calibration: Calibration | None = None, prompt: str = "The future of artificial intelligence",
+                 calibration: ProxyCalibration | None = None, prompt: str = "The future of artificial intelligence",
                  budget: float | None = None, temperature: float = 1.0, max_new_tokens: int = 48, top_k: int = 50,
                  steer: bool = True, seed: int = 0) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.token_costs = torch.as_tensor(token_costs, dtype=torch.float32) if token_costs is not None else model_token_costs(model)
-        self.calibration = calibration if calibration is not None else model_calibration(model)
+        self.calibration = calibration if calibration is not None else model.proxy_calibration()
         lo, hi = float(budget_range[0]), float(budget_range[1])
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
             raise ValueError(f"budget_range={budget_range!r} is invalid: give (low, high) with 0 < low < high")

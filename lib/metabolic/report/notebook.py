@@ -9,8 +9,10 @@ import logging
 import sys
 from typing import Any, Mapping
 
+from metabolic.core import numerics  # standard library only: importing it never loads torch
 from metabolic.core.config import StudyConfig
 from metabolic.core.errors import MetabolicError
+from metabolic.core.profiles import load_config
 
 PROFILE_NOTES = {
     "smoke": "smoke profile (tiny CPU run: its numbers show that the pipeline runs, not what the method achieves)",
@@ -21,8 +23,6 @@ PROFILE_NOTES = {
 
 def profile_label(cfg: StudyConfig) -> str:
     """The profile in words, and the CPU numeric mode when it is pinned (see `metabolic.core.numerics`)."""
-    from metabolic.core import numerics
-
     label = PROFILE_NOTES.get(cfg.profile, f"{cfg.profile} profile")
     if numerics.wanted(cfg.profile):
         label += "; CPU numerics pinned (ATen AVX2 kernels, MKL compatible branch, 2 threads)"
@@ -36,9 +36,6 @@ def _one_line_error(shell, etype, value, tb, tb_offset=None):  # pragma: no cove
 
 def setup(profile: str, overrides: Mapping[str, Any] | None = None, level: int = logging.WARNING) -> StudyConfig:
     """Pin the profile's CPU numerics, resolve and validate the config; input errors print one line."""
-    from metabolic.core import numerics
-    from metabolic.core.profiles import load_config
-
     numerics.pin(profile)  # first: torch must load its kernels under the pinned settings
 
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)

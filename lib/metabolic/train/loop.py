@@ -39,11 +39,10 @@ identical to an uninterrupted run on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,19 +50,21 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from metabolic.core import artefacts
-
-from metabolic.train import losses
-from metabolic.core.artefacts import atomic_torch_save, atomic_write_json
-from metabolic.model.backbone import batch_order, default_device, read_metrics, write_metrics
-from metabolic.model.calibration import OnlineAffine
-from metabolic.core.config import StudyConfig, TrainConfig
-from metabolic.train.dual import curriculum_factor, dual_update
+from metabolic.core import artefacts, resume
+from metabolic.core.artefacts import atomic_torch_save, atomic_write_json, read_jsonl, write_jsonl
+from metabolic.core.config import TrainConfig
 from metabolic.core.errors import ConfigError, DataError
-from metabolic.model.metabolic_gpt2 import SETTINGS_FILE as SETTINGS_NAME
+from metabolic.csc.dataset import scale_labels, sequence_totals
+from metabolic.model.backbone import default_device, load_backbone
+from metabolic.model.calibration import OnlineAffine
 from metabolic.model.metabolic_gpt2 import VARIANTS, MetabolicGPT2, MetabolicSettings
+from metabolic.train import losses
+from metabolic.train.dual import curriculum_factor, dual_update
+from metabolic.train.pretrain import batch_order
 
 log = logging.getLogger(__name__)
+
+read_metrics = read_jsonl  # a run's metrics log (one row per epoch)
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -127,8 +128,6 @@ def target_budgets(train: TrainConfig, stats: dict[str, Any], totals: np.ndarray
 
 def prepare_data(csc_data, train: TrainConfig, vocab_size: int, scale: str = "raw") -> TrainingData:
     """Check a CSC cache against the backbone and put its labels on `scale` (per token and per sequence)."""
-    from metabolic.csc.dataset import scale_labels, sequence_totals
-
     _check_ids(csc_data.train_ids, vocab_size, "train")
     _check_ids(csc_data.valid_ids, vocab_size, "valid")
     for split, ids, labels in (("train", csc_data.train_ids, csc_data.train_csc), ("valid", csc_data.valid_ids, csc_data.valid_csc)):
@@ -209,7 +208,7 @@ def compute_step(model: MetabolicGPT2, batch: Batch, budgets: torch.Tensor, cfg:
                  vocab_ids: torch.Tensor, vocab_means: torch.Tensor) -> StepResult:
     """Forward and every eq. (22) term for one batch (no backward)."""
     at = losses.Positions.of(batch.ids, batch.mask)
-    with _autocast(batch.ids.device):
+    with resume.autocast(batch.ids.device):
         h, token_costs, _ = model.hidden_and_costs(batch.ids, budget=budgets, attention_mask=batch.mask)
         logits = model.backbone.lm_head(h[at.seq, at.pos])  # [N, V]: real prediction positions only
     logp = F.log_softmax(logits.float(), dim=-1)
@@ -234,16 +233,11 @@ def compute_step(model: MetabolicGPT2, batch: Batch, budgets: torch.Tensor, cfg:
     return StepResult(terms=terms, totals=totals.detach(), budgets=budgets, gap=gap.detach())
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA (the losses are computed in fp32 from its outputs); nothing on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def level_expected_totals(model: MetabolicGPT2, batch: Batch, level: float, c_vocab: torch.Tensor) -> torch.Tensor:
     """Expected totals [b, K] of a batch's texts under one budget level for every sequence (teacher forced)."""
     at = losses.Positions.of(batch.ids, batch.mask)
     b = batch.ids.shape[0]
-    with _autocast(batch.ids.device):
+    with resume.autocast(batch.ids.device):
         h, _, _ = model.hidden_and_costs(batch.ids, budget=torch.full((b,), float(level), device=batch.ids.device),
                                          attention_mask=batch.mask)
         logits = model.backbone.lm_head(h[at.seq, at.pos])
@@ -426,16 +420,6 @@ def initial_token_cost(cfg: TrainConfig, data: TrainingData) -> float:
     return mean
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def train(
     backbone_path: str | Path,
     data: TrainingData,
@@ -473,8 +457,6 @@ def train(
                             f"folder) to train from scratch, or rerun with the config that made it")
 
     torch.manual_seed(cfg.seed)
-    from metabolic.model.backbone import load_backbone
-
     backbone = load_backbone(backbone_path, device=device)
     vocab_size = backbone.config.vocab_size
     _check_ids(data.train_ids, vocab_size, "train")
@@ -497,7 +479,7 @@ def train(
         model.load_state_dict(state["model"])
         model.calibration = OnlineAffine.from_state_dict(state["calibration"])
         optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"], device)
+        resume.set_rng_state(state["rng"], device)
         metrics, points, best = state["metrics"], state["points"], state["best"]
         epoch0, step, reference_ppl = state["epochs_done"], state["step"], state["reference_ppl"]
         log.info("resuming %s training after epoch %d of %d", variant, epoch0, cfg.epochs)
@@ -573,18 +555,17 @@ def train(
         if score <= best["score"]:
             best = {"epoch": epoch + 1, "score": score}
             model.save_pretrained(work_dir / BEST_DIR)
-        write_metrics(work_dir / METRICS, metrics)
+        write_jsonl(work_dir / METRICS, metrics)
         atomic_write_json(work_dir / CALIBRATION_POINTS, points)
         atomic_torch_save(ckpt_path, {
             "run_key": run_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "calibration": model.calibration.state_dict(), "rng": _rng_state(device), "metrics": metrics,
+            "calibration": model.calibration.state_dict(), "rng": resume.rng_state(device), "metrics": metrics,
             "points": points, "best": best, "epochs_done": epoch + 1, "step": step, "reference_ppl": reference_ppl,
         })
         epochs_this_call += 1
         log.info("%s epoch %d: %.1f s training, %.1f s evaluating and saving", variant, epoch + 1, train_s,
                  time.perf_counter() - epoch_t0 - train_s)
-        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and epoch + 1 < cfg.epochs:
-            raise KeyboardInterrupt(f"stopped after {epochs_this_call} epochs (simulated interruption)")
+        resume.interrupt_if(stop_after_epochs, epochs_this_call, epoch + 1 >= cfg.epochs, "epochs")
     model.save_pretrained(work_dir / LAST_DIR)
     atomic_write_json(work_dir / SELECTION, {
         "rule": "min ln(val_ppl / backbone_val_ppl) + mean_j |achieved_j - B_j| / B_j; ties -> later epoch",
@@ -600,68 +581,4 @@ def train(
 # --- stage ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StageInputs:
-    """What both variants train from (loaded once: the CSC stage alone loads and hashes the encoder)."""
-
-    backbone: Any  # stages.BackboneData
-    csc: Any  # csc_dataset.CSCData
-    data: TrainingData
-    prior: np.ndarray | None
-    prior_fingerprint: str | None
-
-
-def stage_inputs(cfg: StudyConfig, progress: bool = True) -> StageInputs:
-    """The backbone, the CSC cache (checked against the tokenizer), training data and the optional prior."""
-    from metabolic.pipeline import stages
-    from metabolic.csc.dataset import csc_labels
-
-    backbone = stages.pretrain_backbone(cfg, progress=progress)
-    csc = csc_labels(cfg, progress=progress)
-    corpus = stages.corpus(cfg)
-    tok_key = stages.tokenizer_fingerprint(corpus.tokenizer)
-    manifest = artefacts.read_manifest(csc.folder) or {}
-    made_with = (manifest.get("description") or {}).get("tokenizer")
-    if made_with is not None and made_with != tok_key:
-        raise DataError(f"CSC cache {csc.folder} was made for another tokenizer: rebuild it "
-                        f"(python -m metabolic run --stages csc) with assets.tokenizer={cfg.assets.tokenizer!r}")
-    data = prepare_data(csc, cfg.train, vocab_size=len(corpus.tokenizer), scale=cfg.csc.scale)
-    prior = stages.energy_prior(cfg) if cfg.train.token_cost_from_prior else None
-    return StageInputs(backbone=backbone, csc=csc, data=data, prior=None if prior is None else prior.prior.cost,
-                       prior_fingerprint=None if prior is None else prior.fingerprint)
-
-
-def train_metabolic(cfg: StudyConfig, variant: str | None = None, progress: bool = True,
-                    inputs: StageInputs | None = None) -> TrainResult:
-    """Stage `train` for one variant (default `train.variant`): run folder `data/<profile>/train/<variant>/`.
-
-    A finished run made from the same inputs and config is reused; an interrupted one resumes.
-    """
-    variant = variant or cfg.train.variant
-    if variant not in VARIANTS:
-        raise ConfigError(f"variant={variant!r} is invalid: choose one of {', '.join(VARIANTS)}")
-    inputs = inputs or stage_inputs(cfg, progress=progress)
-    tcfg = replace(cfg.train, variant=variant)
-    description = {"stage": "train", "variant": variant, "train": asdict(tcfg), "csc_scale": cfg.csc.scale,
-                   "backbone": inputs.backbone.fingerprint, "csc": inputs.csc.fingerprint, "prior": inputs.prior_fingerprint}
-    folder = artefacts.run_dir(cfg.profile) / "train" / variant
-
-    def build(work: Path) -> dict[str, Any]:
-        result = train(inputs.backbone.path, inputs.data, tcfg, variant, work, prior_cost=inputs.prior, progress=progress)
-        (work / CHECKPOINT).unlink(missing_ok=True)  # best/ and last/ supersede it
-        return {"best_epoch": result.best_epoch, "reference_ppl": result.reference_ppl, "epochs": len(result.metrics)}
-
-    artefacts.build_artefact(folder, description, build, cfg.to_json(),
-                             required=(METRICS, SELECTION, f"{BEST_DIR}/{SETTINGS_NAME}", f"{LAST_DIR}/{SETTINGS_NAME}"))
-    selection = artefacts.read_json(folder / SELECTION)
-    return TrainResult(variant=variant, folder=folder, metrics=read_metrics(folder / METRICS),
-                       best_epoch=selection["best_epoch"], best_dir=folder / BEST_DIR, last_dir=folder / LAST_DIR,
-                       reference_ppl=selection["reference_ppl"], targets=selection["targets"],
-                       fingerprint=artefacts.fingerprint({**description, "library_version": artefacts.__version__}))
-
-
-def train_variants(cfg: StudyConfig, progress: bool = True) -> dict[str, TrainResult]:
-    """Stage `train` in the pipeline: both variants on the same data, backbone and protocol."""
-    inputs = stage_inputs(cfg, progress=progress)
-    return {v: train_metabolic(cfg, v, progress=progress, inputs=inputs) for v in VARIANTS}
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from metabolic.core.config import apply_overrides
 from metabolic.core.errors import ConfigError, DataError
-from metabolic.energy.joules import JouleBudgetStopping, fit_linear, hit_rate, tokens_predictor
+from metabolic.energy.joules import JouleBudgetStopping, fit_linear, tokens_predictor
 from metabolic.energy.workloads import SCRATCH_SHAPES, TASK_RATIOS, ModelSpec, load_model, make_tasks, model_specs, pick_prompts
+from metabolic.evaluate.scoring import hit_fraction
 
 WATTS = 100.0  # the fake GPU draws a constant 100 W
 
@@ -108,9 +109,9 @@ def test_fit_linear_bad_inputs():
 
 
 def test_hit_rate():
-    assert hit_rate([9.5, 11.5, 10.0, 20.0], [10.0] * 4) == 0.5
+    assert hit_fraction([9.5, 11.5, 10.0, 20.0], [10.0] * 4, 10) == 0.5
     with pytest.raises(DataError):
-        hit_rate([], [])
+        hit_fraction([], [], 10)
 
 
 def test_joule_budget_stops_where_the_calibration_says(tokenizer):

@@ -72,14 +72,6 @@ def fit_linear(x: Sequence[Sequence[float]], y: Sequence[float], names: Sequence
                      tuple(float(r) for r in resid), int(X.shape[0]))
 
 
-def hit_rate(measured: Sequence[float], targets: Sequence[float], tol: float = 0.10) -> float:
-    """Fraction of requests whose measured value is within `tol` (relative) of its target."""
-    if len(measured) != len(targets) or not measured:
-        raise DataError(f"{len(measured)} measurements for {len(targets)} targets: give the same non-zero number")
-    hits = [abs(m - t) <= tol * t for m, t in zip(measured, targets)]
-    return sum(hits) / len(hits)
-
-
 class JouleBudgetStopping(StoppingCriteria):
     """Stop each sequence before its predicted joules would exceed its budget (transformers StoppingCriteria).
 

@@ -46,9 +46,10 @@ from metabolic.core import artefacts
 from metabolic.core.config import StudyConfig
 from metabolic.core.errors import AssetError, DataError
 from metabolic.energy.etokens import check_rows, etokens, spread
-from metabolic.energy.joules import JouleBudgetStopping, cost_predictor, fit_linear, hit_rate, tokens_predictor
+from metabolic.energy.joules import JouleBudgetStopping, cost_predictor, fit_linear, tokens_predictor
 from metabolic.energy.meter import EnergyMeter, IdleBaseline, Measurement
 from metabolic.energy.workloads import SCRATCH_SHAPES, ModelSpec, Task, count_parameters, load_model, make_tasks, pick_prompts
+from metabolic.evaluate.scoring import hit_fraction
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +330,7 @@ def run_calibration(cfg: StudyConfig, meter: EnergyMeter, tokenizer, valid, toke
                 measured.append(m.energy_j / n)
                 lengths.append(out.shape[1] - e.input_tokens)
             budgets.append({"predictor": predictor, "fraction": frac, "budget_j": budget_j, "measured_j": measured,
-                            "output_tokens": lengths, "hit10": hit_rate(measured, [budget_j] * len(measured), 0.10),
+                            "output_tokens": lengths, "hit10": hit_fraction(measured, [budget_j] * len(measured), 10),
                             "batch_size": 1, "min_window_s": e.min_window_s})
     return {"model": spec.name, "points": points, "semantic_cost": "synthetic prior (sum over input and output tokens)",
             "fit_tokens": fit_tokens.__dict__, "fit_cost": fit_cost.__dict__, "budgets": budgets,

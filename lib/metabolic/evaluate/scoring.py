@@ -67,13 +67,25 @@ def mape(achieved: Any, target: Any) -> float:
     return float(100.0 * np.mean(np.abs(a - t) / t))
 
 
-def hit_rate(achieved: Any, target: Any, delta_pct: float) -> float:
-    """Hit@delta: percent of generations with |achieved - target| <= delta% of the target (inclusive)."""
+def hit_fraction(achieved: Any, target: Any, delta_pct: float) -> float:
+    """The fraction (0..1) of items with |achieved - target| <= delta% of the target (inclusive).
+
+    The one Hit@delta rule: Table I reports it in percent (`hit_rate`), the joule-budget check of the
+    e-token stage as a fraction.
+
+    >>> hit_fraction([9.5, 11.5, 10.0, 20.0], [10.0] * 4, 10)
+    0.5
+    """
     if not (math.isfinite(delta_pct) and delta_pct >= 0):
         raise DataError(f"delta_pct={delta_pct!r} is invalid: use a percentage >= 0")
     a, t = _pair(achieved, target)
     # A relative tolerance of 1e-12 keeps a value exactly on the boundary a hit despite rounding.
-    return float(100.0 * np.mean(np.abs(a - t) <= t * delta_pct / 100.0 * (1 + 1e-12)))
+    return float(np.mean(np.abs(a - t) <= t * delta_pct / 100.0 * (1 + 1e-12)))
+
+
+def hit_rate(achieved: Any, target: Any, delta_pct: float) -> float:
+    """Hit@delta (Table I): percent of generations with |achieved - target| <= delta% of the target (inclusive)."""
+    return 100.0 * hit_fraction(achieved, target, delta_pct)
 
 
 def table_row(achieved: Any, target: Any, budget: float) -> dict[str, float]:

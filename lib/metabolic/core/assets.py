@@ -143,7 +143,7 @@ def load_tokenizer(spec: str) -> Resolved:
 
     def load(c: Candidate) -> Any:
         # `from_pretrained(folder)`: the vocab_file=/merges_file= constructor silently builds a
-        # 1-token vocabulary under transformers 5 (DESIGN.md), so it is never used here.
+        # 1-token vocabulary under transformers 5 (README, measured facts), so it is never used here.
         tok = GPT2TokenizerFast.from_pretrained(c.location, local_files_only=c.source != "hub")
         if len(tok) < 2:
             raise AssetError(f"tokenizer at {c.location} has {len(tok)} tokens")

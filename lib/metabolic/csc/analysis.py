@@ -1,7 +1,7 @@
 """Analyses of CSC labels: the length effect (issue 3, item 5) and the encoder ablation (item 7).
 
 Length effect: total CSC of a text is nearly flat in its length while per-token CSC falls like 1/T
-(DESIGN.md). `truncation_effect` measures it with the content held fixed (the same texts cut to
+(README, measured facts). `truncation_effect` measures it with the content held fixed (the same texts cut to
 several lengths); `length_table` reads it off the labelled corpus (natural lengths).
 
 Second encoder: all-mpnet-base-v2 (paper V.B). Offline it resolves like any encoder

@@ -13,7 +13,7 @@ Totals of a sequence (`sequence_totals`):
   the unbiased estimate of the full sum under the seeded uniform subset; a sequence with no label
   has total NaN and is left out of the statistics.
 - `scale="length"`: raw total x T, T = length of the text the labels were computed on. Total CSC
-  of a text is nearly flat in its length (per-token CSC falls like 1/T, DESIGN.md), so raw budgets
+  of a text is nearly flat in its length (per-token CSC falls like 1/T, README, measured facts), so raw budgets
   cannot be met by writing more or less; T x CSC_t restores totals that grow with content.
 
 The artefact `data/<profile>/csc/` holds `csc.npz` (ids and labels of both splits, ragged arrays as

@@ -3,7 +3,7 @@
 `f` is the sentence encoder (all-MiniLM-L6-v2 by default) with normalised embeddings. The
 counterfactual of position t is `tokenizer.decode(ids with position t removed)`: decoding the id
 sequence, never joining per-token strings, because GPT-2's byte-level BPE splits multi-byte
-characters across tokens (DESIGN.md).
+characters across tokens (README, measured facts).
 
 How it is fast without changing the maths:
 - every text of a chunk of sequences (the full texts and all their counterfactuals) is encoded in
@@ -12,7 +12,7 @@ How it is fast without changing the maths:
   word-piece tokenized by the Rust tokenizers in a background thread, overlapped with the encoder;
 - on CUDA only, `precision="tf32"` (TF32 matmuls) or `"fp16"` (transformer in fp16, pooling and
   the cosine in fp32). bf16 is refused: CSC is the difference of two nearly equal embeddings
-  (mean ~0.0018 on 256-token texts) and bf16 errors are of that size (DESIGN.md). On CPU the
+  (mean ~0.0018 on 256-token texts) and bf16 errors are of that size (README, measured facts). On CPU the
   labeller always runs fp32.
 
 Defined results for edge cases:

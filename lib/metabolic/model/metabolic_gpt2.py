@@ -18,7 +18,7 @@ Parts, with shapes (V vocabulary, H hidden size, K cost dimensions):
 * buffers: the dual variable lambda [K], calibration a [K] and b [K] (eq. 17), the calibration's
   running statistics, and the budget scale (median total CSC of the training texts).
 
-Two variants (DESIGN.md, "Things we measured"), fixed at construction and saved with the model:
+Two variants (README, measured facts), fixed at construction and saved with the model:
 
 * `faithful` (the paper as written): the cost head reads the hidden states that carry the budget
   bias, so the budget can change cost estimates; training holds the cost to a constant budget.

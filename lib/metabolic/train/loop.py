@@ -335,7 +335,7 @@ def evaluate(model: MetabolicGPT2, data: TrainingData, cfg: TrainConfig, factor:
     level_proxy = [float(np.mean(np.concatenate(t, axis=0))) for t in level_totals]
     level_csc = [float(np.mean(a + b_ * np.concatenate(t, axis=0))) for t in level_totals]
     # In proxy units, which CSC supervision ties to CSC units: with raw CSC the calibration slope is
-    # near 0 (total CSC hardly depends on the text, DESIGN.md), so calibrated values would not move.
+    # near 0 (total CSC hardly depends on the text, README, measured facts), so calibrated values would not move.
     rel_err = float(np.mean([abs(ach - tar) / tar for ach, tar in zip(level_proxy, data.targets)]))
     val_lm = lm_sum / max(n_tok, 1)
     terms = {k: v / n_seq for k, v in sums.items()}

@@ -147,7 +147,7 @@ def _piece_lengths(labeller, tok, sequences) -> np.ndarray:
     lengths = []
     for ids in sequences:
         texts = [tok.decode(ids)] + labeller.counterfactual_texts(ids)
-        lengths += labeller._piece_lengths(texts)
+        lengths += labeller.piece_lengths(texts)
     return np.asarray(lengths)
 
 

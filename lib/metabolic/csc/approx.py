@@ -69,13 +69,13 @@ def masked_csc(labeller, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]
             if pieces is None:
                 continue
             batch, overlap = pieces
-            full = labeller._forward(batch)[0]
+            full = labeller.embed_batch(batch)[0]
             embs = []
             for start in range(0, len(ids), labeller.batch_size):
                 rows = overlap[start:start + labeller.batch_size]
                 mask = np.repeat(batch["attention_mask"], rows.shape[0], axis=0) * (~rows)
                 ids_rep = np.repeat(batch["input_ids"], rows.shape[0], axis=0)
-                embs.append(labeller._forward({"input_ids": ids_rep, "attention_mask": mask.astype(np.int64)}))
+                embs.append(labeller.embed_batch({"input_ids": ids_rep, "attention_mask": mask.astype(np.int64)}))
             cos = torch.cat(embs) @ full
             labels[:] = np.maximum(1.0 - cos.double().cpu().numpy(), 0.0)
             labels[~overlap.any(axis=1)] = 0.0  # no word piece (e.g. a lone space): nothing masked

@@ -175,7 +175,7 @@ class CSCLabeller:
             if batch["input_ids"].shape[1] > self.window:
                 raise DataError(f"a text has {batch['input_ids'].shape[1]} word pieces > the encoder window {self.window}: "
                                 f"shorten it (the labeller marks such texts NaN instead)")
-            emb = self._forward(batch)
+            emb = self.embed_batch(batch)
             out[torch.as_tensor(idx, device=self.device)] = emb
         return out
 
@@ -243,7 +243,7 @@ class CSCLabeller:
     def _plan(self, chunk: list[int], seqs, pos) -> _Plan:
         """Full texts that fit the window, then their counterfactual strings (decoded, never joined)."""
         full_texts = self.tokenizer.batch_decode([seqs[i].tolist() for i in chunk])
-        lengths = self._piece_lengths(full_texts)
+        lengths = self.piece_lengths(full_texts)
         texts: list[str] = []
         owner: list[np.ndarray] = []
         position: list[np.ndarray] = []
@@ -270,7 +270,8 @@ class CSCLabeller:
         return self.enc_tokenizer(texts, add_special_tokens=True, truncation=False, padding=False,
                                   return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
 
-    def _piece_lengths(self, texts: list[str]) -> list[int]:
+    def piece_lengths(self, texts: list[str]) -> list[int]:
+        """Word pieces per text in the encoder's tokenizer (with [CLS] and [SEP])."""
         return [len(x) for x in self._piece_ids(texts)]
 
     def _tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
@@ -303,7 +304,7 @@ class CSCLabeller:
         valid = plan.pieces <= self.window
         with torch.inference_mode(), self._precision_context():
             for idx, batch in _background(self._batches(plan)):
-                emb[torch.as_tensor(idx, device=self.device)] = self._forward(batch)
+                emb[torch.as_tensor(idx, device=self.device)] = self.embed_batch(batch)
                 self.stats["texts"] += int(idx.size)
                 self.stats["word_pieces"] += int(batch["attention_mask"].sum())
                 self.stats["padded_word_pieces"] += int(batch["attention_mask"].size)
@@ -332,8 +333,9 @@ class CSCLabeller:
             bar.update(skipped)
         self.stats["labels"] += n_labelled
 
-    def _forward(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
-        """Normalised fp32 sentence embeddings of one tokenized batch."""
+    def embed_batch(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
+        """Normalised fp32 sentence embeddings [n, dim] of one tokenized batch (`input_ids`, `attention_mask`
+        as numpy arrays); the labeller's precision setting applies. Public for the CSC approximations."""
         non_blocking = self.device.type == "cuda"
         feats: dict[str, Any] = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, non_blocking=non_blocking)
                                  for k, v in batch.items()}

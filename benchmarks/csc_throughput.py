@@ -5,7 +5,7 @@ full texts) with default settings in fp32, then cosine distances. Its window is 
 encoder's 512 positions like the labeller's, so both compute the same labels (the default 256 would
 truncate 256-token texts). Prints labels/s of both, their ratio, mean and max |label difference|
 against fp32, and on CUDA the fraction of the GPU's fp16 tensor peak reached (encoder FLOPs counted
-from the unpadded word-piece lengths, `metabolic.csc.flops_per_text`).
+from the unpadded word-piece lengths, `metabolic.csc.labeller.flops_per_text`).
 
     python benchmarks/csc_throughput.py --profile smoke --device cpu            # about a minute here
     python benchmarks/csc_throughput.py --profile gpu --device cuda --sequences 2000
@@ -70,10 +70,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     logging.basicConfig(level=logging.WARNING)
-    from metabolic import stages
-    from metabolic.csc import CSCLabeller, cached_encoder, flops_per_text
-    from metabolic.csc_dataset import select_for_labelling
-    from metabolic.profiles import load_config
+    from metabolic.core.profiles import load_config
+    from metabolic.csc.labeller import CSCLabeller, flops_per_text
+    from metabolic.pipeline import stages
 
     cfg = load_config(args.profile)
     cuda = args.device.startswith("cuda")
@@ -81,10 +80,10 @@ def main(argv=None) -> int:
     precisions = (args.precisions or ("fp32,tf32,fp16" if cuda else "fp32")).split(",")
     batch = args.batch_size or cfg.csc.batch_size
     data = stages.corpus(cfg)
-    sequences, _ = select_for_labelling(cfg, data)
+    sequences, _ = stages.select_for_labelling(cfg, data)
     sequences = sequences[:n_seq]
     n_labels = sum(len(s) for s in sequences)
-    encoder = cached_encoder(cfg.assets.encoder, args.device)
+    encoder = stages._encoder(cfg.assets.encoder, args.device)
     tok = data.tokenizer
     print(f"device {args.device} ({torch.cuda.get_device_name() if cuda else f'{torch.get_num_threads()} CPU threads'}), "
           f"profile {args.profile}: {len(sequences)} sequences, {n_labels} labels, "
@@ -148,7 +147,7 @@ def _piece_lengths(labeller, tok, sequences) -> np.ndarray:
     lengths = []
     for ids in sequences:
         texts = [tok.decode(ids)] + labeller.counterfactual_texts(ids)
-        lengths += labeller._piece_lengths(texts)
+        lengths += labeller.piece_lengths(texts)
     return np.asarray(lengths)
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/energy_meter.py [--windows 1,2,5] [--repeats 5] [--gpu 0]
 
-1. Agreement: the same GPU workload (back-to-back fp16 matmuls) is measured by `metabolic.energy`
+1. Agreement: the same GPU workload (back-to-back fp16 matmuls) is measured by `metabolic.energy.meter`
    and by `zeus.monitor.ZeusMonitor` in nested windows (which one is outside alternates per repeat,
    so neither always gets the wider window); agreement = |ours - zeus| / zeus in %. Goal: <= 2% on
    windows >= 1 s.
@@ -46,9 +46,8 @@ def _workload(seconds: float, device: str = "cuda"):
 
 def agreement(windows_s: list[float], repeats: int, gpu: int) -> list[dict]:
     import torch
+    from metabolic.energy.meter import EnergyMeter
     from zeus.monitor import ZeusMonitor
-
-    from metabolic.energy import EnergyMeter
 
     meter = EnergyMeter(gpu_index=gpu)
     zeus = ZeusMonitor(gpu_indices=[gpu], cpu_indices=[])
@@ -78,8 +77,7 @@ def agreement(windows_s: list[float], repeats: int, gpu: int) -> list[dict]:
 
 def overhead(window_s: float, repeats: int, gpu: int) -> dict[str, float]:
     import torch
-
-    from metabolic.energy import EnergyMeter
+    from metabolic.energy.meter import EnergyMeter
 
     run, _ = _workload(window_s)
 
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from metabolic.energy import EnergyMeter
+    from metabolic.energy.meter import EnergyMeter
 
     probe = EnergyMeter(gpu_index=args.gpu)
     if not probe.available:

@@ -28,17 +28,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from metabolic import stages
-    from metabolic.evaluation import select_prompts
-    from metabolic.generation import Calibration, generate_with_budget, plain_generate
-    from metabolic.model import MetabolicGPT2
-    from metabolic.profiles import load_config
-    from metabolic.training import train_metabolic
+    from metabolic.core.profiles import load_config
+    from metabolic.evaluate.scoring import select_prompts
+    from metabolic.generate.budgeted import generate_with_budget, plain_generate
+    from metabolic.model.calibration import ProxyCalibration
+    from metabolic.model.metabolic_gpt2 import MetabolicGPT2
+    from metabolic.pipeline import stages
 
     cfg = load_config(args.profile)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok = stages.corpus(cfg).tokenizer
-    result = train_metabolic(cfg, args.variant, progress=False)
+    result = stages.train_metabolic(cfg, args.variant, progress=False)
     model = MetabolicGPT2.from_pretrained(result.best_dir, device=device)
     valid = stages.valid_sequences(cfg, stages.corpus(cfg))
     prompts = (select_prompts(cfg, tok, valid) * args.batch)[: args.batch]
@@ -53,7 +53,7 @@ def main() -> None:
     def budgeted(two_sided: bool = False):
         # Timing does not depend on the calibration; the identity keeps a smoke model with a slope <= 0 usable.
         return generate_with_budget(model, tok, prompts, huge, max_new_tokens=n, steer=True, stop=True, seed=0,
-                                    calibration=Calibration(0.0, 1.0), two_sided=two_sided,
+                                    calibration=ProxyCalibration(0.0, 1.0), two_sided=two_sided,
                                     temperature=cfg.generation.temperature, top_k=cfg.generation.top_k,
                                     generate_kwargs=extra)
 

@@ -2,7 +2,7 @@
 
 Both run on the same device, with the same batch (real WikiText-2 texts of the profile's length),
 the same optimiser (AdamW), gradient clipping and precision (bf16 autocast on CUDA, fp32 on CPU).
-The MetabolicGPT-2 step is the full `metabolic.training.train_step`: all eq. (22) terms, dual ascent
+The MetabolicGPT-2 step is the full `metabolic.train.loop.train_step`: all eq. (22) terms, dual ascent
 and the online-calibration update. Token values do not change the speed, so the CSC targets here are
 a constant 1/T per token (no encoder run) and the backbone keeps whatever weights it loads with.
 
@@ -38,13 +38,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
     import torch
-
-    from metabolic import stages, training
-    from metabolic.backbone import default_device, load_backbone, scratch_model
-    from metabolic.config import parse_override_strings
-    from metabolic.errors import MetabolicError
-    from metabolic.model import MetabolicGPT2
-    from metabolic.profiles import load_config
+    from metabolic.core import resume
+    from metabolic.core.config import parse_override_strings
+    from metabolic.core.errors import MetabolicError
+    from metabolic.core.profiles import load_config
+    from metabolic.model.backbone import default_device, load_backbone, scratch_model
+    from metabolic.model.metabolic_gpt2 import MetabolicGPT2
+    from metabolic.pipeline import stages
+    from metabolic.train import loop as training
 
     try:
         cfg = load_config(args.profile, parse_override_strings(args.overrides))
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
         batch = training.make_batch(texts, labels, totals, device)
         n_tokens = int(batch.mask.sum())
-        autocast = training._autocast(device)
+        autocast = resume.autocast(device)
 
         def sync():
             if device.type == "cuda":

@@ -28,7 +28,7 @@ profile = "smoke"
 overrides = {}
 
 # %%
-from metabolic.notebook import profile_label, setup
+from metabolic.report.notebook import profile_label, setup
 
 cfg = setup(profile, overrides)
 print("profile:", profile_label(cfg))
@@ -36,7 +36,7 @@ print("profile:", profile_label(cfg))
 # %%
 import time
 
-from metabolic import stages
+from metabolic.pipeline import stages
 
 t0 = time.perf_counter()
 data = stages.corpus(cfg)
@@ -52,9 +52,8 @@ for row in backbone.metrics:
     print(f"step {row['step']:>5}  train loss {row['train_loss']:.3f}  val loss {row['val_loss']:.3f}  val ppl {row['val_ppl']:.1f}")
 
 # %%
+from metabolic.report.figures import save_figure
 from plotly.subplots import make_subplots
-
-from metabolic.figures import save_figure
 
 if backbone.metrics:
     steps = [r["step"] for r in backbone.metrics]

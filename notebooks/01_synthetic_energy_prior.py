@@ -20,7 +20,7 @@
 # `cost(v) = max(c_min, s * (alpha / (f(v) + eps) + beta * len(v)) + penalty(v))`, with `f` the token's
 # relative frequency in the WikiText-2 training split, `len` its decoded length in characters, `s`
 # solved so that the vocabulary mean is exactly 1, and a penalty for heading/metadata-like tokens.
-# Unseen tokens count as if seen once (see `metabolic.prior`), so they cost what the rarest observed
+# Unseen tokens count as if seen once (see `metabolic.data.prior`), so they cost what the rarest observed
 # tokens cost and cannot dominate the normalisation.
 
 # %% tags=["parameters"]
@@ -28,15 +28,14 @@ profile = "smoke"
 overrides = {}
 
 # %%
-from metabolic.notebook import profile_label, setup
+from metabolic.report.notebook import profile_label, setup
 
 cfg = setup(profile, overrides)
 print("profile:", profile_label(cfg))
 
 # %%
 import numpy as np
-
-from metabolic import stages
+from metabolic.pipeline import stages
 
 prior = stages.energy_prior(cfg).prior
 cost, counts = prior.cost, prior.counts
@@ -61,8 +60,7 @@ print("heading-like tokens:", show(np.flatnonzero(prior.heading)[:12]))
 # %%
 import plotly.express as px
 import plotly.graph_objects as go
-
-from metabolic.figures import save_figure
+from metabolic.report.figures import save_figure
 
 fig = px.histogram(x=cost, nbins=80, labels={"x": "synthetic cost (vocabulary mean = 1)"}, log_y=True)
 fig.add_vline(x=float(cost.mean()), line_dash="dash", annotation_text=f"mean {cost.mean():.2f}")

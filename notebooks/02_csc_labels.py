@@ -34,7 +34,7 @@ ablation_max_tokens = None  # tokens kept of each of them
 ablation_encoder = "sentence-transformers/all-mpnet-base-v2"
 
 # %%
-from metabolic.notebook import profile_label, setup
+from metabolic.report.notebook import profile_label, setup
 
 cfg = setup(profile, overrides)
 print("profile:", profile_label(cfg))
@@ -51,16 +51,17 @@ import html
 import numpy as np
 import plotly.graph_objects as go
 from IPython.display import HTML, display
+from metabolic.csc import analysis as csc_analysis
+from metabolic.csc import approx as csc_approx
+from metabolic.csc.dataset import sequence_totals
+from metabolic.csc.labeller import CSCLabeller
+from metabolic.pipeline import stages
+from metabolic.report.figures import save_figure
 from plotly.subplots import make_subplots
-
-from metabolic import csc_analysis, csc_approx, stages
-from metabolic.csc import CSCLabeller
-from metabolic.csc_dataset import sequence_totals
-from metabolic.figures import save_figure
 
 NB = "02_csc_labels"
 data = stages.csc_labels(cfg)
-labeller = CSCLabeller.from_config(cfg)
+labeller = stages.csc_labeller(cfg)
 tok = labeller.tokenizer
 
 # %%
@@ -220,7 +221,7 @@ fig.show()
 # paper V.B) on the same texts: Spearman per text.
 
 # %%
-from metabolic.errors import AssetError
+from metabolic.core.errors import AssetError
 
 try:
     second = csc_analysis.load_second_encoder(ablation_encoder, device=str(labeller.device))
@@ -235,9 +236,9 @@ if second is not None:
     agreement = csc_approx.fidelity(a_minilm, a_other)
 
 # %%
-# Not checked by nbval: the second encoder is optional (`python -m metabolic.csc_analysis fetch-mpnet`).
+# Not checked by nbval: the second encoder is optional (`python -m metabolic.csc.analysis fetch-mpnet`).
 if second is None:
-    print("no second encoder: run `python -m metabolic.csc_analysis fetch-mpnet` to add all-mpnet-base-v2")
+    print("no second encoder: run `python -m metabolic.csc.analysis fetch-mpnet` to add all-mpnet-base-v2")
 else:
     print(f"{len(abl)} texts of {ablation_max_tokens} tokens ({profile_label(cfg)}): Spearman per text, MiniLM vs "
           f"{ablation_encoder.split('/')[-1]}, mean {agreement['spearman_mean']:.2f} (median {agreement['spearman_median']:.2f}); "

@@ -30,14 +30,14 @@
 # lambda follows projected dual ascent (eq. 23); the affine map proxy -> CSC (eq. 19-21) is refitted
 # online. Every quantity of paper V.C is logged per epoch in `data/<profile>/train/<variant>/metrics.jsonl`.
 # The "best balanced" epoch minimises `ln(val_ppl / backbone_ppl) + mean relative budget error`
-# (see `metabolic.training`).
+# (see `metabolic.train.loop`).
 
 # %% tags=["parameters"]
 profile = "smoke"
 overrides = {}
 
 # %%
-from metabolic.notebook import profile_label, setup
+from metabolic.report.notebook import profile_label, setup
 
 cfg = setup(profile, overrides)
 print("profile:", profile_label(cfg))
@@ -45,11 +45,12 @@ print("profile:", profile_label(cfg))
 # %%
 import time
 
-from metabolic import training
-from metabolic.model import VARIANTS
+from metabolic.model.metabolic_gpt2 import VARIANTS
+from metabolic.pipeline import stages
+from metabolic.train import loop as training
 
 t0 = time.perf_counter()
-results = training.train_variants(cfg)
+results = stages.train_variants(cfg)
 print(f"wall time (not checked): {time.perf_counter() - t0:.1f} s")
 
 # %%
@@ -76,9 +77,8 @@ print(table.set_index(["variant", "epoch"]).round(4).to_string())
 
 # %%
 import plotly.graph_objects as go
+from metabolic.report.figures import save_figure
 from plotly.subplots import make_subplots
-
-from metabolic.figures import save_figure
 
 panels = [("train_loss", "train loss"), ("val_loss", "val loss"), ("val_ppl", "val perplexity"),
           ("aux", "aux (CSC + vocab-aux)"), ("err", "budget error C - B"), ("lambda", "lambda (mean over K)"),

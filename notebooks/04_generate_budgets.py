@@ -44,7 +44,7 @@ profile = "smoke"
 overrides = {}
 
 # %%
-from metabolic.notebook import profile_label, setup
+from metabolic.report.notebook import profile_label, setup
 
 cfg = setup(profile, overrides)
 print("profile:", profile_label(cfg))
@@ -52,12 +52,11 @@ print("profile:", profile_label(cfg))
 # %%
 import time
 
-from metabolic import stages
-from metabolic.evaluation import read_generations
+from metabolic.pipeline import stages
 
 t0 = time.perf_counter()
 combined = stages.evaluate_budgets(cfg, progress=False)
-records = read_generations(cfg)
+records = stages.read_generations(cfg)
 print(f"wall time (not checked): {time.perf_counter() - t0:.1f} s")
 
 # %%
@@ -78,8 +77,7 @@ print(f"{len(combined['prompts'])} prompts; {len(records)} generations")
 # %%
 # NBVAL_CHECK_OUTPUT
 import pandas as pd
-
-from metabolic.evaluation import PAPER_TABLE1
+from metabolic.evaluate.scoring import PAPER_TABLE1
 
 COLS = ["Budget", "MAE", "MAPE", "Hit@10", "Hit@20", "Hit@50", "Achieved", "Target"]
 pd.set_option("display.width", 160)
@@ -122,17 +120,15 @@ print(flu.round(3).to_string(index=False))
 
 # %%
 import numpy as np
-
-from metabolic import budget_figures as bf
-from metabolic.figures import save_figure
-from metabolic.generation import model_token_costs
-from metabolic.model import VARIANTS
-from metabolic.prior import decoded_tokens
-from metabolic.training import train_metabolic
+from metabolic.data.prior import decoded_tokens
+from metabolic.generate.budgeted import model_token_costs
+from metabolic.model.metabolic_gpt2 import VARIANTS
+from metabolic.report import budget_figures as bf
+from metabolic.report.figures import save_figure
 
 NB = "04_generate_budgets"
 tok = stages.corpus(cfg).tokenizer
-results = {v: train_metabolic(cfg, v, progress=False) for v in VARIANTS}
+results = {v: stages.train_metabolic(cfg, v, progress=False) for v in VARIANTS}
 costs = {v: model_token_costs(r.load_best(device="cpu")).numpy() for v, r in results.items()}
 tokens = decoded_tokens(tok, len(tok))
 
@@ -171,8 +167,7 @@ fig.show()
 
 # %%
 from IPython.display import HTML, display
-
-from metabolic import artefacts
+from metabolic.core import artefacts
 
 allc = np.concatenate(list(costs.values()))
 low, high = float(np.quantile(allc, 0.05)), float(np.quantile(allc, 0.95))

@@ -36,16 +36,15 @@ profile = "smoke"
 overrides = {}
 
 # %%
-from metabolic.notebook import profile_label, setup
+from metabolic.report.notebook import profile_label, setup
 
 cfg = setup(profile, overrides)
 print("profile:", profile_label(cfg))
 
 # %%
 import pandas as pd
-
-from metabolic import stages
-from metabolic.query_energy import paths_agree, summarise
+from metabolic.energy.measurement import paths_agree, summarise
+from metabolic.pipeline import stages
 
 res = stages.measure_etokens(cfg, progress=False)
 rows = pd.DataFrame(res.rows)
@@ -94,8 +93,7 @@ view.sort_values(cols).round(6)
 
 # %%
 import plotly.express as px
-
-from metabolic.figures import save_figure
+from metabolic.report.figures import save_figure
 
 split = table[table["path"] == "default"].copy()
 if has_energy:

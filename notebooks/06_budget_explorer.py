@@ -31,25 +31,23 @@ overrides = {}
 variant = "expected-cost"
 
 # %%
-from metabolic.notebook import profile_label, setup
+from metabolic.report.notebook import profile_label, setup
 
 cfg = setup(profile, overrides)
 print("profile:", profile_label(cfg))
 
 # %%
 import numpy as np
-
-from metabolic import stages
-from metabolic.csc_dataset import csc_labels
-from metabolic.evaluation import choose_calibration, continuation_totals
-from metabolic.explorer import BudgetExplorer
-from metabolic.training import prepare_data, train_metabolic
+from metabolic.evaluate.scoring import choose_calibration, continuation_totals
+from metabolic.pipeline import stages
+from metabolic.report.explorer import BudgetExplorer
+from metabolic.train.loop import prepare_data
 
 g = cfg.generation
 tok = stages.corpus(cfg).tokenizer
-result = train_metabolic(cfg, variant, progress=False)
+result = stages.train_metabolic(cfg, variant, progress=False)
 model = result.load_best(device="cpu")
-csc = csc_labels(cfg, progress=False)
+csc = stages.csc_labels(cfg, progress=False)
 data = prepare_data(csc, cfg.train, vocab_size=len(tok), scale=cfg.csc.scale)
 # The same budgets and budget -> proxy map as notebook 04 (continuations of training texts).
 cont = continuation_totals(csc.train_ids, csc.train_csc, g.prompt_tokens, g.max_new_tokens, cfg.csc.scale)

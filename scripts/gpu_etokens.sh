@@ -9,7 +9,7 @@
 # The calibration and each model x path are separate `python -m metabolic run` calls (a few minutes
 # each, under a 10-minute command limit). Results land in
 # data/<profile>/etokens/<GPU>-<host>-<key>/ (rows.jsonl, calibration.json, machine.json); copy those
-# folders into the same place on any machine and notebook 05 (or metabolic.query_energy.merge_results)
+# folders into the same place on any machine and notebook 05 (or metabolic.energy.measurement.merge_results)
 # merges every machine into one table. With $OUT set, the results and the benchmark log are copied there.
 #
 # The single-command form also works: python -m metabolic run --profile gpu --stages etokens

@@ -10,8 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from metabolic import numerics
+from metabolic.core import numerics
 
 # The tests and the nbval kernels (children of this process) run in the smoke profile's pinned CPU
 # numeric mode, before anything imports torch, so checked values do not depend on the CPU.
@@ -64,13 +63,13 @@ def session_data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cfg(session_data_dir, assets_dir):
-    from metabolic.profiles import load_config
+    from metabolic.core.profiles import load_config
 
     return load_config("smoke", TINY_OVERRIDES)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(assets_dir):
-    from metabolic.assets import load_tokenizer
+    from metabolic.core.assets import load_tokenizer
 
     return load_tokenizer("gpt2").value

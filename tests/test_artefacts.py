@@ -7,8 +7,7 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from metabolic import artefacts
+from metabolic.core import artefacts
 
 
 def _builder(calls, payload="x"):

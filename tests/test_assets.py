@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from metabolic import assets
-from metabolic.errors import AssetError
+from metabolic.core import assets
+from metabolic.core.errors import AssetError
 
 
 def test_tokenizer_from_assets_is_the_real_gpt2_bpe(assets_dir):

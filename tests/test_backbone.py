@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-from metabolic.backbone import load_backbone, lr_at, pretrain, scratch_model
-from metabolic.config import BackboneConfig
-from metabolic.errors import AssetError
+from metabolic.core.config import BackboneConfig
+from metabolic.core.errors import AssetError
+from metabolic.model.backbone import load_backbone, scratch_model
+from metabolic.train.pretrain import lr_at, pretrain
 
 TINY = BackboneConfig(n_layer=1, n_embd=16, n_head=2, block_size=8, batch_size=2, epochs=2, lr=1e-2,
                       warmup_steps=1, eval_every=2, max_eval_blocks=2, checkpoint_every=1, seed=3)

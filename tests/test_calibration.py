@@ -7,9 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
-from metabolic.calibration import OnlineAffine
-from metabolic.errors import DataError
+from metabolic.core.errors import DataError
+from metabolic.model.calibration import OnlineAffine
 
 
 def numpy_ridge(x: np.ndarray, y: np.ndarray, gamma: float) -> tuple[float, float]:

@@ -7,10 +7,9 @@ import dataclasses
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from metabolic.config import StudyConfig, apply_overrides, from_dict, parse_override_strings
-from metabolic.errors import ConfigError
-from metabolic.profiles import PROFILES, load_config
+from metabolic.core.config import StudyConfig, apply_overrides, from_dict, parse_override_strings
+from metabolic.core.errors import ConfigError
+from metabolic.core.profiles import PROFILES, load_config
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))

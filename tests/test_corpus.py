@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-from metabolic.config import AssetsConfig
-from metabolic.corpus import (
+from metabolic.core.config import AssetsConfig
+from metabolic.core.errors import DataError
+from metabolic.data.corpus import (
     load_corpus,
     non_empty_texts,
     pack_blocks,
@@ -19,7 +19,6 @@ from metabolic.corpus import (
     subsample_indices,
     unpack_ids,
 )
-from metabolic.errors import DataError
 
 
 def test_offline_release_has_the_papers_split_sizes(assets_dir):

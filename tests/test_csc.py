@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from metabolic.errors import AssetError, ConfigError, DataError
+from metabolic.core.errors import AssetError, ConfigError, DataError
 
 FIXED_TEXT = "The quick brown fox jumps over the lazy dog near the old river bank."
 MULTIBYTE = "naïve café – 東京"
@@ -29,14 +28,14 @@ def _gpt2_bytes_to_unicode() -> dict[int, str]:
 
 @pytest.fixture(scope="session")
 def encoder(assets_dir):
-    from metabolic.assets import load_encoder
+    from metabolic.core.assets import load_encoder
 
     return load_encoder("sentence-transformers/all-MiniLM-L6-v2").value
 
 
 @pytest.fixture(scope="session")
 def labeller(encoder, tokenizer):
-    from metabolic.csc import CSCLabeller
+    from metabolic.csc.labeller import CSCLabeller
 
     return CSCLabeller(encoder, tokenizer, device="cpu", precision="fp32", batch_size=8)
 
@@ -122,7 +121,7 @@ def test_ids_outside_the_vocabulary_are_a_data_error(labeller, bad):
 
 
 def test_bad_positions_and_precision(labeller, encoder, tokenizer):
-    from metabolic.csc import CSCLabeller
+    from metabolic.csc.labeller import CSCLabeller
 
     with pytest.raises(DataError, match="position 3 of sequence 0"):
         labeller.label([[464, 318, 257]], [np.array([3])], progress=False)
@@ -135,18 +134,18 @@ def test_bad_positions_and_precision(labeller, encoder, tokenizer):
 
 
 def test_missing_encoder_is_an_asset_error(tiny_cfg, tmp_path):
-    from metabolic.config import apply_overrides
-    from metabolic.csc import CSCLabeller
+    from metabolic.core.config import apply_overrides
+    from metabolic.pipeline import stages
 
     cfg = apply_overrides(tiny_cfg, {"assets.encoder": str(tmp_path / "no-such-encoder")})
     with pytest.raises(AssetError, match="cannot load encoder"):
-        CSCLabeller.from_config(cfg, device="cpu")
+        stages.csc_labeller(cfg, device="cpu")
 
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.integers(0, 50256), min_size=1, max_size=40), st.data())
 def test_counterfactual_ids_delete_exactly_one_position(ids, data):
-    from metabolic.csc import counterfactual_ids
+    from metabolic.csc.labeller import counterfactual_ids
 
     positions = data.draw(st.lists(st.integers(0, len(ids) - 1), min_size=1, max_size=len(ids), unique=True))
     rows = counterfactual_ids(np.array(ids), np.array(positions))
@@ -154,7 +153,7 @@ def test_counterfactual_ids_delete_exactly_one_position(ids, data):
 
 
 def test_flops_per_text_matches_the_issue_anchor():
-    from metabolic.csc import flops_per_text
+    from metabolic.csc.labeller import flops_per_text
 
     # MiniLM-L6 (6 x 384, d_ff 1536) on ~268 word pieces: ~6.4 GFLOP per text (issue 3).
     assert 6.2e9 < float(flops_per_text(6, 384, 1536, 268)) < 6.6e9

@@ -6,16 +6,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from metabolic.errors import AssetError, DataError
+from metabolic.core.errors import AssetError, DataError
 
 TEXT = "Paris is the capital and largest city of France."
 
 
 @pytest.fixture(scope="module")
 def labeller(assets_dir, tokenizer):
-    from metabolic.assets import load_encoder
-    from metabolic.csc import CSCLabeller
+    from metabolic.core.assets import load_encoder
+    from metabolic.csc.labeller import CSCLabeller
 
     return CSCLabeller(load_encoder("sentence-transformers/all-MiniLM-L6-v2").value, tokenizer, batch_size=16)
 
@@ -26,7 +25,7 @@ def exact(labeller):
 
 
 def test_token_char_spans_tile_the_decoded_text(tokenizer):
-    from metabolic.csc_approx import token_char_spans
+    from metabolic.csc.approx import token_char_spans
 
     ids = tokenizer(TEXT)["input_ids"]
     spans = token_char_spans(tokenizer, ids)
@@ -36,7 +35,7 @@ def test_token_char_spans_tile_the_decoded_text(tokenizer):
 
 
 def test_masked_csc_tracks_exact_labels(labeller, exact):
-    from metabolic.csc_approx import fidelity, masked_csc
+    from metabolic.csc.approx import fidelity, masked_csc
 
     ids, csc = exact
     (masked,) = masked_csc(labeller, [ids])
@@ -46,7 +45,7 @@ def test_masked_csc_tracks_exact_labels(labeller, exact):
 
 
 def test_gradient_csc_is_seeded_and_ranks_tokens(labeller, exact):
-    from metabolic.csc_approx import fidelity, gradient_csc
+    from metabolic.csc.approx import fidelity, gradient_csc
 
     ids, csc = exact
     a = gradient_csc(labeller, [ids], probes=8, seed=3)[0]
@@ -57,7 +56,7 @@ def test_gradient_csc_is_seeded_and_ranks_tokens(labeller, exact):
 
 
 def test_fidelity_bounds_and_bad_input():
-    from metabolic.csc_approx import fidelity
+    from metabolic.csc.approx import fidelity
 
     x = np.array([0.1, 0.3, 0.2, 0.5], dtype=np.float32)
     assert fidelity([x], [x]) == {"spearman_mean": 1.0, "spearman_median": 1.0, "mae": 0.0, "n_sequences": 1, "n_tokens": 4}
@@ -67,7 +66,7 @@ def test_fidelity_bounds_and_bad_input():
 
 
 def test_truncation_effect_labels_prefixes(labeller, tokenizer, exact):
-    from metabolic.csc_analysis import truncation_effect
+    from metabolic.csc.analysis import truncation_effect
 
     ids, csc = exact
     res = truncation_effect(labeller, [ids, ids[:3]], [4, len(ids)], reuse={0: csc})
@@ -81,14 +80,14 @@ def test_truncation_effect_labels_prefixes(labeller, tokenizer, exact):
 @settings(max_examples=40, deadline=None)
 @given(st.floats(-2, 2), st.floats(0.01, 10), st.lists(st.integers(1, 512), min_size=2, max_size=20, unique=True))
 def test_log_slope_recovers_power_laws(a, c, xs):
-    from metabolic.csc_analysis import log_slope
+    from metabolic.csc.analysis import log_slope
 
     x = np.array(xs, dtype=float)
     assert log_slope(x, c * x**a) == pytest.approx(a, abs=1e-6)
 
 
 def test_binned_median_and_iqr():
-    from metabolic.csc_analysis import binned
+    from metabolic.csc.analysis import binned
 
     x = np.arange(10, dtype=float)
     b = binned(x, 2 * x, [0, 5, 10])
@@ -97,7 +96,7 @@ def test_binned_median_and_iqr():
 
 
 def test_missing_second_encoder_says_how_to_fetch_it(tmp_path, monkeypatch):
-    from metabolic.csc_analysis import load_second_encoder
+    from metabolic.csc.analysis import load_second_encoder
 
     monkeypatch.setenv("METABOLIC_DATA", str(tmp_path))
     with pytest.raises(AssetError, match="fetch-mpnet"):

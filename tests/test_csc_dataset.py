@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from metabolic.errors import DataError
+from metabolic.core.errors import DataError
 
 # Five short sequences (<= 8 tokens), one per chunk, so that an interruption can fall between chunks.
 CACHE_OVERRIDES = {"corpus.seq_len": 8, "csc.max_sequences": 3, "csc.max_valid_sequences": 2, "csc.chunk_sequences": 1}
@@ -19,8 +18,9 @@ CACHE_OVERRIDES = {"corpus.seq_len": 8, "csc.max_sequences": 3, "csc.max_valid_s
 @pytest.fixture()
 def fresh_data(tiny_cfg, tmp_path, monkeypatch):
     """An empty data root holding only a copy of the tiny profile's corpus artefact (no relabelling shared)."""
-    from metabolic import artefacts, stages
-    from metabolic.config import apply_overrides
+    from metabolic.core import artefacts
+    from metabolic.core.config import apply_overrides
+    from metabolic.pipeline import stages
 
     stages.corpus(tiny_cfg)
     src = artefacts.run_dir(tiny_cfg.profile) / "corpus"
@@ -35,9 +35,9 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_and_gives_the_same_labels(fresh_data, monkeypatch):
-    from metabolic import artefacts
-    from metabolic.csc import CSCLabeller
-    from metabolic.csc_dataset import csc_labels
+    from metabolic.core import artefacts
+    from metabolic.csc.labeller import CSCLabeller
+    from metabolic.pipeline.stages import csc_labels
 
     cfg = fresh_data
     folder = artefacts.run_dir(cfg.profile) / "csc"
@@ -88,10 +88,10 @@ def test_interrupted_run_resumes_and_gives_the_same_labels(fresh_data, monkeypat
 
 @pytest.mark.slow
 def test_changed_inputs_rebuild_and_corrupt_cache_is_rebuilt(fresh_data, assets_dir, monkeypatch):
-    from metabolic import artefacts
-    from metabolic.config import apply_overrides
-    from metabolic.csc import CSCLabeller
-    from metabolic.csc_dataset import csc_labels
+    from metabolic.core import artefacts
+    from metabolic.core.config import apply_overrides
+    from metabolic.csc.labeller import CSCLabeller
+    from metabolic.pipeline.stages import csc_labels
 
     cfg = fresh_data
     base = csc_labels(cfg, progress=False)
@@ -127,8 +127,9 @@ def test_changed_inputs_rebuild_and_corrupt_cache_is_rebuilt(fresh_data, assets_
 
 
 def test_stats_and_budgets_follow_the_config(fresh_data):
-    from metabolic.config import apply_overrides
-    from metabolic.csc_dataset import csc_labels, sequence_totals
+    from metabolic.core.config import apply_overrides
+    from metabolic.csc.dataset import sequence_totals
+    from metabolic.pipeline.stages import csc_labels
 
     data = csc_labels(fresh_data, progress=False)
     totals = np.array([c.sum() for c in data.train_csc], dtype=np.float64)
@@ -153,7 +154,7 @@ def test_stats_and_budgets_follow_the_config(fresh_data):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(0, 1, allow_nan=False, width=32), min_size=1, max_size=30), st.data())
 def test_sequence_totals(values, data):
-    from metabolic.csc_dataset import sequence_totals
+    from metabolic.csc.dataset import sequence_totals
 
     c = np.array(values, dtype=np.float32)
     T = c.size
@@ -172,7 +173,7 @@ def test_sequence_totals(values, data):
 
 
 def test_totals_reject_bad_input():
-    from metabolic.csc_dataset import csc_stats, sequence_totals
+    from metabolic.csc.dataset import csc_stats, sequence_totals
 
     with pytest.raises(DataError, match="scale='words'"):
         sequence_totals([np.ones(2)], "words")

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from metabolic.dual import curriculum_budgets, curriculum_factor, dual_update
-from metabolic.errors import ConfigError
+from metabolic.core.errors import ConfigError
+from metabolic.train.dual import curriculum_budgets, curriculum_factor, dual_update
 
 value = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False)
 

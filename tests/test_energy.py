@@ -12,15 +12,14 @@ import pynvml
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from metabolic.energy import (
+from metabolic.core.errors import ConfigError, DataError
+from metabolic.energy.meter import (
     COUNTER_MODULUS,
     EnergyMeter,
     ShortWindowWarning,
     counter_delta_mj,
     trapezoid_energy_j,
 )
-from metabolic.errors import ConfigError, DataError
 
 HANDLE = object()
 
@@ -213,7 +212,7 @@ def test_unavailable_idle_baseline_has_no_power():
 def test_idle_baseline_and_active_energy():
     with fake_nvml(counter_mj=[0, 0, 140_000, 200_000, 600_000]):
         meter = EnergyMeter(sync=None, clock=FakeClock(0.0, 2.0, 10.0, 12.0))
-        with mock.patch("metabolic.energy.time.sleep", autospec=True):
+        with mock.patch("metabolic.energy.meter.time.sleep", autospec=True):
             base = meter.idle_baseline(2.0)
         with meter.window() as w:
             pass

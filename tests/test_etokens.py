@@ -7,9 +7,8 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from metabolic.errors import DataError
-from metabolic.etokens import check_rows, etokens, spread
+from metabolic.core.errors import DataError
+from metabolic.energy.etokens import check_rows, etokens, spread
 
 # 0 J or at least 1 uJ: NVML reads mJ, and subnormal floats would underflow to 0 Wh
 energies = st.one_of(st.just(0.0), st.floats(min_value=1e-6, max_value=1e7, allow_nan=False, allow_infinity=False))

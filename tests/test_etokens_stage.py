@@ -11,11 +11,11 @@ import numpy as np
 import pynvml
 import pytest
 import torch
-
-from metabolic.config import apply_overrides
-from metabolic.errors import ConfigError, DataError
-from metabolic.joules import JouleBudgetStopping, fit_linear, hit_rate, tokens_predictor
-from metabolic.workloads import SCRATCH_SHAPES, TASK_RATIOS, ModelSpec, load_model, make_tasks, model_specs, pick_prompts
+from metabolic.core.config import apply_overrides
+from metabolic.core.errors import ConfigError, DataError
+from metabolic.energy.joules import JouleBudgetStopping, fit_linear, tokens_predictor
+from metabolic.energy.workloads import SCRATCH_SHAPES, TASK_RATIOS, ModelSpec, load_model, make_tasks, model_specs, pick_prompts
+from metabolic.evaluate.scoring import hit_fraction
 
 WATTS = 100.0  # the fake GPU draws a constant 100 W
 
@@ -109,9 +109,9 @@ def test_fit_linear_bad_inputs():
 
 
 def test_hit_rate():
-    assert hit_rate([9.5, 11.5, 10.0, 20.0], [10.0] * 4) == 0.5
+    assert hit_fraction([9.5, 11.5, 10.0, 20.0], [10.0] * 4, 10) == 0.5
     with pytest.raises(DataError):
-        hit_rate([], [])
+        hit_fraction([], [], 10)
 
 
 def test_joule_budget_stops_where_the_calibration_says(tokenizer):
@@ -147,7 +147,8 @@ def small_cfg(tiny_cfg):
 
 
 def test_stage_on_cpu_records_unavailable_energy(small_cfg):
-    from metabolic.query_energy import measure_etokens, summarise
+    from metabolic.energy.measurement import summarise
+    from metabolic.pipeline.stages import measure_etokens
 
     res = measure_etokens(small_cfg, progress=False)
     assert not res.energy_available and res.machine["energy_source"] == "unavailable"
@@ -160,7 +161,7 @@ def test_stage_on_cpu_records_unavailable_energy(small_cfg):
         assert r["full_n_calls"] >= 1 and r["batch_size"] in (1, 2) and r["min_window_s"] == 0.02
     # greedy outputs agree between the two serving paths
     assert all(r["same_outputs_as_first_path"] for r in rows if r["path"] == "static-compile")
-    from metabolic.query_energy import paths_agree
+    from metabolic.energy.measurement import paths_agree
 
     assert paths_agree(rows) == {"cells_with_several_paths": 2, "identical_outputs": 2}
     assert "energy unavailable" in res.calibration["skipped"]
@@ -171,9 +172,9 @@ def test_stage_on_cpu_records_unavailable_energy(small_cfg):
 
 
 def test_grid_with_mocked_gpu_counter(small_cfg, tokenizer, tmp_path):
-    from metabolic import stages
-    from metabolic.energy import EnergyMeter
-    from metabolic.query_energy import machine_info, run_calibration, run_grid
+    from metabolic.energy.measurement import machine_info, run_calibration, run_grid
+    from metabolic.energy.meter import EnergyMeter
+    from metabolic.pipeline import stages
 
     cfg = apply_overrides(small_cfg, {"energy.tasks": ("chat",), "energy.batch_sizes": (2,), "energy.paths": ("default",)})
     valid = stages.valid_sequences(cfg, stages.corpus(cfg))
@@ -206,9 +207,10 @@ def test_grid_with_mocked_gpu_counter(small_cfg, tokenizer, tmp_path):
 
 def test_cpu_machine_only_merges_copied_gpu_results(small_cfg):
     """With GPU results copied into data/<profile>/etokens/, a CPU machine merges them instead of measuring."""
-    from metabolic import artefacts
-    from metabolic.etokens import etokens
-    from metabolic.query_energy import CALIBRATION, ROWS, measure_etokens
+    from metabolic.core import artefacts
+    from metabolic.energy.etokens import etokens
+    from metabolic.energy.measurement import CALIBRATION, ROWS
+    from metabolic.pipeline.stages import measure_etokens
 
     cfg = small_cfg
     root = artefacts.run_dir(cfg.profile) / "etokens"
@@ -236,10 +238,10 @@ def test_cpu_machine_only_merges_copied_gpu_results(small_cfg):
 
 def test_metabolic_model_at_each_trained_budget(tmp_path, tokenizer):
     """A saved MetabolicGPT-2 is found, measured at each budget it was trained on, and decoded with a KV cache."""
-    from metabolic.backbone import scratch_model
-    from metabolic.config import BackboneConfig
-    from metabolic.model import MetabolicGPT2, MetabolicSettings
-    from metabolic.query_energy import greedy_generate_fn
+    from metabolic.core.config import BackboneConfig
+    from metabolic.energy.measurement import greedy_generate_fn
+    from metabolic.model.backbone import scratch_model
+    from metabolic.model.metabolic_gpt2 import MetabolicGPT2, MetabolicSettings
 
     eos = tokenizer.eos_token_id
     backbone = scratch_model(BackboneConfig(n_layer=1, n_embd=32, n_head=2), len(tokenizer), 64, eos)
@@ -265,7 +267,7 @@ def test_metabolic_model_at_each_trained_budget(tmp_path, tokenizer):
 
 
 def test_cost_predictor_adds_token_costs():
-    from metabolic.joules import cost_predictor
+    from metabolic.energy.joules import cost_predictor
 
     x = [[c] for c in (0.0, 1.0, 2.0, 3.0, 4.0)]
     fit = fit_linear(x, [1.0 + 2.0 * c[0] for c in x], ("semantic_cost",))
@@ -280,11 +282,12 @@ def test_cost_predictor_adds_token_costs():
 
 def test_retraining_measures_the_model_again(small_cfg, session_data_dir, tmp_path, monkeypatch, tokenizer):
     """A retrained MetabolicGPT-2 (new training manifest) is measured again, never given stale rows."""
-    from metabolic import artefacts, stages
-    from metabolic.backbone import scratch_model
-    from metabolic.config import BackboneConfig
-    from metabolic.model import MetabolicGPT2, MetabolicSettings
-    from metabolic.query_energy import measure_etokens
+    from metabolic.core import artefacts
+    from metabolic.core.config import BackboneConfig
+    from metabolic.model.backbone import scratch_model
+    from metabolic.model.metabolic_gpt2 import MetabolicGPT2, MetabolicSettings
+    from metabolic.pipeline import stages
+    from metabolic.pipeline.stages import measure_etokens
 
     corpus_folder = stages.corpus(small_cfg).folder  # tokenized once, in the session's data folder
     run = tmp_path / small_cfg.profile

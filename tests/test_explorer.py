@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from metabolic.explorer import BudgetExplorer, cost_colour, gauge_html
-from metabolic.generation import Calibration
+from metabolic.model.calibration import ProxyCalibration
+from metabolic.report.explorer import BudgetExplorer, cost_colour, gauge_html
 from tiny_lm import tiny_gpt2, token_costs
 
 
@@ -15,7 +14,7 @@ from tiny_lm import tiny_gpt2, token_costs
 def explorer(tokenizer):
     model = tiny_gpt2(tokenizer)
     return BudgetExplorer(model, tokenizer, (0.5, 3.0), token_costs=token_costs(len(tokenizer)),
-                          calibration=Calibration(0.1, 1.0), max_new_tokens=12)
+                          calibration=ProxyCalibration(0.1, 1.0), max_new_tokens=12)
 
 
 def test_render_colours_every_generated_token(explorer):

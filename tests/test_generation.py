@@ -9,11 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from metabolic.errors import ConfigError, DataError
-from metabolic.generation import (
+from metabolic.core.errors import ConfigError, DataError
+from metabolic.generate.budgeted import (
     BudgetStoppingCriteria,
-    Calibration,
     CostSteeringLogitsProcessor,
     generate_with_budget,
     kept_lengths,
@@ -21,6 +19,7 @@ from metabolic.generation import (
     sentence_end_mask,
     stop_rule,
 )
+from metabolic.model.calibration import ProxyCalibration
 from tiny_lm import tiny_gpt2, token_costs
 
 PROMPTS = ["The future of artificial intelligence", "Hello"]  # different lengths: left padding is exercised
@@ -36,7 +35,7 @@ def costs(tokenizer):
     return token_costs(len(tokenizer))
 
 
-IDENTITY = Calibration(a=0.0, b=1.0)
+IDENTITY = ProxyCalibration(a=0.0, b=1.0)
 
 
 # --- identity with plain generate() -------------------------------------------------------------
@@ -209,7 +208,7 @@ def test_prompt_longer_than_context_raises(model, tokenizer, costs):
 
 
 def test_out_of_range_budget_is_clamped_with_a_warning(model, tokenizer, costs, caplog):
-    with caplog.at_level(logging.WARNING, logger="metabolic.generation"):
+    with caplog.at_level(logging.WARNING, logger="metabolic.generate.budgeted"):
         gens = generate_with_budget(model, tokenizer, ["Hello"], 500.0, token_costs=costs, calibration=IDENTITY,
                                     max_new_tokens=4, budget_range=(0.5, 2.0))
     assert gens[0].budget_requested_csc == 500.0 and gens[0].budget_csc == 2.0 and gens[0].budget_proxy == 2.0
@@ -217,18 +216,18 @@ def test_out_of_range_budget_is_clamped_with_a_warning(model, tokenizer, costs, 
 
 
 def test_calibration_maps_and_validates():
-    cal = Calibration(a=-7.297, b=2.0)
+    cal = ProxyCalibration(a=-7.297, b=2.0)
     assert cal.to_proxy(cal.to_csc(3.0)) == pytest.approx(3.0)
     assert cal.to_proxy(5.0) == pytest.approx((5.0 + 7.297) / 2.0)
     with pytest.raises(ConfigError, match="slope"):
-        Calibration(a=0.0, b=0.0)
+        ProxyCalibration(a=0.0, b=0.0)
     with pytest.raises(ConfigError, match="finite"):
-        Calibration(a=math.nan, b=1.0)
+        ProxyCalibration(a=math.nan, b=1.0)
 
 
 def test_budget_below_the_calibration_intercept_raises(model, tokenizer, costs):
     with pytest.raises(ConfigError, match="above 2"):
-        generate_with_budget(model, tokenizer, ["Hi"], 1.0, token_costs=costs, calibration=Calibration(2.0, 1.0), max_new_tokens=4)
+        generate_with_budget(model, tokenizer, ["Hi"], 1.0, token_costs=costs, calibration=ProxyCalibration(2.0, 1.0), max_new_tokens=4)
 
 
 def test_processor_argument_validation(costs):
@@ -252,7 +251,7 @@ def test_processor_argument_validation(costs):
 
 @pytest.fixture(scope="module")
 def metabolic_model(tokenizer):
-    from metabolic.model import MetabolicGPT2, MetabolicSettings
+    from metabolic.model.metabolic_gpt2 import MetabolicGPT2, MetabolicSettings
 
     model = MetabolicGPT2(tiny_gpt2(tokenizer), MetabolicSettings(K=3, budget_scale=0.5, per_layer_budget=True))
     torch.manual_seed(11)
@@ -265,14 +264,12 @@ def metabolic_model(tokenizer):
 
 
 def test_budget_conditioning_reproduces_the_model_logits(metabolic_model):
-    from metabolic.generation import budget_conditioning
-
     ids = torch.tensor([[464, 2003, 286, 11666], [15496, 995, 13, 383]])
     budgets = torch.tensor([0.3, 2.0])
     with torch.no_grad():
         expected = metabolic_model(ids, budget=budgets).logits
         plain = metabolic_model.backbone(input_ids=ids).logits
-        with budget_conditioning(metabolic_model, budgets):
+        with metabolic_model.conditioned_on(budgets):
             got = metabolic_model.backbone(input_ids=ids).logits
         after = metabolic_model.backbone(input_ids=ids).logits
     assert torch.allclose(got, expected, atol=1e-5)
@@ -281,11 +278,11 @@ def test_budget_conditioning_reproduces_the_model_logits(metabolic_model):
 
 
 def test_metabolic_generation_uses_model_costs_and_budget(metabolic_model, tokenizer):
-    from metabolic.generation import model_calibration, model_token_costs
+    from metabolic.generate.budgeted import model_token_costs
 
     gens = generate_with_budget(metabolic_model, tokenizer, PROMPTS, [0.4, 0.9], max_new_tokens=10, seed=2)
     costs = model_token_costs(metabolic_model)
-    cal = model_calibration(metabolic_model)
+    cal = metabolic_model.proxy_calibration()
     assert (cal.a, cal.b) == pytest.approx((0.1, 2.0))
     for g, b in zip(gens, [0.4, 0.9]):
         assert g.budget_proxy == pytest.approx((b - 0.1) / 2.0)

@@ -7,12 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from metabolic.core.config import BackboneConfig
+from metabolic.core.errors import DataError
+from metabolic.model.backbone import load_backbone, scratch_model
+from metabolic.model.metabolic_gpt2 import MetabolicGPT2, MetabolicSettings
 from torch.nn import functional as F
-
-from metabolic.backbone import load_backbone, scratch_model
-from metabolic.config import BackboneConfig
-from metabolic.errors import DataError
-from metabolic.model import MetabolicGPT2, MetabolicSettings
 
 
 @pytest.fixture(scope="module")

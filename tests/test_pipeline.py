@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import torch
-
-from metabolic import artefacts, stages
-from metabolic.backbone import load_backbone
+from metabolic.core import artefacts
+from metabolic.model.backbone import load_backbone
+from metabolic.pipeline import stages
 
 
 def test_foundation_stages_run_and_are_reused(tiny_cfg):

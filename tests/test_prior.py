@@ -9,15 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
-from metabolic.config import PriorConfig
-from metabolic.errors import ConfigError, DataError
-from metabolic.prior import base_cost, build_prior, decoded_tokens, is_heading_like, normalise_with_floor, token_counts
+from metabolic.core.config import PriorConfig
+from metabolic.core.errors import ConfigError, DataError
+from metabolic.data.prior import base_cost, build_prior, decoded_tokens, is_heading_like, normalise_with_floor, token_counts
 
 
 @pytest.fixture(scope="module")
 def real_prior_inputs(tiny_cfg):
-    from metabolic import stages
+    from metabolic.pipeline import stages
 
     data = stages.corpus(tiny_cfg)
     vocab = len(data.tokenizer)

@@ -13,14 +13,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from metabolic.core.config import BackboneConfig
+from metabolic.core.errors import ConfigError, DataError
+from metabolic.csc.dataset import CSCData, csc_stats
+from metabolic.model.backbone import scratch_model
+from metabolic.model.metabolic_gpt2 import MetabolicGPT2
+from metabolic.train import loop as training
+from metabolic.train import losses
 from torch.nn import functional as F
-
-from metabolic import losses, training
-from metabolic.backbone import scratch_model
-from metabolic.config import BackboneConfig
-from metabolic.csc_dataset import CSCData, csc_stats
-from metabolic.errors import ConfigError, DataError
-from metabolic.model import MetabolicGPT2
 
 N_TRAIN, N_VALID = 8, 4
 
@@ -38,8 +38,8 @@ def backbone_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def csc_data(tiny_cfg, assets_dir, tokenizer):
     """12 short WikiText-2 training texts with exact CSC labels (8 to train on, 4 to validate)."""
-    from metabolic.csc import CSCLabeller
-    from metabolic.corpus import non_empty_texts
+    from metabolic.data.corpus import non_empty_texts
+    from metabolic.pipeline import stages
 
     lines = non_empty_texts((assets_dir / "wikitext-2" / "train.txt").read_text(encoding="utf-8").splitlines())
     seqs = []
@@ -49,7 +49,7 @@ def csc_data(tiny_cfg, assets_dir, tokenizer):
             seqs.append(ids)
         if len(seqs) == N_TRAIN + N_VALID:
             break
-    labels = CSCLabeller.from_config(tiny_cfg, device="cpu").label(seqs, progress=False)
+    labels = stages.csc_labeller(tiny_cfg, device="cpu").label(seqs, progress=False)
     train_csc, valid_csc = labels[:N_TRAIN], labels[N_TRAIN:]
     return CSCData(train_ids=seqs[:N_TRAIN], train_csc=train_csc, valid_ids=seqs[N_TRAIN:], valid_csc=valid_csc,
                    stats=csc_stats(train_csc, "raw", (0.25, 0.5, 0.75)), fingerprint="test-labels", folder=assets_dir)
@@ -145,7 +145,7 @@ def test_vocab_aux_is_zero_for_perfect_correlation():
 def test_fixed_budget_steps_lower_lm_and_csc_losses_and_move_lambda(backbone_dir, data, tiny_cfg, tokenizer):
     cfg = train_cfg(tiny_cfg, curriculum_start=1.0)
     torch.manual_seed(0)
-    from metabolic.backbone import load_backbone
+    from metabolic.model.backbone import load_backbone
 
     model = MetabolicGPT2(load_backbone(backbone_dir, device="cpu"), training.model_settings(cfg, "faithful", data.budget_scale))
     opt = training.make_optimizer(model, cfg)
@@ -264,7 +264,8 @@ def test_unknown_variant_is_a_config_error(backbone_dir, data, tiny_cfg, tmp_pat
 
 
 def test_train_stage_builds_both_variant_folders_and_reuses_them(tiny_cfg):
-    from metabolic import artefacts, stages
+    from metabolic.core import artefacts
+    from metabolic.pipeline import stages
 
     results = stages.STAGES["train"](tiny_cfg, progress=False)
     assert set(results) == {"faithful", "expected-cost"}
@@ -274,6 +275,6 @@ def test_train_stage_builds_both_variant_folders_and_reuses_them(tiny_cfg):
         assert not (result.folder / training.CHECKPOINT).exists()  # best/ and last/ supersede it
         assert MetabolicGPT2.from_pretrained(result.best_dir, device="cpu").settings.variant == variant
     stamp = (results["faithful"].folder / "manifest.json").stat().st_mtime_ns
-    again = training.train_metabolic(tiny_cfg, "faithful", progress=False)
+    again = stages.train_metabolic(tiny_cfg, "faithful", progress=False)
     assert (again.folder / "manifest.json").stat().st_mtime_ns == stamp  # fresh artefact reused, not retrained
     assert again.metrics == results["faithful"].metrics

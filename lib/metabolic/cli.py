@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 
-from metabolic.errors import MetabolicError
+from metabolic.core.errors import MetabolicError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,19 +42,20 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from metabolic import numerics
+    from metabolic.core import numerics
 
-    numerics.pin(args.profile)  # before anything loads torch (see metabolic.numerics)
+    numerics.pin(args.profile)  # before anything loads torch (see metabolic.core.numerics)
     try:
-        from metabolic.config import parse_override_strings
-        from metabolic.profiles import load_config
+        from metabolic.core.config import parse_override_strings
+        from metabolic.core.profiles import load_config
 
         overrides = parse_override_strings(args.overrides)
         cfg = load_config(args.profile, overrides)
         if args.command == "config":
             print(cfg.to_json())
         elif args.command == "run":
-            from metabolic import artefacts, stages
+            from metabolic.core import artefacts
+            from metabolic.pipeline import stages
 
             t0 = time.perf_counter()
             timings = stages.run(cfg, [s.strip() for s in args.stages.split(",") if s.strip()] or None)
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             artefacts.atomic_write_json(artefacts.run_dir(cfg.profile) / "run_timings.json", summary)
             print(json.dumps(summary, indent=2))
         elif args.command == "study":
-            from metabolic import artefacts
-            from metabolic.study import run_study
+            from metabolic.core import artefacts
+            from metabolic.pipeline.study import run_study
 
             t0 = time.perf_counter()
             timings = run_study(args.profile, overrides, [o.strip() for o in args.only.split(",") if o.strip()] or None,

@@ -1,0 +1,1 @@
+"""Foundations every layer uses: config and profiles, errors, artefacts (fingerprinted folders), asset resolution, CPU numerics."""

@@ -1,0 +1,224 @@
+"""Run folders, atomic writes and fingerprinted, resumable stage artefacts.
+
+A stage's artefact is a folder `data/<profile>/<stage>/` holding its files, `manifest.json` (the
+fingerprint of everything it was made from) and `study_config.json` (the resolved config). It is
+built in `<stage>.partial/`, which survives an interruption so that long builds resume, and moved
+into place with a rename only when complete: a reader never sees a half-written artefact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from metabolic import __version__
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CONFIG_FILE = "study_config.json"
+
+
+def project_root() -> Path:
+    """The repository root: $METABOLIC_ROOT, else the nearest parent holding `pyproject.toml` and `lib/metabolic`."""
+    env = os.environ.get("METABOLIC_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "pyproject.toml").is_file() and (candidate / "lib" / "metabolic").is_dir():
+            return candidate
+    package_root = Path(__file__).resolve().parents[2]
+    if (package_root / "pyproject.toml").is_file():
+        return package_root
+    return here
+
+
+def run_dir(profile: str) -> Path:
+    """`data/<profile>/` under the project root (or under $METABOLIC_DATA when set)."""
+    base = Path(os.environ["METABOLIC_DATA"]) if os.environ.get("METABOLIC_DATA") else project_root() / "data"
+    return base / profile
+
+
+def figures_dir(profile: str) -> Path:
+    base = Path(os.environ["METABOLIC_FIGURES"]) if os.environ.get("METABOLIC_FIGURES") else project_root() / "figures"
+    return base / profile
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artefacts are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    """`torch.save` through a temporary file and a rename, so a crash never leaves a truncated file."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object per line (keys sorted), written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def pack_ragged(arrays, dtype) -> tuple[Any, Any]:
+    """Ragged sequences as (flat array of `dtype`, int64 offsets of length n + 1) for compact storage."""
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(a) for a in arrays])
+    flat = np.concatenate([np.asarray(a, dtype=dtype) for a in arrays]) if len(arrays) else np.zeros(0, dtype)
+    return flat.astype(dtype, copy=False), offsets
+
+
+def unpack_ragged(flat, offsets) -> list:
+    """The inverse of `pack_ragged`: views of `flat`, one per sequence."""
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable sha256 of a JSON-able description (config sections, upstream fingerprints, versions)."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of a complete artefact folder, or None if absent or unreadable."""
+    try:
+        manifest = read_json(Path(folder) / MANIFEST)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and "fingerprint" in manifest else None
+
+
+def is_fresh(folder: Path, key: str, required: tuple[str, ...] = ()) -> bool:
+    """True when `folder` holds a complete artefact made from `key` with all `required` files."""
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("fingerprint") != key:
+        return False
+    return all((Path(folder) / name).exists() for name in required)
+
+
+def build_artefact(
+    folder: Path,
+    description: dict[str, Any],
+    build: Callable[[Path], dict[str, Any] | None],
+    config_json: str | None = None,
+    required: tuple[str, ...] = (),
+    force: bool = False,
+) -> Path:
+    """Return `folder`, building it with `build(work_dir)` unless a fresh copy already exists.
+
+    `description` is everything the artefact depends on; its fingerprint decides freshness. A stale
+    or corrupt folder is rebuilt, never reused. `build` writes into `work_dir` (`<folder>.partial`,
+    kept across interruptions when its fingerprint matches, so a build can resume from checkpoints)
+    and may return extra manifest fields.
+    """
+    folder = Path(folder)
+    description = {**description, "library_version": __version__}
+    key = fingerprint(description)
+    if not force and is_fresh(folder, key, required):
+        log.info("reusing %s (fingerprint %s)", folder, key[:12])
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time per artefact (two notebooks or processes may ask for the same stage).
+    with _exclusive(folder.with_name(f".{folder.name}.lock")):
+        if not force and is_fresh(folder, key, required):
+            return folder
+        return _build_locked(folder, key, description, build, config_json)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    import fcntl
+
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_locked(folder: Path, key: str, description: dict[str, Any], build, config_json: str | None) -> Path:
+    if folder.exists():
+        why = "stale" if read_manifest(folder) else "incomplete or corrupt"
+        log.warning("%s is %s: rebuilding it", folder, why)
+    work = folder.with_name(folder.name + ".partial")
+    work_key = work / ".fingerprint"
+    if work.exists() and (not work_key.exists() or work_key.read_text().strip() != key):
+        shutil.rmtree(work)  # a partial build made from other inputs cannot be resumed
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(work_key, key)
+    extra = build(work) or {}
+    if config_json is not None:
+        atomic_write_text(work / CONFIG_FILE, config_json)
+    atomic_write_json(work / MANIFEST, {"fingerprint": key, "description": description, **extra})
+    work_key.unlink(missing_ok=True)
+    _replace_dir(work, folder)
+    return folder
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; the old one is renamed away first, then deleted."""
+    trash = None
+    if dst.exists():
+        trash = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(dst, trash)
+    os.replace(src, dst)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,120 @@
+"""Named profiles: `smoke` (any CPU, minutes), `gpu` (one H100, offline), `paper` (GPU + Hub, section V.B).
+
+A profile is a set of overrides on the defaults in `metabolic.core.config`; `load_config` applies the
+profile, then the user's overrides, and validates the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from metabolic.core.config import StudyConfig, apply_overrides
+from metabolic.core.errors import ConfigError
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # Whole pipeline in minutes on 2 CPU cores: a 2 x 128 GPT-2 briefly pretrained by the study,
+    # tens of texts of <= 48 tokens. Its numbers show that the code runs, not what the method achieves.
+    "smoke": {
+        "corpus.seq_len": 48,
+        "corpus.max_train_texts": 600,
+        "corpus.max_valid_texts": 120,
+        "backbone.source": "pretrain",
+        "backbone.n_layer": 2,
+        "backbone.n_embd": 128,
+        "backbone.n_head": 2,
+        "backbone.block_size": 64,
+        "backbone.batch_size": 8,
+        "backbone.epochs": 1,
+        "backbone.max_steps": 30,
+        "backbone.lr": 2e-3,
+        "backbone.warmup_steps": 5,
+        "backbone.eval_every": 15,
+        "backbone.max_eval_blocks": 16,
+        "backbone.checkpoint_every": 15,
+        "csc.max_sequences": 32,
+        "csc.max_valid_sequences": 12,
+        "csc.batch_size": 64,
+        "train.epochs": 3,
+        "train.batch_size": 8,
+        "train.lr": 1e-4,
+        "train.token_cost_init_from_csc": True,  # costs start at the labels' scale (see config.py)
+        "generation.n_valid_prompts": 5,
+        "generation.max_new_tokens": 24,
+        "energy.repeats": 1,  # CPU timings only on smoke: one repeat keeps the stage short
+        "energy.batch_sizes": (1,),
+        "energy.paths": ("default",),  # static-compile is covered by tests; on CPU it is not compiled anyway
+        "energy.input_tokens": 32,
+        "energy.idle_s": 0.5,
+        "energy.min_window_s": 0.05,  # CPU timings only (no energy counter here): short windows keep smoke fast
+        # CPU smoke: no energy here, only timings of the tiny model (and MetabolicGPT-2 when trained)
+        "energy.models": ("tiny", "metabolic"),
+        "energy.max_output_tokens": 8,
+        "energy.calib_model": "tiny",
+        "energy.calib_requests": 8,
+        "energy.budget_prompts": 2,
+    },
+    # One H100, offline assets: a 6 x 384 GPT-2 pretrained on all of WikiText-2, thousands of
+    # 256-token texts with every token CSC-labelled; whole pipeline in about 9 minutes.
+    "gpu": {
+        "corpus.seq_len": 256,
+        "backbone.source": "pretrain",
+        "backbone.n_layer": 6,
+        "backbone.n_embd": 384,
+        "backbone.n_head": 6,
+        "backbone.block_size": 256,
+        "backbone.batch_size": 32,
+        "backbone.epochs": 3,
+        "backbone.lr": 1e-3,
+        "backbone.warmup_steps": 100,
+        "backbone.eval_every": 200,
+        "backbone.max_eval_blocks": 256,
+        "backbone.checkpoint_every": 500,
+        "csc.max_sequences": 2000,
+        "csc.max_valid_sequences": 200,
+        "csc.batch_size": 1024,
+        "csc.precision": "tf32",
+        "train.epochs": 5,
+        "train.batch_size": 16,
+        "train.lr": 1e-4,
+        "train.token_cost_init_from_csc": True,
+        "generation.n_valid_prompts": 64,
+        "generation.max_new_tokens": 64,
+        "energy.repeats": 3,  # medians and IQR over 3 windows of >= 1 s per phase keep one model under 10 min
+    },
+    # The paper's section V.B on GPT-2 small from the Hub (needs network and a GPU).
+    "paper": {
+        "corpus.seq_len": 256,
+        "backbone.source": "gpt2",
+        "csc.max_sequences": 20000,
+        "csc.max_valid_sequences": 2461,
+        "train.variant": "faithful",
+        "train.K": 3,
+        "train.budgets": (5.24, 7.48, 9.73),  # user budgets [100, 150, 200] mapped to CSC space
+        "train.lr": 8e-6,
+        "train.cost_lr_multiplier": 100.0,
+        "train.mu": 0.15,
+        "train.epochs": 15,
+        "train.lambda_max": 100.0,
+        "train.grad_clip": 1.0,
+        "train.repetition_penalty": 0.5,
+        "train.entropy_reg": 0.025,
+        "train.vocab_aux_weight": 0.5,
+        "train.weight_decay": 0.01,
+        "generation.budgets": (1.1, 1.38, 1.65),
+        "generation.prompts": ("The future of artificial intelligence",),
+    },
+}
+
+# The paper's user-facing budgets before their mapping to CSC space (V.B), kept for the Table I notebook.
+PAPER_USER_BUDGETS = (100.0, 150.0, 200.0)
+
+
+def load_config(profile: str = "smoke", overrides: Mapping[str, Any] | None = None) -> StudyConfig:
+    """Resolve a named profile plus overrides into a validated `StudyConfig`."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    config = apply_overrides(StudyConfig(profile=profile), PROFILES[profile])
+    config = apply_overrides(config, overrides)
+    if config.profile != profile:
+        raise ConfigError(f"profile={config.profile!r} cannot be overridden: pass --profile instead")
+    return config

@@ -1,0 +1,415 @@
+"""Exact counterfactual semantic cost (CSC, paper IV.C): `c_t = 1 - cos(f(x), f(x without token t))`.
+
+`f` is the sentence encoder (all-MiniLM-L6-v2 by default) with normalised embeddings. The
+counterfactual of position t is `tokenizer.decode(ids with position t removed)`: decoding the id
+sequence, never joining per-token strings, because GPT-2's byte-level BPE splits multi-byte
+characters across tokens (README, measured facts).
+
+How it is fast without changing the maths:
+- every text of a chunk of sequences (the full texts and all their counterfactuals) is encoded in
+  large batches sorted by length, so padding is small; one `inference_mode` forward per batch;
+- counterfactual id lists are built with numpy (no Python loop per token) and decoded and
+  word-piece tokenized by the Rust tokenizers in a background thread, overlapped with the encoder;
+- on CUDA only, `precision="tf32"` (TF32 matmuls) or `"fp16"` (transformer in fp16, pooling and
+  the cosine in fp32). bf16 is refused: CSC is the difference of two nearly equal embeddings
+  (mean ~0.0018 on 256-token texts) and bf16 errors are of that size (README, measured facts). On CPU the
+  labeller always runs fp32.
+
+Defined results for edge cases:
+- empty sequence: an empty label array (there is no token to remove);
+- one-token sequence: its label is `1 - cos(f(x), f(""))`, the encoder's embedding of the empty
+  text being well defined ([CLS][SEP]); the corpus drops such texts anyway (corpus.min_tokens);
+- a full text longer than the encoder's window (512 word pieces for MiniLM, including [CLS] and
+  [SEP]): every position of that sequence is NaN, never a truncated label; a single counterfactual
+  longer than the window (possible, rarely, when deletion re-tokenizes) is NaN;
+- an id outside the GPT-2 vocabulary or a position outside the sequence: `DataError`;
+- an encoder that cannot be resolved: `AssetError` from `metabolic.core.assets.load_encoder`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metabolic.core.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "tf32", "fp16")
+# Negative labels can only come from rounding (1 - cos >= 0); anything below this is a bug.
+NEGATIVE_TOLERANCE = 1e-4
+
+
+def encoder_window(encoder) -> int:
+    """Word pieces the encoder can see: its position table (not the tokenizer's shorter default).
+
+    MiniLM's tokenizer says 256, its model has 512 positions; RoBERTa-style models (MPNet) reserve
+    the first two of theirs for the padding offset.
+    """
+    config = encoder[0].auto_model.config
+    positions = int(getattr(config, "max_position_embeddings", 512))
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "mpnet", "camembert"):
+        positions -= 2
+    return positions
+
+
+def counterfactual_ids(ids: np.ndarray, positions: np.ndarray) -> list[list[int]]:
+    """Each row is `ids` with one position of `positions` removed (vectorised, no loop per token)."""
+    n = ids.shape[0]
+    if n == 0 or positions.size == 0:
+        return []
+    keep = np.ones((positions.size, n), dtype=bool)
+    keep[np.arange(positions.size), positions] = False
+    return np.broadcast_to(ids, (positions.size, n))[keep].reshape(positions.size, n - 1).tolist()
+
+
+@dataclass
+class _Plan:
+    """The texts of one chunk: texts[j] belongs to sequence owner[j]; position -1 is the full text."""
+
+    texts: list[str]
+    owner: np.ndarray
+    position: np.ndarray
+    pieces: np.ndarray  # word pieces of each text ([CLS] and [SEP] included)
+    piece_ids: list[list[int]]  # the encoder's ids of each text, tokenized once
+
+
+class CSCLabeller:
+    """Exact per-token CSC for batches of GPT-2 id sequences (see the module docstring)."""
+
+    def __init__(self, encoder, tokenizer, device: str = "cpu", precision: str = "fp32", batch_size: int = 256,
+                 chunk_texts: int | None = None, encoder_name: str | None = None):
+        if precision not in PRECISIONS:
+            raise ConfigError(f"csc.precision={precision!r} is invalid: choose one of {', '.join(PRECISIONS)} (bf16 is too coarse for CSC)")
+        if batch_size <= 0:
+            raise ConfigError(f"csc.batch_size={batch_size!r} is invalid: use a value > 0")
+        self.device = torch.device(device)
+        if precision != "fp32" and self.device.type != "cuda":
+            log.warning("csc.precision=%s needs CUDA; labelling on %s in fp32", precision, self.device)
+            precision = "fp32"
+        self.precision = precision
+        self.batch_size = int(batch_size)
+        # Texts sorted together: large enough that length-sorting removes most padding, small enough
+        # that a chunk's embeddings (texts x dim floats) stay small.
+        self.chunk_texts = int(chunk_texts or max(16 * self.batch_size, 4096))
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.encoder = encoder.to(self.device).eval()
+        self.encoder_name = encoder_name or "encoder"
+        self.window = encoder_window(encoder)
+        # No silent truncation: the encoder sees up to its full position table; longer texts are NaN.
+        self.encoder.max_seq_length = self.window
+        self.enc_tokenizer = encoder.tokenizer
+        self._modules = list(self.encoder)
+        self._transformer = self._modules[0]
+        if precision == "fp16":
+            # The transformer alone in fp16; pooling, normalisation and cosines stay fp32.
+            self._transformer = copy.deepcopy(self._modules[0]).half()
+        self._with_token_types = "token_type_ids" in getattr(self.enc_tokenizer, "model_input_names", [])
+        self.stats = {"texts": 0, "labels": 0, "word_pieces": 0, "padded_word_pieces": 0}
+
+    # --- public API ---------------------------------------------------------------------------
+
+    def label(self, sequences: Sequence[Sequence[int]], positions: Sequence[np.ndarray | None] | None = None,
+              progress: bool = True) -> list[np.ndarray]:
+        """Per-token CSC (float32, NaN where not labelled) for each id sequence.
+
+        `positions[i]` lists the positions of sequence i to label (None = all of them).
+        """
+        seqs, pos = self._validate(sequences, positions)
+        out = [np.full(len(s), np.nan, dtype=np.float32) for s in seqs]
+        groups = list(self._chunks(seqs, pos))
+        for k, labels in self._label_groups(seqs, pos, groups, progress):
+            for i, lab in zip(groups[k], labels):
+                out[i] = lab
+        return out
+
+    def label_groups(self, sequences: Sequence[Sequence[int]], positions: Sequence[np.ndarray | None] | None,
+                     groups: Sequence[Sequence[int]], progress: bool = True) -> Iterator[tuple[int, list[np.ndarray]]]:
+        """Label `groups` (lists of sequence indices) in order, yielding `(k, labels of group k)` as each
+        finishes, so a caller can save it; decoding the next group overlaps the encoder."""
+        seqs, pos = self._validate(sequences, positions)
+        yield from self._label_groups(seqs, pos, [list(g) for g in groups], progress)
+
+    def label_generated(self, prompts: Sequence[Sequence[int]], generations: Sequence[Sequence[int]],
+                        progress: bool = False) -> list[np.ndarray]:
+        """CSC of each generated token, computed on the full prompt + generation text (the tokens that
+        count for a generation, see `metabolic.csc.dataset`); arrays of len(generation)."""
+        if len(prompts) != len(generations):
+            raise DataError(f"{len(prompts)} prompts for {len(generations)} generations: give one prompt per generation")
+        full = [list(p) + list(g) for p, g in zip(prompts, generations)]
+        positions = [np.arange(len(p), len(p) + len(g)) for p, g in zip(prompts, generations)]
+        labels = self.label(full, positions, progress=progress)
+        return [lab[len(p):] for lab, p in zip(labels, prompts)]
+
+    def label_text(self, text: str) -> tuple[list[int], np.ndarray]:
+        """GPT-2 ids of `text` and the CSC of each of its tokens."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids, self.label([ids], progress=False)[0]
+
+    def counterfactual_texts(self, ids: Sequence[int], positions: np.ndarray | None = None) -> list[str]:
+        """`tokenizer.decode(ids without position t)` for each t of `positions` (default: all)."""
+        arr = np.asarray(list(ids), dtype=np.int64)
+        pos = np.arange(arr.size) if positions is None else np.asarray(positions, dtype=np.int64)
+        return self.tokenizer.batch_decode(counterfactual_ids(arr, pos))
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Normalised fp32 embeddings of `texts` (rows in input order), with this labeller's settings."""
+        texts = list(texts)
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=self.device)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        for start in range(0, len(texts), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = self._tokenize([texts[i] for i in idx])
+            if batch["input_ids"].shape[1] > self.window:
+                raise DataError(f"a text has {batch['input_ids'].shape[1]} word pieces > the encoder window {self.window}: "
+                                f"shorten it (the labeller marks such texts NaN instead)")
+            emb = self.embed_batch(batch)
+            out[torch.as_tensor(idx, device=self.device)] = emb
+        return out
+
+    @property
+    def dim(self) -> int:
+        get = getattr(self.encoder, "get_embedding_dimension", None) or self.encoder.get_sentence_embedding_dimension
+        return int(get())
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _validate(self, sequences, positions) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        if positions is not None and len(positions) != len(sequences):
+            raise DataError(f"positions has {len(positions)} entries for {len(sequences)} sequences: give one per sequence (None = all)")
+        seqs: list[np.ndarray] = []
+        pos: list[np.ndarray] = []
+        for i, s in enumerate(sequences):
+            arr = np.asarray(list(s), dtype=np.int64)
+            if arr.ndim != 1:
+                raise DataError(f"sequence {i} is not a flat list of token ids: pass list[list[int]]")
+            if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+                bad = int(arr[(arr < 0) | (arr >= self.vocab_size)][0])
+                raise DataError(f"sequence {i} has token id {bad} outside the tokenizer's vocabulary [0, {self.vocab_size}): "
+                                f"label ids made by the configured tokenizer (assets.tokenizer)")
+            p = None if positions is None else positions[i]
+            if p is None:
+                p = np.arange(arr.size, dtype=np.int64)
+            else:
+                p = np.unique(np.asarray(p, dtype=np.int64))
+                if p.size and (p[0] < 0 or p[-1] >= arr.size):
+                    bad = int(p[0] if p[0] < 0 else p[-1])
+                    raise DataError(f"position {bad} of sequence {i} is outside [0, {arr.size}): give positions within the sequence")
+            seqs.append(arr)
+            pos.append(p)
+        return seqs, pos
+
+    def _label_groups(self, seqs, pos, groups: list[list[int]], progress: bool) -> Iterator[tuple[int, list[np.ndarray]]]:
+        n_labels = int(sum(pos[i].size for g in groups for i in g))
+        bar = _progress(n_labels, progress and n_labels > 0)
+        try:
+            # Plans (decoding, word-piece lengths) are made a group ahead in a thread; batches are
+            # tokenized in another thread while the encoder runs.
+            plans = ((k, group, self._plan(group, seqs, pos)) for k, group in enumerate(groups))
+            for k, group, plan in _background(plans, depth=1):
+                out = {i: np.full(len(seqs[i]), np.nan, dtype=np.float32) for i in group}
+                self._label_chunk(group, plan, pos, out, bar)
+                yield k, [out[i] for i in group]
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _chunks(self, seqs: list[np.ndarray], pos: list[np.ndarray]) -> Iterator[list[int]]:
+        chunk: list[int] = []
+        size = 0
+        for i in range(len(seqs)):
+            if pos[i].size == 0:
+                continue
+            chunk.append(i)
+            size += pos[i].size + 1
+            if size >= self.chunk_texts:
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
+            yield chunk
+
+    def _plan(self, chunk: list[int], seqs, pos) -> _Plan:
+        """Full texts that fit the window, then their counterfactual strings (decoded, never joined)."""
+        full_texts = self.tokenizer.batch_decode([seqs[i].tolist() for i in chunk])
+        lengths = self.piece_lengths(full_texts)
+        texts: list[str] = []
+        owner: list[np.ndarray] = []
+        position: list[np.ndarray] = []
+        for i, text, n_pieces in zip(chunk, full_texts, lengths):
+            if pos[i].size == 0:
+                continue  # nothing to label (an empty sequence, or no position asked for)
+            if n_pieces > self.window:
+                log.debug("sequence %d has %d word pieces > window %d: labels left NaN", i, n_pieces, self.window)
+                continue  # the whole sequence stays NaN: its full-text embedding would be truncated
+            cfs = self.counterfactual_texts(seqs[i], pos[i])
+            texts.append(text)
+            texts.extend(cfs)
+            owner.append(np.full(len(cfs) + 1, i, dtype=np.int64))
+            position.append(np.concatenate([[-1], pos[i]]).astype(np.int64))
+        if not texts:
+            empty = np.zeros(0, np.int64)
+            return _Plan([], empty, empty, empty, [])
+        piece_ids = self._piece_ids(texts)
+        pieces = np.fromiter((len(x) for x in piece_ids), dtype=np.int64, count=len(piece_ids))
+        return _Plan(texts, np.concatenate(owner), np.concatenate(position), pieces, piece_ids)
+
+    def _piece_ids(self, texts: list[str]) -> list[list[int]]:
+        """Encoder word-piece ids of each text, unpadded and untruncated (one batched Rust call)."""
+        return self.enc_tokenizer(texts, add_special_tokens=True, truncation=False, padding=False,
+                                  return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
+
+    def piece_lengths(self, texts: list[str]) -> list[int]:
+        """Word pieces per text in the encoder's tokenizer (with [CLS] and [SEP])."""
+        return [len(x) for x in self._piece_ids(texts)]
+
+    def _tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        enc = self.enc_tokenizer(texts, add_special_tokens=True, truncation=False, padding="longest",
+                                 return_attention_mask=True, return_token_type_ids=False, return_tensors="np", verbose=False)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def _batches(self, plan: _Plan) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Batches of texts sorted by word-piece length (little padding); texts past the window are skipped."""
+        fits = np.flatnonzero(plan.pieces <= self.window)
+        order = fits[np.argsort(plan.pieces[fits], kind="stable")]
+        pad_id = self.enc_tokenizer.pad_token_id or 0
+        for start in range(0, order.size, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            lengths = plan.pieces[idx]
+            keep = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
+            input_ids = np.full(keep.shape, pad_id, dtype=np.int64)
+            # Row-major boolean assignment fills each row's first `length` slots, in order.
+            input_ids[keep] = np.fromiter(itertools.chain.from_iterable(plan.piece_ids[j] for j in idx),
+                                          dtype=np.int64, count=int(lengths.sum()))
+            yield idx, {"input_ids": input_ids, "attention_mask": keep.astype(np.int64)}
+
+    def _label_chunk(self, chunk, plan: _Plan, pos, out, bar) -> None:
+        if not plan.texts:
+            if bar is not None:
+                bar.update(int(sum(pos[i].size for i in chunk)))
+            return
+        emb = torch.zeros((len(plan.texts), self.dim), dtype=torch.float32, device=self.device)
+        # A counterfactual that re-tokenizes past the window (rare) is NaN, never truncated.
+        valid = plan.pieces <= self.window
+        with torch.inference_mode(), self._precision_context():
+            for idx, batch in _background(self._batches(plan)):
+                emb[torch.as_tensor(idx, device=self.device)] = self.embed_batch(batch)
+                self.stats["texts"] += int(idx.size)
+                self.stats["word_pieces"] += int(batch["attention_mask"].sum())
+                self.stats["padded_word_pieces"] += int(batch["attention_mask"].size)
+                if bar is not None:
+                    bar.update(int((plan.position[idx] >= 0).sum()))
+            # Each counterfactual is compared with its own sequence's full text, whatever the order
+            # of the sequences in the group (one full text per owner).
+            full_rows = np.flatnonzero(plan.position < 0)
+            by_owner = np.argsort(plan.owner[full_rows], kind="stable")
+            cf = np.flatnonzero(plan.position >= 0)
+            ref = full_rows[by_owner[np.searchsorted(plan.owner[full_rows][by_owner], plan.owner[cf])]]
+            dots = (emb[torch.as_tensor(cf, device=self.device)] * emb[torch.as_tensor(ref, device=self.device)]).sum(-1)
+            csc = (1.0 - dots).double().cpu().numpy()
+        lowest = csc.min(initial=0.0)
+        if lowest < -NEGATIVE_TOLERANCE:
+            log.warning("CSC label %.2e < 0 beyond rounding: check that the encoder normalises embeddings", lowest)
+        csc = np.maximum(csc, 0.0)  # 1 - cos >= 0; only rounding makes it negative
+        csc[~valid[cf]] = np.nan
+        n_labelled = 0
+        for i in np.unique(plan.owner):
+            sel = plan.owner[cf] == i
+            out[int(i)][plan.position[cf][sel]] = csc[sel].astype(np.float32)
+            n_labelled += int(sel.sum())
+        skipped = int(sum(pos[i].size for i in chunk)) - n_labelled
+        if bar is not None and skipped:
+            bar.update(skipped)
+        self.stats["labels"] += n_labelled
+
+    def embed_batch(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
+        """Normalised fp32 sentence embeddings [n, dim] of one tokenized batch (`input_ids`, `attention_mask`
+        as numpy arrays); the labeller's precision setting applies. Public for the CSC approximations."""
+        non_blocking = self.device.type == "cuda"
+        feats: dict[str, Any] = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, non_blocking=non_blocking)
+                                 for k, v in batch.items()}
+        if self._with_token_types:
+            feats["token_type_ids"] = torch.zeros_like(feats["input_ids"])
+        feats = self._transformer(feats)
+        feats["token_embeddings"] = feats["token_embeddings"].float()
+        for module in self._modules[1:]:
+            feats = module(feats)
+        return F.normalize(feats["sentence_embedding"].float(), dim=-1)
+
+    @contextlib.contextmanager
+    def _precision_context(self):
+        if self.device.type != "cuda" or self.precision != "tf32":
+            yield
+            return
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")  # "high" = TF32 tensor-core matmuls for fp32 tensors
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="label", desc="CSC labels", smoothing=0.1)
+
+
+def _background(items: Iterator, depth: int = 2) -> Iterator:
+    """Produce `items` in a thread (tokenisation overlaps the encoder); errors are re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def worker():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def flops_per_text(n_layers: int, hidden: int, intermediate: int, n_pieces: np.ndarray | int) -> np.ndarray:
+    """Forward FLOPs of a BERT-style encoder on texts of `n_pieces` word pieces (2 FLOPs per MAC).
+
+    Per layer and word piece: QKV and output projections 4 d^2 MACs, feed-forward 2 d d_ff MACs,
+    attention scores and their weighted sum 2 L d MACs. Embeddings and pooling are negligible.
+    """
+    L = np.asarray(n_pieces, dtype=np.float64)
+    per_layer = L * (4 * hidden**2 + 2 * hidden * intermediate) + 2 * L**2 * hidden
+    return 2.0 * n_layers * per_layer

@@ -1,0 +1,1 @@
+"""Measured inference energy: the NVML meter, workloads, per-query measurement, e-tokens, joule calibration."""

@@ -1,0 +1,409 @@
+"""Budget-tracking evaluation (paper V.C, Table I): metrics, achieved costs and the `evaluate` stage.
+
+Metrics are pure functions of arrays (property-tested): MAE, MAPE, Hit@delta and a Table I row.
+Which tokens count (shared with training): for a generation, its *generated* tokens (never the
+prompt), their CSC measured by re-running the labeller on the full prompt + generation text; for a
+training text, all of its tokens. Achieved cost per generation is reported three ways:
+- `proxy`: the sum of `C_vocab` over the generated tokens (what steering and stopping spend);
+- `calibrated`: `a + b * proxy` through the model's calibration (the CSC the controller aimed at);
+- `csc`: the true CSC total from the labeller (the number Table I is about).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from metabolic.core.errors import DataError
+from metabolic.csc.dataset import sequence_totals
+from metabolic.generate.budgeted import generate_with_budget, model_token_costs
+from metabolic.model.calibration import OnlineAffine, ProxyCalibration
+
+log = logging.getLogger(__name__)
+
+HIT_DELTAS_PCT = (10, 20, 50)
+
+# Table I of the paper (epoch 13 checkpoint): CSC-space budgets and their metrics, copied verbatim.
+PAPER_TABLE1 = {
+    "rows": [
+        {"Budget": 5.01, "MAE": 1.78, "MAPE": 35.4, "Hit@10": 0.0, "Hit@20": 0.0, "Hit@50": 100.0, "Achieved": 6.2, "Target": 5.01},
+        {"Budget": 7.16, "MAE": 0.37, "MAPE": 5.2, "Hit@10": 100.0, "Hit@20": 100.0, "Hit@50": 100.0, "Achieved": 6.79, "Target": 7.16},
+        {"Budget": 9.31, "MAE": 2.52, "MAPE": 27.1, "Hit@10": 0.0, "Hit@20": 0.0, "Hit@50": 100.0, "Achieved": 7.4, "Target": 9.31},
+    ],
+    "average_MAE": 1.556,
+}
+LEVELS = ("low", "medium", "high")
+
+
+def _pair(achieved: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(achieved, dtype=np.float64).reshape(-1)
+    t = np.asarray(target, dtype=np.float64).reshape(-1)
+    if t.size == 1 and a.size != 1:
+        t = np.full_like(a, t.item())
+    if a.size != t.size:
+        raise DataError(f"{a.size} achieved costs for {t.size} targets: give one target per generation (or one for all)")
+    if a.size == 0:
+        raise DataError("no generations to score: generate at least one sequence per budget")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(t))):
+        raise DataError("achieved or target costs contain NaN/inf: drop generations the labeller could not score")
+    if np.any(t <= 0):
+        raise DataError(f"targets must be > 0 (got min {t.min():.4g}): MAPE and Hit@delta are relative to the target")
+    return a, t
+
+
+def mae(achieved: Any, target: Any) -> float:
+    """Mean absolute error between achieved and target totals."""
+    a, t = _pair(achieved, target)
+    return float(np.mean(np.abs(a - t)))
+
+
+def mape(achieved: Any, target: Any) -> float:
+    """Mean absolute percentage error, in percent of the target."""
+    a, t = _pair(achieved, target)
+    return float(100.0 * np.mean(np.abs(a - t) / t))
+
+
+def hit_fraction(achieved: Any, target: Any, delta_pct: float) -> float:
+    """The fraction (0..1) of items with |achieved - target| <= delta% of the target (inclusive).
+
+    The one Hit@delta rule: Table I reports it in percent (`hit_rate`), the joule-budget check of the
+    e-token stage as a fraction.
+
+    >>> hit_fraction([9.5, 11.5, 10.0, 20.0], [10.0] * 4, 10)
+    0.5
+    """
+    if not (math.isfinite(delta_pct) and delta_pct >= 0):
+        raise DataError(f"delta_pct={delta_pct!r} is invalid: use a percentage >= 0")
+    a, t = _pair(achieved, target)
+    # A relative tolerance of 1e-12 keeps a value exactly on the boundary a hit despite rounding.
+    return float(np.mean(np.abs(a - t) <= t * delta_pct / 100.0 * (1 + 1e-12)))
+
+
+def hit_rate(achieved: Any, target: Any, delta_pct: float) -> float:
+    """Hit@delta (Table I): percent of generations with |achieved - target| <= delta% of the target (inclusive)."""
+    return 100.0 * hit_fraction(achieved, target, delta_pct)
+
+
+def table_row(achieved: Any, target: Any, budget: float) -> dict[str, float]:
+    """One Table I row: Budget, MAE, MAPE (%), Hit@10/20/50 (%), mean Achieved and mean Target, n."""
+    a, t = _pair(achieved, target)
+    row = {"Budget": float(budget), "MAE": mae(a, t), "MAPE": mape(a, t)}
+    for d in HIT_DELTAS_PCT:
+        row[f"Hit@{d}"] = hit_rate(a, t, d)
+    row.update({"Achieved": float(a.mean()), "Target": float(t.mean()), "n": int(a.size)})
+    return row
+
+
+def distinct_n(token_lists: Iterable[Sequence[int]], n: int) -> float:
+    """Distinct-n: unique n-grams / all n-grams over the generations (0 when there is no n-gram)."""
+    if n < 1:
+        raise DataError(f"distinct-n needs n >= 1 (got {n})")
+    grams: Counter = Counter()
+    for toks in token_lists:
+        toks = list(toks)
+        grams.update(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
+    total = sum(grams.values())
+    return float(len(grams) / total) if total else 0.0
+
+
+def perplexity(total_nll: float, n_tokens: int) -> float:
+    """exp(mean negative log-likelihood); NaN when no token was scored."""
+    if n_tokens <= 0:
+        return float("nan")
+    return float(math.exp(total_nll / n_tokens))
+
+
+def relative_change(value: float, reference: float) -> float:
+    """(value - reference) / reference; NaN when the reference is 0 or not finite."""
+    if not (math.isfinite(value) and math.isfinite(reference)) or reference == 0:
+        return float("nan")
+    return (value - reference) / reference
+
+
+# --- achieved costs of generations ------------------------------------------------------------
+
+
+def _label_once(labeller, seqs: list[list[int]], positions: list[np.ndarray], progress: bool) -> list[np.ndarray]:
+    """`labeller.label`, but each distinct (ids, positions) is labelled once per labeller.
+
+    Plain and steered decoding often produce the same text (the brake does not engage while a row
+    spends below its budget); labels depend only on the ids, so a memo on the labeller saves the
+    encoder passes.
+    """
+    memo = labeller.__dict__.setdefault("_generation_memo", {})
+    keys = [(tuple(s), tuple(p.tolist())) for s, p in zip(seqs, positions)]
+    todo = list(dict.fromkeys(k for k in keys if k not in memo))
+    if todo:
+        fresh = labeller.label([list(k[0]) for k in todo], [np.array(k[1], dtype=np.int64) for k in todo], progress=progress)
+        memo.update(zip(todo, fresh))
+    return [memo[k].copy() for k in keys]
+
+
+def csc_of_generations(labeller, gens, scale: str = "raw", progress: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """True CSC total of each generation: the labeller on prompt + generation ids, generated positions only.
+
+    An empty generation spends 0. On the `length` scale each label is multiplied by the full text's
+    length T = prompt + generation (`csc_dataset.sequence_totals`). NaN when a text is beyond the
+    encoder's window. Returns (totals [n], per-token labels of the generated tokens on `scale`).
+    """
+    seqs = [list(g.prompt_ids) + list(g.generated_ids) for g in gens]
+    positions = [np.arange(len(g.prompt_ids), len(g.prompt_ids) + len(g.generated_ids), dtype=np.int64) for g in gens]
+    labels = _label_once(labeller, seqs, positions, progress)
+    generated = [lab[len(g.prompt_ids):] for lab, g in zip(labels, gens)]
+    totals = sequence_totals(generated, scale, lengths=[len(s) for s in seqs])
+    empty = np.array([len(g.generated_ids) == 0 for g in gens], dtype=bool)
+    totals[empty] = 0.0
+    per_token = [lab * (len(s) if scale == "length" else 1) for lab, s in zip(generated, seqs)]
+    return totals, per_token
+
+
+def judge_nll(judge, gens) -> tuple[np.ndarray, np.ndarray]:
+    """Negative log-likelihood (nats) of each generation's tokens given its prompt, under `judge`, and counts."""
+    import torch
+
+    device = next(judge.parameters()).device
+    nll = np.zeros(len(gens))
+    count = np.zeros(len(gens), dtype=np.int64)
+    with torch.inference_mode():
+        for i, g in enumerate(gens):
+            if not g.generated_ids:
+                continue
+            ids = torch.tensor([list(g.prompt_ids) + list(g.generated_ids)], device=device)
+            logp = torch.log_softmax(judge(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            targets = ids[0, 1:]
+            start = len(g.prompt_ids) - 1
+            picked = logp[start:].gather(1, targets[start:, None])[:, 0]
+            nll[i] = float(-picked.sum())
+            count[i] = picked.numel()
+    return nll, count
+
+
+def contextual_proxy(model, gens, budgets_csc: Sequence[float] | None) -> np.ndarray:
+    """Sum over generated tokens of the model's in-context proxy cost (cost head + token costs, mean over K)."""
+    import torch
+
+    out = np.zeros(len(gens))
+    with torch.inference_mode():
+        for i, g in enumerate(gens):
+            if not g.generated_ids:
+                continue
+            ids = torch.tensor([list(g.prompt_ids) + list(g.generated_ids)], device=model.device)
+            budget = budgets_csc[i] if budgets_csc is not None and math.isfinite(budgets_csc[i]) else model.settings.budget_scale
+            costs = model(ids, budget=torch.tensor([float(budget)], device=model.device)).token_costs
+            out[i] = float(model.proxy_total(costs)[0, len(g.prompt_ids):].double().sum())
+    return out
+
+
+def fluency(judge, gens) -> dict[str, float]:
+    """Fluency proxy of a set of generations: the judge's perplexity (pooled), distinct-1/2, mean length."""
+    nll, count = judge_nll(judge, gens)
+    toks = [g.generated_ids for g in gens]
+    return {
+        "judge_ppl": perplexity(float(nll.sum()), int(count.sum())),
+        "distinct_1": distinct_n(toks, 1),
+        "distinct_2": distinct_n(toks, 2),
+        "mean_tokens": float(np.mean([len(t) for t in toks])) if toks else 0.0,
+    }
+
+
+def goal_status(table: dict[str, Any], fluency_tolerance: float = 0.10, hit_goal_pct: float = 90.0) -> dict[str, Any]:
+    """The issue's goal on one (variant, decoding) table: Hit@10 >= 90% per level (CSC) and fluency within 10%."""
+    hits = {row["level"]: row["csc"]["Hit@10"] for row in table["rows"]}
+    change = table["fluency"]["judge_ppl_rel_change"]
+    return {
+        "hit10_per_level": hits,
+        "hit_ok": all(h >= hit_goal_pct for h in hits.values()),
+        "judge_ppl_rel_change": change,
+        "fluency_ok": bool(math.isfinite(change) and abs(change) <= fluency_tolerance),
+        "met": all(h >= hit_goal_pct for h in hits.values()) and bool(math.isfinite(change) and abs(change) <= fluency_tolerance),
+    }
+
+
+# --- the `evaluate` stage -----------------------------------------------------------------------
+
+# Bumped when what the stage computes changes, so an artefact from older code is rebuilt.
+EVALUATION_VERSION = 2
+DECODINGS = ("plain", "steered")  # plain: budget pathway only (the paper); steered: + steering + budget stop
+TABLES_FILE = "tables.json"
+GENERATIONS_FILE = "generations.jsonl"
+
+
+def select_prompts(cfg, tokenizer, valid_ids: Sequence[Sequence[int]]) -> list[str]:
+    """Prompts: the first `prompt_tokens` tokens of `n_valid_prompts` seeded validation texts, then the paper's."""
+    import random
+
+    g = cfg.generation
+    usable = [i for i, ids in enumerate(valid_ids) if len(ids) > g.prompt_tokens]
+    chosen = sorted(random.Random(g.seed).sample(usable, min(g.n_valid_prompts, len(usable))))
+    prompts = [tokenizer.decode(list(valid_ids[i][: g.prompt_tokens])).strip() for i in chosen]
+    prompts = [p for p in prompts if p] + [p for p in g.prompts if p.strip()]
+    if not prompts:
+        raise DataError("no evaluation prompt: raise generation.n_valid_prompts or give generation.prompts")
+    return prompts
+
+
+def _record(g, variant: str, decoding: str, level: str, **extra) -> dict[str, Any]:
+    return {"variant": variant, "decoding": decoding, "level": level, "prompt": g.prompt, "text": g.text,
+            "generated_ids": g.generated_ids, "budget_requested_csc": g.budget_requested_csc, "budget_csc": g.budget_csc,
+            "budget_proxy": g.budget_proxy, "spent_proxy": g.spent_proxy, "stopped_by": g.stopped_by,
+            "lambdas": [round(x, 4) for x in g.lambdas], **extra}
+
+
+def evaluate_variant(model, tokenizer, judge, labeller, prompts: list[str], budgets: dict[str, float], cfg,
+                     budget_range: tuple[float, float], variant: str, calibration, calibration_note: str,
+                     progress: bool = False) -> tuple[dict, list[dict]]:
+    """Generate at every budget level with each decoding, measure achieved costs and fluency; tables + records."""
+    g = cfg.generation
+    costs = model_token_costs(model)
+    cal = calibration
+    common = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, seed=g.seed,
+                  do_sample=True, budget_range=budget_range, calibration=cal, lambda_max=g.lambda_max)
+    reference = generate_with_budget(model, tokenizer, prompts, math.inf, steer=False, stop=False, **common)
+    ref_fluency = fluency(judge, reference)
+    records = [_record(r, variant, "unbudgeted", "none", token_costs=costs[r.generated_ids].tolist()) for r in reference]
+    tables: dict[str, Any] = {}
+    for decoding in DECODINGS:
+        rows, all_gens = [], []
+        for level, budget in budgets.items():
+            steered = decoding == "steered"
+            gens = generate_with_budget(model, tokenizer, prompts, budget, steer=steered, stop=steered, **common)
+            csc_tot, csc_tok = csc_of_generations(labeller, gens, cfg.csc.scale)
+            proxy = np.array([x.spent_proxy for x in gens])
+            calibrated = np.array([cal.to_csc(p) for p in proxy])
+            context = contextual_proxy(model, gens, [x.budget_csc for x in gens])
+            target_csc = np.array([x.budget_csc for x in gens])
+            target_proxy = np.array([x.budget_proxy for x in gens])
+            ok = np.isfinite(csc_tot)
+            rows.append({
+                "level": level, "budget_csc": float(budget), "budget_proxy": float(target_proxy.mean()),
+                "csc": table_row(csc_tot[ok], target_csc[ok], float(budget)),
+                "proxy": table_row(proxy, target_proxy, float(target_proxy.mean())),
+                "calibrated": table_row(calibrated, target_csc, float(budget)),
+                "contextual_proxy_mean": float(context.mean()),
+                "mean_tokens": float(np.mean([len(x.generated_ids) for x in gens])),
+                "stopped_by": dict(Counter(x.stopped_by for x in gens)),
+                "unscored": int((~ok).sum()),
+            })
+            for x, c, cc, ctx, lab in zip(gens, csc_tot, calibrated, context, csc_tok):
+                records.append(_record(x, variant, decoding, level, csc=float(c), calibrated_csc=float(cc),
+                                       contextual_proxy=float(ctx), token_costs=costs[x.generated_ids].tolist(),
+                                       token_csc=[float(v) for v in lab]))
+            all_gens.extend(gens)
+        flu = fluency(judge, all_gens)
+        # distinct-n per budget level, averaged: pooling the levels would count the same prompt's
+        # (often similar) continuations at three budgets as repetition.
+        n_levels = len(budgets)
+        per_level = [all_gens[i * len(prompts):(i + 1) * len(prompts)] for i in range(n_levels)]
+        for n in (1, 2):
+            flu[f"distinct_{n}"] = float(np.mean([distinct_n([x.generated_ids for x in lv], n) for lv in per_level]))
+        table = {
+            "variant": variant, "decoding": decoding, "csc_scale": cfg.csc.scale, "n_prompts": len(prompts),
+            "rows": rows,
+            "average_MAE_csc": float(np.mean([r["csc"]["MAE"] for r in rows])),
+            "average_MAE_proxy": float(np.mean([r["proxy"]["MAE"] for r in rows])),
+            "fluency": {"budgeted": flu, "unbudgeted": ref_fluency,
+                        "judge_ppl_rel_change": relative_change(flu["judge_ppl"], ref_fluency["judge_ppl"])},
+            "calibration": {"a": cal.a, "b": cal.b, "how": calibration_note,
+                            "model_a": float(model.calib_a.mean()), "model_b": float(model.calib_b.mean())},
+        }
+        table["goal"] = goal_status(table)
+        tables[f"{variant}_{decoding}"] = table
+    return tables, records
+
+
+
+def paper_side_by_side(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows pairing ours (CSC space) with the paper's Table I, level by level (low/medium/high)."""
+    out = []
+    for i, row in enumerate(table["rows"]):
+        paper = PAPER_TABLE1["rows"][i] if i < len(PAPER_TABLE1["rows"]) else {}
+        ours = row["csc"]
+        entry = {"level": row["level"]}
+        for key in ("Budget", "MAE", "MAPE", "Hit@10", "Hit@20", "Hit@50", "Achieved", "Target"):
+            entry[f"ours {key}"] = ours[key]
+            entry[f"paper {key}"] = paper.get(key)
+        out.append(entry)
+    return out
+
+
+def continuation_points(ids_list: Sequence[Sequence[int]], csc_list: Sequence[np.ndarray], token_costs: np.ndarray,
+                        prompt_tokens: int, scale: str = "raw", max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(C_vocab spend, true CSC) of each text's continuation after its first `prompt_tokens` tokens.
+
+    The texts' cached labels were computed on the full text, so each point counts exactly what a
+    generation counts: the tokens after the prompt, scored in the context of prompt + continuation.
+    Texts with no continuation, more than `max_tokens` continuation tokens (when given) or an
+    unlabelled continuation token are skipped.
+    """
+    costs = np.asarray(token_costs, dtype=np.float64)
+    xs, ys = [], []
+    for ids, lab in zip(ids_list, csc_list):
+        lab = np.asarray(lab, dtype=np.float64)
+        if len(ids) <= prompt_tokens or not np.all(np.isfinite(lab[prompt_tokens:])):
+            continue
+        if max_tokens is not None and len(ids) - prompt_tokens > max_tokens:
+            continue
+        xs.append(float(costs[np.asarray(ids[prompt_tokens:], dtype=np.int64)].sum()))
+        ys.append(float(lab[prompt_tokens:].sum() * (len(ids) if scale == "length" else 1)))
+    return np.asarray(xs), np.asarray(ys)
+
+
+def continuation_totals(ids_list, csc_list, prompt_tokens: int, max_new_tokens: int, scale: str = "raw") -> np.ndarray:
+    """True CSC totals of training-text continuations of 1..max_new_tokens tokens after the first `prompt_tokens`.
+
+    What a generation of that length would be scored on (the same counting rule), hence the natural
+    source of generation budgets; falls back to continuations of any length when fewer than 3 fit.
+    """
+    lengths = np.array([len(x) - prompt_tokens for x in ids_list])
+    keep = [(i, l) for i, l in enumerate(lengths) if 1 <= l <= max_new_tokens]
+    if len(keep) < 3:
+        keep = [(i, l) for i, l in enumerate(lengths) if l >= 1]
+    idx = [i for i, _ in keep]
+    _, y = continuation_points([ids_list[i] for i in idx], [csc_list[i] for i in idx],
+                               np.zeros(1 + max(max(ids_list[i]) for i in idx)) if idx else np.zeros(1),
+                               prompt_tokens, scale)
+    if y.size < 3:
+        raise DataError(f"only {y.size} labelled training texts are longer than generation.prompt_tokens={prompt_tokens}: "
+                        f"label more texts or shorten the prompts")
+    return y
+
+
+def fit_continuation_calibration(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, budgets: Sequence[float] = ()):
+    """Affine `csc = a + b * proxy` on continuation points (eq. 21's ridge fit).
+
+    If the fit's slope is not positive (proxy and CSC do not rise together on these points, which an
+    undertrained cost model can show), a budget cannot be inverted through it: the fallback is the
+    ratio map through the origin, b = sum(y) / sum(x), a = 0. The same fallback applies when one of
+    `budgets` (CSC) would map to a proxy budget <= 0 (a budget below the intercept). Returns
+    (ProxyCalibration, how it was made).
+    """
+    if x.size < 2 or not np.all(np.isfinite(x)) or not np.all(np.isfinite(y)):
+        raise DataError(f"{x.size} continuation points: label more training texts longer than generation.prompt_tokens")
+    fit = OnlineAffine(1, ridge).update(x, y).fit()
+    a, b = float(fit.a[0]), float(fit.b[0])
+    if b > 0 and np.isfinite(a):
+        if all((B - a) / b > 0 for B in budgets):
+            return ProxyCalibration(a, b), "ridge"
+        return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (a budget is below the ridge intercept {a:.4g})"
+    return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (ridge slope {b:.4g} <= 0)"
+
+
+def choose_calibration(model, cfg, train_ids, train_csc, budgets: Sequence[float]):
+    """The budget -> proxy map for steered decoding (`generation.calibration`), and a note on how it was made."""
+    if cfg.generation.calibration == "model":
+        a, b = float(model.calib_a.mean()), float(model.calib_b.mean())
+        if b > 0 and all((B - a) / b > 0 for B in budgets):
+            return ProxyCalibration(a, b), "model (training calibration)"
+        log.warning("the model's calibration (a=%.4g, b=%.4g) cannot map budgets %s: using the continuation fit", a, b, budgets)
+    # The same continuations the budgets come from (1..max_new_tokens tokens), else any length.
+    costs = model_token_costs(model).numpy()
+    g = cfg.generation
+    x, y = continuation_points(train_ids, train_csc, costs, g.prompt_tokens, cfg.csc.scale, max_tokens=g.max_new_tokens)
+    if x.size < 3:
+        x, y = continuation_points(train_ids, train_csc, costs, g.prompt_tokens, cfg.csc.scale)
+    cal, how = fit_continuation_calibration(x, y, cfg.train.calib_ridge, budgets)
+    return cal, f"continuation {how} on {x.size} training texts"

@@ -1,0 +1,1 @@
+"""Budget-conditioned generation: logits processors, stopping criteria and the budgeted decode."""

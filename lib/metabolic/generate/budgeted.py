@@ -1,0 +1,534 @@
+"""Budget-conditioned generation through `transformers`' `generate()` (paper IV.D, V.C).
+
+Two small parts with the standard contracts, composable with any other processor or criterion:
+
+- `CostSteeringLogitsProcessor` subtracts `lambda_t * C_vocab / s` from the next-token scores (s = the
+  std of C_vocab, so lambda is in nats per typical cost difference whatever C_vocab's scale). `lambda_t`
+  is solved per batch row and per step (Newton steps on the tilted distribution) so that the
+  expected cost of the next token equals the pace the budget still allows, `(B - spent) / steps_left`:
+  a row that is spending too fast is pushed towards cheap tokens (and, only with `two_sided=True`, one
+  that is too slow towards dearer ones). `|lambda_t| <= lambda_max` keeps the text close to the model's
+  own distribution.
+- `BudgetStoppingCriteria` ends a row when its spend is as close to the budget as it is going to get
+  (`spent >= B - r/2`, with `r` the row's average cost per generated token), or earlier at a sentence
+  end once `spent >= (1 - sentence_slack) * B`.
+
+Spend is measured in proxy units: the sum of `C_vocab[v]` over the *generated* tokens (never the
+prompt). Budgets are given in CSC units and mapped to proxy units through the model's affine
+calibration `CSC = a + b * proxy` (eq. 17). Which tokens count is the study's shared definition: for a
+generation, the generated tokens count, with their CSC measured by the labeller on the full
+prompt + generation text; for a training text, all of its tokens count.
+
+Documented behaviour on edge cases:
+- `budget_csc = inf` means unlimited: the criterion never fires and steering is a no-op for that row,
+  so with steering off the output is token-for-token identical to plain `generate()`.
+- A budget <= 0 or NaN, an empty prompt or an empty prompt list raise `ConfigError` / `DataError`.
+- A finite budget outside `budget_range` (the range the model was trained on) is clamped to it with
+  a warning; the `Generation` records both the requested and the used budget.
+- A prompt that leaves no room for `max_new_tokens` in the model's context raises `DataError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from metabolic.core.errors import ConfigError, DataError
+from metabolic.model.calibration import ProxyCalibration
+
+log = logging.getLogger(__name__)
+
+# Characters that end a sentence when a token's decoded text ends with one of them.
+SENTENCE_END_CHARS = (".", "!", "?")
+
+
+def _as_cost_vector(token_costs: Any, name: str = "token_costs") -> torch.Tensor:
+    costs = torch.as_tensor(token_costs, dtype=torch.float32)
+    if costs.ndim != 1 or costs.numel() == 0:
+        raise ConfigError(f"{name} has shape {tuple(costs.shape)}: give one cost per vocabulary token, shape [V]")
+    if not torch.isfinite(costs).all() or (costs < 0).any():
+        raise ConfigError(f"{name} must be finite and >= 0 (min {costs.min().item():.4g}): check the model's C_vocab")
+    return costs
+
+
+def _as_budgets(budgets: Any, name: str) -> torch.Tensor:
+    """Budgets as a float64 1-D tensor; each must be > 0 (inf = unlimited), never NaN."""
+    values = torch.as_tensor(budgets, dtype=torch.float64).reshape(-1)
+    if values.numel() == 0:
+        raise ConfigError(f"{name} is empty: give at least one budget")
+    if torch.isnan(values).any():
+        raise ConfigError(f"{name}={values.tolist()} contains NaN: give budgets > 0 (inf = unlimited)")
+    if (values <= 0).any():
+        raise ConfigError(f"{name}={values.tolist()} contains a budget <= 0: give budgets > 0 (inf = unlimited)")
+    return values
+
+
+def _rows(values: torch.Tensor, n_rows: int, name: str) -> torch.Tensor:
+    """Broadcast per-prompt values to the batch rows (1 value, one per row, or one per prompt repeated)."""
+    if values.numel() == n_rows:
+        return values
+    if values.numel() == 1:
+        return values.expand(n_rows)
+    if n_rows % values.numel() == 0:  # num_return_sequences > 1: rows of a prompt are contiguous
+        return values.repeat_interleave(n_rows // values.numel())
+    raise ConfigError(f"{name} has {values.numel()} entries for {n_rows} batch rows: give 1 or one per prompt")
+
+
+def generated_spend(input_ids: torch.Tensor, token_costs: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Proxy spend of each row: sum of `token_costs` over the tokens after `prompt_len`, float64 [B]."""
+    gen = input_ids[:, prompt_len:]
+    if gen.shape[1] == 0:
+        return torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
+    return token_costs.to(input_ids.device)[gen].double().sum(dim=1)
+
+
+def stop_rule(spent: torch.Tensor, n_generated: int | torch.Tensor, budget: torch.Tensor,
+              at_sentence_end: torch.Tensor, sentence_slack: float) -> torch.Tensor:
+    """The stopping rule on one step (pure): True where the row should end now.
+
+    Hard stop when `spent >= budget - r/2` with `r = spent / n_generated` (stopping now is closer to the
+    budget than one more average token); soft stop at a sentence end once `spent >= (1 - slack) * budget`.
+    """
+    n = torch.as_tensor(n_generated, dtype=torch.float64, device=spent.device).clamp(min=1)
+    rate = spent / n
+    hard = spent >= budget - rate / 2
+    soft = at_sentence_end & (spent >= (1.0 - sentence_slack) * budget)
+    return hard | soft
+
+
+@functools.lru_cache(maxsize=4)
+def _sentence_end_ids_cached(key: int, tokenizer_ref: Any) -> tuple[int, ...]:
+    tok = tokenizer_ref
+    ids = []
+    for i in range(len(tok)):
+        text = tok.decode([i]).rstrip()
+        if text.endswith(SENTENCE_END_CHARS):
+            ids.append(i)
+    return tuple(ids)
+
+
+def sentence_end_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of tokens whose decoded text ends a sentence ('.', '!' or '?', trailing spaces ignored)."""
+    return _sentence_end_ids_cached(id(tokenizer), tokenizer)
+
+
+def sentence_end_mask(tokenizer, vocab_size: int) -> torch.Tensor:
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    ids = [i for i in sentence_end_ids(tokenizer) if i < vocab_size]
+    mask[ids] = True
+    return mask
+
+
+class CostSteeringLogitsProcessor(LogitsProcessor):
+    """Tilt next-token scores by `-lambda_t * C_vocab` so the expected spend keeps pace with the budget.
+
+    Args:
+        token_costs: `C_vocab` as a [V] tensor of proxy costs (>= 0), V = the scores' last dimension.
+        budgets_proxy: proxy-unit budget per prompt (or one for all); `inf` = unlimited (no steering).
+        prompt_len: length of the (left-padded) prompt; tokens after it are the generation.
+        max_new_tokens: the generation's token limit, which sets the pace `(B - spent) / steps_left`.
+        lambda_max: bound on `|lambda_t|`, in score units (nats) per `cost_scale` of cost.
+        cost_scale: the cost unit lambda is measured in (default: the std of `token_costs` over the
+            vocabulary), so `lambda_max` means the same tilt whatever the scale of C_vocab.
+        newton_steps: Newton iterations solving E_lambda[C] = pace (1 is cheap and enough for pacing;
+            each adds one softmax over the vocabulary per step).
+        two_sided: also push under-spending rows towards dearer tokens (negative lambda). Off by default:
+            on smoke it drove text into repeating rare tokens (judge perplexity x300) without raising
+            the true CSC, so by default steering only ever brakes an over-spending row.
+    """
+
+    def __init__(self, token_costs: Any, budgets_proxy: Any, prompt_len: int, max_new_tokens: int,
+                 lambda_max: float = 5.0, newton_steps: int = 1, two_sided: bool = False,
+                 cost_scale: float | None = None) -> None:
+        self.token_costs = _as_cost_vector(token_costs)
+        if cost_scale is None:
+            cost_scale = float(self.token_costs.std()) if self.token_costs.numel() > 1 else 0.0
+            cost_scale = cost_scale if cost_scale > 0 else max(float(self.token_costs.mean()), 1e-8)
+        if not (math.isfinite(cost_scale) and cost_scale > 0):
+            raise ConfigError(f"cost_scale={cost_scale!r} is invalid: use a finite value > 0")
+        self.cost_scale = float(cost_scale)
+        self.budgets = _as_budgets(budgets_proxy, "budgets_proxy")
+        if not isinstance(prompt_len, int) or prompt_len < 0:
+            raise ConfigError(f"prompt_len={prompt_len!r} is invalid: give the prompt's token count (>= 0)")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid: use an int >= 1")
+        if not (math.isfinite(lambda_max) and lambda_max >= 0):
+            raise ConfigError(f"lambda_max={lambda_max!r} is invalid: use a finite value >= 0")
+        if not isinstance(newton_steps, int) or newton_steps < 1:
+            raise ConfigError(f"newton_steps={newton_steps!r} is invalid: use an int >= 1")
+        self.prompt_len = prompt_len
+        self.max_new_tokens = max_new_tokens
+        self.lambda_max = float(lambda_max)
+        self.newton_steps = newton_steps
+        self.two_sided = two_sided
+        self.last_lambda: torch.Tensor | None = None  # diagnostics: lambda_t of the latest step, [B]
+        self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._max: float | None = None
+
+    def _costs_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, C^2) on `device`, cached: the processor runs once per generated token."""
+        if self._cached is None or self._cached[0].device != device:
+            costs = self.token_costs.to(device) / self.cost_scale  # in units of cost_scale
+            self._cached = (costs, costs * costs)
+        return self._cached
+
+    def _max_cost(self, costs: torch.Tensor) -> float:
+        if self._max is None:
+            self._max = float(costs.max())
+        return self._max
+
+    def lambdas(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """lambda_t per row, float32 [B] (pure: depends only on the arguments and the settings)."""
+        if scores.ndim != 2 or scores.shape[-1] != self.token_costs.numel():
+            raise DataError(
+                f"scores have shape {tuple(scores.shape)} but token_costs has {self.token_costs.numel()} entries: "
+                f"use the C_vocab of the model that produces these scores"
+            )
+        n_gen = input_ids.shape[1] - self.prompt_len
+        if n_gen < 0:
+            raise DataError(f"input has {input_ids.shape[1]} tokens, fewer than prompt_len={self.prompt_len}")
+        costs, costs_sq = self._costs_on(scores.device)
+        budget = _rows(self.budgets.to(scores.device), scores.shape[0], "budgets_proxy")
+        spent = generated_spend(input_ids, self.token_costs.to(scores.device), self.prompt_len)
+        steps_left = max(self.max_new_tokens - n_gen, 1)
+        pace = ((budget - spent) / steps_left / self.cost_scale).clamp(min=0.0).float()
+        lam = torch.zeros(scores.shape[0], dtype=torch.float32, device=scores.device)
+        if not self.two_sided and bool((pace >= self._max_cost(costs)).all()):
+            # E[C] <= max C <= pace for every row: the one-sided brake is exactly 0, no softmax needed.
+            return lam
+        logits = scores.float()
+        low = -self.lambda_max if self.two_sided else 0.0
+        for step in range(self.newton_steps):
+            tilted = logits if step == 0 else torch.addcmul(logits, lam[:, None], costs[None, :], value=-1.0)
+            probs = torch.softmax(tilted, dim=-1)
+            mean = probs @ costs
+            var = (probs @ costs_sq - mean * mean).clamp(min=0.0)
+            # d E_lambda[C] / d lambda = -Var_lambda[C]: a Newton step towards E = pace. A row whose
+            # scores are all -inf has no distribution (NaN): it gets lambda 0.
+            lam = torch.nan_to_num(lam + (mean - pace) / (var + 1e-8), nan=0.0).clamp(low, self.lambda_max)
+        return torch.where(torch.isfinite(budget), lam, torch.zeros_like(lam))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        lam = self.lambdas(input_ids, scores)
+        self.last_lambda = lam.detach().cpu()
+        costs, _ = self._costs_on(scores.device)
+        # A new tensor (scores - lambda * C / cost_scale): scores are never edited in place.
+        return torch.addcmul(scores, lam[:, None].to(scores.dtype), costs[None, :].to(scores.dtype), value=-1.0)
+
+
+class BudgetStoppingCriteria(StoppingCriteria):
+    """End each row at its proxy budget (see `stop_rule`), preferably at a sentence end.
+
+    Args:
+        token_costs: `C_vocab` as a [V] tensor of proxy costs (>= 0).
+        budgets_proxy: proxy-unit budget per prompt (or one for all); `inf` = never stop on budget.
+        prompt_len: length of the (left-padded) prompt.
+        sentence_end: bool mask [V] of sentence-ending tokens (None: no soft stop).
+        sentence_slack: fraction of the budget that may be left unspent to stop at a sentence end.
+    """
+
+    def __init__(self, token_costs: Any, budgets_proxy: Any, prompt_len: int,
+                 sentence_end: torch.Tensor | None = None, sentence_slack: float = 0.1) -> None:
+        self.token_costs = _as_cost_vector(token_costs)
+        self.budgets = _as_budgets(budgets_proxy, "budgets_proxy")
+        if not isinstance(prompt_len, int) or prompt_len < 0:
+            raise ConfigError(f"prompt_len={prompt_len!r} is invalid: give the prompt's token count (>= 0)")
+        if not (0.0 <= sentence_slack < 1.0):
+            raise ConfigError(f"sentence_slack={sentence_slack!r} is invalid: use a fraction in [0, 1)")
+        if sentence_end is None:
+            sentence_end = torch.zeros(self.token_costs.numel(), dtype=torch.bool)
+        sentence_end = torch.as_tensor(sentence_end, dtype=torch.bool)
+        if sentence_end.shape != self.token_costs.shape:
+            raise ConfigError(f"sentence_end has shape {tuple(sentence_end.shape)}: give a bool mask of shape [V]")
+        self.prompt_len = prompt_len
+        self.sentence_end = sentence_end
+        self.sentence_slack = float(sentence_slack)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs) -> torch.BoolTensor:
+        n_gen = input_ids.shape[1] - self.prompt_len
+        if n_gen <= 0:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        costs = self.token_costs.to(input_ids.device)
+        spent = generated_spend(input_ids, costs, self.prompt_len)
+        budget = _rows(self.budgets.to(input_ids.device), input_ids.shape[0], "budgets_proxy")
+        at_end = self.sentence_end.to(input_ids.device)[input_ids[:, -1]]
+        return stop_rule(spent, n_gen, budget, at_end, self.sentence_slack)
+
+
+def kept_lengths(gen_ids: torch.Tensor, token_costs: torch.Tensor, budgets_proxy: torch.Tensor,
+                 sentence_end: torch.Tensor | None, sentence_slack: float, eos_token_id: int | None,
+                 budget_stop: bool = True) -> list[tuple[int, str]]:
+    """Replay the stopping rule on finished generations: (tokens kept, why it ended) per row.
+
+    Rows that ended early are padded by `generate()`; this finds where each really ended. An EOS
+    token ends the text and is not kept. Reasons: "budget", "sentence", "eos", "max_new_tokens".
+    """
+    costs = token_costs.to(gen_ids.device)
+    n_rows, n_cols = gen_ids.shape
+    budgets = _rows(budgets_proxy.to(gen_ids.device), n_rows, "budgets_proxy")
+    if sentence_end is None:
+        sentence_end = torch.zeros(costs.numel(), dtype=torch.bool)
+    out = []
+    cum = costs[gen_ids].double().cumsum(dim=1) if n_cols else torch.zeros(n_rows, 0, dtype=torch.float64)
+    for row in range(n_rows):
+        kept, why = n_cols, "max_new_tokens"
+        for t in range(n_cols):
+            token = int(gen_ids[row, t])
+            if eos_token_id is not None and token == eos_token_id:
+                kept, why = t, "eos"
+                break
+            if budget_stop:
+                b = budgets[row : row + 1]
+                at_end = sentence_end[token : token + 1].to(gen_ids.device)
+                hard = stop_rule(cum[row, t : t + 1], t + 1, b, torch.zeros_like(at_end), sentence_slack)
+                if bool(hard):
+                    kept, why = t + 1, "budget"
+                    break
+                if bool(stop_rule(cum[row, t : t + 1], t + 1, b, at_end, sentence_slack)):
+                    kept, why = t + 1, "sentence"
+                    break
+        out.append((kept, why))
+    return out
+
+
+@dataclass
+class Generation:
+    """One budgeted generation: ids, text and the budget it was asked for (CSC) and given (CSC, proxy)."""
+
+    prompt: str
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    text: str  # the generated continuation only
+    budget_requested_csc: float
+    budget_csc: float  # after clamping to the trained range
+    budget_proxy: float
+    spent_proxy: float  # sum of C_vocab over the generated tokens
+    stopped_by: str
+    lambdas: list[float] = field(default_factory=list)  # lambda_t per step (steering only)
+
+    @property
+    def full_text(self) -> str:
+        return self.prompt + self.text
+
+
+def _context_size(model) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _clamp_budgets(budgets: torch.Tensor, budget_range: tuple[float, float] | None) -> torch.Tensor:
+    if budget_range is None:
+        return budgets
+    lo, hi = float(budget_range[0]), float(budget_range[1])
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        raise ConfigError(f"budget_range={budget_range!r} is invalid: give (low, high) with 0 < low <= high")
+    finite = torch.isfinite(budgets)
+    clamped = torch.where(finite, budgets.clamp(lo, hi), budgets)
+    changed = finite & (clamped != budgets)
+    if changed.any():
+        log.warning("budgets %s are outside the trained range [%.4g, %.4g] CSC: clamped to %s",
+                    budgets[changed].tolist(), lo, hi, clamped[changed].tolist())
+    return clamped
+
+
+class _LambdaRecorder(LogitsProcessor):
+    """Records the steering processor's lambda_t after each step (returns scores unchanged)."""
+
+    def __init__(self, steering: CostSteeringLogitsProcessor) -> None:
+        self.steering = steering
+        self.history: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        if self.steering.last_lambda is not None:
+            self.history.append(self.steering.last_lambda)
+        return scores
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt; an empty list or an empty prompt is a `DataError`."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if len(prompts) == 0:
+        raise DataError("no prompts given: pass at least one non-empty prompt")
+    ids = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise DataError(f"prompt {i} ({p!r}) is empty: give some text to continue")
+        ids.append(tokenizer(p, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id (GPT-2 has no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [n, longest], left padded: every row's generation starts at column `longest`.
+
+    >>> left_pad([[5, 6], [7]], pad_id=0)[0].tolist()
+    [[5, 6], [0, 7]]
+    """
+    longest = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompt_ids), longest), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, longest - len(ids):] = 1
+    return input_ids, attention
+
+
+def is_metabolic(model) -> bool:
+    """True for a MetabolicGPT-2 (a backbone plus `vocab_costs` and a budget pathway)."""
+    return hasattr(model, "vocab_costs") and hasattr(model, "backbone") and hasattr(model, "budget_proj")
+
+
+def model_token_costs(model) -> torch.Tensor:
+    """C_vocab of a MetabolicGPT-2 as one proxy number per token: the mean over K, float32 [V] on CPU."""
+    with torch.no_grad():
+        return model.proxy_total(model.vocab_costs()).detach().float().cpu()
+
+
+@torch.inference_mode()
+def generate_with_budget(
+    model,
+    tokenizer,
+    prompts: Sequence[str] | str,
+    budget_csc: float | Sequence[float],
+    *,
+    token_costs: Any = None,
+    calibration: ProxyCalibration | None = None,
+    condition: bool = True,
+    max_new_tokens: int = 64,
+    steer: bool = True,
+    stop: bool = True,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    seed: int | None = 0,
+    budget_range: tuple[float, float] | None = None,
+    lambda_max: float = 5.0,
+    two_sided: bool = False,
+    sentence_slack: float = 0.1,
+    generate_kwargs: dict[str, Any] | None = None,
+) -> list[Generation]:
+    """Generate a continuation of each prompt that spends `budget_csc` (CSC units; inf = unlimited).
+
+    Runs `model.generate()` with the steering processor (if `steer`) and the budget stopping criterion
+    (if `stop`) appended to the defaults. `model` is anything with `.generate(input_ids=..., ...)`
+    (a `GPT2LMHeadModel`), or a `MetabolicGPT2`: then `token_costs` and `calibration` default to the
+    model's own, and (if `condition`) its backbone generates under the budget pathway for each row's
+    (finite) CSC budget, see `MetabolicGPT2.conditioned_on`. `token_costs` is `C_vocab` [V] in proxy units.
+    """
+    metabolic = is_metabolic(model)
+    if token_costs is None:
+        if not metabolic:
+            raise ConfigError("token_costs is required for a plain language model: pass C_vocab as a [V] tensor")
+        token_costs = model_token_costs(model)
+    if calibration is None:
+        if not metabolic:
+            raise ConfigError("calibration is required for a plain language model: pass ProxyCalibration(a, b)")
+        calibration = model.proxy_calibration()
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid: use an int >= 1")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"temperature={temperature!r} is invalid: use a finite value > 0")
+    requested = _as_budgets(budget_csc, "budget_csc")
+    requested = _rows(requested, len(prompts), "budget_csc").clone()
+    used = _clamp_budgets(requested, budget_range)
+    budgets_proxy = torch.tensor([calibration.to_proxy(float(b)) if math.isfinite(b) else math.inf for b in used],
+                                 dtype=torch.float64)
+    if (budgets_proxy <= 0).any():
+        bad = used[budgets_proxy <= 0].tolist()
+        raise ConfigError(
+            f"budget_csc={bad} maps to a proxy budget <= 0 through calibration a={calibration.a:.4g}, "
+            f"b={calibration.b:.4g}: ask for a budget above {calibration.a:.4g} CSC"
+        )
+    lm = model.backbone if metabolic else model
+    context = _context_size(lm)
+    longest = max(len(p) for p in prompt_ids)
+    if context is not None and longest + max_new_tokens > context:
+        raise DataError(
+            f"a prompt has {longest} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
+            f"context of {context}: shorten the prompt to <= {context - max_new_tokens} tokens or lower max_new_tokens"
+        )
+    costs = _as_cost_vector(token_costs)
+    device = next(lm.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    input_ids, attention = left_pad(prompt_ids, pad_id)
+    prompt_len = longest
+    sentence_end = sentence_end_mask(tokenizer, costs.numel())
+    processors = LogitsProcessorList()
+    recorder = None
+    if steer:
+        steering = CostSteeringLogitsProcessor(costs, budgets_proxy, prompt_len, max_new_tokens, lambda_max=lambda_max,
+                                               two_sided=two_sided)
+        recorder = _LambdaRecorder(steering)
+        processors.extend([steering, recorder])
+    criteria = StoppingCriteriaList()
+    if stop:
+        criteria.append(BudgetStoppingCriteria(costs, budgets_proxy, prompt_len, sentence_end, sentence_slack))
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs = dict(
+        input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+        do_sample=do_sample, pad_token_id=pad_id, logits_processor=processors, stopping_criteria=criteria,
+    )
+    if do_sample:
+        kwargs.update(temperature=float(temperature), top_k=int(top_k))
+    kwargs.update(generate_kwargs or {})
+    finite = bool(torch.isfinite(used).all())
+    conditioned = used.float() if (metabolic and condition and finite) else None
+    if metabolic and condition and not finite:
+        log.info("an unlimited budget has no budget-pathway input: generating unconditioned")
+    with (model.conditioned_on(conditioned) if metabolic else contextlib.nullcontext()):
+        output = lm.generate(**kwargs)
+    gen = output[:, prompt_len:].cpu()
+    ends = kept_lengths(gen, costs, budgets_proxy, sentence_end, sentence_slack, tokenizer.eos_token_id, budget_stop=stop)
+    history = torch.stack(recorder.history, dim=1) if recorder is not None and recorder.history else None
+    results = []
+    for row, (kept, why) in enumerate(ends):
+        ids = gen[row, :kept].tolist()
+        results.append(Generation(
+            prompt=prompts[row], prompt_ids=list(prompt_ids[row]), generated_ids=ids,
+            text=tokenizer.decode(ids), budget_requested_csc=float(requested[row]), budget_csc=float(used[row]),
+            budget_proxy=float(budgets_proxy[row]), spent_proxy=float(costs[ids].double().sum()) if ids else 0.0,
+            stopped_by=why, lambdas=history[row, :kept].tolist() if history is not None else [],
+        ))
+    return results
+
+
+def plain_generate(model, tokenizer, prompts: Sequence[str] | str, *, max_new_tokens: int = 64, do_sample: bool = True,
+                   temperature: float = 1.0, top_k: int = 50, seed: int | None = 0,
+                   generate_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+    """Plain `generate()` on the same left-padded batch as `generate_with_budget` (the reference).
+
+    For a MetabolicGPT-2 this is its backbone without any budget input (unbudgeted generation).
+    """
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    pad_id = pad_token_id(tokenizer)
+    input_ids, attention = left_pad(prompt_ids, pad_id)
+    lm = model.backbone if is_metabolic(model) else model
+    device = next(lm.parameters()).device
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs = dict(input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+                  do_sample=do_sample, pad_token_id=pad_id)
+    if do_sample:
+        kwargs.update(temperature=float(temperature), top_k=int(top_k))
+    kwargs.update(generate_kwargs or {})
+    with torch.inference_mode():
+        return lm.generate(**kwargs).cpu()

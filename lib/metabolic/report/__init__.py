@@ -1,0 +1,1 @@
+"""Figures, the live budget explorer and notebook helpers (the layer notebooks call)."""

@@ -1,0 +1,102 @@
+"""Figures of paper VI.A and VI.D for notebook 04: token-cost histogram, cheapest vs dearest tokens,
+reliability curve (achieved vs target), lambda over training, and coloured generation examples.
+
+Each function returns a plotly figure (or an HTML string) and computes nothing the tables do not
+already hold; `metabolic.report.figures.save_figure` writes them to `figures/<profile>/`.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any, Sequence
+
+import numpy as np
+
+from metabolic.report.explorer import tokens_html
+
+
+def cost_histogram(costs: np.ndarray, title: str):
+    """Histogram of C_vocab over the full vocabulary with the mean and median marked (paper Fig. 1)."""
+    import plotly.express as px
+
+    costs = np.asarray(costs, dtype=np.float64)
+    fig = px.histogram(x=costs, nbins=80, log_y=True, labels={"x": "learned token cost C_vocab (proxy units)"})
+    fig.add_vline(x=float(costs.mean()), line_dash="dash", annotation_text=f"mean {costs.mean():.4f}")
+    fig.add_vline(x=float(np.median(costs)), line_dash="dot", annotation_text=f"median {np.median(costs):.4f}",
+                  annotation_position="bottom right")
+    fig.update_layout(title=title, yaxis_title="tokens")
+    return fig
+
+
+def extremes_box(costs: np.ndarray, tokens: Sequence[str], title: str, n: int = 100):
+    """Box plots of the n cheapest and n most expensive tokens (paper Fig. 2); token text on hover."""
+    import plotly.graph_objects as go
+
+    costs = np.asarray(costs, dtype=np.float64)
+    order = np.argsort(costs, kind="stable")
+    cheap, dear = order[:n], order[::-1][:n]
+    fig = go.Figure([
+        go.Box(y=costs[cheap], name=f"{n} cheapest", boxpoints="all", text=[tokens[i] for i in cheap]),
+        go.Box(y=costs[dear], name=f"{n} most expensive", boxpoints="all", text=[tokens[i] for i in dear]),
+    ])
+    fig.update_layout(title=title, yaxis_title="C_vocab (proxy units)")
+    return fig
+
+
+def reliability_curve(records: list[dict[str, Any]], title: str, key: str = "csc"):
+    """Achieved vs target per generation (points) and per level (mean, error bar = std), with y = x."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    rows = [r for r in records if r["decoding"] != "unbudgeted" and np.isfinite(r.get(key, np.nan))]
+    if not rows:
+        return fig
+    top = max(max(r["budget_csc"] for r in rows), max(r[key] for r in rows)) * 1.1
+    fig.add_scatter(x=[0, top], y=[0, top], mode="lines", line={"dash": "dash", "color": "#888"}, name="achieved = target")
+    groups = sorted({(r["variant"], r["decoding"]) for r in rows})
+    for variant, decoding in groups:
+        sel = [r for r in rows if r["variant"] == variant and r["decoding"] == decoding]
+        targets = sorted({r["budget_csc"] for r in sel})
+        means = [np.mean([r[key] for r in sel if r["budget_csc"] == t]) for t in targets]
+        stds = [np.std([r[key] for r in sel if r["budget_csc"] == t]) for t in targets]
+        name = f"{variant} / {decoding}"
+        fig.add_scatter(x=[r["budget_csc"] for r in sel], y=[r[key] for r in sel], mode="markers",
+                        marker={"size": 4, "opacity": 0.35}, name=f"{name} (each)", legendgroup=name, showlegend=False)
+        fig.add_scatter(x=targets, y=means, error_y={"array": stds}, mode="lines+markers", name=name, legendgroup=name)
+    fig.update_layout(title=title, xaxis_title="target budget (CSC)", yaxis_title=f"achieved ({key})")
+    return fig
+
+
+def lambda_curve(metrics_by_variant: dict[str, list[dict[str, Any]]], title: str):
+    """The dual variable lambda (mean over K) per epoch, one line per training variant."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for variant, metrics in metrics_by_variant.items():
+        epochs = [m.get("epoch", i + 1) for i, m in enumerate(metrics)]
+        fig.add_scatter(x=epochs, y=[m.get("lambda") for m in metrics], mode="lines+markers", name=variant)
+    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="lambda (mean over K)")
+    return fig
+
+
+def examples_html(records: list[dict[str, Any]], tokenizer, colour_low: float, colour_high: float,
+                  per_level: int = 1, cost_key: str = "token_costs") -> str:
+    """Generations at each budget level, tokens coloured by cost (`token_costs` = C_vocab, `token_csc` = true CSC)."""
+    parts = []
+    levels: list[tuple[str, str, str]] = []
+    for r in records:
+        key = (r["variant"], r["decoding"], r["level"])
+        if r["decoding"] != "unbudgeted" and key not in levels:
+            levels.append(key)
+    for variant, decoding, level in levels:
+        sel = [r for r in records if (r["variant"], r["decoding"], r["level"]) == (variant, decoding, level)][:per_level]
+        for r in sel:
+            pieces = [tokenizer.decode([t]) for t in r["generated_ids"]]
+            costs = r.get(cost_key) or [float("nan")] * len(pieces)
+            parts.append(
+                f"<h4>{html.escape(variant)} · {html.escape(decoding)} · {level}: target {r['budget_csc']:.3f} CSC, "
+                f"achieved {r.get('csc', float('nan')):.3f} CSC (proxy {r['spent_proxy']:.3f} of {r['budget_proxy']:.3f}), "
+                f"stopped by {html.escape(r['stopped_by'])}</h4>"
+                + tokens_html(r["prompt"], pieces, costs, colour_low, colour_high)
+            )
+    return "\n".join(parts)

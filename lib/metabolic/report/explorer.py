@@ -1,0 +1,193 @@
+"""The live budget explorer (notebook 06): sliders for the budget, temperature and max tokens, a prompt
+box, the generation with every token coloured by its cost, and a gauge of spent vs budget.
+
+The logic is plain Python, testable without a browser: `BudgetExplorer.render(...)` returns an
+`ExplorerView` (HTML strings and numbers) and `BudgetExplorer.refresh()` is the handler every widget
+calls on change. The handler never raises: any error (empty prompt, a prompt longer than the
+context, a bad budget) is shown as one line in the output widget instead.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from metabolic.generate.budgeted import Generation, generate_with_budget, is_metabolic, model_token_costs
+from metabolic.model.calibration import ProxyCalibration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExplorerView:
+    """What the explorer shows for one set of inputs."""
+
+    text_html: str  # prompt (grey) + generated tokens coloured by cost
+    gauge_html: str  # spent vs budget bar
+    status: str  # one line: tokens, spend, why it stopped, time; or the error
+    spent_csc: float  # calibrated spend (CSC units); NaN on error
+    budget_csc: float  # the budget used (after clamping); NaN on error
+    n_tokens: int
+    error: str | None = None
+
+
+def cost_colour(cost: float, low: float, high: float) -> str:
+    """Background colour of a token: pale green (cheap, <= low) to red (dear, >= high)."""
+    if not math.isfinite(cost):
+        return "#dddddd"
+    x = 0.0 if high <= low else min(1.0, max(0.0, (cost - low) / (high - low)))
+    r = int(round(200 + 55 * x))
+    g = int(round(240 - 150 * x))
+    b = int(round(200 - 120 * x))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def tokens_html(prompt: str, tokens: list[str], costs: list[float], low: float, high: float) -> str:
+    """The prompt in grey, then one span per generated token, coloured by cost, its cost as a tooltip."""
+    parts = [f'<span style="color:#888">{html.escape(prompt)}</span>']
+    for tok, c in zip(tokens, costs):
+        parts.append(
+            f'<span title="cost {c:.4f}" style="background:{cost_colour(c, low, high)};'
+            f'border-radius:3px;padding:0 1px">{html.escape(tok)}</span>'
+        )
+    return '<div style="font-family:monospace;white-space:pre-wrap;line-height:1.7">' + "".join(parts) + "</div>"
+
+
+def gauge_html(spent: float, budget: float) -> str:
+    """A horizontal bar: spent as a fraction of the budget (overspend shown in red beyond 100%)."""
+    frac = spent / budget if budget > 0 and math.isfinite(budget) and math.isfinite(spent) else 0.0
+    width = max(0.0, min(frac, 1.5)) / 1.5 * 100
+    colour = "#3a7" if abs(frac - 1) <= 0.1 else ("#e93" if frac < 1 else "#d33")
+    return (
+        '<div style="width:320px;border:1px solid #999;height:16px;position:relative">'
+        f'<div style="width:{width:.1f}%;height:100%;background:{colour}"></div>'
+        f'<div style="position:absolute;left:{100 / 1.5:.1f}%;top:-2px;height:20px;border-left:2px solid #000"></div>'
+        f'</div><div style="font-size:12px">spent {spent:.3f} of {budget:.3f} CSC ({100 * frac:.0f}%)</div>'
+    )
+
+
+def error_view(message: str) -> ExplorerView:
+    text = f'<div style="color:#b00">error: {html.escape(message)}</div>'
+    return ExplorerView(text_html=text, gauge_html="", status=f"error: {message}", spent_csc=float("nan"),
+                        budget_csc=float("nan"), n_tokens=0, error=message)
+
+
+class BudgetExplorer:
+    """Budgeted generation behind widgets. `render` is the pure-ish core; `widget()` builds the UI.
+
+    Args:
+        model: a MetabolicGPT2 (its C_vocab and calibration are used) or a plain LM with `token_costs`
+            and `calibration` given.
+        budget_range: (low, high) CSC budgets the slider spans (the trained range); others are clamped.
+    """
+
+    def __init__(self, model, tokenizer, budget_range: tuple[float, float], *, token_costs: Any = None,
+                 calibration: ProxyCalibration | None = None, prompt: str = "The future of artificial intelligence",
+                 budget: float | None = None, temperature: float = 1.0, max_new_tokens: int = 48, top_k: int = 50,
+                 steer: bool = True, seed: int = 0) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.token_costs = torch.as_tensor(token_costs, dtype=torch.float32) if token_costs is not None else model_token_costs(model)
+        self.calibration = calibration if calibration is not None else model.proxy_calibration()
+        lo, hi = float(budget_range[0]), float(budget_range[1])
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+            raise ValueError(f"budget_range={budget_range!r} is invalid: give (low, high) with 0 < low < high")
+        self.budget_range = (lo, hi)
+        self.prompt = prompt
+        self.budget = float(budget) if budget is not None else (lo + hi) / 2
+        self.temperature = float(temperature)
+        self.max_new_tokens = int(max_new_tokens)
+        self.top_k = top_k
+        self.steer = steer
+        self.seed = seed
+        # Colour scale: the 5% and 95% quantiles of C_vocab, so typical tokens span the palette.
+        q = torch.quantile(self.token_costs.double(), torch.tensor([0.05, 0.95], dtype=torch.float64))
+        self.colour_low, self.colour_high = float(q[0]), float(q[1])
+        self.renders = 0  # how many times the view was regenerated (the browser test reads it)
+        self.last: ExplorerView | None = None
+        self._widgets: dict[str, Any] | None = None
+
+    def render(self, prompt: str, budget: float, temperature: float, max_new_tokens: int) -> ExplorerView:
+        """Generate for these inputs and return the view; any error becomes an error view, never a raise."""
+        t0 = time.perf_counter()
+        try:
+            gens: list[Generation] = generate_with_budget(
+                self.model, self.tokenizer, [prompt], float(budget), token_costs=self.token_costs,
+                calibration=self.calibration, max_new_tokens=int(max_new_tokens), steer=self.steer, stop=True,
+                do_sample=True, temperature=float(temperature), top_k=self.top_k, seed=self.seed,
+                budget_range=self.budget_range,
+            )
+        except Exception as exc:  # noqa: BLE001 - the widget shows every failure as one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.info("explorer input rejected: %s", first)
+            return error_view(first)
+        g = gens[0]
+        costs = self.token_costs[g.generated_ids].tolist() if g.generated_ids else []
+        pieces = [self.tokenizer.decode([t]) for t in g.generated_ids]
+        spent_csc = self.calibration.to_csc(g.spent_proxy) if g.generated_ids else 0.0
+        elapsed = time.perf_counter() - t0
+        status = (f"{len(pieces)} tokens, spent {spent_csc:.3f} of {g.budget_csc:.3f} CSC "
+                  f"(proxy {g.spent_proxy:.3f} of {g.budget_proxy:.3f}); stopped by {g.stopped_by}; {elapsed:.2f} s")
+        if g.budget_csc != g.budget_requested_csc:
+            status += f"; budget {g.budget_requested_csc:g} clamped to the trained range"
+        return ExplorerView(
+            text_html=tokens_html(prompt, pieces, costs, self.colour_low, self.colour_high),
+            gauge_html=gauge_html(spent_csc, g.budget_csc), status=status, spent_csc=spent_csc,
+            budget_csc=g.budget_csc, n_tokens=len(pieces),
+        )
+
+    # --- widgets -------------------------------------------------------------------------------
+
+    def widget(self):
+        """The ipywidgets UI; every control regenerates on change (sliders on release)."""
+        import ipywidgets as w
+
+        lo, hi = self.budget_range
+        controls = {
+            "prompt": w.Textarea(value=self.prompt, description="prompt", layout=w.Layout(width="600px")),
+            "budget": w.FloatSlider(value=self.budget, min=lo, max=hi, step=(hi - lo) / 100, description="budget (CSC)",
+                                    continuous_update=False, readout_format=".3f"),
+            "temperature": w.FloatSlider(value=self.temperature, min=0.1, max=2.0, step=0.05, description="temperature",
+                                         continuous_update=False),
+            "max_new_tokens": w.IntSlider(value=self.max_new_tokens, min=1, max=self._max_tokens_limit(),
+                                          description="max tokens", continuous_update=False),
+        }
+        gauge, output, status = w.HTML(), w.HTML(), w.HTML()
+        self._widgets = {**controls, "gauge": gauge, "output": output, "status": status}
+        for control in controls.values():
+            control.observe(self._on_change, names="value")
+        self.refresh()
+        return w.VBox([controls["prompt"], w.HBox([controls["budget"], controls["temperature"]]),
+                       controls["max_new_tokens"], gauge, output, status])
+
+    def _max_tokens_limit(self) -> int:
+        lm = self.model.backbone if is_metabolic(self.model) else self.model
+        n_pos = getattr(lm.config, "n_positions", 1024)
+        return max(1, min(256, n_pos - 8))
+
+    def _on_change(self, change) -> None:
+        self.refresh()
+
+    def refresh(self) -> ExplorerView:
+        """Read the controls (or the stored values without widgets), regenerate and update the view."""
+        ws = self._widgets
+        if ws is not None:
+            self.prompt = ws["prompt"].value
+            self.budget = ws["budget"].value
+            self.temperature = ws["temperature"].value
+            self.max_new_tokens = ws["max_new_tokens"].value
+        view = self.render(self.prompt, self.budget, self.temperature, self.max_new_tokens)
+        self.renders += 1
+        self.last = view
+        if ws is not None:
+            ws["output"].value = view.text_html
+            ws["gauge"].value = view.gauge_html
+            ws["status"].value = (f'<span data-renders="{self.renders}" style="font-size:12px">'
+                                  f"render #{self.renders}: {html.escape(view.status)}</span>")
+        return view

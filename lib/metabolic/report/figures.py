@@ -1,0 +1,85 @@
+"""Saving plotly figures: HTML always, PNG when a Chrome/Chromium is available to kaleido.
+
+Every figure is stamped with the profile, the notebook that made it and the config fingerprint, so a
+PNG found in `figures/<profile>/` says where it came from.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+from metabolic.core import artefacts
+from metabolic.core.config import StudyConfig
+
+log = logging.getLogger(__name__)
+
+_BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def png_backend_available() -> bool:
+    """True when kaleido can find a browser to render PNGs."""
+    import os
+
+    return bool(os.environ.get("BROWSER_PATH")) or any(shutil.which(b) for b in _BROWSERS)
+
+
+def stamp(fig, cfg: StudyConfig, notebook: str):
+    """Add a small caption naming the profile, notebook and config fingerprint."""
+    key = artefacts.fingerprint(cfg.to_dict())[:10]
+    fig.add_annotation(
+        text=f"profile={cfg.profile} · {notebook} · config {key}",
+        xref="paper", yref="paper", x=1.0, y=-0.18, xanchor="right", yanchor="top",
+        showarrow=False, font={"size": 9, "color": "#777"},
+    )
+    fig.update_layout(margin={"b": 80})
+    return fig
+
+
+_server_started = False
+
+
+def _ensure_png_server() -> None:
+    """Keep one headless browser alive for the process: the first PNG costs ~3 s, later ones ~0.3 s."""
+    global _server_started
+    import os
+
+    if _server_started:
+        return
+    if not os.environ.get("BROWSER_PATH"):
+        os.environ["BROWSER_PATH"] = next(shutil.which(b) for b in _BROWSERS if shutil.which(b))
+    import kaleido
+
+    kaleido.start_sync_server(silence_warnings=True)
+    atexit.register(kaleido.stop_sync_server, silence_warnings=True)
+    _server_started = True
+
+
+def save_figure(fig, cfg: StudyConfig, name: str, notebook: str) -> dict[str, Path]:
+    """Write `figures/<profile>/<name>.html` and, if possible, `.png`; return the paths written."""
+
+    folder = artefacts.figures_dir(cfg.profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp(fig, cfg, notebook)
+    written = {}
+    html = folder / f"{name}.html"
+    artefacts.atomic_write_text(html, fig.to_html(include_plotlyjs="cdn", full_html=True))
+    written["html"] = html
+    if png_backend_available():
+        try:
+            _ensure_png_server()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "kopts ignored with a server": expected
+                png = fig.to_image(format="png", width=900, height=520, scale=1.5)
+        except Exception as exc:  # noqa: BLE001 - a PNG is a convenience; the HTML is already written
+            log.warning("PNG export of %s failed (%s); the HTML is written", name, str(exc).splitlines()[0][:160])
+        else:
+            path = folder / f"{name}.png"
+            artefacts.atomic_write_bytes(path, png)
+            written["png"] = path
+    else:
+        log.warning("no Chrome/Chromium for PNG export of %s: install chromium (Debian) or set BROWSER_PATH", name)
+    return written

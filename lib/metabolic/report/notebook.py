@@ -1,0 +1,51 @@
+"""Notebook glue: resolve the config from papermill parameters, quiet logging, one-line input errors.
+
+Kept tiny on purpose: notebooks call the library; this only sets up the session.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Mapping
+
+from metabolic.core import numerics  # standard library only: importing it never loads torch
+from metabolic.core.config import StudyConfig
+from metabolic.core.errors import MetabolicError
+from metabolic.core.profiles import load_config
+
+PROFILE_NOTES = {
+    "smoke": "smoke profile (tiny CPU run: its numbers show that the pipeline runs, not what the method achieves)",
+    "gpu": "gpu profile (one H100, GPT-2 6x384 pretrained here on WikiText-2)",
+    "paper": "paper profile (GPT-2 small from the Hub, the paper's hyper-parameters)",
+}
+
+
+def profile_label(cfg: StudyConfig) -> str:
+    """The profile in words, and the CPU numeric mode when it is pinned (see `metabolic.core.numerics`)."""
+    label = PROFILE_NOTES.get(cfg.profile, f"{cfg.profile} profile")
+    if numerics.wanted(cfg.profile):
+        label += "; CPU numerics pinned (ATen AVX2 kernels, MKL compatible branch, 2 threads)"
+    return label
+
+
+def _one_line_error(shell, etype, value, tb, tb_offset=None):  # pragma: no cover - needs a live kernel
+    print(f"error: {value}", file=sys.stderr)
+    return None
+
+
+def setup(profile: str, overrides: Mapping[str, Any] | None = None, level: int = logging.WARNING) -> StudyConfig:
+    """Pin the profile's CPU numerics, resolve and validate the config; input errors print one line."""
+    numerics.pin(profile)  # first: torch must load its kernels under the pinned settings
+
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
+    logging.getLogger("metabolic").setLevel(level)
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is not None:
+            shell.set_custom_exc((MetabolicError,), _one_line_error)
+    except ImportError:  # pragma: no cover
+        pass
+    return load_config(profile, overrides)

@@ -1,0 +1,584 @@
+"""Lagrangian training of MetabolicGPT-2 (paper IV.E-IV.G, V.B, V.C, VI.D) for both variants.
+
+One step: forward under the budgets -> the eq. (22) terms (`metabolic.train.losses`) -> AdamW step (cost
+parameters in their own group with `cost_lr_multiplier`, no weight decay there: decay would pull the
+token-cost logits towards Softplus(0) = 0.69, far above CSC's scale) -> gradient clipping -> dual
+ascent on lambda (`metabolic.train.dual`) -> the step's (proxy total, CSC total) pairs into the online
+calibration, refitted every `calib_refit_every` steps and at the end of every epoch.
+
+What each variant constrains (see `metabolic.model.metabolic_gpt2` for the architecture side):
+
+* faithful: C_hat = batch average of the realised proxy totals sum_t c_t (costs read on budget-biased
+  states), against one constant budget vector B = the K targets x the curriculum factor of the epoch.
+* expected-cost: per sequence, the expected total E_i = C_vocab(x_1) + sum_t <p(. | x_<=t, B_i), C_vocab>
+  (the first token has no prediction and counts at its own cost), against a budget that varies per
+  sequence: B_i = the sequence's own total CSC (hindsight budgets: the text the LM loss teaches is
+  exactly a text that meets its budget, so the two losses agree; no curriculum, whose loose budgets
+  would contradict that text). The squared term is the mean of the per-sequence squared gaps.
+
+The calibration maps what the variant constrains (faithful: realised proxy total; expected-cost:
+expected total) to total CSC; both live in proxy units, which CSC supervision keeps close to CSC units.
+
+Per epoch, one row of `metrics.jsonl` holds every quantity of paper V.C (train/val loss, aux, err,
+lambda, shape, target and achieved budget, calib a and b) plus each loss term, validation perplexity
+and the common budget-tracking check used to compare the variants: for each target level B_j, the
+calibrated expected total on the validation texts under budget B_j (teacher forced). "shape" is not
+defined in the paper; we log the curriculum factor of the epoch (budgets = shape x targets).
+
+"Best balanced" checkpoint (paper VI.D): the epoch with the lowest
+    score = ln(val_ppl / backbone_val_ppl) + mean_j |achieved_j - B_j| / B_j
+i.e. the relative perplexity cost of training (log scale, ~ relative increase) plus the mean
+relative budget error over the target levels, with equal weights; ties go to the later epoch. The
+reference perplexity is the backbone's, measured before training, so the rule can be applied epoch by
+epoch (a resumed run selects the same epoch).
+
+After every epoch a checkpoint (model, optimiser, lambda, calibration, RNG, metrics, best so far) is
+written atomically; a run interrupted at any point resumes from the last finished epoch with results
+identical to an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from metabolic.core import artefacts, resume
+from metabolic.core.artefacts import atomic_torch_save, atomic_write_json, read_jsonl, write_jsonl
+from metabolic.core.config import TrainConfig
+from metabolic.core.errors import ConfigError, DataError
+from metabolic.csc.dataset import scale_labels, sequence_totals
+from metabolic.model.backbone import default_device, load_backbone
+from metabolic.model.calibration import OnlineAffine
+from metabolic.model.metabolic_gpt2 import VARIANTS, MetabolicGPT2, MetabolicSettings
+from metabolic.train import losses
+from metabolic.train.dual import curriculum_factor, dual_update
+from metabolic.train.pretrain import batch_order
+
+log = logging.getLogger(__name__)
+
+read_metrics = read_jsonl  # a run's metrics log (one row per epoch)
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SELECTION = "selection.json"
+CALIBRATION_POINTS = "calibration_points.json"
+BEST_DIR = "best"
+LAST_DIR = "last"
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Sequences with per-token targets and totals on one CSC scale, the K targets and the budget scale."""
+
+    train_ids: list[list[int]]
+    train_labels: list[np.ndarray]  # float32 per token on the CSC scale, NaN = unlabelled
+    train_totals: np.ndarray  # float64 [n], NaN = no label
+    valid_ids: list[list[int]]
+    valid_labels: list[np.ndarray]
+    valid_totals: np.ndarray
+    targets: np.ndarray  # float64 [K] target budgets (CSC units)
+    budget_scale: float  # median total CSC of the training texts (eq. 15)
+    fingerprint: str
+
+    @property
+    def budget_range(self) -> tuple[float, float]:
+        """The budgets training conditions on (min, max): targets and the per-sequence totals."""
+        values = np.concatenate([self.targets, self.train_totals[np.isfinite(self.train_totals) & (self.train_totals > 0)]])
+        return float(values.min()), float(values.max())
+
+
+def _check_ids(ids: Sequence[Sequence[int]], vocab_size: int, split: str) -> None:
+    for seq in ids:
+        if len(seq) and (min(seq) < 0 or max(seq) >= vocab_size):
+            bad = max(seq) if max(seq) >= vocab_size else min(seq)
+            raise DataError(f"CSC cache {split} token id {bad} is outside the backbone's vocabulary of {vocab_size}: "
+                            f"the cache was made with another tokenizer; rebuild it (python -m metabolic run --stages csc)")
+
+
+def target_budgets(train: TrainConfig, stats: dict[str, Any], totals: np.ndarray) -> np.ndarray:
+    """The K targets, ascending (tier k = dimension k): `train.budgets`, else the CSC statistics'
+    low/medium/high (K = 3), else the `budget_quantiles` of the training totals."""
+    if train.budgets:
+        return np.sort(np.asarray(train.budgets, dtype=np.float64))
+    budgets = stats.get("budgets") or {}
+    if len(budgets) == train.K:
+        values = np.asarray(list(budgets.values()), dtype=np.float64)
+    elif len(train.budget_quantiles) == train.K:
+        finite = totals[np.isfinite(totals)]
+        values = np.quantile(finite, train.budget_quantiles) if finite.size else np.zeros(0)
+    else:
+        raise ConfigError(f"train.K={train.K} but train.budget_quantiles has {len(train.budget_quantiles)} entries: "
+                          f"give K quantiles or K train.budgets")
+    if values.size != train.K or not np.all(np.isfinite(values) & (values > 0)):
+        raise DataError(f"target budgets {values.tolist()} from the CSC statistics are not {train.K} values > 0: "
+                        f"set train.budgets or label more sequences")
+    return np.sort(values)
+
+
+def prepare_data(csc_data, train: TrainConfig, vocab_size: int, scale: str = "raw") -> TrainingData:
+    """Check a CSC cache against the backbone and put its labels on `scale` (per token and per sequence)."""
+    _check_ids(csc_data.train_ids, vocab_size, "train")
+    _check_ids(csc_data.valid_ids, vocab_size, "valid")
+    for split, ids, labels in (("train", csc_data.train_ids, csc_data.train_csc), ("valid", csc_data.valid_ids, csc_data.valid_csc)):
+        if len(ids) != len(labels) or any(len(a) != len(b) for a, b in zip(ids, labels)):
+            raise DataError(f"CSC cache {split} split has labels that do not match its sequences: rebuild it")
+        if not ids:
+            raise DataError(f"CSC cache {split} split is empty: raise csc.max_sequences / csc.max_valid_sequences")
+    train_totals = sequence_totals(csc_data.train_csc, scale)
+    valid_totals = sequence_totals(csc_data.valid_csc, scale)
+    median = float(csc_data.stats.get("median", np.nanmedian(train_totals)))
+    if not (math.isfinite(median) and median > 0):
+        raise DataError(f"median total CSC {median!r} is not > 0: the budget encoder needs a positive scale")
+    return TrainingData(
+        train_ids=[list(x) for x in csc_data.train_ids], train_labels=scale_labels(csc_data.train_csc, scale),
+        train_totals=train_totals, valid_ids=[list(x) for x in csc_data.valid_ids],
+        valid_labels=scale_labels(csc_data.valid_csc, scale), valid_totals=valid_totals,
+        targets=target_budgets(train, csc_data.stats, train_totals), budget_scale=median,
+        fingerprint=artefacts.fingerprint({"csc": csc_data.fingerprint, "scale": scale}),
+    )
+
+
+def token_label_means(ids: Sequence[Sequence[int]], labels: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens that carry labels and their empirical mean label (for the vocab-aux loss)."""
+    flat_ids = np.concatenate([np.asarray(x, np.int64) for x in ids])
+    flat = np.concatenate([np.asarray(x, np.float64) for x in labels])
+    ok = np.isfinite(flat)
+    uniq, inverse = np.unique(flat_ids[ok], return_inverse=True)
+    sums = np.bincount(inverse, weights=flat[ok])
+    counts = np.bincount(inverse)
+    return uniq, sums / counts
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [b, T] int64, padded with 0
+    mask: torch.Tensor  # [b, T] 1 = real token
+    labels: torch.Tensor  # [b, T] float32 CSC targets, NaN = unlabelled or padding
+    totals: torch.Tensor  # [b] float64 CSC totals, NaN = unknown
+
+
+def make_batch(ids: Sequence[Sequence[int]], labels: Sequence[np.ndarray], totals: np.ndarray, device) -> Batch:
+    t = max(len(x) for x in ids)
+    b = len(ids)
+    out_ids = torch.zeros(b, t, dtype=torch.int64)
+    mask = torch.zeros(b, t, dtype=torch.int64)
+    lab = torch.full((b, t), float("nan"), dtype=torch.float32)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        out_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.int64)
+        mask[i, : len(x)] = 1
+        lab[i, : len(x)] = torch.as_tensor(np.asarray(y, np.float32))
+    return Batch(out_ids.to(device), mask.to(device), lab.to(device), torch.as_tensor(np.asarray(totals, np.float64)).to(device))
+
+
+# --- one step ----------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    terms: losses.LossTerms
+    totals: torch.Tensor  # [b, K] constrained proxy totals (detached)
+    budgets: torch.Tensor  # [b, K] budgets used (CSC units)
+    gap: torch.Tensor  # [K] mean C - B (detached)
+
+
+def step_budgets(model: MetabolicGPT2, batch: Batch, targets: np.ndarray, factor: float) -> torch.Tensor:
+    """[b, K] budgets: faithful = the constant curriculum vector; expected-cost = each text's own total."""
+    b, k = batch.ids.shape[0], model.settings.K
+    if model.settings.variant == "faithful":
+        vec = torch.as_tensor(targets * factor, dtype=torch.float32, device=batch.ids.device)
+        return vec[None, :].expand(b, k)
+    totals = batch.totals
+    fallback = float(np.median(targets))  # a text without labels conditions on the medium target
+    own = torch.where(torch.isfinite(totals) & (totals > 0), totals, torch.full_like(totals, fallback))
+    return own.float()[:, None].expand(b, k)
+
+
+def compute_step(model: MetabolicGPT2, batch: Batch, budgets: torch.Tensor, cfg: TrainConfig,
+                 vocab_ids: torch.Tensor, vocab_means: torch.Tensor) -> StepResult:
+    """Forward and every eq. (22) term for one batch (no backward)."""
+    at = losses.Positions.of(batch.ids, batch.mask)
+    with resume.autocast(batch.ids.device):
+        h, token_costs, _ = model.hidden_and_costs(batch.ids, budget=budgets, attention_mask=batch.mask)
+        logits = model.backbone.lm_head(h[at.seq, at.pos])  # [N, V]: real prediction positions only
+    logp = F.log_softmax(logits.float(), dim=-1)
+    probs = logp.exp()
+    token_costs = token_costs.float()
+    c_vocab = model.vocab_costs().float()
+    lm = losses.lm_loss(logp, at)
+    mse = losses.csc_mse(token_costs, batch.labels)
+    if model.settings.variant == "faithful":
+        totals = (token_costs * batch.mask[..., None]).sum(1)
+    else:
+        totals = losses.expected_totals(probs, at, batch.ids, batch.mask, c_vocab)
+    lagr, sq, gap = losses.constraint_terms(totals, budgets, model.dual_lambda.float(),
+                                             per_sequence=model.settings.variant == "expected-cost")
+    entropy = losses.mean_entropy(logp, probs)
+    rep = losses.repetition_loss(probs, at, batch.ids, batch.mask)
+    aux = losses.vocab_aux_loss(c_vocab, vocab_ids, vocab_means)
+    total = (lm + cfg.beta_csc * mse + lagr + cfg.beta_constr * sq - cfg.entropy_reg * entropy
+             + cfg.repetition_penalty * rep + cfg.vocab_aux_weight * aux)
+    terms = losses.LossTerms(lm=lm, csc_mse=mse, lagrangian=lagr, constraint_sq=sq, entropy=entropy,
+                             repetition=rep, vocab_aux=aux, total=total)
+    return StepResult(terms=terms, totals=totals.detach(), budgets=budgets, gap=gap.detach())
+
+
+def level_expected_totals(model: MetabolicGPT2, batch: Batch, level: float, c_vocab: torch.Tensor) -> torch.Tensor:
+    """Expected totals [b, K] of a batch's texts under one budget level for every sequence (teacher forced)."""
+    at = losses.Positions.of(batch.ids, batch.mask)
+    b = batch.ids.shape[0]
+    with resume.autocast(batch.ids.device):
+        h, _, _ = model.hidden_and_costs(batch.ids, budget=torch.full((b,), float(level), device=batch.ids.device),
+                                         attention_mask=batch.mask)
+        logits = model.backbone.lm_head(h[at.seq, at.pos])
+    probs = F.softmax(logits.float(), dim=-1)
+    return losses.expected_totals(probs, at, batch.ids, batch.mask, c_vocab)
+
+
+def train_step(model: MetabolicGPT2, optimizer, batch: Batch, budgets: torch.Tensor, cfg: TrainConfig,
+               vocab_ids: torch.Tensor, vocab_means: torch.Tensor, step: int = 0) -> StepResult:
+    """One full training step: eq. (22) terms, backward, clipping, AdamW, dual ascent (eq. 23), and the
+    batch's (proxy total, CSC total) pairs into the online calibration (refits are the caller's)."""
+    res = compute_step(model, batch, budgets, cfg, vocab_ids, vocab_means)
+    if not bool(torch.isfinite(res.terms.total.detach())):
+        raise DataError(f"the training loss became {float(res.terms.total.detach())} at step {step}: "
+                        f"lower train.lr or train.cost_lr_multiplier")
+    optimizer.zero_grad(set_to_none=True)
+    res.terms.total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    c_hat = res.totals.double().mean(0).cpu().numpy()  # eq. (23)'s batch-average cost vector
+    b_bar = budgets.double().mean(0).cpu().numpy()
+    model.dual_lambda.copy_(torch.as_tensor(dual_update(model.dual_lambda.cpu().numpy(), c_hat, b_bar, cfg.mu, cfg.lambda_max)))
+    known = torch.isfinite(batch.totals)
+    if bool(known.any()):
+        model.calibration.update(res.totals[known].double().cpu().numpy(), batch.totals[known].cpu().numpy())
+    return res
+
+
+# --- optimiser ---------------------------------------------------------------------------------
+
+COST_PREFIXES = ("cost_head.", "token_cost_logits", "budget_proj.", "layer_budget_proj.")
+
+
+def make_optimizer(model: MetabolicGPT2, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW: backbone (decay / no decay for biases and LayerNorms) and cost parameters at lr x multiplier."""
+    decay, no_decay, cost = [], [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        if name.startswith(COST_PREFIXES):
+            cost.append(p)
+        elif p.ndim < 2 or ".ln_" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr, "name": "backbone"},
+            {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr, "name": "backbone_no_decay"},
+            {"params": cost, "weight_decay": 0.0, "lr": cfg.lr * cfg.cost_lr_multiplier, "name": "cost"},
+        ],
+        lr=cfg.lr,
+    )
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: MetabolicGPT2, data: TrainingData, cfg: TrainConfig, factor: float,
+             vocab_ids: torch.Tensor, vocab_means: torch.Tensor) -> dict[str, Any]:
+    """Validation: every loss term, perplexity, budget gap, and budget tracking per target level."""
+    device = model.device
+    was = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    n_tok = n_seq = 0
+    lm_sum = 0.0
+    xs, ys, gaps = [], [], []
+    level_totals = [[] for _ in data.targets]
+    bs = cfg.batch_size
+    for start in range(0, len(data.valid_ids), bs):
+        batch = make_batch(data.valid_ids[start:start + bs], data.valid_labels[start:start + bs],
+                           data.valid_totals[start:start + bs], device)
+        budgets = step_budgets(model, batch, data.targets, factor)
+        res = compute_step(model, batch, budgets, cfg, vocab_ids, vocab_means)
+        n_pred = int((batch.mask[:, 1:] * batch.mask[:, :-1]).sum())
+        lm_sum += float(res.terms.lm) * n_pred
+        n_tok += n_pred
+        b = batch.ids.shape[0]
+        n_seq += b
+        for key, value in res.terms.as_floats().items():
+            sums[key] = sums.get(key, 0.0) + value * b
+        xs.append(res.totals.double().cpu().numpy())
+        ys.append(batch.totals.cpu().numpy())
+        gaps.append((res.totals - res.budgets).double().cpu().numpy())
+        c_vocab = model.vocab_costs().float()
+        for j, level in enumerate(data.targets):
+            level_totals[j].append(level_expected_totals(model, batch, level, c_vocab).double().cpu().numpy())
+    model.train(was)
+    x, y, gap = np.concatenate(xs), np.concatenate(ys), np.concatenate(gaps)
+    a, b_ = model.calib_a.cpu().numpy(), model.calib_b.cpu().numpy()
+    level_proxy = [float(np.mean(np.concatenate(t, axis=0))) for t in level_totals]
+    level_csc = [float(np.mean(a + b_ * np.concatenate(t, axis=0))) for t in level_totals]
+    # In proxy units, which CSC supervision ties to CSC units: with raw CSC the calibration slope is
+    # near 0 (total CSC hardly depends on the text, README, measured facts), so calibrated values would not move.
+    rel_err = float(np.mean([abs(ach - tar) / tar for ach, tar in zip(level_proxy, data.targets)]))
+    val_lm = lm_sum / max(n_tok, 1)
+    terms = {k: v / n_seq for k, v in sums.items()}
+    return {
+        "terms": terms,
+        "val_loss": terms["total"],
+        "val_lm": val_lm,
+        "val_ppl": math.exp(min(val_lm, 50.0)),
+        "val_err": float(gap.mean()),
+        "val_abs_err": float(np.abs(gap).mean()),
+        "val_achieved": float(x.mean()),
+        "val_level_achieved": level_proxy,
+        "val_level_achieved_csc": level_csc,
+        "val_level_rel_err": rel_err,
+        "points_proxy": x.mean(axis=1).tolist(),
+        "points_csc": y.tolist(),
+    }
+
+
+@torch.no_grad()
+def backbone_val_ppl(model: MetabolicGPT2, data: TrainingData, batch_size: int) -> float:
+    """Validation perplexity of the plain backbone (the reference of the best-balanced rule)."""
+    device = model.device
+    was = model.backbone.training
+    model.backbone.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data.valid_ids), batch_size):
+        batch = make_batch(data.valid_ids[start:start + batch_size], data.valid_labels[start:start + batch_size],
+                           data.valid_totals[start:start + batch_size], device)
+        at = losses.Positions.of(batch.ids, batch.mask)
+        h = model.backbone.transformer(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
+        logp = F.log_softmax(model.backbone.lm_head(h[at.seq, at.pos]).float(), dim=-1)
+        n = at.seq.numel()
+        total += float(losses.lm_loss(logp, at)) * n
+        count += n
+    model.backbone.train(was)
+    return math.exp(min(total / max(count, 1), 50.0))
+
+
+def balanced_score(val_ppl: float, reference_ppl: float, level_rel_err: float) -> float:
+    """The best-balanced rule (module doc): ln(ppl / reference) + mean relative budget error."""
+    return math.log(val_ppl / reference_ppl) + level_rel_err
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished training run: where it is, its per-epoch metrics and the selected checkpoint."""
+
+    variant: str
+    folder: Path
+    metrics: list[dict[str, Any]]
+    best_epoch: int
+    best_dir: Path
+    last_dir: Path
+    reference_ppl: float
+    targets: list[float]
+    fingerprint: str
+
+    def load_best(self, device=None) -> MetabolicGPT2:
+        return MetabolicGPT2.from_pretrained(self.best_dir, device=device)
+
+
+def model_settings(cfg: TrainConfig, variant: str, budget_scale: float,
+                   token_cost_init: float | None = None) -> MetabolicSettings:
+    return MetabolicSettings(variant=variant, K=cfg.K, a_mix=cfg.a_mix, c_min=cfg.vocab_cost_min, budget_scale=budget_scale,
+                             per_layer_budget=cfg.per_layer_budget,
+                             token_cost_init=cfg.token_cost_init if token_cost_init is None else token_cost_init,
+                             calib_ridge=cfg.calib_ridge)
+
+
+def initial_token_cost(cfg: TrainConfig, data: TrainingData) -> float:
+    """`train.token_cost_init`, or with `token_cost_init_from_csc` the mean per-token training label."""
+    if not cfg.token_cost_init_from_csc:
+        return cfg.token_cost_init
+    flat = np.concatenate([np.asarray(x, np.float64) for x in data.train_labels])
+    mean = float(np.nanmean(flat)) if np.isfinite(flat).any() else float("nan")
+    if not (math.isfinite(mean) and mean > 0):
+        raise DataError(f"mean per-token CSC label {mean!r} is not > 0: set train.token_cost_init_from_csc=false")
+    return mean
+
+
+def train(
+    backbone_path: str | Path,
+    data: TrainingData,
+    cfg: TrainConfig,
+    variant: str,
+    work_dir: Path,
+    prior_cost: np.ndarray | None = None,
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+    device: str | torch.device | None = None,
+) -> TrainResult:
+    """Train one variant in `work_dir`, resuming from `work_dir/checkpoint.pt` when it matches.
+
+    `stop_after_epochs` ends the call (as an interruption would, with KeyboardInterrupt) after that
+    many epochs; tests use it to check that resuming reproduces an uninterrupted run.
+    """
+    from tqdm.auto import tqdm
+
+    if variant not in VARIANTS:
+        raise ConfigError(f"train.variant={variant!r} is invalid: choose one of {', '.join(VARIANTS)}")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device is not None else default_device()
+    run_key = artefacts.fingerprint({"train": asdict(cfg), "variant": variant, "data": data.fingerprint,
+                                     "backbone": str(backbone_path), "prior": prior_cost is not None})
+    ckpt_path = work_dir / CHECKPOINT
+    state = None
+    if ckpt_path.exists():
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint must not be overwritten silently
+            raise DataError(f"checkpoint {ckpt_path} is unreadable ({type(exc).__name__}): delete it to restart training") from None
+        if state.get("run_key") != run_key:
+            raise DataError(f"checkpoint {ckpt_path} was made from another config or data: delete it (or its run "
+                            f"folder) to train from scratch, or rerun with the config that made it")
+
+    torch.manual_seed(cfg.seed)
+    backbone = load_backbone(backbone_path, device=device)
+    vocab_size = backbone.config.vocab_size
+    _check_ids(data.train_ids, vocab_size, "train")
+    _check_ids(data.valid_ids, vocab_size, "valid")
+    if len(data.targets) != cfg.K:
+        raise ConfigError(f"{len(data.targets)} target budgets for train.K={cfg.K}: give K budgets")
+    settings = model_settings(cfg, variant, data.budget_scale, token_cost_init=initial_token_cost(cfg, data))
+    model = MetabolicGPT2(backbone, settings, prior_cost=prior_cost)
+    model.training_info = {"budget_range": list(data.budget_range), "targets": data.targets.tolist(), "variant": variant}
+    optimizer = make_optimizer(model, cfg)
+    vocab_np_ids, vocab_np_means = token_label_means(data.train_ids, data.train_labels)
+    vocab_ids = torch.as_tensor(vocab_np_ids, device=device)
+    vocab_means = torch.as_tensor(vocab_np_means, dtype=torch.float32, device=device)
+
+    metrics: list[dict[str, Any]] = []
+    points: dict[str, Any] = {}
+    best = {"epoch": -1, "score": math.inf}
+    epoch0, step = 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        model.calibration = OnlineAffine.from_state_dict(state["calibration"])
+        optimizer.load_state_dict(state["optimizer"])
+        resume.set_rng_state(state["rng"], device)
+        metrics, points, best = state["metrics"], state["points"], state["best"]
+        epoch0, step, reference_ppl = state["epochs_done"], state["step"], state["reference_ppl"]
+        log.info("resuming %s training after epoch %d of %d", variant, epoch0, cfg.epochs)
+    else:
+        reference_ppl = backbone_val_ppl(model, data, cfg.batch_size)
+        torch.manual_seed(cfg.seed)  # the reference evaluation must not shift the training RNG
+    model.train()
+    n_train = len(data.train_ids)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    epochs_this_call = 0
+    for epoch in range(epoch0, cfg.epochs):
+        factor = curriculum_factor(epoch, cfg.epochs, cfg.curriculum_start) if variant == "faithful" else 1.0
+        acc: dict[str, float] = {}
+        epoch_t0 = time.perf_counter()  # timings go to the log only: metrics must be identical on resume
+        gaps, achieved, targets_used = [], [], []
+        n_seen = 0
+        bar = tqdm(batch_order(n_train, cfg.batch_size, epoch, cfg.seed), desc=f"{variant} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, unit="step", leave=False)
+        for idx in bar:
+            idx = idx.tolist()
+            batch = make_batch([data.train_ids[i] for i in idx], [data.train_labels[i] for i in idx],
+                               data.train_totals[idx], device)
+            budgets = step_budgets(model, batch, data.targets, factor)
+            res = train_step(model, optimizer, batch, budgets, cfg, vocab_ids, vocab_means, step)
+            gap = res.gap.double().cpu().numpy()
+            c_hat = res.totals.double().mean(0).cpu().numpy()
+            b_bar = budgets.double().mean(0).cpu().numpy()
+            step += 1
+            if step % cfg.calib_refit_every == 0:
+                model.refit_calibration()
+            b = len(idx)
+            n_seen += b
+            for key, value in res.terms.as_floats().items():
+                acc[key] = acc.get(key, 0.0) + value * b
+            gaps.append(gap * b)
+            achieved.append(c_hat * b)
+            targets_used.append(b_bar * b)
+            bar.set_postfix(loss=f"{float(res.terms.total.detach()):.3f}", lam=f"{float(model.dual_lambda.mean()):.3f}")
+        bar.close()
+        train_s = time.perf_counter() - epoch_t0
+        model.refit_calibration()
+        terms = {k: v / n_seen for k, v in acc.items()}
+        val = evaluate(model, data, cfg, factor, vocab_ids, vocab_means)
+        gap_k = np.sum(gaps, axis=0) / n_seen
+        achieved_k = np.sum(achieved, axis=0) / n_seen
+        target_k = np.sum(targets_used, axis=0) / n_seen
+        fit = model.calibration.fit()
+        score = balanced_score(val["val_ppl"], reference_ppl, val["val_level_rel_err"])
+        row = {
+            "epoch": epoch + 1, "step": step, "variant": variant,
+            "train_loss": terms["total"], "val_loss": val["val_loss"], "val_ppl": val["val_ppl"], "val_lm": val["val_lm"],
+            "aux": cfg.beta_csc * terms["csc_mse"] + cfg.vocab_aux_weight * terms["vocab_aux"],
+            "err": float(gap_k.mean()), "err_k": gap_k.tolist(),
+            "lambda": float(model.dual_lambda.mean()), "lambda_k": model.dual_lambda.cpu().tolist(),
+            "shape": factor,
+            "target_budget": float(target_k.mean()), "target_k": target_k.tolist(),
+            "achieved_budget": float(achieved_k.mean()), "achieved_k": achieved_k.tolist(),
+            "achieved_budget_csc": float(np.mean(fit.a + fit.b * achieved_k)),
+            "calib_a": float(fit.a.mean()), "calib_b": float(fit.b.mean()),
+            "calib_a_k": fit.a.tolist(), "calib_b_k": fit.b.tolist(), "calib_n": fit.n,
+            **{f"train_{k}": v for k, v in terms.items() if k != "total"},
+            **{f"val_{k}": v for k, v in val["terms"].items() if k != "total"},
+            "val_err": val["val_err"], "val_abs_err": val["val_abs_err"], "val_achieved": val["val_achieved"],
+            "val_level_targets": data.targets.tolist(),
+            "val_level_achieved": val["val_level_achieved"], "val_level_achieved_csc": val["val_level_achieved_csc"],
+            "val_level_rel_err": val["val_level_rel_err"], "balanced_score": score,
+            "lr": optimizer.param_groups[0]["lr"], "cost_lr": optimizer.param_groups[2]["lr"],
+        }
+        metrics.append(row)
+        points[str(epoch + 1)] = {"proxy": val["points_proxy"], "csc": val["points_csc"]}
+        log.info("%s epoch %d: loss %.4f val ppl %.2f err %.4f lambda %.4f score %.4f", variant, epoch + 1,
+                 row["train_loss"], row["val_ppl"], row["err"], row["lambda"], score)
+        if score <= best["score"]:
+            best = {"epoch": epoch + 1, "score": score}
+            model.save_pretrained(work_dir / BEST_DIR)
+        write_jsonl(work_dir / METRICS, metrics)
+        atomic_write_json(work_dir / CALIBRATION_POINTS, points)
+        atomic_torch_save(ckpt_path, {
+            "run_key": run_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "calibration": model.calibration.state_dict(), "rng": resume.rng_state(device), "metrics": metrics,
+            "points": points, "best": best, "epochs_done": epoch + 1, "step": step, "reference_ppl": reference_ppl,
+        })
+        epochs_this_call += 1
+        log.info("%s epoch %d: %.1f s training, %.1f s evaluating and saving", variant, epoch + 1, train_s,
+                 time.perf_counter() - epoch_t0 - train_s)
+        resume.interrupt_if(stop_after_epochs, epochs_this_call, epoch + 1 >= cfg.epochs, "epochs")
+    model.save_pretrained(work_dir / LAST_DIR)
+    atomic_write_json(work_dir / SELECTION, {
+        "rule": "min ln(val_ppl / backbone_val_ppl) + mean_j |achieved_j - B_j| / B_j; ties -> later epoch",
+        "best_epoch": best["epoch"], "best_score": best["score"], "reference_ppl": reference_ppl,
+        "scores": {str(r["epoch"]): r["balanced_score"] for r in metrics}, "targets": data.targets.tolist(),
+        "budget_range": list(data.budget_range), "steps_per_epoch": steps_per_epoch,
+    })
+    return TrainResult(variant=variant, folder=work_dir, metrics=metrics, best_epoch=best["epoch"],
+                       best_dir=work_dir / BEST_DIR, last_dir=work_dir / LAST_DIR, reference_ppl=reference_ppl,
+                       targets=data.targets.tolist(), fingerprint=run_key)
+
+
+# --- stage ------------------------------------------------------------------------------------
+
+
+

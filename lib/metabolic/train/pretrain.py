@@ -1,0 +1,170 @@
+"""From-scratch pretraining of the GPT-2 backbone for the offline profiles (stage `pretrain`).
+
+Pretraining packs texts into blocks, trains with AdamW under a warm-up + cosine schedule, logs
+validation perplexity to `metrics.jsonl`, and writes a resumable checkpoint every `checkpoint_every`
+steps: an interrupted run resumes with identical results.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metabolic.core import resume
+from metabolic.core.artefacts import atomic_torch_save, write_jsonl
+from metabolic.core.config import BackboneConfig
+from metabolic.model.backbone import decay_split, default_device
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr_ratio: float) -> float:
+    """Linear warm-up to `peak_lr`, then cosine decay to `peak_lr * min_lr_ratio` at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    floor = peak_lr * min_lr_ratio
+    return floor + (peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_order(n_blocks: int, batch_size: int, epoch: int, seed: int) -> list[torch.Tensor]:
+    """The batches of one epoch: a permutation seeded by (seed, epoch), so a resumed run sees the same data."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_blocks, generator=gen)
+    return [perm[i : i + batch_size] for i in range(0, n_blocks, batch_size)]
+
+
+@torch.inference_mode()
+def evaluate_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token cross-entropy (nats/token) of `model` on `blocks` [n, block_size]."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, blocks.shape[0], batch_size):
+        x = blocks[start : start + batch_size].to(device)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += loss.item()
+        count += x[:, 1:].numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    steps: int
+    final_val_loss: float
+    final_val_ppl: float
+    metrics: list[dict[str, Any]]
+
+
+def pretrain(
+    model,
+    train_blocks: torch.Tensor,
+    valid_blocks: torch.Tensor,
+    cfg: BackboneConfig,
+    work_dir: Path,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> PretrainResult:
+    """Train `model` on packed blocks with LM loss; resume from `work_dir/checkpoint.pt` if present.
+
+    `stop_after_steps` ends the run early (as an interruption would) after that many optimiser steps
+    in this call; tests use it to check that resuming reproduces an uninterrupted run exactly.
+    """
+    from tqdm.auto import tqdm
+
+    device = default_device()
+    model.to(device).train()
+    steps_per_epoch = math.ceil(train_blocks.shape[0] / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    decay, no_decay = decay_split(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    eval_blocks = valid_blocks[: cfg.max_eval_blocks]
+    metrics: list[dict[str, Any]] = []
+    step, running, running_n = 0, 0.0, 0
+    torch.manual_seed(cfg.seed)
+    ckpt_path = work_dir / CHECKPOINT
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        resume.set_rng_state(state["rng"], device)
+        step, running, running_n, metrics = state["step"], state["running"], state["running_n"], state["metrics"]
+        log.info("resuming pretraining at step %d of %d", step, total_steps)
+    start_time = time.perf_counter()
+    steps_this_call = 0
+    bar = tqdm(total=total_steps, initial=step, desc="pretrain", disable=not progress, unit="step")
+    while step < total_steps:
+        epoch, index = divmod(step, steps_per_epoch)
+        batch = train_blocks[batch_order(train_blocks.shape[0], cfg.batch_size, epoch, cfg.seed)[index]].to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
+        with resume.autocast(device):
+            loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        steps_this_call += 1
+        running += loss.item()
+        running_n += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.eval_every == 0 or step == total_steps:
+            val_loss = evaluate_loss(model, eval_blocks, cfg.batch_size)
+            metrics.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "train_loss": running / running_n,
+                    "val_loss": val_loss,
+                    "val_ppl": math.exp(min(val_loss, 50.0)),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "tokens_seen": step * cfg.batch_size * train_blocks.shape[1],
+                }
+            )
+            running, running_n = 0.0, 0
+            write_jsonl(work_dir / METRICS, metrics)
+            log.info("step %d: val loss %.4f, ppl %.1f", step, val_loss, metrics[-1]["val_ppl"])
+        if step % cfg.checkpoint_every == 0 or step == total_steps:
+            atomic_torch_save(
+                ckpt_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": resume.rng_state(device),
+                    "step": step,
+                    "running": running,
+                    "running_n": running_n,
+                    "metrics": metrics,
+                },
+            )
+        if step < total_steps and stop_after_steps is not None and steps_this_call >= stop_after_steps:
+            bar.close()
+            resume.interrupt_if(stop_after_steps, steps_this_call, False, "steps")
+    bar.close()
+    log.info("pretraining took %.1f s", time.perf_counter() - start_time)
+    model.eval()
+    final = metrics[-1]
+    return PretrainResult(steps=step, final_val_loss=final["val_loss"], final_val_ppl=final["val_ppl"], metrics=metrics)

@@ -123,9 +123,13 @@ def test_goal_status_and_side_by_side():
     table["rows"][1] = row("medium", 89.9)
     assert goal_status(table)["met"] is False and goal_status(table)["hit_ok"] is False
     table["rows"][1] = row("medium", 90.0)
-    table["fluency"]["judge_ppl_rel_change"] = -0.11
+    table["fluency"]["judge_ppl_rel_change"] = 0.11  # 11% more perplexed than unbudgeted text: fluency lost
     status = goal_status(table)
     assert status["hit_ok"] and not status["fluency_ok"] and not status["met"]
+    table["fluency"]["judge_ppl_rel_change"] = -0.25  # likelier than unbudgeted text: no fluency loss (one-sided)
+    assert goal_status(table)["fluency_ok"] and goal_status(table)["met"]
+    table["fluency"]["judge_ppl_rel_change"] = float("nan")
+    assert not goal_status(table)["fluency_ok"]
     side = paper_side_by_side(table)
     assert [s["paper Budget"] for s in side] == [5.01, 7.16, 9.31]
     assert side[0]["ours Hit@10"] == 95.0

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metabolic.errors import ConfigError, DataError
-from metabolic.verified import (
+from metabolic.core.errors import ConfigError, DataError
+from metabolic.generate.verified import (
     Candidate,
     PrefixLabeller,
     choose,
@@ -137,8 +137,8 @@ def test_stop_points_are_word_and_sentence_ends(tokenizer):
 
 @pytest.fixture(scope="module")
 def labeller(tokenizer, assets_dir):
-    from metabolic.assets import load_encoder
-    from metabolic.csc import CSCLabeller
+    from metabolic.core.assets import load_encoder
+    from metabolic.csc.labeller import CSCLabeller
 
     return CSCLabeller(load_encoder("sentence-transformers/all-MiniLM-L6-v2").value, tokenizer, batch_size=64)
 
@@ -160,7 +160,7 @@ def test_verified_generation_is_exact_and_deterministic(model, tokenizer, labell
         # the reported CSC is the labeller's own number for the kept text
         truth = labeller.label_generated([g.prompt_ids], [g.generated_ids])[0].astype(np.float64).sum()
         assert g.achieved_csc == pytest.approx(truth, abs=1e-6)
-        assert g.probes >= 1 and g.labels >= g.probes and 0 <= g.candidate < 3
+        assert g.probes >= 1 and g.labels_needed >= g.labels >= g.probes and 0 <= g.candidate < 3
     assert prefixes.texts == sum(g.labels for g in gens)  # each label counted once, to one prompt
 
 
@@ -204,6 +204,31 @@ def test_one_pool_serves_several_candidate_counts(model, tokenizer, labeller):
     spent = prefixes.texts
     again = verify(pool, prompt_ids, PROMPTS, tokenizer, 0.12, prefixes, n_candidates=2, rate_hint=0.02)
     assert prefixes.texts == spent and all(g.labels == 0 for g in again)  # all from the memo
+    assert [g.labels_needed for g in again] == [g.labels_needed for g in few]  # the cost of running it alone
     assert [g.generated_ids for g in again] == [g.generated_ids for g in few]
     with pytest.raises(ConfigError, match="pool holds 4"):
         verify(pool, prompt_ids, PROMPTS, tokenizer, 0.12, prefixes, n_candidates=8)
+
+
+def test_verified_tables_have_every_row(model, tokenizer, labeller):
+    """Table I rows for each N and scale from one pool: metrics, outcomes, costs, fluency, deterministic."""
+    from metabolic.evaluate.verified_rows import verified_tables
+
+    budgets = {"raw": {"low": 0.08, "high": 0.2}, "length": {"low": 1.0, "high": 3.0}}
+    kw = dict(max_new_tokens=10, band=0.1, max_probes=4, temperature=1.0, top_k=50, seed=0)
+    tables, records = verified_tables(model, tokenizer, model, labeller, PROMPTS, budgets, {"raw": 0.02, "length": 0.3},
+                                      (1, 2), **kw)
+    assert set(tables) == {"verified_n1_raw", "verified_n2_raw", "verified_n1_length", "verified_n2_length"}
+    for key, t in tables.items():
+        assert [r["level"] for r in t["rows"]] == ["low", "high"] and t["n_prompts"] == 2
+        for r in t["rows"]:
+            assert set(r["csc"]) >= {"Hit@10", "Hit@20", "Hit@50", "MAE", "MAPE", "Achieved", "Target"}
+            assert sum(r["status"].values()) == 2 and r["labels_per_generation"] > 0 and r["seconds_per_generation"] > 0
+        assert math.isfinite(t["fluency"]["judge_ppl"]) and "met" in t["goal"]
+    # N=2 searches a superset of N=1's candidates: it can only do as well or better in band membership
+    for scale in budgets:
+        for r1, r2 in zip(tables[f"verified_n1_{scale}"]["rows"], tables[f"verified_n2_{scale}"]["rows"]):
+            assert r2["status"].get("in band", 0) >= r1["status"].get("in band", 0)
+    assert len(records) == 2 * 2 * 2  # the largest N: prompts x levels x scales
+    again, _ = verified_tables(model, tokenizer, model, labeller, PROMPTS, budgets, {"raw": 0.02, "length": 0.3}, (1, 2), **kw)
+    assert [[r["csc"] for r in t["rows"]] for t in again.values()] == [[r["csc"] for r in t["rows"]] for t in tables.values()]

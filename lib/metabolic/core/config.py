@@ -223,14 +223,28 @@ class GenerationConfig:
     # Table I scores; "model": the training calibration (whole texts, all tokens counted).
     calibration: Literal["continuation", "model"] = "continuation"
     lambda_max: float = 5.0  # bound on |lambda_t| of the steering processor (score units per proxy unit)
+    # The verified controller (metabolic.generate.verified), evaluated for each candidate count N and
+    # both CSC scales. Its candidates may grow past max_new_tokens: the budget, checked by the
+    # labeller, decides where each stops (the model's context still bounds prompt + continuation).
+    verified_candidates: tuple[int, ...] = (1, 2, 4, 8)
+    verified_max_new_tokens: int = 128
+    verified_band: float = 0.10  # the band the controller aims for (Hit@10 asks for +-10%)
+    verified_max_probes: int = 6  # prefixes labelled per candidate at most
+    verified_scales: tuple[str, ...] = ("raw", "length")
 
     def __post_init__(self) -> None:
         _positive("generation", self, "lambda_max")
         if self.budgets:
             _finite_positive_tuple("generation.budgets", self.budgets)
-        _positive("generation", self, "prompt_tokens", "max_new_tokens", "temperature")
+        _positive("generation", self, "prompt_tokens", "max_new_tokens", "temperature", "verified_max_new_tokens",
+                  "verified_max_probes")
         _require(self.n_valid_prompts >= 0, "generation.n_valid_prompts", self.n_valid_prompts, "use >= 0")
         _require(self.top_k >= 0, "generation.top_k", self.top_k, "use >= 0 (0 = off)")
+        _require(len(self.verified_candidates) > 0 and all(isinstance(n, int) and n >= 1 for n in self.verified_candidates),
+                 "generation.verified_candidates", self.verified_candidates, "give candidate counts >= 1, e.g. (1, 2, 4, 8)")
+        _require(0 < self.verified_band < 1, "generation.verified_band", self.verified_band, "use a fraction in (0, 1)")
+        _require(len(self.verified_scales) > 0 and set(self.verified_scales) <= {"raw", "length"},
+                 "generation.verified_scales", self.verified_scales, "choose among raw, length")
 
 
 @dataclass(frozen=True)

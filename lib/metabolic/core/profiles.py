@@ -40,6 +40,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.token_cost_init_from_csc": True,  # costs start at the labels' scale (see config.py)
         "generation.n_valid_prompts": 5,
         "generation.max_new_tokens": 24,
+        "generation.verified_max_new_tokens": 40,  # 16 prompt + 40 <= the 64-position smoke backbone
         "energy.repeats": 1,  # CPU timings only on smoke: one repeat keeps the stage short
         "energy.batch_sizes": (1,),
         "energy.paths": ("default",),  # static-compile is covered by tests; on CPU it is not compiled anyway

@@ -48,6 +48,7 @@ from metabolic.energy.measurement import (
 )
 from metabolic.energy.meter import EnergyMeter
 from metabolic.energy.workloads import model_specs
+from metabolic.evaluate.cost_fit import cost_model_fit
 from metabolic.evaluate.scoring import (
     EVALUATION_VERSION,
     GENERATIONS_FILE,
@@ -55,10 +56,12 @@ from metabolic.evaluate.scoring import (
     PAPER_TABLE1,
     TABLES_FILE,
     choose_calibration,
+    continuation_points,
     continuation_totals,
     evaluate_variant,
     select_prompts,
 )
+from metabolic.evaluate.verified_rows import verified_tables
 from metabolic.model.backbone import load_backbone, scratch_model
 from metabolic.model.metabolic_gpt2 import SETTINGS_FILE, VARIANTS
 from metabolic.train.loop import (
@@ -389,11 +392,13 @@ def evaluate_budgets(cfg, progress: bool = True):
                   f"(first {g.prompt_tokens} tokens = prompt, 1..{g.max_new_tokens} tokens counted)")
     names = LEVELS if len(targets) == 3 else tuple(f"B{i}" for i in range(len(targets)))
     budgets = dict(zip(names, targets))
+    verified_budgets, rate_hints = verified_targets(csc, cfg, budgets)
     budget_range = (min(data.budget_range[0], float(cont.min())), max(data.budget_range[1], float(cont.max())))
     description = {
         "stage": "evaluate", "version": EVALUATION_VERSION, "generation": cfg.generation.__dict__, "csc": csc.fingerprint, "csc_scale": cfg.csc.scale,
         "backbone": backbone.fingerprint, "train": {v: r.fingerprint for v, r in results.items()},
         "encoder": cfg.assets.encoder, "budgets": budgets, "budget_range": budget_range,
+        "verified_budgets": verified_budgets, "verified_model": cfg.train.variant,
     }
     folder = artefacts.run_dir(cfg.profile) / "evaluation"
 
@@ -403,20 +408,31 @@ def evaluate_budgets(cfg, progress: bool = True):
         judge = load_backbone(backbone.path)
         labeller = csc_labeller(cfg)
         tables, records = {}, []
+        models = {}
         for variant, result in results.items():
-            model = result.load_best()
+            model = models[variant] = result.load_best()
             cal, note = choose_calibration(model, cfg, csc.train_ids, csc.train_csc, list(budgets.values()))
             t, r = evaluate_variant(model, tok, judge, labeller, prompts, budgets, cfg, budget_range, variant,
                                     cal, note, progress)
+            fit = cost_model_fit(model, csc.valid_ids, csc.valid_csc, g.prompt_tokens, cfg.csc.scale)
             for table in t.values():
                 best = result.metrics[result.best_epoch - 1] if 0 < result.best_epoch <= len(result.metrics) else {}
-                table.update(best_epoch=result.best_epoch, val_ppl=best.get("val_ppl"), backbone_val_ppl=result.reference_ppl)
+                table.update(best_epoch=result.best_epoch, val_ppl=best.get("val_ppl"), backbone_val_ppl=result.reference_ppl,
+                             cost_model=fit)
             tables.update(t)
             records.extend(r)
+        sampler = models.get(cfg.train.variant) or next(iter(models.values()))
+        t, r = verified_tables(sampler, tok, judge, labeller, prompts, verified_budgets, rate_hints, g.verified_candidates,
+                               max_new_tokens=g.verified_max_new_tokens, band=g.verified_band,
+                               max_probes=g.verified_max_probes, temperature=g.temperature, top_k=g.top_k, seed=g.seed)
+        tables.update(t)
+        records.extend(r)
         combined = {"profile": cfg.profile, "budgets": budgets, "budget_source": source, "budget_range": list(budget_range),
                     "training_targets": [float(x) for x in data.targets],
                     "continuation_csc": {"n": int(cont.size), "min": float(cont.min()), "median": float(np.median(cont)),
                                          "max": float(cont.max())},
+                    "verified_budgets": verified_budgets, "verified_rate_hints": rate_hints,
+                    "verified_model": f"{cfg.train.variant} (best checkpoint; budget pathway off)",
                     "prompts": prompts, "tables": tables, "paper": PAPER_TABLE1}
         artefacts.atomic_write_json(work / TABLES_FILE, combined)
         artefacts.atomic_write_text(work / GENERATIONS_FILE, "".join(json.dumps(r) + "\n" for r in records))
@@ -430,6 +446,26 @@ def evaluate_budgets(cfg, progress: bool = True):
                                     {"profile": cfg.profile, **table, "paper": PAPER_TABLE1})
     artefacts.atomic_write_json(run / "table1.json", combined)
     return combined
+
+
+def verified_targets(csc: CSCData, cfg: StudyConfig, budgets: dict[str, float]) -> tuple[dict, dict[str, float]]:
+    """Budgets per CSC scale for the verified rows, and each scale's CSC per generated token (the
+    controller's first probe). The configured scale keeps the evaluation's budgets; the other is
+    given the same quantiles of its own continuation totals."""
+    g = cfg.generation
+    by_scale, hints = {}, {}
+    ones = np.ones(1 + max(max(ids) for ids in csc.train_ids))
+    for scale in g.verified_scales:
+        lengths, totals = continuation_points(csc.train_ids, csc.train_csc, ones, g.prompt_tokens, scale,
+                                              max_tokens=g.max_new_tokens)
+        if totals.size < 3:
+            lengths, totals = continuation_points(csc.train_ids, csc.train_csc, ones, g.prompt_tokens, scale)
+        hints[scale] = float(np.median(totals / lengths)) if totals.size else 0.0
+        if scale == cfg.csc.scale:
+            by_scale[scale] = dict(budgets)
+        else:
+            by_scale[scale] = {name: float(np.quantile(totals, q)) for name, q in zip(budgets, cfg.train.budget_quantiles)}
+    return by_scale, hints
 
 
 def read_generations(cfg) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ best candidate:
 
 Totals are on the labeller's raw scale (`scale="raw"`: sum of CSC_t over the generated tokens) or
 the length-aware scale (`scale="length"`: that sum times T = prompt + prefix tokens), the same
-counting rule as Table I (`metabolic.evaluation.csc_of_generations`).
+counting rule as Table I (`metabolic.evaluate.scoring.csc_of_generations`).
 """
 
 from __future__ import annotations
@@ -43,15 +43,16 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
-from metabolic.errors import ConfigError, DataError
-from metabolic.generation import (
-    Calibration,
+from metabolic.core.errors import ConfigError, DataError
+from metabolic.generate.budgeted import (
     CostSteeringLogitsProcessor,
     encode_prompts,
     is_metabolic,
-    model_calibration,
+    left_pad,
     model_token_costs,
+    pad_token_id,
 )
+from metabolic.model.calibration import ProxyCalibration
 
 SCALES = ("raw", "length")
 STATUSES = ("in band", "closest below", "closest above", "unreachable below", "unreachable above")
@@ -89,7 +90,8 @@ class VerifiedGeneration:
     stop_kind: str  # "sentence", "word" or "end"
     mean_logprob: float
     probes: int  # prefixes labelled for this prompt (all candidates)
-    labels: int  # encoder texts those probes needed (memo hits excluded)
+    labels: int  # encoder texts labelled for this prompt in this call (memo hits cost nothing)
+    labels_needed: int  # encoder texts its probes need without a memo (the cost of running it alone)
     seconds: float  # wall time of the call (sampling + labelling) divided by its prompts
 
     @property
@@ -231,12 +233,8 @@ def sample_candidates(model, tokenizer, prompts: Sequence[str], n_candidates: in
     if context is not None and longest + max_new_tokens > context:
         raise DataError(f"a prompt has {longest} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
                         f"context of {context}: shorten the prompt or lower max_new_tokens")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(prompt_ids), longest), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for row, ids in enumerate(prompt_ids):
-        input_ids[row, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention[row, longest - len(ids):] = 1
+    pad_id = pad_token_id(tokenizer)
+    input_ids, attention = left_pad(prompt_ids, pad_id)
     if seed is not None:
         torch.manual_seed(seed)
     out = lm.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=True,
@@ -259,8 +257,9 @@ def sample_candidates(model, tokenizer, prompts: Sequence[str], n_candidates: in
 
 def search(candidates: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]], budgets: np.ndarray,
            prefixes: PrefixLabeller, band: float = 0.10, rate_hint: float | None = None,
-           max_probes: int = 6, scale: str = "raw") -> tuple[list[int], list[int]]:
-    """Run the stop-point search on `candidates` (in place); return (probes, encoder texts) per prompt.
+           max_probes: int = 6, scale: str = "raw") -> tuple[list[int], list[int], list[int]]:
+    """Run the stop-point search on `candidates` (in place); return (probes, texts labelled, texts
+    needed without the memo) per prompt.
 
     Each prompt's candidates are searched in likelihood order, in waves of 1, 1, 2, 4, ... (the most
     likely first): a wave starts only when the earlier ones found nothing in the band, and within a
@@ -269,6 +268,7 @@ def search(candidates: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]],
     """
     probes = [0] * len(prompt_ids)
     texts = [0] * len(prompt_ids)
+    needed = [0] * len(prompt_ids)
     by_prompt: dict[int, list[Candidate]] = {}
     for c in candidates:
         c.searching = True
@@ -297,12 +297,13 @@ def search(candidates: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]],
                     requests.append((prompt_ids[p], c.ids[:k]))
                     owners.append((c, k))
         if not requests:
-            return probes, texts
+            return probes, texts, needed
         totals, spent = prefixes.totals(requests, scale)
         for (c, k), total, n_texts in zip(owners, totals, spent):
             c.labelled[k] = total
             probes[c.prompt_index] += 1
             texts[c.prompt_index] += n_texts
+            needed[c.prompt_index] += k + 1  # the full text and one counterfactual per counted token
 
 
 def _in_band(c: Candidate, budget: float, band: float) -> bool:
@@ -346,7 +347,7 @@ def verify(pool: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]], promp
         raise ConfigError(f"scale={scale!r} is invalid: choose one of {', '.join(SCALES)}")
     candidates = [replace(c, labelled={}, searching=True) for c in pool if c.index < n]
     t0 = time.perf_counter()
-    probes, texts = search(candidates, prompt_ids, budgets, prefixes, band, rate_hint, max_probes, scale)
+    probes, texts, needed = search(candidates, prompt_ids, budgets, prefixes, band, rate_hint, max_probes, scale)
     seconds = sampling_seconds + (time.perf_counter() - t0) / len(prompts)  # the call's time, shared evenly
     results = []
     for p, prompt in enumerate(prompts):
@@ -358,7 +359,7 @@ def verify(pool: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]], promp
             prompt=prompt, prompt_ids=list(prompt_ids[p]), generated_ids=kept, text=tokenizer.decode(kept),
             budget_csc=float(budgets[p]), achieved_csc=float(f), scale=scale, in_band=status == "in band", status=status,
             candidate=c.index if c is not None else -1, n_candidates=n, stop_kind=kind,
-            mean_logprob=c.mean_logprob if c is not None else -math.inf, probes=probes[p], labels=texts[p],
+            mean_logprob=c.mean_logprob if c is not None else -math.inf, probes=probes[p], labels=texts[p], labels_needed=needed[p],
             seconds=seconds))
     return results
 
@@ -367,11 +368,11 @@ def generate_verified(model, tokenizer, labeller, prompts: Sequence[str] | str, 
                       n_candidates: int = 4, band: float = 0.10, max_new_tokens: int = 64, scale: str = "raw",
                       temperature: float = 1.0, top_k: int = 50, seed: int | None = 0, rate_hint: float | None = None,
                       max_probes: int = 6, steer: bool = False, token_costs: Any = None,
-                      calibration: Calibration | None = None, lambda_max: float = 5.0,
+                      calibration: ProxyCalibration | None = None, lambda_max: float = 5.0,
                       prefixes: PrefixLabeller | None = None) -> list[VerifiedGeneration]:
     """Generate a continuation of each prompt whose true CSC is within `band` of `budget_csc`.
 
-    `labeller` is a `metabolic.csc.CSCLabeller`. `rate_hint` (CSC per generated token on `scale`)
+    `labeller` is a `metabolic.csc.labeller.CSCLabeller`. `rate_hint` (CSC per generated token on `scale`)
     places the first probe; None starts in the middle. With `steer=True` the candidates are sampled
     under `CostSteeringLogitsProcessor` towards the budget through the learned costs (a
     MetabolicGPT-2's own, or `token_costs` + `calibration`). Pass one `prefixes` to several calls to
@@ -389,7 +390,7 @@ def generate_verified(model, tokenizer, labeller, prompts: Sequence[str] | str, 
             if not is_metabolic(model):
                 raise ConfigError("steer=True on a plain language model needs token_costs and calibration")
             token_costs = model_token_costs(model) if token_costs is None else token_costs
-            calibration = model_calibration(model) if calibration is None else calibration
+            calibration = model.proxy_calibration() if calibration is None else calibration
         proxy = np.array([calibration.to_proxy(float(b)) for b in budgets])
         if np.any(proxy <= 0):
             raise ConfigError(f"budget_csc={budgets.tolist()} maps to a proxy budget <= 0 through calibration "

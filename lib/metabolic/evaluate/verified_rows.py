@@ -1,0 +1,91 @@
+"""Table I rows for the verified budget controller (`metabolic.generate.verified`), N x scale.
+
+One pool of candidates is sampled per prompt (`max(candidate_counts)` samples, the budget pathway
+off), so every row shares it: verified@N uses each prompt's first N samples, every level and both
+CSC scales reuse the same labelled prefixes (one `PrefixLabeller`). Per row and level: Table I's
+metrics in true CSC, the outcome of each prompt (in band, closest, unreachable), mean tokens, and
+the labels each generation needs (encoder texts of its probes, as if it ran alone: the rows share a
+memo, so what they actually label depends on their order) and the seconds that takes at the
+labelling rate measured over the whole evaluation, plus its share of sampling. Fluency is judged against unbudgeted text of the same
+length: each prompt's first sample cut to the length of the text the controller returned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Sequence
+
+import numpy as np
+
+from metabolic.evaluate.scoring import distinct_n, goal_status, judge_nll, perplexity, relative_change, table_row
+from metabolic.generate.verified import PrefixLabeller, VerifiedGeneration, sample_candidates, verify
+
+
+def _fluency(judge, gens: Sequence[VerifiedGeneration], reference_ids: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Judge perplexity of the returned texts and of unbudgeted samples cut to the same lengths."""
+    from types import SimpleNamespace
+
+    same_length = [SimpleNamespace(prompt_ids=g.prompt_ids, generated_ids=list(ref[:len(g.generated_ids)]))
+                   for g, ref in zip(gens, reference_ids)]
+    nll, n = judge_nll(judge, gens)
+    ref_nll, ref_n = judge_nll(judge, same_length)
+    ppl, ref_ppl = perplexity(float(nll.sum()), int(n.sum())), perplexity(float(ref_nll.sum()), int(ref_n.sum()))
+    return {"judge_ppl": ppl, "judge_ppl_same_length_unbudgeted": ref_ppl, "judge_ppl_rel_change": relative_change(ppl, ref_ppl)}
+
+
+def verified_tables(model, tokenizer, judge, labeller, prompts: list[str], budgets_by_scale: dict[str, dict[str, float]],
+                    rate_hints: dict[str, float], candidate_counts: Sequence[int], *, max_new_tokens: int, band: float,
+                    max_probes: int, temperature: float, top_k: int, seed: int) -> tuple[dict[str, Any], list[dict]]:
+    """Tables keyed `verified_n<N>_<scale>` and the records of the largest N (see the module docstring)."""
+    n_max = max(candidate_counts)
+    t0 = time.perf_counter()
+    prompt_ids, pool = sample_candidates(model, tokenizer, prompts, n_max, max_new_tokens, temperature=temperature,
+                                         top_k=top_k, seed=seed)
+    sampling_s = (time.perf_counter() - t0) / len(prompts)
+    first_sample = {c.prompt_index: c.ids for c in pool if c.index == 0}
+    reference = [first_sample[p] for p in range(len(prompts))]
+    prefixes = PrefixLabeller(labeller)
+    tables: dict[str, Any] = {}
+    records: list[dict] = []
+    for scale, budgets in budgets_by_scale.items():
+        for n in sorted(candidate_counts):
+            rows, all_gens = [], []
+            for level, budget in budgets.items():
+                gens = verify(pool, prompt_ids, prompts, tokenizer, budget, prefixes, n_candidates=n, band=band, scale=scale,
+                              rate_hint=rate_hints[scale], max_probes=max_probes)
+                achieved = np.array([g.achieved_csc for g in gens])
+                ok = np.isfinite(achieved)
+                rows.append({
+                    "level": level, "budget_csc": float(budget),
+                    "csc": table_row(achieved[ok], budget, float(budget)),
+                    "mean_tokens": float(np.mean([len(g.generated_ids) for g in gens])),
+                    "status": dict(Counter(g.status for g in gens)),
+                    "stop_kind": dict(Counter(g.stop_kind for g in gens)),
+                    "labels_per_generation": float(np.mean([g.labels_needed for g in gens])),
+                    "unscored": int((~ok).sum()),
+                })
+                all_gens.extend(gens)
+                if n == n_max:
+                    records.extend({"variant": "verified", "decoding": f"verified_n{n}_{scale}", "level": level,
+                                    "prompt": g.prompt, "text": g.text, "generated_ids": g.generated_ids,
+                                    "budget_csc": g.budget_csc, "csc": g.achieved_csc, "status": g.status,
+                                    "candidate": g.candidate, "stop_kind": g.stop_kind, "labels": g.labels_needed} for g in gens)
+            flu = _fluency(judge, all_gens, [reference[p] for _ in budgets for p in range(len(prompts))])
+            per_level = [all_gens[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(budgets))]
+            for k in (1, 2):
+                flu[f"distinct_{k}"] = float(np.mean([distinct_n([g.generated_ids for g in lv], k) for lv in per_level]))
+            table = {"variant": "verified", "decoding": f"verified_n{n}", "csc_scale": scale, "n_candidates": n,
+                     "n_prompts": len(prompts), "band": band, "max_new_tokens": max_new_tokens, "rows": rows,
+                     "average_MAE_csc": float(np.mean([r["csc"]["MAE"] for r in rows])),
+                     "labels_per_generation": float(np.mean([r["labels_per_generation"] for r in rows])),
+                     "sampling_seconds_per_generation": sampling_s * n / n_max, "fluency": flu}
+            table["goal"] = goal_status(table)
+            tables[f"verified_n{n}_{scale}"] = table
+    rate = prefixes.texts / max(time.perf_counter() - t0 - sampling_s * len(prompts), 1e-9)  # texts/s, judge time included
+    for table in tables.values():
+        for row in table["rows"]:
+            row["seconds_per_generation"] = table["sampling_seconds_per_generation"] + row["labels_per_generation"] / rate
+        table["seconds_per_generation"] = float(np.mean([r["seconds_per_generation"] for r in table["rows"]]))
+        table["labelling_rate_texts_per_s"] = rate
+    return tables, records

@@ -54,8 +54,11 @@ cont = continuation_totals(csc.train_ids, csc.train_csc, g.prompt_tokens, g.max_
 levels = [float(np.quantile(cont, q)) for q in cfg.train.budget_quantiles]
 low, high = min(data.budget_range[0], float(cont.min())), max(data.budget_range[1], float(cont.max()))
 calibration, how = choose_calibration(model, cfg, csc.train_ids, csc.train_csc, levels)
+# The verified mode (slider "verified N" >= 1) labels candidates with the exact CSC labeller.
+_, rate_hints = stages.verified_targets(csc, cfg, dict(zip(("low", "medium", "high"), levels)))
 explorer = BudgetExplorer(model, tok, (low, high), calibration=calibration, prompt=g.prompts[0], budget=levels[1],
-                          temperature=g.temperature, max_new_tokens=g.max_new_tokens, top_k=g.top_k, seed=g.seed)
+                          temperature=g.temperature, max_new_tokens=g.max_new_tokens, top_k=g.top_k, seed=g.seed,
+                          labeller=stages.csc_labeller(cfg), rate_hint=rate_hints.get(cfg.csc.scale))
 
 # %%
 explorer.widget()
@@ -73,6 +76,10 @@ for label, args in {"empty prompt": ("", 1.0, 1.0, 8), "budget 0": ("Hi", 0.0, 1
                     "prompt beyond the context": ("word " * 2000, 1.0, 1.0, 8)}.items():
     print(f"{label}: {explorer.render(*args).error[:90]}")
 print(f"far above the range: {explorer.render('Hi', high * 100, 1.0, 8).status.split('; ')[-1]}")
+for name, budget in zip(("low", "medium", "high"), levels):
+    view = explorer.render(cfg.generation.prompts[0], float(budget), cfg.generation.temperature,
+                           cfg.generation.verified_max_new_tokens, candidates=4)
+    print(f"verified N=4, {name}: " + view.status.rsplit("; ", 1)[0])
 
 # %% [markdown]
 # ## What this run shows

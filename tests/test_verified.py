@@ -232,3 +232,22 @@ def test_verified_tables_have_every_row(model, tokenizer, labeller):
     assert len(records) == 2 * 2 * 2  # the largest N: prompts x levels x scales
     again, _ = verified_tables(model, tokenizer, model, labeller, PROMPTS, budgets, {"raw": 0.02, "length": 0.3}, (1, 2), **kw)
     assert [[r["csc"] for r in t["rows"]] for t in again.values()] == [[r["csc"] for r in t["rows"]] for t in tables.values()]
+
+
+def test_explorer_verified_mode_reflects_candidates_and_seed(model, tokenizer, labeller):
+    from metabolic.model.calibration import ProxyCalibration
+    from metabolic.report.explorer import BudgetExplorer
+    from tiny_lm import token_costs
+
+    explorer = BudgetExplorer(model, tokenizer, (0.05, 0.5), token_costs=token_costs(len(tokenizer)),
+                              calibration=ProxyCalibration(0.0, 1.0), labeller=labeller, rate_hint=0.02)
+    view = explorer.render("The river flows", 0.15, 1.0, 12, candidates=2, seed=0)
+    assert view.error is None and "true CSC" in view.status and "of 2" in view.status
+    assert view.budget_csc == 0.15 and math.isfinite(view.spent_csc) and view.n_tokens > 0
+    other = explorer.render("The river flows", 0.15, 1.0, 12, candidates=2, seed=1)
+    assert other.text_html != view.text_html  # the seed control changes the sample
+    bad = explorer.render("The river flows", 0.0, 1.0, 12, candidates=2)
+    assert bad.error and "finite budgets > 0" in bad.error
+    no_labeller = BudgetExplorer(model, tokenizer, (0.05, 0.5), token_costs=token_costs(len(tokenizer)),
+                                 calibration=ProxyCalibration(0.0, 1.0))
+    assert "needs a labeller" in no_labeller.render("Hi", 0.1, 1.0, 4, candidates=1).error

@@ -337,8 +337,10 @@ def _clamp_budgets(budgets: torch.Tensor, budget_range: tuple[float, float] | No
     clamped = torch.where(finite, budgets.clamp(lo, hi), budgets)
     changed = finite & (clamped != budgets)
     if changed.any():
+        # 4 significant digits: the message lands in checked notebook outputs, full floats would not reproduce
         log.warning("budgets %s are outside the trained range [%.4g, %.4g] CSC: clamped to %s",
-                    budgets[changed].tolist(), lo, hi, clamped[changed].tolist())
+                    [float(f"{x:.4g}") for x in budgets[changed].tolist()], lo, hi,
+                    [float(f"{x:.4g}") for x in clamped[changed].tolist()])
     return clamped
 
 

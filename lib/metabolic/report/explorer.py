@@ -1,5 +1,7 @@
-"""The live budget explorer (notebook 06): sliders for the budget, temperature and max tokens, a prompt
-box, the generation with every token coloured by its cost, and a gauge of spent vs budget.
+"""The live budget explorer (notebook 06): sliders for the budget, temperature, max tokens, the number
+of verified candidates N and the seed, a prompt box, the generation with every token coloured by its
+cost, and a gauge of spent vs budget. N = 0 runs steered generation (the learned proxy, calibrated
+spend); N >= 1 runs the verified controller (`metabolic.generate.verified`: the true CSC, labelled).
 
 The logic is plain Python, testable without a browser: `BudgetExplorer.render(...)` returns an
 `ExplorerView` (HTML strings and numbers) and `BudgetExplorer.refresh()` is the handler every widget
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from metabolic.generate.budgeted import Generation, generate_with_budget, is_metabolic, model_token_costs
+from metabolic.generate.verified import generate_verified
 from metabolic.model.calibration import ProxyCalibration
 
 log = logging.getLogger(__name__)
@@ -85,12 +88,15 @@ class BudgetExplorer:
         model: a MetabolicGPT2 (its C_vocab and calibration are used) or a plain LM with `token_costs`
             and `calibration` given.
         budget_range: (low, high) CSC budgets the slider spans (the trained range); others are clamped.
+        labeller: a `CSCLabeller`, needed for the verified mode (`candidates >= 1`); `rate_hint` places
+            its first probe (CSC per generated token).
     """
 
     def __init__(self, model, tokenizer, budget_range: tuple[float, float], *, token_costs: Any = None,
                  calibration: ProxyCalibration | None = None, prompt: str = "The future of artificial intelligence",
                  budget: float | None = None, temperature: float = 1.0, max_new_tokens: int = 48, top_k: int = 50,
-                 steer: bool = True, seed: int = 0) -> None:
+                 steer: bool = True, seed: int = 0, labeller=None, candidates: int = 0,
+                 rate_hint: float | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.token_costs = torch.as_tensor(token_costs, dtype=torch.float32) if token_costs is not None else model_token_costs(model)
@@ -106,6 +112,9 @@ class BudgetExplorer:
         self.top_k = top_k
         self.steer = steer
         self.seed = seed
+        self.labeller = labeller
+        self.candidates = int(candidates)
+        self.rate_hint = rate_hint
         # Colour scale: the 5% and 95% quantiles of C_vocab, so typical tokens span the palette.
         q = torch.quantile(self.token_costs.double(), torch.tensor([0.05, 0.95], dtype=torch.float64))
         self.colour_low, self.colour_high = float(q[0]), float(q[1])
@@ -113,14 +122,23 @@ class BudgetExplorer:
         self.last: ExplorerView | None = None
         self._widgets: dict[str, Any] | None = None
 
-    def render(self, prompt: str, budget: float, temperature: float, max_new_tokens: int) -> ExplorerView:
-        """Generate for these inputs and return the view; any error becomes an error view, never a raise."""
+    def render(self, prompt: str, budget: float, temperature: float, max_new_tokens: int, *,
+               candidates: int | None = None, seed: int | None = None) -> ExplorerView:
+        """Generate for these inputs and return the view; any error becomes an error view, never a raise.
+
+        `candidates` (default: the explorer's) >= 1 selects the verified controller; `seed` (default:
+        the explorer's) seeds the sampling.
+        """
+        candidates = self.candidates if candidates is None else int(candidates)
+        seed = self.seed if seed is None else int(seed)
+        if candidates >= 1:
+            return self._render_verified(prompt, budget, temperature, max_new_tokens, candidates, seed)
         t0 = time.perf_counter()
         try:
             gens: list[Generation] = generate_with_budget(
                 self.model, self.tokenizer, [prompt], float(budget), token_costs=self.token_costs,
                 calibration=self.calibration, max_new_tokens=int(max_new_tokens), steer=self.steer, stop=True,
-                do_sample=True, temperature=float(temperature), top_k=self.top_k, seed=self.seed,
+                do_sample=True, temperature=float(temperature), top_k=self.top_k, seed=seed,
                 budget_range=self.budget_range,
             )
         except Exception as exc:  # noqa: BLE001 - the widget shows every failure as one line
@@ -142,6 +160,30 @@ class BudgetExplorer:
             budget_csc=g.budget_csc, n_tokens=len(pieces),
         )
 
+    def _render_verified(self, prompt: str, budget: float, temperature: float, max_new_tokens: int, candidates: int,
+                         seed: int) -> ExplorerView:
+        t0 = time.perf_counter()
+        try:
+            if self.labeller is None:
+                raise ValueError("the verified mode needs a labeller: BudgetExplorer(..., labeller=stages.csc_labeller(cfg))")
+            (g,) = generate_verified(self.model, self.tokenizer, self.labeller, [prompt], float(budget),
+                                     n_candidates=candidates, max_new_tokens=int(max_new_tokens),
+                                     temperature=float(temperature), top_k=self.top_k, seed=seed, rate_hint=self.rate_hint)
+        except Exception as exc:  # noqa: BLE001 - the widget shows every failure as one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.info("explorer input rejected: %s", first)
+            return error_view(first)
+        costs = self.token_costs[g.generated_ids].tolist() if g.generated_ids else []
+        pieces = [self.tokenizer.decode([t]) for t in g.generated_ids]
+        status = (f"{len(pieces)} tokens, true CSC {g.achieved_csc:.3f} of {g.budget_csc:.3f} ({g.status}); "
+                  f"candidate {g.candidate + 1} of {candidates}, stop at a {g.stop_kind} end, "
+                  f"{g.labels} labels; {time.perf_counter() - t0:.2f} s")
+        return ExplorerView(
+            text_html=tokens_html(prompt, pieces, costs, self.colour_low, self.colour_high),
+            gauge_html=gauge_html(g.achieved_csc, g.budget_csc), status=status, spent_csc=g.achieved_csc,
+            budget_csc=g.budget_csc, n_tokens=len(pieces),
+        )
+
     # --- widgets -------------------------------------------------------------------------------
 
     def widget(self):
@@ -157,6 +199,9 @@ class BudgetExplorer:
                                          continuous_update=False),
             "max_new_tokens": w.IntSlider(value=self.max_new_tokens, min=1, max=self._max_tokens_limit(),
                                           description="max tokens", continuous_update=False),
+            "candidates": w.IntSlider(value=self.candidates, min=0, max=8, description="verified N",
+                                      continuous_update=False, disabled=self.labeller is None),
+            "seed": w.IntText(value=self.seed, description="seed"),
         }
         gauge, output, status = w.HTML(), w.HTML(), w.HTML()
         self._widgets = {**controls, "gauge": gauge, "output": output, "status": status}
@@ -164,7 +209,7 @@ class BudgetExplorer:
             control.observe(self._on_change, names="value")
         self.refresh()
         return w.VBox([controls["prompt"], w.HBox([controls["budget"], controls["temperature"]]),
-                       controls["max_new_tokens"], gauge, output, status])
+                       w.HBox([controls["max_new_tokens"], controls["candidates"], controls["seed"]]), gauge, output, status])
 
     def _max_tokens_limit(self) -> int:
         lm = self.model.backbone if is_metabolic(self.model) else self.model
@@ -182,6 +227,8 @@ class BudgetExplorer:
             self.budget = ws["budget"].value
             self.temperature = ws["temperature"].value
             self.max_new_tokens = ws["max_new_tokens"].value
+            self.candidates = ws["candidates"].value
+            self.seed = ws["seed"].value
         view = self.render(self.prompt, self.budget, self.temperature, self.max_new_tokens)
         self.renders += 1
         self.last = view

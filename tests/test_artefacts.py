@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -90,3 +91,45 @@ def test_atomic_write_keeps_old_file_when_serialisation_fails(tmp_path):
 def test_fingerprint_ignores_key_order(d):
     reordered = dict(reversed(list(d.items())))
     assert artefacts.fingerprint(d) == artefacts.fingerprint(reordered)
+
+
+class _Killed(BaseException):
+    """Stands for a kill -9 at one instruction: nothing after it runs (not even `except Exception`)."""
+
+
+@pytest.mark.parametrize("existing", [False, True])  # first build, or a rebuild over a stale artefact
+@pytest.mark.parametrize("kill_at", [1, 2, 3])  # the k-th os.replace of the commit (3 = none left: after it)
+def test_a_kill_during_the_commit_loses_no_work(tmp_path, monkeypatch, existing, kill_at):
+    folder, calls = tmp_path / "stage", []
+    if existing:
+        artefacts.build_artefact(folder, {"a": 0}, _builder(calls, "old"))
+    real_replace, seen = artefacts.os.replace, []
+
+    def replace(src, dst):
+        if Path(src).is_dir():  # the commit's folder renames (file writes also use os.replace)
+            seen.append((src, dst))
+            if len(seen) == kill_at:
+                raise _Killed
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(artefacts.os, "replace", replace)
+    monkeypatch.setattr(artefacts.shutil, "rmtree", _killing_rmtree(artefacts.shutil.rmtree, kill_at, seen))
+    try:
+        artefacts.build_artefact(folder, {"a": 1}, _builder(calls, "new"))
+    except _Killed:
+        pass
+    monkeypatch.undo()
+    n_builds = len(calls)
+    artefacts.build_artefact(folder, {"a": 1}, _builder(calls, "new"))  # the rerun
+    assert len(calls) == n_builds  # adopted or reused: never built again
+    assert (folder / "payload.txt").read_text() == "new" and artefacts.read_manifest(folder)["n"] == n_builds
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["stage"]  # no leftovers
+
+
+def _killing_rmtree(real, kill_at, seen):
+    """rmtree that dies when the commit's renames are done and `kill_at` points past them."""
+    def rmtree(path, *args, **kwargs):
+        if str(path).endswith(".old") and len(seen) + 1 == kill_at:
+            raise _Killed
+        return real(path, *args, **kwargs)
+    return rmtree

@@ -171,6 +171,7 @@ def build_artefact(
     key = fingerprint(description)
     if not force and is_fresh(folder, key, required):
         log.info("reusing %s (fingerprint %s)", folder, key[:12])
+        shutil.rmtree(_trash_name(folder), ignore_errors=True)  # left by a kill just after a commit
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     # One builder at a time per artefact (two notebooks or processes may ask for the same stage).
@@ -193,6 +194,12 @@ def _exclusive(lock_path: Path):
 
 
 def _build_locked(folder: Path, key: str, description: dict[str, Any], build, config_json: str | None) -> Path:
+    """Build into `<folder>.partial`, then commit it with renames that a kill at any point cannot undo.
+
+    A partial keeps its `.fingerprint` until it is in place, and a finished one also holds the
+    manifest: a rerun after a kill during the commit adopts it instead of building again.
+    """
+    _recover_swap(folder)
     if folder.exists():
         why = "stale" if read_manifest(folder) else "incomplete or corrupt"
         log.warning("%s is %s: rebuilding it", folder, why)
@@ -200,22 +207,45 @@ def _build_locked(folder: Path, key: str, description: dict[str, Any], build, co
     work_key = work / ".fingerprint"
     if work.exists() and (not work_key.exists() or work_key.read_text().strip() != key):
         shutil.rmtree(work)  # a partial build made from other inputs cannot be resumed
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(work_key, key)
-    extra = build(work) or {}
-    if config_json is not None:
-        atomic_write_text(work / CONFIG_FILE, config_json)
-    atomic_write_json(work / MANIFEST, {"fingerprint": key, "description": description, **extra})
-    work_key.unlink(missing_ok=True)
+    finished = (read_manifest(work) or {}).get("fingerprint") == key
+    if finished:
+        log.info("adopting %s: it was finished before an interrupted commit", work)
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work_key, key)
+        extra = build(work) or {}
+        if config_json is not None:
+            atomic_write_text(work / CONFIG_FILE, config_json)
+        atomic_write_json(work / MANIFEST, {"fingerprint": key, "description": description, **extra})
     _replace_dir(work, folder)
+    (folder / ".fingerprint").unlink(missing_ok=True)  # only partials carry it; a leftover here is harmless
     return folder
+
+
+def _trash_name(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.old")
+
+
+def _recover_swap(dst: Path) -> None:
+    """Finish or undo a commit a kill interrupted: the old folder renamed away, the new not yet in place.
+
+    With a finished partial waiting, the old copy is obsolete; without one, the old copy goes back.
+    """
+    trash = _trash_name(dst)
+    if not trash.exists():
+        return
+    if not dst.exists() and not (dst.with_name(dst.name + ".partial") / MANIFEST).exists():
+        os.replace(trash, dst)
+        log.info("restored %s from an interrupted commit", dst)
+    else:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move a finished folder into place; the old one is renamed away first, then deleted."""
     trash = None
     if dst.exists():
-        trash = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        trash = _trash_name(dst)
         if trash.exists():
             shutil.rmtree(trash)
         os.replace(dst, trash)

@@ -37,25 +37,22 @@ cfg = setup(profile, overrides)
 print("profile:", profile_label(cfg))
 
 # %%
-import numpy as np
-from metabolic.evaluate.scoring import choose_calibration, continuation_totals
+from metabolic.evaluate.scoring import choose_calibration
 from metabolic.pipeline import stages
 from metabolic.report.explorer import BudgetExplorer
-from metabolic.train.loop import prepare_data
 
 g = cfg.generation
 tok = stages.corpus(cfg).tokenizer
 result = stages.train_metabolic(cfg, variant, progress=False)
 model = result.load_best(device="cpu")
 csc = stages.csc_labels(cfg, progress=False)
-data = prepare_data(csc, cfg.train, vocab_size=len(tok), scale=cfg.csc.scale)
 # The same budgets and budget -> proxy map as notebook 04 (continuations of training texts).
-cont = continuation_totals(csc.train_ids, csc.train_csc, g.prompt_tokens, g.max_new_tokens, cfg.csc.scale)
-levels = [float(np.quantile(cont, q)) for q in cfg.train.budget_quantiles]
-low, high = min(data.budget_range[0], float(cont.min())), max(data.budget_range[1], float(cont.max()))
+budget_levels = stages.budget_levels(cfg, csc)
+levels = list(budget_levels.budgets.values())
+low, high = budget_levels.budget_range
 calibration, how = choose_calibration(model, cfg, csc.train_ids, csc.train_csc, levels)
 # The verified mode (slider "verified N" >= 1) labels candidates with the exact CSC labeller.
-_, rate_hints = stages.verified_targets(csc, cfg, dict(zip(("low", "medium", "high"), levels)))
+_, rate_hints = stages.verified_targets(csc, cfg, budget_levels.budgets)
 explorer = BudgetExplorer(model, tok, (low, high), calibration=calibration, prompt=g.prompts[0], budget=levels[1],
                           temperature=g.temperature, max_new_tokens=g.max_new_tokens, top_k=g.top_k, seed=g.seed,
                           labeller=stages.csc_labeller(cfg), rate_hint=rate_hints.get(cfg.csc.scale))

@@ -381,19 +381,10 @@ def evaluate_budgets(cfg, progress: bool = True):
     csc = csc_labels(cfg, progress=progress)
     backbone = pretrain_backbone(cfg, progress=progress)
     results = train_variants(cfg, progress=progress)  # one load of the training inputs for both
-    data = prepare_data(csc, cfg.train, vocab_size=len(tok), scale=cfg.csc.scale)
     g = cfg.generation
-    cont = continuation_totals(csc.train_ids, csc.train_csc, g.prompt_tokens, g.max_new_tokens, cfg.csc.scale)
-    if g.budgets:
-        targets, source = list(g.budgets), "generation.budgets"
-    else:
-        targets = [float(np.quantile(cont, q)) for q in cfg.train.budget_quantiles]
-        source = (f"quantiles {list(cfg.train.budget_quantiles)} of the true CSC of {cont.size} training-text continuations "
-                  f"(first {g.prompt_tokens} tokens = prompt, 1..{g.max_new_tokens} tokens counted)")
-    names = LEVELS if len(targets) == 3 else tuple(f"B{i}" for i in range(len(targets)))
-    budgets = dict(zip(names, targets))
+    levels = budget_levels(cfg, csc)
+    budgets, budget_range, cont = levels.budgets, levels.budget_range, levels.continuation
     verified_budgets, rate_hints = verified_targets(csc, cfg, budgets)
-    budget_range = (min(data.budget_range[0], float(cont.min())), max(data.budget_range[1], float(cont.max())))
     description = {
         "stage": "evaluate", "version": EVALUATION_VERSION, "generation": cfg.generation.__dict__, "csc": csc.fingerprint, "csc_scale": cfg.csc.scale,
         "backbone": backbone.fingerprint, "train": {v: r.fingerprint for v, r in results.items()},
@@ -427,8 +418,8 @@ def evaluate_budgets(cfg, progress: bool = True):
                                max_probes=g.verified_max_probes, temperature=g.temperature, top_k=g.top_k, seed=g.seed)
         tables.update(t)
         records.extend(r)
-        combined = {"profile": cfg.profile, "budgets": budgets, "budget_source": source, "budget_range": list(budget_range),
-                    "training_targets": [float(x) for x in data.targets],
+        combined = {"profile": cfg.profile, "budgets": budgets, "budget_source": levels.source,
+                    "budget_range": list(budget_range), "training_targets": levels.training_targets,
                     "continuation_csc": {"n": int(cont.size), "min": float(cont.min()), "median": float(np.median(cont)),
                                          "max": float(cont.max())},
                     "verified_budgets": verified_budgets, "verified_rate_hints": rate_hints,
@@ -446,6 +437,34 @@ def evaluate_budgets(cfg, progress: bool = True):
                                     {"profile": cfg.profile, **table, "paper": PAPER_TABLE1})
     artefacts.atomic_write_json(run / "table1.json", combined)
     return combined
+
+
+@dataclass(frozen=True)
+class BudgetLevels:
+    """The generation budgets: the evaluate stage, notebook 04 and the explorer (06) use these."""
+
+    budgets: dict[str, float]  # level (low/medium/high, or B0, B1, ...) -> CSC budget
+    source: str  # where they come from, in words
+    budget_range: tuple[float, float]  # CSC budgets generation accepts (trained and continuation range)
+    continuation: np.ndarray  # true CSC totals of the training-text continuations
+    training_targets: list[float]  # the training stage's targets (whole texts, every token counted)
+
+
+def budget_levels(cfg: StudyConfig, csc: CSCData) -> BudgetLevels:
+    """`generation.budgets`, else the `train.budget_quantiles` of the true CSC of training-text
+    continuations (first `prompt_tokens` tokens = prompt, 1..max_new_tokens counted): what Table I scores."""
+    g = cfg.generation
+    data = prepare_data(csc, cfg.train, vocab_size=len(corpus(cfg).tokenizer), scale=cfg.csc.scale)
+    cont = continuation_totals(csc.train_ids, csc.train_csc, g.prompt_tokens, g.max_new_tokens, cfg.csc.scale)
+    if g.budgets:
+        targets, source = list(g.budgets), "generation.budgets"
+    else:
+        targets = [float(np.quantile(cont, q)) for q in cfg.train.budget_quantiles]
+        source = (f"quantiles {list(cfg.train.budget_quantiles)} of the true CSC of {cont.size} training-text continuations "
+                  f"(first {g.prompt_tokens} tokens = prompt, 1..{g.max_new_tokens} tokens counted)")
+    names = LEVELS if len(targets) == 3 else tuple(f"B{i}" for i in range(len(targets)))
+    budget_range = (min(data.budget_range[0], float(cont.min())), max(data.budget_range[1], float(cont.max())))
+    return BudgetLevels(dict(zip(names, targets)), source, budget_range, cont, [float(x) for x in data.targets])
 
 
 def verified_targets(csc: CSCData, cfg: StudyConfig, budgets: dict[str, float]) -> tuple[dict, dict[str, float]]:

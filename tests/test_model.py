@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from metabolic.core.config import BackboneConfig
-from metabolic.core.errors import DataError
+from metabolic.core.errors import ConfigError, DataError
 from metabolic.model.backbone import load_backbone, scratch_model
 from metabolic.model.metabolic_gpt2 import MetabolicGPT2, MetabolicSettings
 from torch.nn import functional as F
@@ -111,12 +111,12 @@ def test_incremental_decoding_with_cache_matches_full_forward(backbone_dir):
 def test_calibration_maps_both_ways(backbone_dir):
     model = make(backbone_dir)
     model.set_calibration(np.array([0.1, 0.2, 0.3]), np.array([2.0, 2.0, 2.0]))
-    assert float(model.to_csc(1.0)) == pytest.approx(0.2 + 2.0)
-    assert float(model.to_proxy(model.to_csc(1.5))) == pytest.approx(1.5)
-    torch.testing.assert_close(model.to_csc(torch.ones(3)), torch.tensor([2.1, 2.2, 2.3], dtype=torch.float64))
+    cal = model.proxy_calibration()  # the mean of the K pairs: a = 0.2, b = 2
+    assert cal.to_csc(1.0) == pytest.approx(0.2 + 2.0)
+    assert cal.to_proxy(cal.to_csc(1.5)) == pytest.approx(1.5)
     model.set_calibration(np.zeros(3), np.zeros(3))
-    with pytest.raises(DataError, match="slope b is 0"):
-        model.to_proxy(1.0)
+    with pytest.raises(ConfigError, match="slope b=0.0 is invalid"):
+        model.proxy_calibration()
 
 
 def test_save_and_load_round_trip_everything(backbone_dir, tmp_path):

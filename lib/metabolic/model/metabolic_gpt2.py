@@ -45,8 +45,7 @@ Public API used by generation (all tensors on the model's device):
     out.past_key_values # with use_cache=True, for incremental decoding
     model.vocab_costs() # [V, K]: C_vocab, the cost of each candidate next token (proxy units)
     model.proxy_total(costs)            # [..., K] -> [...]: mean over the K dimensions
-    model.to_csc(proxy_total)           # a + b x: proxy units -> CSC units (calibration, eq. 17)
-    model.to_proxy(csc_budget)          # (B - a) / b: CSC budget -> proxy units
+    model.proxy_calibration()           # the one proxy <-> CSC map (eq. 17): .to_csc(x), .to_proxy(B)
     model.budget_vector(b, batch=n)     # validated [n, K] conditioning vector (DataError on <= 0, NaN, wrong K)
     model.hidden_and_costs(ids, budget) # forward without the LM head: (hidden [b, T, H], costs, cache)
     model.training_info                 # {"budget_range": [lo, hi], "targets": [...], "variant": ...}
@@ -263,26 +262,8 @@ class MetabolicGPT2(nn.Module):
         """One proxy number per item: the mean over the K dimensions ([..., K] -> [...])."""
         return costs.mean(dim=-1)
 
-    def to_csc(self, proxy: Any) -> torch.Tensor:
-        """a + b x: proxy units -> CSC units; x [..., K] per dimension, or [...] (mean a and b)."""
-        x = torch.as_tensor(proxy, dtype=torch.float64, device=self.device)
-        if x.ndim >= 1 and x.shape[-1] == self.settings.K:
-            return self.calib_a + self.calib_b * x
-        return self.calib_a.mean() + self.calib_b.mean() * x
-
-    def to_proxy(self, csc: Any) -> torch.Tensor:
-        """(B - a) / b: CSC budgets -> proxy units (inverse of `to_csc`; b must not be 0)."""
-        y = torch.as_tensor(csc, dtype=torch.float64, device=self.device)
-        if y.ndim >= 1 and y.shape[-1] == self.settings.K:
-            a, b = self.calib_a, self.calib_b
-        else:
-            a, b = self.calib_a.mean(), self.calib_b.mean()
-        if bool(torch.any(b.abs() < 1e-12)):
-            raise DataError("calibration slope b is 0: the model has not been calibrated; train it or refit the calibration")
-        return (y - a) / b
-
     def proxy_calibration(self) -> ProxyCalibration:
-        """The calibration as one affine map on sequence totals (the mean of the K (a, b) pairs, as `to_proxy`)."""
+        """The calibration as one affine map on sequence totals: the mean of the K (a, b) pairs."""
         return ProxyCalibration(a=float(self.calib_a.mean()), b=float(self.calib_b.mean()))
 
     def set_calibration(self, a: np.ndarray, b: np.ndarray) -> None:

@@ -206,7 +206,7 @@ def test_unavailable_idle_baseline_has_no_power():
     with mock.patch.object(pynvml, "nvmlInit", autospec=True, side_effect=pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)):
         meter = EnergyMeter(sync=None)
         base = meter.idle_baseline(0.01)
-    assert base.power_w is None and base.active_energy_j(base.measurement) is None
+    assert base.power_w is None and base.active_energy_j(1.0, 1.0) is None
 
 
 def test_idle_baseline_and_active_energy():
@@ -217,7 +217,8 @@ def test_idle_baseline_and_active_energy():
         with meter.window() as w:
             pass
     assert base.power_w == pytest.approx(70.0)
-    assert base.active_energy_j(w.measurement) == pytest.approx(400.0 - 140.0)
+    m = w.measurement
+    assert base.active_energy_j(m.energy_j, m.time_s) == pytest.approx(400.0 - 140.0)
 
 
 def test_exception_inside_window_discards_it():

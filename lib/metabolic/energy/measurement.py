@@ -160,8 +160,8 @@ def phase_row(ms: dict[str, Measurement], n_calls: dict[str, int], batch_size: i
     if available:
         row["decode_j"] = row["full_j"] - row["prefill_j"]
         row["total_j"] = row["preprocess_j"] + row["full_j"]
-        row["idle_j"] = idle.power_w * row["total_s_per_query"] if idle.power_w is not None else None
-        row["active_j"] = row["total_j"] - row["idle_j"] if row["idle_j"] is not None else None
+        row["idle_j"] = idle.idle_energy_j(row["total_s_per_query"])
+        row["active_j"] = idle.active_energy_j(row["total_j"], row["total_s_per_query"])
         row["j_per_output_token"] = row["total_j"] / task.output_tokens
         e = etokens(row["total_j"], task.input_tokens, task.output_tokens)
         row.update(energy_wh=e.energy_wh, e_in_wh=e.e_in_wh, e_out_wh=e.e_out_wh, etoken_note=e.note,

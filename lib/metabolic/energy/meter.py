@@ -90,11 +90,14 @@ class IdleBaseline:
     power_w: Optional[float]
     measurement: Measurement
 
-    def active_energy_j(self, m: Measurement) -> Optional[float]:
-        """Energy of `m` above idle: energy_j - idle power x time_s (None when either is unavailable)."""
-        if not m.available or self.power_w is None:
-            return None
-        return m.energy_j - self.power_w * m.time_s
+    def idle_energy_j(self, time_s: float) -> Optional[float]:
+        """What the idle GPU draws in `time_s` seconds (None without an idle power)."""
+        return None if self.power_w is None else self.power_w * time_s
+
+    def active_energy_j(self, energy_j: Optional[float], time_s: float) -> Optional[float]:
+        """Energy above idle: energy_j - idle power x time_s (None when either is unavailable)."""
+        idle = self.idle_energy_j(time_s)
+        return None if energy_j is None or idle is None else energy_j - idle
 
 
 def counter_delta_mj(start_mj: int, end_mj: int) -> int:

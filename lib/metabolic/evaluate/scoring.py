@@ -21,6 +21,7 @@ import numpy as np
 from metabolic.core.errors import DataError
 from metabolic.csc.dataset import sequence_totals
 from metabolic.generate.budgeted import generate_with_budget, model_token_costs
+from metabolic.generate.verified import PrefixLabeller
 from metabolic.model.calibration import OnlineAffine, ProxyCalibration
 
 log = logging.getLogger(__name__)
@@ -127,37 +128,21 @@ def relative_change(value: float, reference: float) -> float:
 # --- achieved costs of generations ------------------------------------------------------------
 
 
-def _label_once(labeller, seqs: list[list[int]], positions: list[np.ndarray], progress: bool) -> list[np.ndarray]:
-    """`labeller.label`, but each distinct (ids, positions) is labelled once per labeller.
-
-    Plain and steered decoding often produce the same text (the brake does not engage while a row
-    spends below its budget); labels depend only on the ids, so a memo on the labeller saves the
-    encoder passes.
-    """
-    memo = labeller.__dict__.setdefault("_generation_memo", {})
-    keys = [(tuple(s), tuple(p.tolist())) for s, p in zip(seqs, positions)]
-    todo = list(dict.fromkeys(k for k in keys if k not in memo))
-    if todo:
-        fresh = labeller.label([list(k[0]) for k in todo], [np.array(k[1], dtype=np.int64) for k in todo], progress=progress)
-        memo.update(zip(todo, fresh))
-    return [memo[k].copy() for k in keys]
-
-
-def csc_of_generations(labeller, gens, scale: str = "raw", progress: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+def csc_of_generations(prefixes: PrefixLabeller, gens, scale: str = "raw",
+                       progress: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
     """True CSC total of each generation: the labeller on prompt + generation ids, generated positions only.
 
-    An empty generation spends 0. On the `length` scale each label is multiplied by the full text's
-    length T = prompt + generation (`csc_dataset.sequence_totals`). NaN when a text is beyond the
+    `prefixes` labels each distinct text once (plain and steered decoding often produce the same
+    text). An empty generation spends 0. On the `length` scale each label is multiplied by the full
+    text's length T = prompt + generation (`sequence_totals`). NaN when a text is beyond the
     encoder's window. Returns (totals [n], per-token labels of the generated tokens on `scale`).
     """
-    seqs = [list(g.prompt_ids) + list(g.generated_ids) for g in gens]
-    positions = [np.arange(len(g.prompt_ids), len(g.prompt_ids) + len(g.generated_ids), dtype=np.int64) for g in gens]
-    labels = _label_once(labeller, seqs, positions, progress)
-    generated = [lab[len(g.prompt_ids):] for lab, g in zip(labels, gens)]
-    totals = sequence_totals(generated, scale, lengths=[len(s) for s in seqs])
+    generated, _ = prefixes.labels([(g.prompt_ids, g.generated_ids) for g in gens], progress=progress)
+    lengths = [len(g.prompt_ids) + len(g.generated_ids) for g in gens]
+    totals = sequence_totals(generated, scale, lengths=lengths)
     empty = np.array([len(g.generated_ids) == 0 for g in gens], dtype=bool)
     totals[empty] = 0.0
-    per_token = [lab * (len(s) if scale == "length" else 1) for lab, s in zip(generated, seqs)]
+    per_token = [lab * (n if scale == "length" else 1) for lab, n in zip(generated, lengths)]
     return totals, per_token
 
 
@@ -255,7 +240,7 @@ def _record(g, variant: str, decoding: str, level: str, **extra) -> dict[str, An
             "lambdas": [round(x, 4) for x in g.lambdas], **extra}
 
 
-def evaluate_variant(model, tokenizer, judge, labeller, prompts: list[str], budgets: dict[str, float], cfg,
+def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts: list[str], budgets: dict[str, float], cfg,
                      budget_range: tuple[float, float], variant: str, calibration, calibration_note: str,
                      progress: bool = False) -> tuple[dict, list[dict]]:
     """Generate at every budget level with each decoding, measure achieved costs and fluency; tables + records."""
@@ -273,7 +258,7 @@ def evaluate_variant(model, tokenizer, judge, labeller, prompts: list[str], budg
         for level, budget in budgets.items():
             steered = decoding == "steered"
             gens = generate_with_budget(model, tokenizer, prompts, budget, steer=steered, stop=steered, **common)
-            csc_tot, csc_tok = csc_of_generations(labeller, gens, cfg.csc.scale)
+            csc_tot, csc_tok = csc_of_generations(prefixes, gens, cfg.csc.scale)
             proxy = np.array([x.spent_proxy for x in gens])
             calibrated = np.array([cal.to_csc(p) for p in proxy])
             context = contextual_proxy(model, gens, [x.budget_csc for x in gens])

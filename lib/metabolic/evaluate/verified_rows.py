@@ -34,7 +34,7 @@ def _fluency(judge, gens: Sequence[VerifiedGeneration], reference_ids: Sequence[
     return {"judge_ppl": ppl, "judge_ppl_same_length_unbudgeted": ref_ppl, "judge_ppl_rel_change": relative_change(ppl, ref_ppl)}
 
 
-def verified_tables(model, tokenizer, judge, labeller, prompts: list[str], budgets_by_scale: dict[str, dict[str, float]],
+def verified_tables(model, tokenizer, judge, prefixes: PrefixLabeller, prompts: list[str], budgets_by_scale: dict[str, dict[str, float]],
                     rate_hints: dict[str, float], candidate_counts: Sequence[int], *, max_new_tokens: int, band: float,
                     max_probes: int, temperature: float, top_k: int, seed: int) -> tuple[dict[str, Any], list[dict]]:
     """Tables keyed `verified_n<N>_<scale>` and the records of the largest N (see the module docstring)."""
@@ -45,7 +45,7 @@ def verified_tables(model, tokenizer, judge, labeller, prompts: list[str], budge
     sampling_s = (time.perf_counter() - t0) / len(prompts)
     first_sample = {c.prompt_index: c.ids for c in pool if c.index == 0}
     reference = [first_sample[p] for p in range(len(prompts))]
-    prefixes = PrefixLabeller(labeller)
+    texts0 = prefixes.texts
     tables: dict[str, Any] = {}
     records: list[dict] = []
     for scale, budgets in budgets_by_scale.items():
@@ -82,7 +82,7 @@ def verified_tables(model, tokenizer, judge, labeller, prompts: list[str], budge
                      "sampling_seconds_per_generation": sampling_s * n / n_max, "fluency": flu}
             table["goal"] = goal_status(table)
             tables[f"verified_n{n}_{scale}"] = table
-    rate = prefixes.texts / max(time.perf_counter() - t0 - sampling_s * len(prompts), 1e-9)  # texts/s, judge time included
+    rate = (prefixes.texts - texts0) / max(time.perf_counter() - t0 - sampling_s * len(prompts), 1e-9)  # texts/s, judge time included
     for table in tables.values():
         for row in table["rows"]:
             row["seconds_per_generation"] = table["sampling_seconds_per_generation"] + row["labels_per_generation"] / rate

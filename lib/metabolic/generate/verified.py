@@ -100,37 +100,50 @@ class VerifiedGeneration:
 
 
 class PrefixLabeller:
-    """True CSC totals of (prompt, prefix) pairs, batched and memoised by ids.
+    """Exact CSC labels of the generated tokens of (prompt, continuation) pairs, batched and memoised.
 
-    `totals(requests, scale)` labels, in one `CSCLabeller.label` call, every request not seen
-    before: the generated positions of prompt + prefix (the prompt's tokens are context, never
-    counted). The memo holds raw sums, so both scales share it.
+    `labels(requests)` labels, in one `CSCLabeller.label` call, every request not seen before: the
+    generated positions of prompt + continuation (the prompt's tokens are context, never counted).
+    `totals(requests, scale)` sums them on either scale. One instance shared by several calls (budget
+    levels, candidate counts, scales, decodings that produce the same text) labels each text once.
     """
 
     def __init__(self, labeller) -> None:
         self.labeller = labeller
-        self.memo: dict[tuple[tuple[int, ...], int], float] = {}  # (full ids, prompt length) -> raw sum
+        self.memo: dict[tuple[tuple[int, ...], int], np.ndarray] = {}  # (full ids, prompt length) -> labels
         self.texts = 0  # encoder texts labelled (full texts + counterfactuals), for the cost report
 
-    def totals(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-               scale: str = "raw") -> tuple[list[float], list[int]]:
-        """(total on `scale`, encoder texts this call spent on it) per request; a memo hit costs 0."""
-        if scale not in SCALES:
-            raise ConfigError(f"scale={scale!r} is invalid: choose one of {', '.join(SCALES)}")
+    def labels(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+               progress: bool = False) -> tuple[list[np.ndarray], list[int]]:
+        """(float32 CSC of each generated token, encoder texts this call spent on it) per request."""
         keys = [(tuple(p) + tuple(g), len(p)) for p, g in requests]
         todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
         cost = dict.fromkeys(todo, 0)
         if todo:
             seqs = [list(full) for full, _ in todo]
             positions = [np.arange(n_prompt, len(full), dtype=np.int64) for full, n_prompt in todo]
-            labels = self.labeller.label(seqs, positions, progress=False)
+            labels = self.labeller.label(seqs, positions, progress=progress)
             for key, lab, pos in zip(todo, labels, positions):
-                values = lab[pos].astype(np.float64)
-                self.memo[key] = float(values.sum()) if np.all(np.isfinite(values)) else math.nan
+                self.memo[key] = lab[pos]
                 cost[key] = int(pos.size) + 1  # the full text and one counterfactual per counted token
                 self.texts += cost[key]
         spent = [cost.pop(k, 0) for k in keys]  # charged to the first request of a key
-        return [self.memo[k] * (len(k[0]) if scale == "length" else 1.0) for k in keys], spent
+        return [self.memo[k].copy() for k in keys], spent
+
+    def totals(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+               scale: str = "raw") -> tuple[list[float], list[int]]:
+        """(total on `scale`, encoder texts this call spent on it) per request; a memo hit costs 0.
+
+        NaN when a token could not be labelled (a text beyond the encoder's window)."""
+        if scale not in SCALES:
+            raise ConfigError(f"scale={scale!r} is invalid: choose one of {', '.join(SCALES)}")
+        labels, spent = self.labels(requests)
+        totals = []
+        for (p, g), lab in zip(requests, labels):
+            values = lab.astype(np.float64)
+            total = float(values.sum()) if np.all(np.isfinite(values)) else math.nan
+            totals.append(total * (len(p) + len(g) if scale == "length" else 1.0))
+        return totals, spent
 
 
 def stop_points(tokenizer, ids: Sequence[int]) -> tuple[np.ndarray, frozenset[int]]:

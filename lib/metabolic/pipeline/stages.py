@@ -62,6 +62,7 @@ from metabolic.evaluate.scoring import (
     select_prompts,
 )
 from metabolic.evaluate.verified_rows import verified_tables
+from metabolic.generate.verified import PrefixLabeller
 from metabolic.model.backbone import load_backbone, scratch_model
 from metabolic.model.metabolic_gpt2 import SETTINGS_FILE, VARIANTS
 from metabolic.train.loop import (
@@ -397,13 +398,13 @@ def evaluate_budgets(cfg, progress: bool = True):
         torch.manual_seed(cfg.generation.seed)
         prompts = select_prompts(cfg, tok, csc.valid_ids)
         judge = load_backbone(backbone.path)
-        labeller = csc_labeller(cfg)
+        prefixes = PrefixLabeller(csc_labeller(cfg))  # one memo: texts several decodings produce are labelled once
         tables, records = {}, []
         models = {}
         for variant, result in results.items():
             model = models[variant] = result.load_best()
             cal, note = choose_calibration(model, cfg, csc.train_ids, csc.train_csc, list(budgets.values()))
-            t, r = evaluate_variant(model, tok, judge, labeller, prompts, budgets, cfg, budget_range, variant,
+            t, r = evaluate_variant(model, tok, judge, prefixes, prompts, budgets, cfg, budget_range, variant,
                                     cal, note, progress)
             fit = cost_model_fit(model, csc.valid_ids, csc.valid_csc, g.prompt_tokens, cfg.csc.scale)
             for table in t.values():
@@ -413,7 +414,7 @@ def evaluate_budgets(cfg, progress: bool = True):
             tables.update(t)
             records.extend(r)
         sampler = models.get(cfg.train.variant) or next(iter(models.values()))
-        t, r = verified_tables(sampler, tok, judge, labeller, prompts, verified_budgets, rate_hints, g.verified_candidates,
+        t, r = verified_tables(sampler, tok, judge, prefixes, prompts, verified_budgets, rate_hints, g.verified_candidates,
                                max_new_tokens=g.verified_max_new_tokens, band=g.verified_band,
                                max_probes=g.verified_max_probes, temperature=g.temperature, top_k=g.top_k, seed=g.seed)
         tables.update(t)

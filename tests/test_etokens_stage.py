@@ -255,12 +255,13 @@ def test_metabolic_model_at_each_trained_budget(tmp_path, tokenizer):
     assert specs[0].name == "metabolic[expected-cost/best]@0.5"
     model = load_model(specs[1], len(tokenizer), eos, torch.device("cpu"), torch.float32)
     ids = torch.tensor([[464, 3290, 318, 257], [1212, 318, 257, 1332]])
-    out = greedy_generate_fn(model, specs[1], "manual-kv", eos)(ids, 5)
+    out = greedy_generate_fn(model, specs[1], "default", eos)(ids, 5)
     seq = ids
-    with torch.inference_mode():  # the cached loop equals recomputing the whole sequence each step
+    with torch.inference_mode():  # generate() under the budget pathway equals recomputing MetabolicGPT-2 each step
         for _ in range(5):
-            nxt = model(seq, torch.full((2,), 1.5)).logits[:, -1].argmax(-1)
-            seq = torch.cat([seq, nxt[:, None]], 1)
+            logits = model(seq, torch.full((2,), 1.5)).logits[:, -1]
+            logits[:, eos] = -math.inf  # exactly n_new tokens: EOS is held back
+            seq = torch.cat([seq, logits.argmax(-1)[:, None]], 1)
     assert torch.equal(out, seq)
     specs_cfg, _ = model_specs(("metabolic",), tmp_path, (2.0,))  # configured budgets win
     assert [s.budget for s in specs_cfg] == [2.0]

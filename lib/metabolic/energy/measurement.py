@@ -29,6 +29,7 @@ timings, and every energy field is None with `energy_source="unavailable"`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -93,29 +94,26 @@ def machine_tag(machine: dict[str, Any]) -> str:
 
 
 def greedy_generate_fn(model, spec: ModelSpec, path: str, eos_id: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """fn(input_ids [B, T_in], n_new) -> ids [B, T_in + n_new], exactly n_new new tokens, greedy."""
-    if spec.kind == "metabolic":
-        @torch.inference_mode()
-        def run_metabolic(ids: torch.Tensor, n_new: int) -> torch.Tensor:
-            budget = torch.full((ids.shape[0],), float(spec.budget), device=ids.device)
-            out = model(ids, budget, use_cache=True)
-            tokens = [out.logits[:, -1].argmax(-1)]
-            for _ in range(n_new - 1):
-                out = model(tokens[-1][:, None], budget, past_key_values=out.past_key_values, use_cache=True)
-                tokens.append(out.logits[:, -1].argmax(-1))
-            return torch.cat([ids, torch.stack(tokens, 1)], 1)
+    """fn(input_ids [B, T_in], n_new) -> ids [B, T_in + n_new], exactly n_new new tokens, greedy.
 
-        return run_metabolic
+    Every model decodes through `generate()`: a MetabolicGPT-2 through its backbone under its budget
+    pathway (`conditioned_on`), the serving path of budgeted generation, so its rows compare with
+    the other models' on the same decode loop.
+    """
     extra = {"cache_implementation": "static"} if path == "static-compile" else {}
+    metabolic = spec.kind == "metabolic"
+    lm = model.backbone if metabolic else model
 
     @torch.inference_mode()
-    def run_hf(ids: torch.Tensor, n_new: int) -> torch.Tensor:
-        return model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
-            do_sample=False, pad_token_id=eos_id, eos_token_id=eos_id, **extra,
-        )
+    def run(ids: torch.Tensor, n_new: int) -> torch.Tensor:
+        budget = torch.full((ids.shape[0],), float(spec.budget), device=ids.device) if metabolic else None
+        with model.conditioned_on(budget) if metabolic else contextlib.nullcontext():
+            return lm.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                do_sample=False, pad_token_id=eos_id, eos_token_id=eos_id, **extra,
+            )
 
-    return run_hf
+    return run
 
 
 def calls_for_window(fn: Callable[[], Any], min_window_s: float, sync: Callable[[], None]) -> int:
@@ -352,13 +350,17 @@ def measured_model_keys(specs: Sequence[ModelSpec]) -> list[tuple[str, str, str 
              if s.kind == "metabolic" else None) for s in specs]
 
 
+# Bumped when what is measured changes (2: MetabolicGPT-2 decodes through generate(), not a hand loop).
+MEASUREMENT_VERSION = 2
+
+
 def stage_description(settings: dict, seed: int, corpus_fingerprint: str, model_keys: list, machine: dict) -> dict:
     """What the e-token stage's artefact is made from: a change to any of it measures again.
 
     `model_keys` holds (name, source, training fingerprint) per measured model, so a retrained
     MetabolicGPT-2 (new manifest fingerprint) is measured again instead of reusing stale rows.
     """
-    return {"stage": "etokens", "energy": settings, "seed": seed, "corpus": corpus_fingerprint,
+    return {"stage": "etokens", "version": MEASUREMENT_VERSION, "energy": settings, "seed": seed, "corpus": corpus_fingerprint,
             "models": [list(k) for k in model_keys],
             "machine": {k: machine[k] for k in ("host", "device", "gpu_name", "driver", "energy_source")}}
 

@@ -55,7 +55,7 @@ from metabolic.core.artefacts import atomic_torch_save, atomic_write_json, read_
 from metabolic.core.config import TrainConfig
 from metabolic.core.errors import ConfigError, DataError
 from metabolic.csc.dataset import scale_labels, sequence_totals
-from metabolic.model.backbone import default_device, load_backbone
+from metabolic.model.backbone import decay_split, default_device, load_backbone
 from metabolic.model.calibration import OnlineAffine
 from metabolic.model.metabolic_gpt2 import VARIANTS, MetabolicGPT2, MetabolicSettings
 from metabolic.train import losses
@@ -273,18 +273,9 @@ COST_PREFIXES = ("cost_head.", "token_cost_logits", "budget_proj.", "layer_budge
 
 def make_optimizer(model: MetabolicGPT2, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW: backbone (decay / no decay for biases and LayerNorms) and cost parameters at lr x multiplier."""
-    decay, no_decay, cost = [], [], []
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        if name.startswith(COST_PREFIXES):
-            cost.append(p)
-        elif p.ndim < 2 or ".ln_" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # tied weights once
+    cost = [p for name, p in named if name.startswith(COST_PREFIXES)]
+    decay, no_decay = decay_split((name, p) for name, p in named if not name.startswith(COST_PREFIXES))
     return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr, "name": "backbone"},

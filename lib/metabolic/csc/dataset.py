@@ -140,20 +140,13 @@ def label_positions(lengths: Sequence[int], policy: str, per_sequence: int, seed
 
 
 
-_WEIGHTS_SHA: dict[int, tuple[Any, str]] = {}
-
-
 def encoder_weights_sha256(encoder) -> str:
     """A hash of the encoder's parameters and buffers (independent of where they were loaded from)."""
-    cached = _WEIGHTS_SHA.get(id(encoder))
-    if cached is not None and cached[0] is encoder:  # the same (cached, never trained) model object
-        return cached[1]
     h = hashlib.sha256()
     for name, tensor in sorted(encoder.state_dict().items()):
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())
         h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    _WEIGHTS_SHA[id(encoder)] = (encoder, h.hexdigest())
     return h.hexdigest()
 
 

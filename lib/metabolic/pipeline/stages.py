@@ -107,6 +107,12 @@ def _encoder(spec: str, device: str):
     return load_encoder(spec, device).value
 
 
+@functools.lru_cache(maxsize=2)
+def _encoder_sha256(spec: str, device: str) -> str:
+    """The weights hash of the process's cached encoder (it is never trained, so it never changes)."""
+    return encoder_weights_sha256(_encoder(spec, device))
+
+
 def csc_labeller(cfg: StudyConfig, device: str | None = None) -> CSCLabeller:
     """The configured encoder (resolved by `metabolic.core.assets`), GPT-2 tokenizer and CSC settings."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -265,7 +271,7 @@ def csc_labels(cfg: StudyConfig, progress: bool = True, device: str | None = Non
     labeller = csc_labeller(cfg, device=device)
     description = {
         "stage": "csc",
-        "encoder": {"name": cfg.assets.encoder, "weights_sha256": encoder_weights_sha256(labeller.encoder),
+        "encoder": {"name": cfg.assets.encoder, "weights_sha256": _encoder_sha256(cfg.assets.encoder, str(labeller.device)),
                     "window": labeller.window},
         "tokenizer": tokenizer_fingerprint(data.tokenizer),
         "corpus_fingerprint": data.fingerprint,

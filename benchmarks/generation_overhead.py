@@ -41,7 +41,7 @@ def main() -> None:
     result = stages.train_metabolic(cfg, args.variant, progress=False)
     model = MetabolicGPT2.from_pretrained(result.best_dir, device=device)
     valid = stages.valid_sequences(cfg, stages.corpus(cfg))
-    prompts = (select_prompts(cfg, tok, valid) * args.batch)[: args.batch]
+    prompts = (select_prompts(cfg.generation, tok, valid) * args.batch)[: args.batch]
     n = args.new_tokens or cfg.generation.max_new_tokens
     huge = 1e6  # CSC: never reached by n tokens, so every row generates exactly n tokens
     extra = {"min_new_tokens": n}

@@ -50,7 +50,7 @@ csc = stages.csc_labels(cfg, progress=False)
 budget_levels = stages.budget_levels(cfg, csc)
 levels = list(budget_levels.budgets.values())
 low, high = budget_levels.budget_range
-calibration, how = choose_calibration(model, cfg, csc.train_ids, csc.train_csc, levels)
+calibration, how = choose_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc, levels)
 # The verified mode (slider "verified N" >= 1) labels candidates with the exact CSC labeller.
 _, rate_hints = stages.verified_targets(csc, cfg, budget_levels.budgets)
 explorer = BudgetExplorer(model, tok, (low, high), calibration=calibration, prompt=g.prompts[0], budget=levels[1],

@@ -183,8 +183,9 @@ def test_grid_with_mocked_gpu_counter(small_cfg, tokenizer, tmp_path):
         assert meter.source == "counter"
         machine = machine_info(meter, torch.device("cpu"))
         specs, _ = model_specs(("tiny",), tmp_path, ())
-        rows, skipped = run_grid(cfg, meter, tokenizer, valid, specs, torch.device("cpu"), machine, progress=False)
-        calib = run_calibration(cfg, meter, tokenizer, valid, np.ones(len(tokenizer)), torch.device("cpu"), progress=False)
+        rows, skipped = run_grid(cfg.energy, cfg.seed, meter, tokenizer, valid, specs, torch.device("cpu"), machine, progress=False)
+        calib = run_calibration(cfg.energy, cfg.seed, meter, tokenizer, valid, np.ones(len(tokenizer)), torch.device("cpu"),
+                                progress=False)
         meter.close()
     assert not skipped and len(rows) == 2
     for r in rows:

@@ -124,3 +124,14 @@ def test_numerics_never_imports_torch():
     names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in top if isinstance(n, ast.ImportFrom) and n.module}
     assert not names & {"torch", "metabolic"}, f"numerics imports {names} at module level: standard library only"
+
+
+def test_only_pipeline_and_report_unpack_the_study_config():
+    """Domain code takes its own config section or plain arguments; the whole StudyConfig stays in
+    core (where it is defined), pipeline (which runs stages) and report (notebook glue, figure stamps)."""
+    allowed = {"core", "pipeline", "report"}
+    for module, path in _modules().items():
+        parts = module.split(".")
+        if len(parts) > 1 and parts[1] in allowed:
+            continue
+        assert "StudyConfig" not in path.read_text(encoding="utf-8"), f"{module} uses StudyConfig: pass it a config section"

@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from metabolic.core import artefacts
-from metabolic.core.config import StudyConfig
+from metabolic.core.config import EnergyConfig
 from metabolic.core.errors import AssetError, DataError
 from metabolic.energy.etokens import check_rows, etokens, spread
 from metabolic.energy.joules import JouleBudgetStopping, cost_predictor, fit_linear, tokens_predictor
@@ -204,12 +204,12 @@ def measure_cell(meter: EnergyMeter, gen: Callable, tokenizer, prompts: list[lis
 # --- the grid ------------------------------------------------------------------------------------
 
 
-def run_grid(cfg: StudyConfig, meter: EnergyMeter, tokenizer, valid: Sequence[Sequence[int]], specs: list[ModelSpec],
-             device: torch.device, machine: dict[str, Any], progress: bool = True) -> tuple[list[dict], list[dict]]:
+def run_grid(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid: Sequence[Sequence[int]],
+             specs: list[ModelSpec], device: torch.device, machine: dict[str, Any],
+             progress: bool = True) -> tuple[list[dict], list[dict]]:
     """Rows for every model x path x task x batch size, and the skipped cells with their reasons."""
     from tqdm.auto import tqdm
 
-    e = cfg.energy
     dtype = DTYPES[e.dtype] if device.type == "cuda" else torch.float32
     tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)
     idle = meter.idle_baseline(e.idle_s)
@@ -232,7 +232,7 @@ def run_grid(cfg: StudyConfig, meter: EnergyMeter, tokenizer, valid: Sequence[Se
             gen = greedy_generate_fn(model, spec, path, eos)
             for task in tasks:
                 for batch_size in e.batch_sizes:
-                    prompts = pick_prompts(valid, batch_size, task.input_tokens, cfg.seed)
+                    prompts = pick_prompts(valid, batch_size, task.input_tokens, seed)
                     cell = {"model": spec.name, "model_kind": spec.kind, "n_params": n_params, "budget": spec.budget,
                             "path": path, "compiled": path == "static-compile" and device.type == "cuda",
                             "dtype": str(dtype).replace("torch.", ""), "task": task.name, "ratio": task.ratio,
@@ -264,7 +264,7 @@ def run_grid(cfg: StudyConfig, meter: EnergyMeter, tokenizer, valid: Sequence[Se
 # --- calibration and physical budgets (GPU only) -------------------------------------------------
 
 
-def run_calibration(cfg: StudyConfig, meter: EnergyMeter, tokenizer, valid, token_cost, device: torch.device,
+def run_calibration(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid, token_cost, device: torch.device,
                     progress: bool = True) -> dict[str, Any]:
     """Per-request joules vs semantic cost and tokens; then generation within joule budgets, Hit@10%.
 
@@ -277,19 +277,18 @@ def run_calibration(cfg: StudyConfig, meter: EnergyMeter, tokenizer, valid, toke
 
     if not meter.available:
         return {"skipped": f"energy unavailable: {meter.reason}"}
-    e = cfg.energy
     spec = ModelSpec(e.calib_model, "scratch", shape=SCRATCH_SHAPES[e.calib_model])
     dtype = DTYPES[e.dtype] if device.type == "cuda" else torch.float32
     eos = tokenizer.eos_token_id
     model = load_model(spec, len(tokenizer), eos, device, dtype)
     gen = greedy_generate_fn(model, spec, "default", eos)
     sync = _sync_for(device)
-    rng = random.Random(cfg.seed + 17)
+    rng = random.Random(seed + 17)
     points = []
     for i in tqdm(range(e.calib_requests), desc="calibration", disable=not progress):
         t_in = rng.randint(4, e.input_tokens)
         t_out = rng.randint(1, e.max_output_tokens)
-        prompt = pick_prompts(valid, 1, t_in, cfg.seed + i)
+        prompt = pick_prompts(valid, 1, t_in, seed + i)
         ids = torch.tensor(prompt, device=device)
         fn = lambda: gen(ids, t_out)  # noqa: E731
         out = fn()
@@ -309,7 +308,7 @@ def run_calibration(cfg: StudyConfig, meter: EnergyMeter, tokenizer, valid, toke
             budget_j = frac * top
             measured, lengths = [], []
             for i in range(e.budget_prompts):
-                prompt = pick_prompts(valid, 1, e.input_tokens, cfg.seed + 1000 + i)
+                prompt = pick_prompts(valid, 1, e.input_tokens, seed + 1000 + i)
                 if predictor == "tokens":
                     predict, step = tokens_predictor(fit_tokens)
                 else:

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from metabolic.core.config import GenerationConfig
 from metabolic.core.errors import DataError
 from metabolic.csc.dataset import sequence_totals
 from metabolic.generate.budgeted import generate_with_budget, model_token_costs
@@ -219,11 +220,10 @@ TABLES_FILE = "tables.json"
 GENERATIONS_FILE = "generations.jsonl"
 
 
-def select_prompts(cfg, tokenizer, valid_ids: Sequence[Sequence[int]]) -> list[str]:
+def select_prompts(g: GenerationConfig, tokenizer, valid_ids: Sequence[Sequence[int]]) -> list[str]:
     """Prompts: the first `prompt_tokens` tokens of `n_valid_prompts` seeded validation texts, then the paper's."""
     import random
 
-    g = cfg.generation
     usable = [i for i, ids in enumerate(valid_ids) if len(ids) > g.prompt_tokens]
     chosen = sorted(random.Random(g.seed).sample(usable, min(g.n_valid_prompts, len(usable))))
     prompts = [tokenizer.decode(list(valid_ids[i][: g.prompt_tokens])).strip() for i in chosen]
@@ -240,11 +240,10 @@ def _record(g, variant: str, decoding: str, level: str, **extra) -> dict[str, An
             "lambdas": [round(x, 4) for x in g.lambdas], **extra}
 
 
-def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts: list[str], budgets: dict[str, float], cfg,
-                     budget_range: tuple[float, float], variant: str, calibration, calibration_note: str,
-                     progress: bool = False) -> tuple[dict, list[dict]]:
+def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts: list[str], budgets: dict[str, float],
+                     g: GenerationConfig, scale: str, budget_range: tuple[float, float], variant: str, calibration,
+                     calibration_note: str, progress: bool = False) -> tuple[dict, list[dict]]:
     """Generate at every budget level with each decoding, measure achieved costs and fluency; tables + records."""
-    g = cfg.generation
     costs = model_token_costs(model)
     cal = calibration
     common = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, seed=g.seed,
@@ -258,7 +257,7 @@ def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts:
         for level, budget in budgets.items():
             steered = decoding == "steered"
             gens = generate_with_budget(model, tokenizer, prompts, budget, steer=steered, stop=steered, **common)
-            csc_tot, csc_tok = csc_of_generations(prefixes, gens, cfg.csc.scale)
+            csc_tot, csc_tok = csc_of_generations(prefixes, gens, scale)
             proxy = np.array([x.spent_proxy for x in gens])
             calibrated = np.array([cal.to_csc(p) for p in proxy])
             context = contextual_proxy(model, gens, [x.budget_csc for x in gens])
@@ -288,7 +287,7 @@ def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts:
         for n in (1, 2):
             flu[f"distinct_{n}"] = float(np.mean([distinct_n([x.generated_ids for x in lv], n) for lv in per_level]))
         table = {
-            "variant": variant, "decoding": decoding, "csc_scale": cfg.csc.scale, "n_prompts": len(prompts),
+            "variant": variant, "decoding": decoding, "csc_scale": scale, "n_prompts": len(prompts),
             "rows": rows,
             "average_MAE_csc": float(np.mean([r["csc"]["MAE"] for r in rows])),
             "average_MAE_proxy": float(np.mean([r["proxy"]["MAE"] for r in rows])),
@@ -379,18 +378,20 @@ def fit_continuation_calibration(x: np.ndarray, y: np.ndarray, ridge: float = 1e
     return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (ridge slope {b:.4g} <= 0)"
 
 
-def choose_calibration(model, cfg, train_ids, train_csc, budgets: Sequence[float]):
-    """The budget -> proxy map for steered decoding (`generation.calibration`), and a note on how it was made."""
-    if cfg.generation.calibration == "model":
+def choose_calibration(model, g: GenerationConfig, scale: str, ridge: float, train_ids, train_csc, budgets: Sequence[float]):
+    """The budget -> proxy map for steered decoding (`generation.calibration`), and a note on how it was made.
+
+    `ridge` is eq. 21's gamma (`train.calib_ridge`); `scale` the CSC scale of the budgets.
+    """
+    if g.calibration == "model":
         a, b = float(model.calib_a.mean()), float(model.calib_b.mean())
         if b > 0 and all((B - a) / b > 0 for B in budgets):
             return ProxyCalibration(a, b), "model (training calibration)"
         log.warning("the model's calibration (a=%.4g, b=%.4g) cannot map budgets %s: using the continuation fit", a, b, budgets)
     # The same continuations the budgets come from (1..max_new_tokens tokens), else any length.
     costs = model_token_costs(model).numpy()
-    g = cfg.generation
-    x, y = continuation_points(train_ids, train_csc, costs, g.prompt_tokens, cfg.csc.scale, max_tokens=g.max_new_tokens)
+    x, y = continuation_points(train_ids, train_csc, costs, g.prompt_tokens, scale, max_tokens=g.max_new_tokens)
     if x.size < 3:
-        x, y = continuation_points(train_ids, train_csc, costs, g.prompt_tokens, cfg.csc.scale)
-    cal, how = fit_continuation_calibration(x, y, cfg.train.calib_ridge, budgets)
+        x, y = continuation_points(train_ids, train_csc, costs, g.prompt_tokens, scale)
+    cal, how = fit_continuation_calibration(x, y, ridge, budgets)
     return cal, f"continuation {how} on {x.size} training texts"

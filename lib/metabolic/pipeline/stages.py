@@ -402,15 +402,16 @@ def evaluate_budgets(cfg, progress: bool = True):
 
     def build(work):
         torch.manual_seed(cfg.generation.seed)
-        prompts = select_prompts(cfg, tok, csc.valid_ids)
+        prompts = select_prompts(g, tok, csc.valid_ids)
         judge = load_backbone(backbone.path)
         prefixes = PrefixLabeller(csc_labeller(cfg))  # one memo: texts several decodings produce are labelled once
         tables, records = {}, []
         models = {}
         for variant, result in results.items():
             model = models[variant] = result.load_best()
-            cal, note = choose_calibration(model, cfg, csc.train_ids, csc.train_csc, list(budgets.values()))
-            t, r = evaluate_variant(model, tok, judge, prefixes, prompts, budgets, cfg, budget_range, variant,
+            cal, note = choose_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
+                                           list(budgets.values()))
+            t, r = evaluate_variant(model, tok, judge, prefixes, prompts, budgets, g, cfg.csc.scale, budget_range, variant,
                                     cal, note, progress)
             fit = cost_model_fit(model, csc.valid_ids, csc.valid_csc, g.prompt_tokens, cfg.csc.scale)
             for table in t.values():
@@ -559,14 +560,14 @@ def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: t
 
     def build(work: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
-        rows, skipped = run_grid(cfg, meter, tokenizer, valid, specs, device, machine, progress)
+        rows, skipped = run_grid(e, cfg.seed, meter, tokenizer, valid, specs, device, machine, progress)
         if not meter.available:
             calibration = {"skipped": f"energy unavailable: {meter.reason}"}
         elif not e.calibrate:
             calibration = {"skipped": "energy.calibrate=false for this run"}
         else:
             prior = energy_prior(cfg).prior
-            calibration = run_calibration(cfg, meter, tokenizer, valid, prior.cost, device, progress)
+            calibration = run_calibration(e, cfg.seed, meter, tokenizer, valid, prior.cost, device, progress)
         artefacts.atomic_write_text(work / ROWS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         artefacts.atomic_write_json(work / CALIBRATION, calibration)
         artefacts.atomic_write_json(work / MACHINE, {**machine, "skipped": skipped_models + skipped})

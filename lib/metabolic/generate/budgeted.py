@@ -327,6 +327,17 @@ def _context_size(model) -> int | None:
     return None
 
 
+def check_context(lm, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """`DataError` when the longest prompt plus `max_new_tokens` exceeds the model's context."""
+    context = _context_size(lm)
+    longest = max(len(p) for p in prompt_ids)
+    if context is not None and longest + max_new_tokens > context:
+        raise DataError(
+            f"a prompt has {longest} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
+            f"context of {context}: shorten the prompt to <= {context - max_new_tokens} tokens or lower max_new_tokens"
+        )
+
+
 def _clamp_budgets(budgets: torch.Tensor, budget_range: tuple[float, float] | None) -> torch.Tensor:
     if budget_range is None:
         return budgets
@@ -460,13 +471,8 @@ def generate_with_budget(
             f"b={calibration.b:.4g}: ask for a budget above {calibration.a:.4g} CSC"
         )
     lm = model.backbone if metabolic else model
-    context = _context_size(lm)
+    check_context(lm, prompt_ids, max_new_tokens)
     longest = max(len(p) for p in prompt_ids)
-    if context is not None and longest + max_new_tokens > context:
-        raise DataError(
-            f"a prompt has {longest} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
-            f"context of {context}: shorten the prompt to <= {context - max_new_tokens} tokens or lower max_new_tokens"
-        )
     costs = _as_cost_vector(token_costs)
     device = next(lm.parameters()).device
     pad_id = pad_token_id(tokenizer)

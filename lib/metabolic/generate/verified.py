@@ -43,9 +43,10 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
-from metabolic.core.errors import ConfigError, DataError
+from metabolic.core.errors import ConfigError
 from metabolic.generate.budgeted import (
     CostSteeringLogitsProcessor,
+    check_context,
     encode_prompts,
     is_metabolic,
     left_pad,
@@ -209,7 +210,9 @@ def _best_point(c: Candidate, budget: float) -> tuple[int, float]:
     return min(finite, key=lambda kf: (abs(kf[1] - budget), kf[0] not in c.sentence_stops, kf[0]))
 
 
-def _validate(budgets: Any, n_prompts: int, n_candidates: Any, band: Any, max_new_tokens: Any, max_probes: Any) -> np.ndarray:
+def _validate(budgets: Any, n_prompts: int, n_candidates: Any, band: Any, max_probes: Any,
+              max_new_tokens: Any = None) -> np.ndarray:
+    """Budgets as one float per prompt, after checking every setting (max_new_tokens when sampling)."""
     values = np.asarray(budgets, dtype=np.float64).reshape(-1)
     if values.size == 1:
         values = np.full(n_prompts, values.item())
@@ -222,7 +225,8 @@ def _validate(budgets: Any, n_prompts: int, n_candidates: Any, band: Any, max_ne
         raise ConfigError(f"n_candidates={n_candidates!r} is invalid: use an int >= 1")
     if not (isinstance(band, (int, float)) and 0 < band < 1):
         raise ConfigError(f"band={band!r} is invalid: use a relative tolerance in (0, 1), e.g. 0.1 for ±10%")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
         raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid: use an int >= 1")
     if isinstance(max_probes, bool) or not isinstance(max_probes, int) or max_probes < 1:
         raise ConfigError(f"max_probes={max_probes!r} is invalid: use an int >= 1")
@@ -241,11 +245,8 @@ def sample_candidates(model, tokenizer, prompts: Sequence[str], n_candidates: in
     prompt_ids = encode_prompts(tokenizer, prompts)
     lm = model.backbone if is_metabolic(model) else model
     device = next(lm.parameters()).device
-    context = getattr(lm.config, "n_positions", None)
+    check_context(lm, prompt_ids, max_new_tokens)
     longest = max(len(p) for p in prompt_ids)
-    if context is not None and longest + max_new_tokens > context:
-        raise DataError(f"a prompt has {longest} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
-                        f"context of {context}: shorten the prompt or lower max_new_tokens")
     pad_id = pad_token_id(tokenizer)
     input_ids, attention = left_pad(prompt_ids, pad_id)
     if seed is not None:
@@ -353,7 +354,7 @@ def verify(pool: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]], promp
     scales and candidate counts, and `prefixes` shares their labels."""
     n_pool = 1 + max((c.index for c in pool), default=0)
     n = n_pool if n_candidates is None else n_candidates
-    budgets = _validate(budget_csc, len(prompts), n, band, 1, max_probes)
+    budgets = _validate(budget_csc, len(prompts), n, band, max_probes)
     if n > n_pool:
         raise ConfigError(f"n_candidates={n} but the pool holds {n_pool} per prompt: sample at least {n}")
     if scale not in SCALES:
@@ -396,7 +397,7 @@ def generate_verified(model, tokenizer, labeller, prompts: Sequence[str] | str, 
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     prompt_ids = encode_prompts(tokenizer, prompts)  # empty prompts are a DataError before any work
-    budgets = _validate(budget_csc, len(prompts), n_candidates, band, max_new_tokens, max_probes)
+    budgets = _validate(budget_csc, len(prompts), n_candidates, band, max_probes, max_new_tokens)
     processors = LogitsProcessorList()
     if steer:
         if token_costs is None or calibration is None:

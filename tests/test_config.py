@@ -61,7 +61,7 @@ def test_cli_strings_are_coerced_to_field_types():
         ({"train.variant": "magic"}, "choose one of 'faithful', 'expected-cost'"),
         ({"corpus.seq_len": 0}, "corpus.seq_len=0 is invalid"),
         ({"train.budgets": (1.0, -2.0, 3.0)}, "finite number > 0"),
-        ({"train.budgets": (1.0, float("nan"), 3.0)}, "finite number > 0"),
+        ({"train.budgets": (1.0, float("nan"), 3.0)}, "train.budgets=(1.0, nan, 3.0) is invalid: use a finite number"),
         ({"train.budgets": (1.0, 2.0)}, "give K=3 budgets"),
         ({"prior.c_min": 1.5}, "prior.c_min=1.5 is invalid"),
         ({"backbone.n_embd": 129}, "divisible by backbone.n_head"),
@@ -96,3 +96,27 @@ def test_int_overrides_round_trip_through_strings(n):
 def test_budget_tuples_round_trip(budgets):
     cfg = apply_overrides(StudyConfig(), {"train.budgets": str(tuple(budgets))})
     assert cfg.train.budgets == pytest.approx(tuple(budgets), rel=1e-12)
+
+
+FLOAT_KEYS = [
+    f"{section}.{f.name}"
+    for section in ("backbone", "prior", "csc", "train", "generation", "energy")
+    for f in dataclasses.fields(getattr(StudyConfig(), section))
+    if f.type in ("float", "Optional[float]", "float | None")
+]
+
+
+def test_every_float_key_is_covered():
+    assert {"train.mu", "train.lambda_max", "train.lr", "generation.temperature", "prior.alpha", "backbone.lr"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999", float("inf"), float("nan")])
+def test_non_finite_values_are_rejected_with_the_key(key, value):
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}=.* is invalid: use a finite number$"):
+        load_config("smoke", {key: value})
+
+
+def test_non_finite_entries_of_float_tuples_are_rejected():
+    with pytest.raises(ConfigError, match=r"^generation\.budgets=.* is invalid"):
+        load_config("smoke", {"generation.budgets": [1.0, float("inf")]})

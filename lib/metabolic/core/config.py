@@ -24,6 +24,16 @@ def _require(ok: bool, key: str, value: Any, fix: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {fix}")
 
 
+def _finite(section: str, obj: Any) -> None:
+    """Every float of a section (and of its tuples) is finite: no value of the study means infinity or NaN."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, tuple) else (value,)
+        for v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{section}.{f.name}={value!r} is invalid: use a finite number")
+
+
 def _positive(section: str, obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -54,6 +64,7 @@ class AssetsConfig:
     encoder: str = "sentence-transformers/all-MiniLM-L6-v2"  # Hub id or a folder
 
     def __post_init__(self) -> None:
+        _finite("assets", self)
         for name in ("wikitext_dataset", "wikitext_config", "tokenizer", "encoder"):
             _require(bool(getattr(self, name).strip()), f"assets.{name}", getattr(self, name), "give a non-empty id or folder")
 
@@ -69,6 +80,7 @@ class CorpusConfig:
     seed: int = 0  # subsampling seed: the same seed picks the same texts on every machine
 
     def __post_init__(self) -> None:
+        _finite("corpus", self)
         _positive("corpus", self, "seq_len", "min_tokens")
         _require(self.seq_len >= self.min_tokens, "corpus.seq_len", self.seq_len, f"must be >= corpus.min_tokens={self.min_tokens}")
         for name in ("max_train_texts", "max_valid_texts"):
@@ -101,6 +113,7 @@ class BackboneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _finite("backbone", self)
         _require(bool(self.source.strip()), "backbone.source", self.source, 'use "pretrain", a Hub id or a folder')
         _positive("backbone", self, "n_layer", "n_embd", "n_head", "block_size", "batch_size", "epochs", "lr",
                   "eval_every", "max_eval_blocks", "checkpoint_every", "grad_clip")
@@ -126,6 +139,7 @@ class PriorConfig:
     apply_heading_penalty: bool = True
 
     def __post_init__(self) -> None:
+        _finite("prior", self)
         _positive("prior", self, "alpha", "eps", "unseen_pseudo_count")
         _require(self.beta >= 0, "prior.beta", self.beta, "use >= 0")
         _require(0 <= self.c_min < 1, "prior.c_min", self.c_min, "use a floor in [0, 1): the mean is normalised to 1")
@@ -148,6 +162,7 @@ class CSCConfig:
     chunk_sequences: int = 32
 
     def __post_init__(self) -> None:
+        _finite("csc", self)
         _positive("csc", self, "max_sequences", "max_valid_sequences", "positions_per_sequence", "batch_size",
                   "chunk_sequences")
 
@@ -191,6 +206,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _finite("train", self)
         _positive("train", self, "K", "epochs", "batch_size", "lr", "cost_lr_multiplier", "grad_clip",
                   "mu", "lambda_max", "calib_refit_every", "token_cost_init", "curriculum_start")
         for name in ("weight_decay", "beta_csc", "beta_constr", "entropy_reg", "repetition_penalty",
@@ -233,6 +249,7 @@ class GenerationConfig:
     verified_scales: tuple[str, ...] = ("raw", "length")
 
     def __post_init__(self) -> None:
+        _finite("generation", self)
         _positive("generation", self, "lambda_max")
         if self.budgets:
             _finite_positive_tuple("generation.budgets", self.budgets)
@@ -278,6 +295,7 @@ class EnergyConfig:
     measure: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self) -> None:
+        _finite("energy", self)
         _positive("energy", self, "min_window_s", "repeats", "input_tokens", "idle_s", "counter_period_s",
                   "poll_interval_s", "max_output_tokens", "calib_requests", "budget_prompts")
         _require(len(self.batch_sizes) > 0 and all(b > 0 for b in self.batch_sizes), "energy.batch_sizes",

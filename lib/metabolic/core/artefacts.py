@@ -21,11 +21,13 @@ from typing import Any, Callable
 import numpy as np
 
 from metabolic import __version__
+from metabolic.core.errors import DivergedError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CONFIG_FILE = "study_config.json"
+PARTIAL_KEY = ".fingerprint"  # a partial's fingerprint: its work can be resumed only with the same inputs
 
 
 def project_root() -> Path:
@@ -66,8 +68,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; artefacts are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write or fsync does not name its file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 
@@ -143,12 +147,71 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) and "fingerprint" in manifest else None
 
 
-def is_fresh(folder: Path, key: str, required: tuple[str, ...] = ()) -> bool:
-    """True when `folder` holds a complete artefact made from `key` with all `required` files."""
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_record(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a finished artefact (its manifest and partial marker excluded)."""
+    folder = Path(folder)
+    record = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name not in (MANIFEST, PARTIAL_KEY):
+            record[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return record
+
+
+# (folder, fingerprint) -> the stat signature of files whose hashes were checked in this process, so a
+# notebook that asks for a stage ten times hashes its files once (a change of size, mtime or inode
+# since then is checked again).
+_verified: dict[tuple[str, str], tuple] = {}
+
+
+def content_problem(folder: Path, manifest: dict[str, Any]) -> str | None:
+    """Why the files of `folder` are not the ones its manifest recorded at the commit, or None if they are."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "its manifest records no file hashes (made by an older version)"
+    signature = []
+    for name, recorded in sorted(files.items()):
+        try:
+            stat = (Path(folder) / name).stat()
+        except OSError:
+            return f"{name} is missing"
+        if stat.st_size != recorded["bytes"]:
+            return f"{name} has {stat.st_size} bytes, not the {recorded['bytes']} it was committed with"
+        signature.append((name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    memo_key = (str(Path(folder).resolve()), manifest["fingerprint"])
+    if _verified.get(memo_key) == tuple(signature):
+        return None
+    for name, recorded in sorted(files.items()):
+        if file_sha256(Path(folder) / name) != recorded["sha256"]:
+            return f"{name} changed since it was committed (sha256 mismatch)"
+    _verified[memo_key] = tuple(signature)
+    return None
+
+
+def staleness(folder: Path, key: str, required: tuple[str, ...] = ()) -> str | None:
+    """Why `folder` is not a complete artefact made from `key` with intact files, or None when it is."""
     manifest = read_manifest(folder)
-    if manifest is None or manifest.get("fingerprint") != key:
-        return False
-    return all((Path(folder) / name).exists() for name in required)
+    if manifest is None:
+        return "absent, incomplete or without a readable manifest"
+    if manifest.get("fingerprint") != key:
+        return "stale (made from other inputs)"
+    missing = [name for name in required if not (Path(folder) / name).exists()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    return content_problem(folder, manifest)
+
+
+def is_fresh(folder: Path, key: str, required: tuple[str, ...] = ()) -> bool:
+    """True when `folder` holds a complete, intact artefact made from `key` with all `required` files."""
+    return staleness(folder, key, required) is None
 
 
 def build_artefact(
@@ -178,7 +241,7 @@ def build_artefact(
     with _exclusive(folder.with_name(f".{folder.name}.lock")):
         if not force and is_fresh(folder, key, required):
             return folder
-        return _build_locked(folder, key, description, build, config_json)
+        return _build_locked(folder, key, description, build, config_json, required)
 
 
 @contextlib.contextmanager
@@ -193,7 +256,8 @@ def _exclusive(lock_path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _build_locked(folder: Path, key: str, description: dict[str, Any], build, config_json: str | None) -> Path:
+def _build_locked(folder: Path, key: str, description: dict[str, Any], build, config_json: str | None,
+                  required: tuple[str, ...]) -> Path:
     """Build into `<folder>.partial`, then commit it with renames that a kill at any point cannot undo.
 
     A partial keeps its `.fingerprint` until it is in place, and a finished one also holds the
@@ -201,24 +265,30 @@ def _build_locked(folder: Path, key: str, description: dict[str, Any], build, co
     """
     _recover_swap(folder)
     if folder.exists():
-        why = "stale" if read_manifest(folder) else "incomplete or corrupt"
-        log.warning("%s is %s: rebuilding it", folder, why)
+        log.warning("%s is %s: rebuilding it", folder, staleness(folder, key, required))
     work = folder.with_name(folder.name + ".partial")
-    work_key = work / ".fingerprint"
+    work_key = work / PARTIAL_KEY
     if work.exists() and (not work_key.exists() or work_key.read_text().strip() != key):
         shutil.rmtree(work)  # a partial build made from other inputs cannot be resumed
-    finished = (read_manifest(work) or {}).get("fingerprint") == key
+    done = read_manifest(work)
+    finished = done is not None and done.get("fingerprint") == key and content_problem(work, done) is None
     if finished:
         log.info("adopting %s: it was finished before an interrupted commit", work)
     else:
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_text(work_key, key)
-        extra = build(work) or {}
+        try:
+            extra = build(work) or {}
+        except DivergedError:
+            shutil.rmtree(work, ignore_errors=True)  # its checkpoints would only diverge again
+            raise
         if config_json is not None:
             atomic_write_text(work / CONFIG_FILE, config_json)
-        atomic_write_json(work / MANIFEST, {"fingerprint": key, "description": description, **extra})
+        # Hashed last, when every file is written; checked on every reuse (see `content_problem`).
+        atomic_write_json(work / MANIFEST, {"fingerprint": key, "description": description, **extra,
+                                            "files": content_record(work)})
     _replace_dir(work, folder)
-    (folder / ".fingerprint").unlink(missing_ok=True)  # only partials carry it; a leftover here is harmless
+    (folder / PARTIAL_KEY).unlink(missing_ok=True)  # only partials carry it; a leftover here is harmless
     return folder
 
 

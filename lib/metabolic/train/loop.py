@@ -53,7 +53,7 @@ from torch.nn import functional as F
 from metabolic.core import artefacts, resume
 from metabolic.core.artefacts import atomic_torch_save, atomic_write_json, read_jsonl, write_jsonl
 from metabolic.core.config import TrainConfig
-from metabolic.core.errors import ConfigError, DataError
+from metabolic.core.errors import ConfigError, DataError, DivergedError
 from metabolic.csc.dataset import scale_labels, sequence_totals
 from metabolic.model.backbone import decay_split, default_device, load_backbone
 from metabolic.model.calibration import OnlineAffine
@@ -251,8 +251,9 @@ def train_step(model: MetabolicGPT2, optimizer, batch: Batch, budgets: torch.Ten
     batch's (proxy total, CSC total) pairs into the online calibration (refits are the caller's)."""
     res = compute_step(model, batch, budgets, cfg, vocab_ids, vocab_means)
     if not bool(torch.isfinite(res.terms.total.detach())):
-        raise DataError(f"the training loss became {float(res.terms.total.detach())} at step {step}: "
-                        f"lower train.lr or train.cost_lr_multiplier")
+        raise DivergedError(f"training diverged at step {step} (loss {float(res.terms.total.detach())}): lower train.lr "
+                            f"(now {cfg.lr:g}) or train.cost_lr_multiplier (now {cfg.cost_lr_multiplier:g}); "
+                            "nothing of this run was kept")
     optimizer.zero_grad(set_to_none=True)
     res.terms.total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -437,15 +438,10 @@ def train(
     run_key = artefacts.fingerprint({"train": asdict(cfg), "variant": variant, "data": data.fingerprint,
                                      "backbone": str(backbone_path), "prior": prior_cost is not None})
     ckpt_path = work_dir / CHECKPOINT
-    state = None
-    if ckpt_path.exists():
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint must not be overwritten silently
-            raise DataError(f"checkpoint {ckpt_path} is unreadable ({type(exc).__name__}): delete it to restart training") from None
-        if state.get("run_key") != run_key:
-            raise DataError(f"checkpoint {ckpt_path} was made from another config or data: delete it (or its run "
-                            f"folder) to train from scratch, or rerun with the config that made it")
+    state = resume.load_checkpoint(ckpt_path)
+    if state is not None and state.get("run_key") != run_key:
+        raise DataError(f"checkpoint {ckpt_path} was made from another config or data: delete it (or its run "
+                        f"folder) to train from scratch, or rerun with the config that made it")
 
     torch.manual_seed(cfg.seed)
     backbone = load_backbone(backbone_path, device=device)
@@ -539,6 +535,9 @@ def train(
             "val_level_rel_err": val["val_level_rel_err"], "balanced_score": score,
             "lr": optimizer.param_groups[0]["lr"], "cost_lr": optimizer.param_groups[2]["lr"],
         }
+        resume.stop_if_diverged(model, {"train loss": row["train_loss"], "val loss": row["val_loss"]},
+                                f"{variant} training in epoch {epoch + 1}",
+                                f"lower train.lr (now {cfg.lr:g}) or train.lambda_max (now {cfg.lambda_max:g})")
         metrics.append(row)
         points[str(epoch + 1)] = {"proxy": val["points_proxy"], "csc": val["points_csc"]}
         log.info("%s epoch %d: loss %.4f val ppl %.2f err %.4f lambda %.4f score %.4f", variant, epoch + 1,

@@ -104,8 +104,8 @@ def pretrain(
     step, running, running_n = 0, 0.0, 0
     torch.manual_seed(cfg.seed)
     ckpt_path = work_dir / CHECKPOINT
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = resume.load_checkpoint(ckpt_path)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         resume.set_rng_state(state["rng"], device)
@@ -127,10 +127,14 @@ def pretrain(
         optimizer.step()
         step += 1
         steps_this_call += 1
-        running += loss.item()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            resume.stop_if_diverged(model, {"loss": loss_value}, f"pretraining at step {step}",
+                                    f"lower backbone.lr (now {cfg.lr:g}) or raise backbone.warmup_steps")
+        running += loss_value
         running_n += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss_value:.3f}")
         if step % cfg.eval_every == 0 or step == total_steps:
             val_loss = evaluate_loss(model, eval_blocks, cfg.batch_size)
             metrics.append(
@@ -148,6 +152,8 @@ def pretrain(
             write_jsonl(work_dir / METRICS, metrics)
             log.info("step %d: val loss %.4f, ppl %.1f", step, val_loss, metrics[-1]["val_ppl"])
         if step % cfg.checkpoint_every == 0 or step == total_steps:
+            resume.stop_if_diverged(model, {}, f"pretraining at step {step}",
+                                    f"lower backbone.lr (now {cfg.lr:g}) or raise backbone.warmup_steps")
             atomic_torch_save(
                 ckpt_path,
                 {

@@ -4,7 +4,8 @@
     python -m metabolic study --profile smoke [--only 00,01] [--set ...]
     python -m metabolic config --profile gpu [--set ...]
 
-Errors caused by input (profile, override, assets, data) print one line and exit with status 2.
+Errors caused by input (profile, override, assets, data) or by the disk (read-only, permission, full)
+print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import sys
 import time
 
-from metabolic.core.errors import MetabolicError
+from metabolic.core.errors import MetabolicError, os_fault_message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(summary, indent=2))
     except MetabolicError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        message = os_fault_message(exc)
+        if message is None:
+            raise  # not a fault of the user's disk: a bug, keep its traceback
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)

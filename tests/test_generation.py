@@ -195,6 +195,13 @@ def test_bad_budgets_raise(model, tokenizer, costs, budget):
         generate_with_budget(model, tokenizer, PROMPTS, budget, token_costs=costs, calibration=IDENTITY, max_new_tokens=4)
 
 
+@pytest.mark.parametrize("budget", ["abc", None, [1.0, "x"], {"low": 1.0}])
+def test_budgets_that_are_not_numbers_name_the_value(model, tokenizer, costs, budget):
+    with pytest.raises(ConfigError, match=r"^budget_csc=.* is not a number: give budgets > 0") as info:
+        generate_with_budget(model, tokenizer, PROMPTS, budget, token_costs=costs, calibration=IDENTITY, max_new_tokens=4)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("prompts", [[], [""], ["ok", "   "]])
 def test_empty_prompts_raise(model, tokenizer, costs, prompts):
     with pytest.raises(DataError, match="prompt"):

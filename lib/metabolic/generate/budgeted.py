@@ -60,7 +60,11 @@ def _as_cost_vector(token_costs: Any, name: str = "token_costs") -> torch.Tensor
 
 def _as_budgets(budgets: Any, name: str) -> torch.Tensor:
     """Budgets as a float64 1-D tensor; each must be > 0 (inf = unlimited), never NaN."""
-    values = torch.as_tensor(budgets, dtype=torch.float64).reshape(-1)
+    try:
+        values = torch.as_tensor(budgets, dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"{name}={budgets!r} is not a number: give budgets > 0 in CSC units (float('inf') = "
+                          f"unlimited), one or one per prompt") from None
     if values.numel() == 0:
         raise ConfigError(f"{name} is empty: give at least one budget")
     if torch.isnan(values).any():

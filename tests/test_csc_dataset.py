@@ -181,3 +181,23 @@ def test_totals_reject_bad_input():
         sequence_totals([np.ones(2)], "length", lengths=[1, 2])
     with pytest.raises(DataError, match="no sequence has a CSC label"):
         csc_stats([np.full(3, np.nan)], "raw", (0.25, 0.5, 0.75))
+
+
+@pytest.mark.slow
+def test_batch_size_is_not_in_the_cache_key_because_labels_agree_within_1e6(tiny_cfg):
+    """csc.batch_size changes only how counterfactuals are padded together, i.e. float rounding: a cache
+    labelled at one batch size serves every other (labels agree to < 1e-6 absolute in fp32)."""
+    import dataclasses
+
+    from metabolic.pipeline import stages
+
+    sequences = stages.select_for_labelling(tiny_cfg, stages.corpus(tiny_cfg))[1]
+    labels = {}
+    for batch_size in (3, 16, 256):
+        cfg = dataclasses.replace(tiny_cfg, csc=dataclasses.replace(tiny_cfg.csc, batch_size=batch_size))
+        labels[batch_size] = np.concatenate(stages.csc_labeller(cfg, device="cpu").label(sequences, progress=False))
+    assert labels[3].size == sum(map(len, sequences)) and np.all(np.isfinite(labels[3]))
+    for batch_size in (16, 256):
+        assert np.max(np.abs(labels[batch_size] - labels[3])) < 1e-6
+    # and the stage's description (its cache key) leaves it out on purpose
+    assert "batch_size" not in stages.csc_description_keys()

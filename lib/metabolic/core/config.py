@@ -154,7 +154,9 @@ class CSCConfig:
     max_valid_sequences: int = 500  # validation texts labelled (evaluation and calibration)
     positions: Literal["all", "subset"] = "all"  # label every position, or a seeded subset per text
     positions_per_sequence: int = 32  # with positions="subset"
-    batch_size: int = 256  # counterfactual texts per encoder batch
+    # Counterfactual texts per encoder batch. Not in the CSC cache key: labels at any batch size agree
+    # to < 1e-6 (padding changes float rounding only; see pipeline.stages.csc_description_keys).
+    batch_size: int = 256
     precision: Literal["fp32", "tf32", "fp16"] = "fp32"  # reduced precision only on CUDA (see csc.py)
     scale: Literal["raw", "length"] = "raw"  # "length": T x CSC_t, totals that grow with content
     seed: int = 0

@@ -264,6 +264,13 @@ def select_for_labelling(cfg: StudyConfig, data) -> tuple[list[list[int]], list[
     return train, valid
 
 
+def csc_description_keys() -> tuple[str, ...]:
+    """The `csc` settings a CSC cache depends on. `batch_size` is not one: it only changes which
+    counterfactuals are padded together, i.e. float rounding (< 1e-6, tested), so a cache labelled at
+    one batch size (a GPU's) serves every other; `precision` is keyed on its own, as the labeller's."""
+    return ("max_sequences", "max_valid_sequences", "positions", "positions_per_sequence", "seed", "chunk_sequences")
+
+
 def csc_labels(cfg: StudyConfig, progress: bool = True, device: str | None = None) -> CSCData:
     """Stage `csc`: label (or reuse) the profile's train/valid sequences with exact CSC."""
     data = corpus(cfg)
@@ -276,8 +283,7 @@ def csc_labels(cfg: StudyConfig, progress: bool = True, device: str | None = Non
         "tokenizer": tokenizer_fingerprint(data.tokenizer),
         "corpus_fingerprint": data.fingerprint,
         "corpus": {k: getattr(cfg.corpus, k) for k in ("seq_len", "max_train_texts", "max_valid_texts", "min_tokens", "seed")},
-        "csc": {k: getattr(cfg.csc, k) for k in ("max_sequences", "max_valid_sequences", "positions", "positions_per_sequence",
-                                                  "seed", "chunk_sequences")},
+        "csc": {k: getattr(cfg.csc, k) for k in csc_description_keys()},
         "precision": labeller.precision,
         "device_type": labeller.device.type,
     }

@@ -227,8 +227,9 @@ def test_gpu_profile_plan_fits_twenty_h100_minutes_in_parts_of_eight(tmp_path):
     one H100 by the plan's estimate, in parts of <= 8 min each (process start included), cut between models."""
     from metabolic.core.profiles import load_config
 
-    cfg = load_config("gpu", {"energy.part_seconds": 440})
+    cfg = load_config("gpu")
     e = cfg.energy
+    assert e.part_seconds + H100.process_start_s <= 8 * 60
     specs, skipped = model_specs(e.models, tmp_path, ())  # no trained MetabolicGPT-2 here: skipped
     assert [s.name for s in specs] == ["tiny", "gpu-6x384", "gpt2-small-scratch"] and skipped
     tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)

@@ -258,9 +258,10 @@ class Plan:
                                   f"({s['calib_model']}, batch 1, default path)" if kinds[CALIBRATION] else "not in this run"),
             f"  units: {len(self.units)} ({kinds[CALIBRATION]} calibration, {kinds[PREPROCESS]} preprocess, "
             f"{kinds[CELL]} generation cells); measured already: {len(self.done)}; left: {len(self.remaining)}",
-            f"  estimate on {self.throughput.name} ({self.throughput.measured}): {self.total_s / 60:.1f} min "
+            f"  estimate on {self.throughput.name}, from {self.throughput.measured}: {self.total_s / 60:.1f} min "
             f"in {len(self.parts)} part(s)"
-            + (f" of <= {s['part_seconds'] / 60:.1f} min of measuring each" if s["part_seconds"] else ""),
+            + (f" of <= {(s['part_seconds'] + self.throughput.process_start_s) / 60:.1f} min each (process start "
+               f"included)" if s["part_seconds"] else ""),
         ]
         for i, part in enumerate(self.parts, 1):
             lines.append(f"    part {i}: {part.seconds / 60:.1f} min, {len(part.keys)} units ({part.keys[0]} .. {part.keys[-1]})")

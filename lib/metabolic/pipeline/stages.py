@@ -46,7 +46,8 @@ from metabolic.energy.measurement import (
     stage_description,
 )
 from metabolic.energy.meter import EnergyMeter
-from metabolic.energy.workloads import model_specs
+from metabolic.energy.plan import Plan, grid_units, make_plan
+from metabolic.energy.workloads import make_tasks, model_specs
 from metabolic.evaluate.cost_fit import cost_model_fit
 from metabolic.evaluate.scoring import (
     EVALUATION_VERSION,
@@ -601,6 +602,15 @@ def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: t
     except _PartDone as done:
         return None, done.grid
     return folder, result.get("grid")  # no grid when the finished artefact was reused
+
+
+def etokens_plan(cfg: StudyConfig, calibrate: bool = True) -> Plan:
+    """The profile's e-token grid as planned for one H100 (`metabolic.energy.plan`), nothing measured:
+    the models this run folder offers, the tasks, batch sizes and paths, each unit's estimate, the parts."""
+    e = cfg.energy
+    specs, _ = model_specs(e.models, artefacts.run_dir(cfg.profile), cfg.generation.budgets or cfg.train.budgets)
+    tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)
+    return make_plan(e, grid_units(e, specs, tasks, calibrate=calibrate and e.calibrate), tasks, cfg.seed)
 
 
 # Registered in pipeline order; later issues add their stages here.

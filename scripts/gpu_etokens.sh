@@ -24,7 +24,8 @@
 # Without the device tool (a GPU machine of your own): `bash scripts/gpu_etokens.sh` until it says
 # "grid complete" (the state stays in data/gpu/etokens/, or under $METABOLIC_DATA), or the whole grid in one run:
 #   python -m metabolic run --profile gpu --stages etokens --set energy.part_seconds=None
-# BENCH=1 also runs benchmarks/energy_meter.py (the meter vs zeus, and its overhead).
+# BENCH=1 also runs benchmarks/energy_meter.py (the meter vs zeus, and its overhead). STOP_AFTER_S (540)
+# interrupts a run whose part overruns its estimate, so the kept units are still saved in time.
 set -euo pipefail
 
 PROFILE=${PROFILE:-gpu}
@@ -52,7 +53,12 @@ fi
 
 args=(--profile "$PROFILE" --stages etokens --set energy.measure=always)
 if [ -n "${PART_SECONDS:-}" ]; then args+=(--set "energy.part_seconds=$PART_SECONDS"); fi
-"$PY" -m metabolic run "${args[@]}"
+# A part ends by itself (energy.part_seconds); should the estimates be far off, SIGINT at STOP_AFTER_S
+# stops it anyway, keeping every finished unit, so the state below is still saved within the
+# device's 10-minute command limit.
+rc=0
+timeout -s INT "${STOP_AFTER_S:-540}" "$PY" -m metabolic run "${args[@]}" || rc=$?
+if [ "$rc" -ne 0 ]; then echo "!! the run ended with status $rc (124/130: stopped at ${STOP_AFTER_S:-540} s); its kept units are saved below"; fi
 
 if [ "${BENCH:-0}" = 1 ]; then
   "$PY" benchmarks/energy_meter.py | tee "$results/energy_meter_benchmark.txt"
@@ -64,6 +70,7 @@ if [ -n "${OUT:-}" ]; then
 fi
 
 # the finished folder of this profile's grid on this GPU (no .partial left means the grid is complete)
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$rc" -ne 130 ]; then exit "$rc"; fi
 if compgen -G "$results/*.partial" > /dev/null; then
   echo "grid unfinished: call this script again (with the state carried back) to measure the next part"
   exit 0

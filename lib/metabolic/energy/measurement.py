@@ -28,9 +28,11 @@ negative energy.
 Serving paths: `default` (HF `generate()`, dynamic KV cache) and `static` (HF's own static cache,
 `generate(cache_implementation="static")`, whose decode step `generate` compiles with torch.compile
 on CUDA; on CPU it runs uncompiled). The row's `compiled` says what transformers actually did. No
-hand-written decode loop is kept: transformers' static path reached 540 tokens/s on the H100 at
-batch 1 (issue 14), more than the earlier hand-made path's 323-455; a CUDA-graphed loop of our own
-would have to beat it on a GPU first. Both paths are greedy, so their outputs are compared by hash
+decode loop of our own: transformers' static path reached 540 tokens/s on the H100 at batch 1 alone
+(issue 14), against 323-455 inside the grid (cause not established; the grid then grew the static
+cache with each longer task, a new shape for the compiled step each time). Here the first call of
+each (model, batch size) uses the longest task, so the cache is sized once (`metabolic.energy.grid`). A CUDA-graphed loop of our own would have to beat that on a
+GPU before it earned its place. Both paths are greedy, so their outputs are compared by hash
 (`same_outputs_as_first_path`). MetabolicGPT-2 decodes through the same `generate()` under its budget
 pathway, on the default path only (its budget enters through forward hooks, which a compiled
 decode step would not see change).

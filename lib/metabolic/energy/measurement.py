@@ -120,7 +120,8 @@ def greedy_generate_fn(model, spec: ModelSpec, path: str, eos_id: int) -> Callab
     metabolic = spec.kind == "metabolic"
     lm = model.backbone if metabolic else model
 
-    @torch.inference_mode()
+    # generate() runs under its own no_grad, as it does when transformers compiles it; no inference_mode
+    # around it, so the compiled step sees the same grad mode as in transformers' own use
     def run(ids: torch.Tensor, n_new: int) -> torch.Tensor:
         budget = torch.full((ids.shape[0],), float(spec.budget), device=ids.device) if metabolic else None
         with model.conditioned_on(budget) if metabolic else contextlib.nullcontext():

@@ -19,17 +19,20 @@
 #
 # A query's energy runs from receiving its text to its last output token: **preprocess**
 # (tokenisation), **prefill** (`generate` with one new token, as in the AI Energy Score method) and
-# **decode** (the full `generate` minus prefill). Each phase is measured in windows of many identical
-# calls (at least `energy.min_window_s`; NVML's counter moves in ~100 ms steps), repeated, and
-# reported as medians with their inter-quartile range, next to the GPU's idle power.
+# **decode** (the full `generate` minus prefill). Each phase is measured in windows of whole,
+# identical calls lasting at least `energy.min_window_s` (NVML's counter moves in ~100 ms steps),
+# repeated, and reported as medians with their inter-quartile range. The idle GPU is measured before
+# each cell; an active energy (or decode energy) the meter cannot resolve is shown as
+# "below resolution (< x J)", never as a negative number.
 #
 # `e-token (input) = E_Wh / T_in x 1000` and `e-token (output) = E_Wh / T_out x 1000`, with
 # `e_in / e_out = T_out / T_in` checked on every row. Tasks follow the note's I/O ratios:
 # classification 1:0.1, chat 1:1, reasoning 1:5, creative writing 1:50.
 #
-# **Without a GPU there is no energy measurement.** On such a machine this notebook shows CPU wall
-# times and tokens/s per phase, labelled as timings, and says what the GPU run would show. No number
-# here is an estimate presented as a measurement.
+# **Without a GPU there is no energy measurement.** Energy comes from GPU runs committed under
+# `results/etokens/` (made by `scripts/gpu_etokens.sh`); this machine adds what it can measure
+# itself (on a CPU: wall times and tokens/s, labelled as timings). No number here is an estimate
+# presented as a measurement; the plan's time estimate is labelled as one.
 
 # %% tags=["parameters"]
 profile = "smoke"
@@ -43,49 +46,89 @@ print("profile:", profile_label(cfg))
 
 # %%
 import pandas as pd
-from metabolic.energy.measurement import paths_agree, summarise
+from metabolic.core.artefacts import project_root
+from metabolic.energy.measurement import calibrations, merge_results, paths_agree, summarise, window_resolution_note
 from metabolic.pipeline import stages
 
 res = stages.measure_etokens(cfg, progress=False)
+committed_root = project_root() / "results" / "etokens"
+committed = merge_results(committed_root)  # GPU runs committed to the repository
 rows = pd.DataFrame(res.rows)
-table = pd.DataFrame(summarise(res.rows))
-has_energy = bool(table["total_j"].notna().any()) if len(table) else False
 here = "energy measured" if res.energy_available else "energy UNAVAILABLE"
+own_file = (res.folder.name + "/") if res.folder is not None else "unfinished/"
+own_rows = [r for r in res.rows if r["results_file"].startswith(own_file)] if res.measured_here else []
+own = pd.DataFrame(own_rows)
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print(f"this machine: {res.machine['device']}, GPU {res.machine['gpu_name']}, energy source: {res.machine['energy_source']} ({here})")
 if not res.energy_available:
     print("why:", res.machine["energy_unavailable_reason"].split(" (")[0])
-own = rows[rows["results_file"].str.startswith(res.folder.name)] if res.measured_here else rows
-print(f"rows measured here: {len(own) if res.measured_here else 0} (models x paths x tasks x batch sizes x {cfg.energy.repeats} repeats)")
-print("tasks (T_in -> T_out):", ", ".join(sorted({f"{t} {i}->{o}" for t, i, o in own[["task", "input_tokens", "output_tokens"]].itertuples(index=False)})))
-print("models:", ", ".join(sorted(own["model"].unique())), "| paths:", ", ".join(sorted(own["path"].unique())),
-      "| batch sizes:", ", ".join(str(b) for b in sorted(own["batch_size"].unique())))
+print(f"rows measured here: {len(own)} (models x paths x tasks x batch sizes x {cfg.energy.repeats} repeats)"
+      + ("" if res.complete else "; the grid is unfinished: rerun to measure its next part"))
+if len(own):
+    print("tasks (T_in -> T_out):", ", ".join(sorted({f"{t} {i}->{o}" for t, i, o in own[["task", "input_tokens", "output_tokens"]].itertuples(index=False)})))
+    print("models:", ", ".join(sorted(own["model"].unique())), "| paths:", ", ".join(sorted(own["path"].unique())),
+          "| batch sizes:", ", ".join(str(b) for b in sorted(own["batch_size"].unique())))
 for s in res.skipped:
     print(f"skipped {s['model']}: {s['reason'][:90]}")
-print("devices in the merged table:", ", ".join(sorted(set(rows["gpu_name"].fillna("cpu (no energy)")))))
+print("devices in this profile's merged table:", ", ".join(sorted(set(rows["gpu_name"].fillna("cpu (no energy)")))) if len(rows) else "none")
+
+# %% [markdown]
+# ## GPU measurements committed to the repository
+#
+# `results/etokens/<GPU>-<key>/` holds the rows, machine records and calibration of each GPU run
+# of the `gpu` profile's grid (see `results/etokens/README.md` for what is there and the commands).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+if committed:
+    gpus = sorted({r["gpu_name"] for r in committed if r.get("gpu_name")})
+    print(f"committed GPU results: {len(committed)} rows from {len({r['results_file'] for r in committed})} run(s) on "
+          f"{', '.join(gpus)}; {window_resolution_note(committed)}")
+else:
+    print("No GPU measurement is committed yet: results/etokens/ holds no rows, so this notebook shows no joules "
+          "and no e-tokens. scripts/gpu_etokens.sh measures them on a GPU (commands in results/etokens/README.md).")
+
+# %% [markdown]
+# ## The GPU grid, as planned for one H100
+#
+# What the `gpu` profile measures and how long it should take on one H100, from the throughputs
+# measured there in issue 14 (an estimate, not a measurement; the compile times are assumptions).
+# Every unit's record keeps its estimate beside its measured wall time.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from metabolic.core.profiles import load_config
+
+print(stages.etokens_plan(load_config("gpu")).describe())
 
 # %% [markdown]
 # ## e-tokens by task x model x GPU
 #
-# Medians over repeats; every row names its GPU, batch size and shortest window. On a machine
-# without energy the same table holds CPU wall time per query instead (not energy).
+# Medians over repeats; every row names its GPU, batch size and shortest window. Measured energy
+# comes from the committed GPU runs and from this machine when it has a GPU; without any, the
+# table holds this machine's CPU wall time per query instead (not energy).
 
 # %%
+committed_files = {r["results_file"] for r in committed}  # a committed run also in data/ counts once
+energy_rows = [r for r in committed + [r for r in res.rows if r["results_file"] not in committed_files]
+               if r.get("total_j") is not None]
+has_energy = bool(energy_rows)
+table = pd.DataFrame(summarise(energy_rows if has_energy else res.rows))
 cols = ["gpu_name", "model", "path", "task", "batch_size", "input_tokens", "output_tokens"]
-print(f"merged table: {len(rows)} rows from {rows['results_file'].nunique()} result file(s)")
-agree = paths_agree(res.rows)
+print(f"table: {len(table)} cells from {len(energy_rows) if has_energy else len(res.rows)} rows")
+agree = paths_agree(energy_rows if has_energy else res.rows)
 if agree["cells_with_several_paths"]:
     print(f"greedy outputs identical across serving paths in {agree['identical_outputs']} of "
           f"{agree['cells_with_several_paths']} cells measured on both")
 if has_energy:
-    view = table[table["total_j"].notna()][cols + ["total_j", "e_in_wh", "e_out_wh", "j_per_output_token",
-                                                   "output_tokens_per_s", "window_s_min"]]
+    view = table[cols + ["total_j", "active_text", "decode_text", "e_in_wh", "e_out_wh", "j_per_output_token",
+                         "output_tokens_per_s", "window_s_min"]]
     print("Wh per 1,000 tokens (e-tokens) and joules per query, measured:")
 else:
     view = table[cols + ["total_s_per_query", "prefill_s_per_query", "decode_s_per_query", "output_tokens_per_s", "window_s_min"]]
-    print("CPU wall times per query (seconds) and tokens/s: timings only, NOT energy (no GPU energy meter here).")
+    print("CPU wall times per query (seconds) and tokens/s: timings only, NOT energy (no GPU energy measured).")
 view.sort_values(cols).round(6)
 
 # %% [markdown]
@@ -97,7 +140,7 @@ from metabolic.report.figures import save_figure
 
 split = table[table["path"] == "default"].copy()
 if has_energy:
-    value_cols, unit = ["preprocess_j", "prefill_j", "decode_j"], "J per query (measured)"
+    value_cols, unit = ["preprocess_j", "prefill_j", "decode_j"], "J per query (measured; decode blank when below resolution)"
 else:
     value_cols, unit = ["prefill_s_per_query", "decode_s_per_query"], "CPU seconds per query (timing, not energy)"
 long = split.melt(id_vars=["gpu_name", "model", "task", "batch_size"], value_vars=value_cols, var_name="phase", value_name="value")
@@ -128,9 +171,9 @@ fig.show()
 # ## Semantic cost -> joules calibration, and physical (joule) budgets
 
 # %%
-calib = res.calibration
+calib = next((c for c in calibrations(committed_root) if "skipped" not in c), res.calibration)
 if "skipped" in calib:
-    print("calibration not run here:", calib["skipped"].split(":")[0])
+    print("calibration not measured (here or in the committed results):", calib["skipped"].split(":")[0])
     print("On a GPU this cell plots per-request joules against semantic cost (and tokens), with the fitted lines,"
           " R^2 and residuals; then the Hit@10% of generation stopped within joule budgets.")
 else:
@@ -161,10 +204,9 @@ else:
 if has_energy:
     gpus = ", ".join(sorted(table.loc[table["total_j"].notna(), "gpu_name"].unique()))
     batches = ", ".join(str(int(b)) for b in sorted(table["batch_size"].unique()))
-    print(f"Measured on the {profile_label(cfg)} with GPU energy ({gpus}): e-tokens for "
-          f"{table['model'].nunique()} model(s) x {table['task'].nunique()} tasks, the prefill/decode split and batch "
-          f"sizes {batches}; every row names its GPU, batch size and window length (shortest phase window "
-          f"{table['window_s_min'].min():.2f} s).")
+    print(f"Measured GPU energy ({gpus}): e-tokens for {table['model'].nunique()} model(s) x {table['task'].nunique()} "
+          f"tasks, the prefill/decode split and batch sizes {batches}; every row names its GPU, batch size and window "
+          f"length (shortest phase window {table['window_s_min'].min():.2f} s). {window_resolution_note(energy_rows)}.")
     if "skipped" in calib:
         print("The semantic-cost -> joules calibration and joule budgets were not measured in these results.")
     else:
@@ -172,8 +214,9 @@ if has_energy:
         print(f"Calibration on {calib['model']} (batch 1): R^2 {calib['fit_tokens']['r2']:.2f} for J ~ tokens, "
               f"{calib['fit_cost']['r2']:.2f} for J ~ semantic cost; joule-budget Hit@10%: {hits} (goal >= 90%).")
 else:
-    print(f"Run on the {profile_label(cfg)} on a machine without a GPU: energy is unavailable here, so this notebook "
-          f"reports no joules and no e-tokens. It shows CPU wall times and tokens/s per phase for "
-          f"{own['model'].nunique()} model(s) x {own['task'].nunique()} tasks, which say nothing about GPU energy. "
-          f"Left to measure on a GPU: the e-token table, prefill vs decode joules, J/token vs batch size, the "
-          f"semantic-cost -> joules calibration and the joule-budget Hit@10%.")
+    print(f"Run on the {profile_label(cfg)} on a machine without a GPU, and no GPU measurement is committed yet: this "
+          f"notebook reports no joules and no e-tokens. It shows CPU wall times and tokens/s per phase for "
+          f"{own['model'].nunique() if len(own) else 0} model(s) x {own['task'].nunique() if len(own) else 0} tasks, "
+          f"which say nothing about GPU energy. Left to measure on a GPU (scripts/gpu_etokens.sh): the e-token table, "
+          f"prefill vs decode joules, J/token vs batch size, the semantic-cost -> joules calibration and the "
+          f"joule-budget Hit@10%.")

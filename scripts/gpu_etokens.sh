@@ -1,61 +1,96 @@
 #!/usr/bin/env bash
-# e-tokens on a GPU machine: no Jupyter needed (the GPU image has torch, transformers,
-# sentence-transformers and nvidia-ml-py). Run from the repository root:
+# The e-token grid on one GPU, one part per call (<= 8 minutes), resumable on a fresh machine.
 #
-#   bash scripts/gpu_etokens.sh                 # every model, both serving paths, then the meter benchmark
-#   MODELS="tiny gpu-6x384" bash scripts/gpu_etokens.sh
-#   PARTS=calib bash scripts/gpu_etokens.sh    # one part per command where a command may run <= 10 min
+# The `gpu` profile's grid (metabolic.energy.plan: 3 random-weight GPT-2 shapes x 4 tasks x batch
+# 1/8/32 x the default and static serving paths, 3 repeats, plus the joule calibration) is planned
+# at about 20 minutes of one H100, in 3 parts. Each call of this script:
+#   1. restores the units kept by earlier calls from .etokens-state/state.tgz (when carried);
+#   2. prints the plan (what is left, its time estimate, its parts) and measures the next part
+#      (`energy.part_seconds` of the gpu profile, 440 s; PART_SECONDS overrides), keeping every unit
+#      the moment it is measured, so even a kill loses at most the unit in flight;
+#   3. saves every kept unit to $OUT/etokens-state.tgz (carry it back for the next call);
+#   4. once the grid is complete: copies the results to results/etokens/<GPU>-<key>/ and $OUT/etokens/,
+#      and prints a short table. It says "grid complete" or "grid unfinished" as its last line.
 #
-# The calibration and each model x path are separate `python -m metabolic run` calls (a few minutes
-# each, under a 10-minute command limit). Results land in
-# data/<profile>/etokens/<GPU>-<host>-<key>/ (rows.jsonl, calibration.json, machine.json); copy those
-# folders into the same place on any machine and notebook 05 (or metabolic.energy.measurement.merge_results)
-# merges every machine into one table. With $OUT set, the results and the benchmark log are copied there.
+# With the device tool, from the project checkout (the session's side):
+#   ../shared/scripts/pack-device-assets                    # once: .assets/assets.tar.gz, ignored by git
+#   grep -qx '/.etokens-state/' .git/info/exclude || echo '/.etokens-state/' >> .git/info/exclude
+#   mkdir -p .etokens-state
+#   run(command="bash scripts/gpu_etokens.sh", carry=[".assets", ".etokens-state"], timeout_s=600)
+#   cp <files_at>/etokens-state.tgz .etokens-state/state.tgz        # after every call, then call again
+#   # when it says "grid complete":
+#   mkdir -p results/etokens/<folder> && cp <files_at>/etokens/* results/etokens/<folder>/   # <folder>: printed
 #
-# The single-command form also works: python -m metabolic run --profile gpu --stages etokens
+# Without the device tool (a GPU machine of your own): `bash scripts/gpu_etokens.sh` until it says
+# "grid complete" (the state stays in data/gpu/etokens/, or under $METABOLIC_DATA), or the whole grid in one run:
+#   python -m metabolic run --profile gpu --stages etokens --set energy.part_seconds=None
+# BENCH=1 also runs benchmarks/energy_meter.py (the meter vs zeus, and its overhead). STOP_AFTER_S (540)
+# interrupts a run whose part overruns its estimate, so the kept units are still saved in time.
 set -euo pipefail
 
 PROFILE=${PROFILE:-gpu}
-MODELS=${MODELS:-"tiny gpu-6x384 gpt2-small-scratch gpt2 metabolic"}
-PATHS=${PATHS:-"default static-compile"}
-PARTS=${PARTS:-"calib grid bench"}  # e.g. PARTS=grid MODELS=gpt2-small-scratch PATHS=default for one part per command
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
+STATE=.etokens-state/state.tgz
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/lib"
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
-# offline assets (wikitext-2/, gpt2-tokenizer/): $METABOLIC_ASSETS, else shared/data in or beside the checkout
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} PYTHONUNBUFFERED=1
+# offline assets: $METABOLIC_ASSETS, else the carried .assets tarball, else shared/data in or beside the checkout
+if [ -z "${METABOLIC_ASSETS:-}" ] && [ -f .assets/assets.tar.gz ]; then
+  mkdir -p /tmp/assets && tar xzf .assets/assets.tar.gz -C /tmp/assets && export METABOLIC_ASSETS=/tmp/assets
+fi
 if [ -z "${METABOLIC_ASSETS:-}" ]; then
   for d in "$PWD/shared/data" "$PWD/../shared/data"; do [ -d "$d" ] && export METABOLIC_ASSETS="$d" && break; done
 fi
 echo "assets: ${METABOLIC_ASSETS:-<unset: the Hub>}"
-
 "$PY" -c "import pynvml; pynvml.nvmlInit(); print('GPU:', pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))" \
   || { echo "no NVIDIA GPU/NVML on this machine: this script measures GPU energy (CPU timings: python -m metabolic run --stages etokens)"; exit 1; }
 
-run() {  # one `python -m metabolic run` per part keeps each under the 10-minute command limit
-  echo "== etokens: $*"
-  "$PY" -m metabolic run --profile "$PROFILE" --stages etokens --set energy.measure=always "$@" \
-    || echo "!! part failed ($*); continuing"
-}
-# 1. calibration and joule budgets (semantic cost -> J, tokens -> J, Hit@10%), with a one-cell grid
-if [[ " $PARTS " == *" calib "* ]]; then
-  run --set energy.models=tiny --set energy.tasks=chat --set energy.batch_sizes=1 --set energy.paths=default \
-      --set energy.calibrate=true
+results="${METABOLIC_DATA:-data}/$PROFILE/etokens"
+mkdir -p "$results"
+if [ -f "$STATE" ]; then
+  tar xzf "$STATE" -C "$results"
+  echo "restored $(find "$results" -path '*/cells/*.json' | wc -l) kept units from $STATE"
 fi
-# 2. the e-token grid, one model and one serving path at a time (outputs are compared by hash across runs)
-if [[ " $PARTS " == *" grid "* ]]; then
-  for model in $MODELS; do
-    for path in $PATHS; do
-      run --set "energy.models=$model" --set "energy.paths=$path" --set energy.calibrate=false
-    done
-  done
-fi
-if [[ " $PARTS " == *" bench "* ]]; then
-  mkdir -p "data/$PROFILE/etokens"
-  "$PY" benchmarks/energy_meter.py | tee "data/$PROFILE/etokens/energy_meter_benchmark.txt"
+
+args=(--profile "$PROFILE" --stages etokens --set energy.measure=always)
+if [ -n "${PART_SECONDS:-}" ]; then args+=(--set "energy.part_seconds=$PART_SECONDS"); fi
+# A part ends by itself (energy.part_seconds); should the estimates be far off, SIGINT at STOP_AFTER_S
+# stops it anyway, keeping every finished unit, so the state below is still saved within the
+# device's 10-minute command limit.
+rc=0
+timeout -s INT "${STOP_AFTER_S:-540}" "$PY" -m metabolic run "${args[@]}" || rc=$?
+if [ "$rc" -ne 0 ]; then echo "!! the run ended with status $rc (124/130: stopped at ${STOP_AFTER_S:-540} s); its kept units are saved below"; fi
+
+if [ "${BENCH:-0}" = 1 ]; then
+  "$PY" benchmarks/energy_meter.py | tee "$results/energy_meter_benchmark.txt"
 fi
 
 if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT/etokens"
-  cp -r "data/$PROFILE/etokens/." "$OUT/etokens/"
-  echo "results copied to $OUT/etokens"
+  tar czf "$OUT/etokens-state.tgz" -C "$results" --exclude='.*.lock' .
+  echo "kept units saved to \$OUT/etokens-state.tgz: carry it back as $STATE for the next call"
 fi
+
+# the finished folder of this profile's grid on this GPU (no .partial left means the grid is complete)
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$rc" -ne 130 ]; then exit "$rc"; fi
+if compgen -G "$results/*.partial" > /dev/null; then
+  echo "grid unfinished: call this script again (with the state carried back) to measure the next part"
+  exit 0
+fi
+folder=$(ls -td "$results"/*/ 2>/dev/null | grep -v '\.partial/$' | head -1)
+folder=${folder%/}
+name=$(basename "$folder")
+mkdir -p "results/etokens/$name"
+for f in rows.jsonl machine.json calibration.json manifest.json study_config.json energy_meter_benchmark.txt; do
+  if [ -f "$folder/$f" ]; then cp "$folder/$f" "results/etokens/$name/"; fi
+done
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/etokens" && cp "results/etokens/$name"/* "$OUT/etokens/"; fi
+"$PY" - "results/etokens/$name/rows.jsonl" <<'PY'
+import sys
+from metabolic.energy.measurement import read_rows, summarise, window_resolution_note
+rows = read_rows(sys.argv[1])
+print(f"{'model':<20} {'path':<8} {'task':<15} {'B':>3} {'J/query':>9} {'active':>28} {'Wh/1k out':>10} {'tok/s':>8}")
+for t in summarise(rows):
+    print(f"{t['model'][:20]:<20} {t['path']:<8} {t['task']:<15} {t['batch_size']:>3} {t['total_j'] or float('nan'):>9.3g} "
+          f"{t['active_text']:>28} {t['e_out_wh'] or float('nan'):>10.3g} {t['output_tokens_per_s']:>8.0f}")
+print(window_resolution_note(rows))
+PY
+echo "grid complete: results/etokens/$name/ (commit it; copy \$OUT/etokens/* there when measured on the device machine)"

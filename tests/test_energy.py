@@ -79,6 +79,7 @@ def test_counter_path_reads_difference_and_metadata():
     assert r.energy_j == pytest.approx(250.5, abs=1e-12)
     assert r.time_s == pytest.approx(1.5)
     assert r.mean_power_w == pytest.approx(167.0)
+    assert r.resolution_j == pytest.approx(0.1 * 167.0)  # each edge up to one 100 ms update old
     assert (r.gpu_name, r.driver, r.power_limit_w, r.n_samples, r.short_window) == (
         "NVIDIA H100 80GB HBM3", "550.54.15", 700.0, 2, False)
 
@@ -216,7 +217,7 @@ def test_idle_baseline_and_active_energy():
             base = meter.idle_baseline(2.0)
         with meter.window() as w:
             pass
-    assert base.power_w == pytest.approx(70.0)
+    assert base.power_w == pytest.approx(70.0) and base.resolution_w == pytest.approx(0.1 * 70.0 / 2.0)
     m = w.measurement
     assert base.active_energy_j(m.energy_j, m.time_s) == pytest.approx(400.0 - 140.0)
 

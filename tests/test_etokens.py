@@ -89,3 +89,25 @@ def test_check_rows_detects_edited_row():
     with pytest.raises(DataError, match="row 1"):
         check_rows([good, bad])
     assert math.isclose(good["e_in_wh"] / good["e_out_wh"], 2.0)
+
+
+def test_numpy_scalars_are_numbers():
+    """A reading as a numpy scalar is valid (issue 17: np.float32 was rejected as "not a number")."""
+    import numpy as np
+
+    e = etokens(np.float32(1.0), np.int64(5), 5)
+    assert e.energy_wh == pytest.approx(1 / 3600) and e.input_tokens == 5 and e.identity_holds()
+    with pytest.raises(DataError, match="not finite"):
+        etokens(np.float64("nan"), 5, 5)
+    with pytest.raises(DataError, match="not a number"):
+        etokens(np.bool_(True), 5, 5)
+    with pytest.raises(DataError, match="NaN"):
+        spread([np.float32("nan"), 1.0])  # numpy NaN is an error too, not a NaN median
+    assert spread([np.float32(2.0), np.float64(4.0)]).median == 3.0
+
+
+def test_check_rows_with_zero_input_tokens_is_a_data_error():
+    """input_tokens=0 in a row with e-tokens names the row instead of raising ZeroDivisionError (issue 17)."""
+    row = {**etokens(50.0, 20, 40).__dict__, "input_tokens": 0}
+    with pytest.raises(DataError, match="row 0: input_tokens=0"):
+        check_rows([row])

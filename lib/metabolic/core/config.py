@@ -274,7 +274,7 @@ class EnergyConfig:
     repeats: int = 5
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     input_tokens: int = 64
-    idle_s: float = 2.0
+    idle_s: float = 1.0  # idle baseline window, measured next to (before) each generation cell
     counter_period_s: float = 0.1  # windows shorter than the counter's update period are flagged and warned about
     poll_interval_s: float = 0.01  # power sampling period on GPUs without the energy counter
     gpu_index: int = 0
@@ -285,7 +285,9 @@ class EnergyConfig:
     # metabolic.energy.workloads: random-weight GPT-2 shapes (energy does not depend on weight values),
     # "gpt2" from the Hub when it loads, "metabolic" = the trained MetabolicGPT-2 at each budget level.
     models: tuple[str, ...] = ("tiny", "gpu-6x384", "gpt2-small-scratch", "gpt2", "metabolic")
-    paths: tuple[str, ...] = ("default", "static-compile")  # HF generate() vs static KV cache (+ torch.compile on CUDA)
+    # HF generate() with its dynamic KV cache, and HF's own static cache (generate(cache_implementation=
+    # "static")), whose decode step generate compiles itself on CUDA (metabolic.energy.measurement).
+    paths: tuple[str, ...] = ("default", "static")
     dtype: Literal["fp32", "fp16", "bf16"] = "fp16"  # on CUDA; CPU runs fp32
     calib_model: str = "gpt2-small-scratch"  # model of the semantic-cost -> joules calibration
     calib_requests: int = 32  # requests of varied T_in / T_out measured for the calibration
@@ -295,9 +297,15 @@ class EnergyConfig:
     # "auto": measure unless this machine has no energy meter and results with energy are already in
     # data/<profile>/etokens/ (copied from a GPU machine); then only merge them. "always" / "never" force it.
     measure: Literal["auto", "always", "never"] = "auto"
+    # One part of the grid per run: stop before the next unit whose estimated end lies beyond this many
+    # seconds after the stage started, keeping every unit measured; a rerun measures the next part.
+    # None: the whole grid in one run (metabolic.energy.plan).
+    part_seconds: Optional[float] = None
 
     def __post_init__(self) -> None:
         _finite("energy", self)
+        _require(self.part_seconds is None or (math.isfinite(self.part_seconds) and self.part_seconds > 0),
+                 "energy.part_seconds", self.part_seconds, "use None (the whole grid in one run) or seconds > 0")
         _positive("energy", self, "min_window_s", "repeats", "input_tokens", "idle_s", "counter_period_s",
                   "poll_interval_s", "max_output_tokens", "calib_requests", "budget_prompts")
         _require(len(self.batch_sizes) > 0 and all(b > 0 for b in self.batch_sizes), "energy.batch_sizes",
@@ -305,8 +313,8 @@ class EnergyConfig:
         _require(self.gpu_index >= 0, "energy.gpu_index", self.gpu_index, "use an NVML GPU index >= 0")
         _require(len(self.models) > 0, "energy.models", self.models, "name at least one model")
         _require(len(self.tasks) > 0, "energy.tasks", self.tasks, "name at least one task")
-        _require(len(self.paths) > 0 and set(self.paths) <= {"default", "static-compile"}, "energy.paths",
-                 self.paths, "choose among 'default' and 'static-compile'")
+        _require(len(self.paths) > 0 and set(self.paths) <= {"default", "static"}, "energy.paths",
+                 self.paths, "choose among 'default' and 'static' (HF's static cache, compiled by generate on CUDA)")
         _require(self.calib_model in ("tiny", "gpu-6x384", "gpt2-small-scratch"), "energy.calib_model",
                  self.calib_model, "choose tiny, gpu-6x384 or gpt2-small-scratch")
         _require(self.calib_requests >= 4, "energy.calib_requests", self.calib_requests, "use >= 4 (3 parameters are fitted)")

@@ -43,7 +43,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "generation.verified_max_new_tokens": 40,  # 16 prompt + 40 <= the 64-position smoke backbone
         "energy.repeats": 1,  # CPU timings only on smoke: one repeat keeps the stage short
         "energy.batch_sizes": (1,),
-        "energy.paths": ("default",),  # static-compile is covered by tests; on CPU it is not compiled anyway
+        "energy.paths": ("default",),  # the static path is covered by tests; on CPU generate does not compile it
         "energy.input_tokens": 32,
         "energy.idle_s": 0.5,
         "energy.min_window_s": 0.05,  # CPU timings only (no energy counter here): short windows keep smoke fast
@@ -80,7 +80,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.token_cost_init_from_csc": True,
         "generation.n_valid_prompts": 64,
         "generation.max_new_tokens": 64,
-        "energy.repeats": 3,  # medians and IQR over 3 windows of >= 1 s per phase keep one model under 10 min
+        # The e-token grid planned for one H100 (metabolic.energy.plan): 3 random-weight GPT-2 shapes (and
+        # MetabolicGPT-2 when trained here) x 4 tasks x batch 1/8/32 x both serving paths, 3 repeats of
+        # >= 1 s windows, plus the joule calibration: about 20 minutes, run in parts of <= 8 minutes
+        # (one part per run: a rerun measures the next). The Hub's gpt2 is left out: no network there.
+        "energy.repeats": 3,
+        "energy.models": ("tiny", "gpu-6x384", "gpt2-small-scratch", "metabolic"),
+        "energy.max_output_tokens": 256,  # reasoning 51 -> 255, creative 5 -> 250: the note's ratios, half the decode
+        "energy.calib_requests": 16,
+        "energy.budget_prompts": 4,
+        "energy.part_seconds": 440.0,  # + ~40 s of process start: each run <= 8 min of a 10-min device command
     },
     # The paper's section V.B on GPT-2 small from the Hub (needs network and a GPU).
     "paper": {

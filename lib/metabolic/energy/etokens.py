@@ -13,6 +13,7 @@ NaN energy, zero or negative input tokens. Zero output tokens leave e-token (out
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -24,16 +25,22 @@ J_PER_WH = 3600.0
 TOKENS_PER_E = 1000  # e-tokens are per 1,000 tokens
 
 
+def _is_real(value) -> bool:
+    """A real number, numpy scalars included (np.float32 readings are valid); bools are not numbers here."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_energy(energy_j: float) -> float:
-    if energy_j is None or not isinstance(energy_j, (int, float)) or isinstance(energy_j, bool):
+    if not _is_real(energy_j):
         raise DataError(f"energy {energy_j!r} is not a number: e-tokens need a measured energy in joules "
                         f"(on a machine without a GPU energy is unavailable, so there are no e-tokens)")
+    energy_j = float(energy_j)
     if math.isnan(energy_j) or math.isinf(energy_j):
         raise DataError(f"energy {energy_j!r} J is not finite: the meter reading is faulty; re-run the window")
     if energy_j < 0:
         raise DataError(f"energy {energy_j!r} J is negative: the meter reading is faulty (or idle was subtracted "
                         f"from a window shorter than the counter period); re-run with a longer window")
-    return float(energy_j)
+    return energy_j
 
 
 def _check_tokens(name: str, tokens: int, minimum: int) -> int:
@@ -109,7 +116,9 @@ def spread(values: Iterable[Optional[float]]) -> Optional[Spread]:
     values = list(values)
     defined = [v for v in values if v is not None]
     for v in defined:
-        if isinstance(v, float) and math.isnan(v):
+        if not _is_real(v):
+            raise DataError(f"a repeat is {v!r}, not a number: pass measured values (None for undefined)")
+        if math.isnan(v):  # np.float32("nan") too: it is no `float`
             raise DataError("a repeat is NaN: reject faulty readings before summarising (use None for undefined)")
     if not defined:
         return None
@@ -127,6 +136,10 @@ def check_rows(rows: Sequence[dict], rel: float = 1e-9) -> int:
             continue
         if row["e_out_wh"] == 0:
             continue
+        t_in = row.get("input_tokens")
+        if not _is_real(t_in) or t_in < 1:
+            raise DataError(f"row {i}: input_tokens={t_in!r} but the row has e-tokens: a query has at least one input "
+                            f"token; the row is corrupt, re-copy it from its machine or measure it again")
         lhs = row["e_in_wh"] / row["e_out_wh"]
         rhs = row["output_tokens"] / row["input_tokens"]
         if not math.isclose(lhs, rhs, rel_tol=rel):

@@ -1,10 +1,12 @@
-"""Energy per query, phase by phase, and the `etokens` stage (results per machine, merged into one table).
+"""Energy per query, phase by phase: the windows of one unit, its result rows, and the merged table.
 
 A query runs from receiving its text to its last output token, in three phases, each measured in its
-own window of many identical calls (>= `energy.min_window_s`, because NVML's counter moves in
-~100 ms steps), repeated `energy.repeats` times with the phases interleaved so drift hits all alike:
+own window of whole, identical calls that lasts at least `energy.min_window_s` (NVML's counter moves
+in ~100 ms steps), repeated `energy.repeats` times:
 
-* preprocess: tokenising the batch's texts (CPU work; the GPU idles, and its energy is counted);
+* preprocess: tokenising the batch's texts (CPU work; the GPU idles, and its energy is counted).
+  It depends on neither the model nor the serving path, so it is measured once per task x batch
+  size (`measure_preprocess`) and shared by every generation cell of that task and batch size;
 * prefill: `generate(max_new_tokens=1)` (the AI Energy Score / optimum-benchmark energy_star method):
   the forward pass over the prompt plus the first token;
 * full: `generate(max_new_tokens=T_out, min_new_tokens=T_out)`, so every query has exactly T_out
@@ -12,16 +14,28 @@ own window of many identical calls (>= `energy.min_window_s`, because NVML's cou
 
 Decode = full - prefill. Why subtraction and not a window inside `generate`: splitting there needs a
 synchronisation per step inside the decode loop, which changes the launch-bound decode it measures,
-and the full call is exactly what a user runs. Decode therefore covers T_out - 1 tokens; a noisy
-subtraction can come out slightly negative and is kept as measured. A query's total energy is
-preprocess + full; e-tokens use it. The idle baseline (power with nothing running, measured first)
-is reported beside it: active = total - idle power x the query's share of the window time.
+and the full call is exactly what a user runs. Decode therefore covers T_out - 1 tokens. A query's
+total energy is preprocess + full; e-tokens use it.
 
-Two serving paths: `default` (HF `generate()`, dynamic KV cache) and `static-compile` (static KV
-cache; on CUDA transformers compiles the forward with torch.compile automatically for a static
-cache; on CPU it runs uncompiled and the row says `compiled=False`). Both are greedy, so their outputs
-are compared token for token (`same_outputs`). MetabolicGPT-2 runs through its own forward with a
-KV cache in a greedy loop (`manual-kv`), since its budget enters the forward pass.
+Idle and active energy: each generation cell first measures the idle GPU for `energy.idle_s`;
+active = total - idle power x the query's time. Every window's energy is known only to within its
+resolution (one counter period x its power, `Measurement.resolution_j`), so the active energy of a
+query is known to within the sum of its windows' resolutions plus the idle power's resolution x its
+time. An active (or decode) energy below that bound is written as None with `active_below_resolution`
+True and the bound in `active_resolution_j` ("below resolution (< x J)" in tables): never as a
+negative energy.
+
+Serving paths: `default` (HF `generate()`, dynamic KV cache) and `static` (HF's own static cache,
+`generate(cache_implementation="static")`, whose decode step `generate` compiles with torch.compile
+on CUDA; on CPU it runs uncompiled). The row's `compiled` says what transformers actually did. No
+decode loop of our own: transformers' static path reached 540 tokens/s on the H100 at batch 1 alone
+(issue 14), against 323-455 inside the grid (cause not established; the grid then grew the static
+cache with each longer task, a new shape for the compiled step each time). Here the first call of
+each (model, batch size) uses the longest task, so the cache is sized once (`metabolic.energy.grid`). A CUDA-graphed loop of our own would have to beat that on a
+GPU before it earned its place. Both paths are greedy, so their outputs are compared by hash
+(`same_outputs_as_first_path`). MetabolicGPT-2 decodes through the same `generate()` under its budget
+pathway, on the default path only (its budget enters through forward hooks, which a compiled
+decode step would not see change).
 
 Without a GPU no energy is measured: rows keep wall time and tokens/s per phase, labelled as CPU
 timings, and every energy field is None with `energy_source="unavailable"`.
@@ -32,24 +46,23 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import platform
-import random
 import re
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from metabolic.core import artefacts
 from metabolic.core.config import EnergyConfig
-from metabolic.core.errors import AssetError, DataError
+from metabolic.core.errors import DataError
 from metabolic.energy.etokens import check_rows, etokens, spread
 from metabolic.energy.joules import JouleBudgetStopping, cost_predictor, fit_linear, tokens_predictor
-from metabolic.energy.meter import EnergyMeter, IdleBaseline, Measurement
-from metabolic.energy.workloads import SCRATCH_SHAPES, ModelSpec, Task, count_parameters, load_model, make_tasks, pick_prompts
+from metabolic.energy.meter import EnergyMeter, Measurement
+from metabolic.energy.plan import calibration_requests
+from metabolic.energy.workloads import SCRATCH_SHAPES, ModelSpec, Task, load_model, pick_prompts
 from metabolic.evaluate.scoring import hit_fraction
 
 log = logging.getLogger(__name__)
@@ -85,12 +98,15 @@ def machine_info(meter: EnergyMeter, device: torch.device) -> dict[str, Any]:
 
 
 def machine_tag(machine: dict[str, Any]) -> str:
-    """A folder-safe name for a machine's results, e.g. `NVIDIA-H100-80GB-HBM3-host` or `cpu-host`."""
-    base = machine["gpu_name"] or "cpu"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{base}-{machine['host']}").strip("-")
+    """A folder-safe name for a kind of machine, e.g. `NVIDIA-H100-80GB-HBM3` or `cpu`.
+
+    The host is left out: parts of one grid may run on several machines of the same kind (each
+    lent machine starts bare), and every row names its own host and driver.
+    """
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", machine["gpu_name"] or "cpu").strip("-")
 
 
-# --- one query batch -----------------------------------------------------------------------------
+# --- windows ---------------------------------------------------------------------------------------
 
 
 def greedy_generate_fn(model, spec: ModelSpec, path: str, eos_id: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
@@ -100,11 +116,12 @@ def greedy_generate_fn(model, spec: ModelSpec, path: str, eos_id: int) -> Callab
     pathway (`conditioned_on`), the serving path of budgeted generation, so its rows compare with
     the other models' on the same decode loop.
     """
-    extra = {"cache_implementation": "static"} if path == "static-compile" else {}
+    extra = {"cache_implementation": "static"} if path == "static" else {}
     metabolic = spec.kind == "metabolic"
     lm = model.backbone if metabolic else model
 
-    @torch.inference_mode()
+    # generate() runs under its own no_grad, as it does when transformers compiles it; no inference_mode
+    # around it, so the compiled step sees the same grad mode as in transformers' own use
     def run(ids: torch.Tensor, n_new: int) -> torch.Tensor:
         budget = torch.full((ids.shape[0],), float(spec.budget), device=ids.device) if metabolic else None
         with model.conditioned_on(budget) if metabolic else contextlib.nullcontext():
@@ -116,149 +133,143 @@ def greedy_generate_fn(model, spec: ModelSpec, path: str, eos_id: int) -> Callab
     return run
 
 
-def calls_for_window(fn: Callable[[], Any], min_window_s: float, sync: Callable[[], None]) -> int:
-    """How many calls of `fn` fill a window of at least `min_window_s` (from one timed call, +10% margin)."""
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    one_s = max(time.perf_counter() - t0, 1e-6)
-    return max(1, math.ceil(1.1 * min_window_s / one_s))
+def compiled_by_generate(model, spec: ModelSpec) -> bool:
+    """Whether transformers compiled this model's decode step (it keeps the compiled call on the model)."""
+    lm = model.backbone if spec.kind == "metabolic" else model
+    return hasattr(lm, "_compiled_call")
 
 
-def measure_window(meter: EnergyMeter, fn: Callable[[], Any], n_calls: int) -> Measurement:
-    with meter.window() as w:
-        for _ in range(n_calls):
-            fn()
-    return w.measurement
-
-
-def _sync_for(device: torch.device) -> Callable[[], None]:
+def sync_for(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def phase_row(ms: dict[str, Measurement], n_calls: dict[str, int], batch_size: int, task: Task,
-              idle: IdleBaseline) -> dict[str, Any]:
-    """Per-query energies and times of one repeat, from the three phase windows."""
+def adaptive_window(meter: EnergyMeter, fn: Callable[[], Any], min_window_s: float,
+                    sync: Callable[[], None]) -> tuple[Measurement, int, Any]:
+    """(measurement, calls, first call's result) of a window of whole calls of `fn`, ended by the first
+    call that brings it to `min_window_s` (the host waits for the device after each call)."""
+    first, n = None, 0
+    with meter.window() as w:
+        t0 = time.perf_counter()
+        while True:
+            out = fn()
+            sync()
+            n += 1
+            if first is None:
+                first = out
+            if time.perf_counter() - t0 >= min_window_s:
+                break
+    return w.measurement, n, first
+
+
+def window_record(m: Measurement, n_calls: int) -> dict[str, Any]:
+    """What a window keeps: everything a row is computed from."""
+    return {"energy_j": m.energy_j, "time_s": m.time_s, "n_calls": n_calls, "short_window": m.short_window,
+            "resolution_j": m.resolution_j, "source": m.source}
+
+
+def idle_record(meter: EnergyMeter, idle_s: float) -> dict[str, Any]:
+    """The idle GPU's power over `idle_s` seconds (nothing to wait for without a meter)."""
+    if not meter.available:
+        return {"power_w": None, "resolution_w": None, "time_s": 0.0, "energy_j": None}
+    base = meter.idle_baseline(idle_s)
+    return {"power_w": base.power_w, "resolution_w": base.resolution_w, "time_s": base.measurement.time_s,
+            "energy_j": base.measurement.energy_j}
+
+
+def measure_preprocess(meter: EnergyMeter, tokenizer, prompts: list[list[int]], min_window_s: float,
+                       repeats: int) -> dict[str, Any]:
+    """Tokenising a batch's texts: `repeats` windows."""
+    texts = tokenizer.batch_decode(prompts, clean_up_tokenization_spaces=False)
+    fn = lambda: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    fn()  # warm-up
+    return {"windows": [window_record(*adaptive_window(meter, fn, min_window_s, lambda: None)[:2])
+                        for _ in range(repeats)]}
+
+
+def measure_cell(meter: EnergyMeter, gen: Callable, ids: torch.Tensor, task: Task, min_window_s: float, repeats: int,
+                 idle_s: float, sync: Callable[[], None]) -> dict[str, Any]:
+    """One (model, path, task, batch size): the idle baseline, then `repeats` x (prefill, full) windows.
+
+    The greedy outputs of the first full call are kept as a hash, to compare serving paths.
+    """
+    idle = idle_record(meter, idle_s)
+    gen(ids, 1)  # this prompt shape's warm-up
+    sync()
+    windows, outputs = [], None
+    for _ in range(repeats):
+        pre, n_pre, _ = adaptive_window(meter, lambda: gen(ids, 1), min_window_s, sync)
+        full, n_full, out = adaptive_window(meter, lambda: gen(ids, task.output_tokens), min_window_s, sync)
+        outputs = out if outputs is None else outputs
+        windows.append({"prefill": window_record(pre, n_pre), "full": window_record(full, n_full)})
+    if outputs.shape[1] != task.input_tokens + task.output_tokens:
+        raise DataError(f"generate returned {outputs.shape[1] - task.input_tokens} new tokens, expected {task.output_tokens}")
+    digest = artefacts.sha256_bytes(outputs.cpu().to(torch.int64).numpy().tobytes())
+    return {"idle": idle, "windows": windows, "outputs_sha256": digest}
+
+
+# --- rows ------------------------------------------------------------------------------------------
+
+
+def resolved(name: str, value_j: float, bound_j: float) -> dict[str, Any]:
+    """`<name>_j` when it exceeds what the meter resolves, else None with the flag and the bound."""
+    below = value_j < bound_j
+    return {f"{name}_j": None if below else value_j, f"{name}_below_resolution": below, f"{name}_resolution_j": bound_j}
+
+
+def energy_text(value_j: Optional[float], below: Optional[bool], bound_j: Optional[float]) -> str:
+    """How a table shows an energy: "12.3 J", "below resolution (< 0.8 J)" or "unavailable"."""
+    if below:
+        return f"below resolution (< {bound_j:.3g} J)"
+    return "unavailable" if value_j is None else f"{value_j:.3g} J"
+
+
+def phase_row(windows: dict[str, dict], batch_size: int, task: Task, idle: dict[str, Any]) -> dict[str, Any]:
+    """Per-query energies and times of one repeat, from its preprocess, prefill and full windows."""
     row: dict[str, Any] = {}
-    available = all(m.available for m in ms.values())
-    for ph, m in ms.items():
-        queries = n_calls[ph] * batch_size
-        row[f"{ph}_window_s"] = m.time_s
-        row[f"{ph}_n_calls"] = n_calls[ph]
-        row[f"{ph}_s_per_query"] = m.time_s / queries  # amortised over the batch
-        row[f"{ph}_latency_s"] = m.time_s / n_calls[ph]  # one batched call
-        row[f"{ph}_j"] = m.energy_j / queries if available else None
-        row[f"{ph}_short_window"] = m.short_window
+    available = all(w["energy_j"] is not None for w in windows.values()) and idle["power_w"] is not None
+    for ph, w in windows.items():
+        queries = w["n_calls"] * batch_size
+        row[f"{ph}_window_s"] = w["time_s"]
+        row[f"{ph}_n_calls"] = w["n_calls"]
+        row[f"{ph}_s_per_query"] = w["time_s"] / queries  # amortised over the batch
+        row[f"{ph}_latency_s"] = w["time_s"] / w["n_calls"]  # one batched call
+        row[f"{ph}_j"] = w["energy_j"] / queries if available else None
+        row[f"{ph}_resolution_j"] = w["resolution_j"] / queries if available else None
+        row[f"{ph}_short_window"] = w["short_window"]
     row["decode_s_per_query"] = row["full_s_per_query"] - row["prefill_s_per_query"]
     row["total_s_per_query"] = row["preprocess_s_per_query"] + row["full_s_per_query"]
-    row["output_tokens_per_s"] = n_calls["full"] * batch_size * task.output_tokens / ms["full"].time_s
-    row["prefill_tokens_per_s"] = n_calls["prefill"] * batch_size * task.input_tokens / ms["prefill"].time_s
-    row["idle_power_w"] = idle.power_w
+    row["output_tokens_per_s"] = windows["full"]["n_calls"] * batch_size * task.output_tokens / windows["full"]["time_s"]
+    row["prefill_tokens_per_s"] = windows["prefill"]["n_calls"] * batch_size * task.input_tokens / windows["prefill"]["time_s"]
+    row["idle_power_w"] = idle["power_w"]
+    row["idle_window_s"] = idle["time_s"]
     if available:
-        row["decode_j"] = row["full_j"] - row["prefill_j"]
         row["total_j"] = row["preprocess_j"] + row["full_j"]
-        row["idle_j"] = idle.idle_energy_j(row["total_s_per_query"])
-        row["active_j"] = idle.active_energy_j(row["total_j"], row["total_s_per_query"])
+        row["idle_j"] = idle["power_w"] * row["total_s_per_query"]
+        active_bound = (row["preprocess_resolution_j"] + row["full_resolution_j"]
+                        + idle["resolution_w"] * row["total_s_per_query"])
+        row.update(resolved("active", row["total_j"] - row["idle_j"], active_bound))
+        row.update(resolved("decode", row["full_j"] - row["prefill_j"],
+                            row["full_resolution_j"] + row["prefill_resolution_j"]))
         row["j_per_output_token"] = row["total_j"] / task.output_tokens
         e = etokens(row["total_j"], task.input_tokens, task.output_tokens)
         row.update(energy_wh=e.energy_wh, e_in_wh=e.e_in_wh, e_out_wh=e.e_out_wh, etoken_note=e.note,
                    identity_ok=e.identity_holds())
     else:
-        row.update(decode_j=None, total_j=None, idle_j=None, active_j=None, j_per_output_token=None,
+        row.update(total_j=None, idle_j=None, active_j=None, active_below_resolution=None, active_resolution_j=None,
+                   decode_j=None, decode_below_resolution=None, decode_resolution_j=None, j_per_output_token=None,
                    energy_wh=None, e_in_wh=None, e_out_wh=None, identity_ok=None,
                    etoken_note="energy unavailable on this machine: these are CPU/wall timings only")
-    row["energy_source"] = next(iter(ms.values())).source
+    row["energy_source"] = windows["full"]["source"]
     return row
 
 
-def measure_cell(meter: EnergyMeter, gen: Callable, tokenizer, prompts: list[list[int]], task: Task,
-                 device: torch.device, min_window_s: float, repeats: int, idle: IdleBaseline) -> tuple[list[dict], torch.Tensor]:
-    """All repeats of one (model, path, task, batch size): rows and the greedy outputs (for path comparison)."""
-    sync = _sync_for(device)
-    ids = torch.tensor(prompts, dtype=torch.long, device=device)
-    texts = tokenizer.batch_decode(prompts, clean_up_tokenization_spaces=False)
-    fns = {
-        "preprocess": lambda: tokenizer(texts, add_special_tokens=False)["input_ids"],
-        "prefill": lambda: gen(ids, 1),
-        "full": lambda: gen(ids, task.output_tokens),
-    }
-    gen(ids, 1)  # warm-up
-    outputs = gen(ids, task.output_tokens)  # warm-up (compiles on the static path) and the reference output
-    sync()
-    t0 = time.perf_counter()
-    gen(ids, task.output_tokens)  # timed after compilation, so the window count is not set by compile time
-    sync()
-    full_s = max(time.perf_counter() - t0, 1e-6)
-    if outputs.shape[1] != task.input_tokens + task.output_tokens:
-        raise DataError(f"generate returned {outputs.shape[1] - task.input_tokens} new tokens, expected {task.output_tokens}")
-    n_calls = {ph: calls_for_window(fns[ph], min_window_s, sync) for ph in ("preprocess", "prefill")}
-    n_calls["full"] = max(1, math.ceil(1.1 * min_window_s / full_s))
+def cell_rows(record: dict[str, Any], preprocess: dict[str, Any], task: Task, batch_size: int) -> list[dict[str, Any]]:
+    """The rows of one measured cell: one per repeat, with the preprocess window of the same repeat."""
     rows = []
-    for r in range(repeats):
-        ms = {ph: measure_window(meter, fns[ph], n_calls[ph]) for ph in PHASES}
-        rows.append({"repeat": r, **phase_row(ms, n_calls, len(prompts), task, idle)})
-    return rows, outputs.cpu()
-
-
-# --- the grid ------------------------------------------------------------------------------------
-
-
-def run_grid(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid: Sequence[Sequence[int]],
-             specs: list[ModelSpec], device: torch.device, machine: dict[str, Any],
-             progress: bool = True) -> tuple[list[dict], list[dict]]:
-    """Rows for every model x path x task x batch size, and the skipped cells with their reasons."""
-    from tqdm.auto import tqdm
-
-    dtype = DTYPES[e.dtype] if device.type == "cuda" else torch.float32
-    tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)
-    idle = meter.idle_baseline(e.idle_s)
-    eos = tokenizer.eos_token_id
-    rows: list[dict] = []
-    skipped: list[dict] = []
-    n_cells = sum(len(("manual-kv",) if s.kind == "metabolic" else e.paths) for s in specs) * len(tasks) * len(e.batch_sizes)
-    bar = tqdm(total=n_cells, desc="etokens", unit="cell", disable=not progress)
-    for spec in specs:
-        try:
-            model = load_model(spec, len(tokenizer), eos, device, dtype)
-        except AssetError as exc:
-            skipped.append({"model": spec.name, "reason": str(exc)})
-            bar.update(n_cells // max(1, len(specs)))
-            continue
-        n_params = count_parameters(model)
-        paths = ("manual-kv",) if spec.kind == "metabolic" else e.paths
-        reference: dict[tuple[str, int], torch.Tensor] = {}
-        for path in paths:
-            gen = greedy_generate_fn(model, spec, path, eos)
-            for task in tasks:
-                for batch_size in e.batch_sizes:
-                    prompts = pick_prompts(valid, batch_size, task.input_tokens, seed)
-                    cell = {"model": spec.name, "model_kind": spec.kind, "n_params": n_params, "budget": spec.budget,
-                            "path": path, "compiled": path == "static-compile" and device.type == "cuda",
-                            "dtype": str(dtype).replace("torch.", ""), "task": task.name, "ratio": task.ratio,
-                            "input_tokens": task.input_tokens, "output_tokens": task.output_tokens,
-                            "batch_size": batch_size, "min_window_s": e.min_window_s}
-                    try:
-                        cell_rows, outputs = measure_cell(meter, gen, tokenizer, prompts, task, device,
-                                                          e.min_window_s, e.repeats, idle)
-                    except (RuntimeError, TypeError) as exc:  # e.g. a path this model/device cannot run
-                        skipped.append({**cell, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
-                        bar.update(1)
-                        continue
-                    key = (task.name, batch_size)
-                    same = bool(torch.equal(reference[key], outputs)) if key in reference else None
-                    reference.setdefault(key, outputs)
-                    # a hash of the greedy outputs lets paths measured in separate runs be compared too
-                    digest = artefacts.sha256_bytes(outputs.to(torch.int64).numpy().tobytes())
-                    for row in cell_rows:
-                        rows.append({**machine, **cell, "same_outputs_as_first_path": same, "outputs_sha256": digest, **row})
-                    bar.update(1)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    bar.close()
-    check_rows(rows)
-    return rows, skipped
+    for r, windows in enumerate(record["windows"]):
+        phases = {"preprocess": preprocess["windows"][r], **windows}
+        rows.append({"repeat": r, **phase_row(phases, batch_size, task, record["idle"])})
+    return rows
 
 
 # --- calibration and physical budgets (GPU only) -------------------------------------------------
@@ -270,7 +281,8 @@ def run_calibration(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, v
 
     Semantic cost of a request = sum of the synthetic prior's token costs over its input and output
     tokens (the study's "metabolic tokenizer"; a trained MetabolicGPT-2's calibrated cost can replace
-    it). Needs a working energy meter: on a machine without one this returns a `skipped` reason.
+    it). Batch 1, default path; each request's joules come from one window of whole repeated calls.
+    Needs a working energy meter: on a machine without one this returns a `skipped` reason.
     """
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
@@ -282,22 +294,18 @@ def run_calibration(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, v
     eos = tokenizer.eos_token_id
     model = load_model(spec, len(tokenizer), eos, device, dtype)
     gen = greedy_generate_fn(model, spec, "default", eos)
-    sync = _sync_for(device)
-    rng = random.Random(seed + 17)
+    sync = sync_for(device)
+    warm = torch.tensor(pick_prompts(valid, 1, e.input_tokens, seed), device=device)
+    gen(warm, e.max_output_tokens)  # warm-up
+    idle = idle_record(meter, e.idle_s)
     points = []
-    for i in tqdm(range(e.calib_requests), desc="calibration", disable=not progress):
-        t_in = rng.randint(4, e.input_tokens)
-        t_out = rng.randint(1, e.max_output_tokens)
-        prompt = pick_prompts(valid, 1, t_in, seed + i)
-        ids = torch.tensor(prompt, device=device)
-        fn = lambda: gen(ids, t_out)  # noqa: E731
-        out = fn()
-        n = calls_for_window(fn, e.min_window_s, sync)
-        m = measure_window(meter, fn, n)
-        all_ids = out[0].tolist()
+    requests = calibration_requests(e, seed)
+    for i, (t_in, t_out) in enumerate(tqdm(requests, desc="calibration", disable=not progress)):
+        ids = torch.tensor(pick_prompts(valid, 1, t_in, seed + i), device=device)
+        m, n, out = adaptive_window(meter, lambda: gen(ids, t_out), e.min_window_s, sync)  # noqa: B023
         points.append({"input_tokens": t_in, "output_tokens": t_out, "context_tokens": t_in + t_out,
-                       "semantic_cost": float(token_cost[all_ids].sum()), "energy_j": m.energy_j / n,
-                       "window_s": m.time_s, "n_calls": n, "batch_size": 1})
+                       "semantic_cost": float(token_cost[out[0].tolist()].sum()), "energy_j": m.energy_j / n,
+                       "resolution_j": m.resolution_j / n, "window_s": m.time_s, "n_calls": n, "batch_size": 1})
     fit_tokens = fit_linear([[p["input_tokens"], p["output_tokens"]] for p in points], [p["energy_j"] for p in points],
                             ("input_tokens", "output_tokens"))
     fit_cost = fit_linear([[p["semantic_cost"]] for p in points], [p["energy_j"] for p in points], ("semantic_cost",))
@@ -321,9 +329,7 @@ def run_calibration(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, v
                         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                               max_new_tokens=e.max_output_tokens, do_sample=False, pad_token_id=eos,
                                               stopping_criteria=StoppingCriteriaList([crit]))
-                out = fn()
-                n = calls_for_window(fn, e.min_window_s, sync)
-                m = measure_window(meter, fn, n)
+                m, n, out = adaptive_window(meter, fn, e.min_window_s, sync)
                 measured.append(m.energy_j / n)
                 lengths.append(out.shape[1] - e.input_tokens)
             budgets.append({"predictor": predictor, "fraction": frac, "budget_j": budget_j, "measured_j": measured,
@@ -331,11 +337,10 @@ def run_calibration(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, v
                             "batch_size": 1, "min_window_s": e.min_window_s})
     return {"model": spec.name, "points": points, "semantic_cost": "synthetic prior (sum over input and output tokens)",
             "fit_tokens": fit_tokens.__dict__, "fit_cost": fit_cost.__dict__, "budgets": budgets,
-            "min_window_s": e.min_window_s}
+            "min_window_s": e.min_window_s, "idle_power_w": idle["power_w"]}
 
 
-# --- the stage -----------------------------------------------------------------------------------
-
+# --- the stage's description and results ----------------------------------------------------------
 
 
 def calibrations(root: Path) -> list[dict]:
@@ -349,8 +354,13 @@ def measured_model_keys(specs: Sequence[ModelSpec]) -> list[tuple[str, str, str 
              if s.kind == "metabolic" else None) for s in specs]
 
 
-# Bumped when what is measured changes (2: MetabolicGPT-2 decodes through generate(), not a hand loop).
-MEASUREMENT_VERSION = 2
+# Bumped when what is measured changes (2: MetabolicGPT-2 decodes through generate(), not a hand loop;
+# 3: units kept one by one, adaptive windows, idle per cell, preprocess per task x batch size, the
+# static path named `static`, active and decode energies below resolution written as None).
+MEASUREMENT_VERSION = 3
+# What identifies the kind of machine in the stage's key: parts of one grid may run on several
+# lent machines of the same kind (each starts bare), so host and driver are recorded per unit instead.
+MACHINE_KEY = ("device", "gpu_name", "energy_source")
 
 
 def stage_description(settings: dict, seed: int, corpus_fingerprint: str, model_keys: list, machine: dict) -> dict:
@@ -360,31 +370,32 @@ def stage_description(settings: dict, seed: int, corpus_fingerprint: str, model_
     MetabolicGPT-2 (new manifest fingerprint) is measured again instead of reusing stale rows.
     """
     return {"stage": "etokens", "version": MEASUREMENT_VERSION, "energy": settings, "seed": seed, "corpus": corpus_fingerprint,
-            "models": [list(k) for k in model_keys],
-            "machine": {k: machine[k] for k in ("host", "device", "gpu_name", "driver", "energy_source")}}
+            "models": [list(k) for k in model_keys], "machine": {k: machine[k] for k in MACHINE_KEY}}
 
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of one `rows.jsonl`, each tagged with the file it came from."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise DataError(f"{path} line {i + 1} is not JSON: the file is corrupt; re-copy it from its machine") from None
+        rows.append({**row, "results_file": f"{Path(path).parent.name}/{Path(path).name}"})
+    return rows
 
 
 def merge_results(root: Path, extra: Sequence[Path] = ()) -> list[dict]:
     """Every `rows.jsonl` under `root` (one folder per machine and setting) plus `extra` files, as one list.
 
     Result folders copied from other machines (e.g. the H100 and H200 runs) into `root` merge here;
-    each row names its machine, so the table can split by GPU.
+    each row names its machine, so the table can split by GPU. Unfinished (`.partial`) folders are left out.
     """
     files = sorted(Path(root).glob(f"*/{ROWS}")) if Path(root).is_dir() else []
     files += [Path(p) for p in extra]
-    rows: list[dict] = []
-    for path in files:
-        if ".partial" in str(path.parent.name):
-            continue
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise DataError(f"{path} line {i + 1} is not JSON: the file is corrupt; re-copy it from its machine") from None
-            rows.append({**row, "results_file": f"{path.parent.name}/{path.name}"})
+    rows = [row for path in files if ".partial" not in path.parent.name for row in read_rows(path)]
     check_rows(rows)
     return rows
 
@@ -393,6 +404,7 @@ GROUP = ("gpu_name", "host", "model", "path", "task", "batch_size")
 SUMMARY_FIELDS = ("total_j", "preprocess_j", "prefill_j", "decode_j", "active_j", "e_in_wh", "e_out_wh",
                   "j_per_output_token", "total_s_per_query", "prefill_s_per_query", "decode_s_per_query",
                   "output_tokens_per_s")
+RESOLVED = ("active", "decode")  # energies that can fall below the meter's resolution
 
 
 def paths_agree(rows: Sequence[dict]) -> dict[str, int]:
@@ -410,7 +422,11 @@ def paths_agree(rows: Sequence[dict]) -> dict[str, int]:
 
 
 def summarise(rows: Sequence[dict]) -> list[dict]:
-    """Median (and inter-quartile range) over repeats per machine x model x path x task x batch size."""
+    """Median (and inter-quartile range) over repeats per machine x model x path x task x batch size.
+
+    Active and decode energies: the median of the resolved repeats when most repeats are resolved,
+    else None; `<name>_text` says which ("12.3 J" or "below resolution (< 0.8 J)").
+    """
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row.get(k) for k in GROUP), []).append(row)
@@ -425,5 +441,37 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
             s = spread(r.get(name) for r in members)
             entry[name] = s.median if s else None
             entry[f"{name}_iqr"] = s.iqr if s else None
+        for name in RESOLVED:
+            below = [r for r in members if r.get(f"{name}_below_resolution")]
+            if 2 * len(below) > len(members):
+                entry[f"{name}_j"] = entry[f"{name}_j_iqr"] = None
+            bound = max((r[f"{name}_resolution_j"] for r in below), default=None)
+            entry[f"{name}_text"] = energy_text(entry[f"{name}_j"], 2 * len(below) > len(members), bound)
         out.append(entry)
     return out
+
+
+def window_resolution_note(rows: Sequence[dict]) -> str:
+    """One line on how many active and decode energies were below the meter's resolution."""
+    with_energy = [r for r in rows if r.get("total_j") is not None]
+    if not with_energy:
+        return "no energy measured: no resolution to state"
+    parts = []
+    for name in RESOLVED:
+        below = [r[f"{name}_resolution_j"] for r in with_energy if r.get(f"{name}_below_resolution")]
+        parts.append(f"{name} energy below resolution in {len(below)} of {len(with_energy)} rows"
+                     + (f" (bounds up to {max(below):.3g} J)" if below else ""))
+    return "; ".join(parts)
+
+
+def outputs_agree_across_paths(rows: list[dict], paths: Sequence[str]) -> None:
+    """Set `same_outputs_as_first_path` on every row: its cell's output hash against the first path's
+    (in `paths` order) for the same model, task and batch size; None for the first path itself."""
+    first: dict[tuple, tuple[str, str]] = {}
+    order = {p: i for i, p in enumerate(paths)}
+    for r in sorted(rows, key=lambda r: order.get(r["path"], len(order))):
+        key = (r["model"], r["task"], r["batch_size"])
+        first.setdefault(key, (r["path"], r["outputs_sha256"]))
+    for r in rows:
+        path, digest = first[(r["model"], r["task"], r["batch_size"])]
+        r["same_outputs_as_first_path"] = None if r["path"] == path else r["outputs_sha256"] == digest

@@ -59,6 +59,9 @@ class Measurement:
     n_samples: int = 0  # counter reads (2) or power samples integrated
     short_window: bool = False  # time_s < the counter's update period: energy_j is unreliable
     reason: str = ""  # why energy is unavailable ("" when measured)
+    # How far energy_j can be off: each edge reads a value up to one update period (counter) or one
+    # sampling interval (polling) old, so the error is below that period x the window's mean power.
+    resolution_j: Optional[float] = None
 
     @property
     def available(self) -> bool:
@@ -89,6 +92,14 @@ class IdleBaseline:
 
     power_w: Optional[float]
     measurement: Measurement
+
+    @property
+    def resolution_w(self) -> Optional[float]:
+        """How far `power_w` can be off: the idle window's energy resolution over its length."""
+        m = self.measurement
+        if self.power_w is None or m.resolution_j is None or m.time_s <= 0:
+            return None
+        return m.resolution_j / m.time_s
 
     def idle_energy_j(self, time_s: float) -> Optional[float]:
         """What the idle GPU draws in `time_s` seconds (None without an idle power)."""
@@ -368,9 +379,13 @@ class EnergyMeter:
             )
         self._check(energy_j, time_s, short)
         info = self.info
+        period_s = self.counter_period_s if self.source == "counter" else self.poll_interval_s
+        # mean power over at least one period, so a short window's single counter step does not inflate it
+        resolution_j = period_s * energy_j / max(time_s, period_s)
         return Measurement(
             energy_j=energy_j, time_s=time_s, source=self.source, gpu_index=info.index, gpu_name=info.name,
             driver=info.driver, power_limit_w=info.power_limit_w, n_samples=n_samples, short_window=short,
+            resolution_j=resolution_j,
         )
 
     def _check(self, energy_j: float, time_s: float, short: bool) -> None:
@@ -405,7 +420,7 @@ class EnergyMeter:
     def idle_baseline(self, duration_s: float) -> IdleBaseline:
         """Idle power: a window of `duration_s` with nothing launched (after a CUDA synchronise)."""
         if duration_s <= 0:
-            raise ConfigError(f"idle duration_s={duration_s!r} is invalid: use a value > 0 (e.g. energy.idle_s=2)")
+            raise ConfigError(f"idle duration_s={duration_s!r} is invalid: use a value > 0 (e.g. energy.idle_s=1)")
         with self.window() as w:
             time.sleep(duration_s)
         m = w.measurement

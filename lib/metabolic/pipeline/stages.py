@@ -33,6 +33,7 @@ from metabolic.csc.dataset import DATA_FILE, CSCData, csc_stats, encoder_weights
 from metabolic.csc.labeller import CSCLabeller
 from metabolic.data.corpus import load_corpus, pack_blocks, pack_ids, select_sequences, subsample_indices, tokenize, unpack_ids
 from metabolic.data.prior import Prior, build_prior, decoded_tokens, token_counts
+from metabolic.energy.grid import CELLS, Grid, run_grid
 from metabolic.energy.measurement import (
     CALIBRATION,
     MACHINE,
@@ -42,12 +43,11 @@ from metabolic.energy.measurement import (
     machine_tag,
     measured_model_keys,
     merge_results,
-    run_calibration,
-    run_grid,
     stage_description,
 )
 from metabolic.energy.meter import EnergyMeter
-from metabolic.energy.workloads import model_specs
+from metabolic.energy.plan import Plan, grid_units, make_plan
+from metabolic.energy.workloads import make_tasks, model_specs
 from metabolic.evaluate.cost_fit import cost_model_fit
 from metabolic.evaluate.scoring import (
     EVALUATION_VERSION,
@@ -514,20 +514,32 @@ def read_generations(cfg) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class EtokenResults:
-    folder: Optional[Path]  # this machine's results (None when this machine only merged others')
-    rows: list[dict]  # every machine's rows under data/<profile>/etokens/
+    folder: Optional[Path]  # this machine's finished results (None when unfinished or only merged)
+    rows: list[dict]  # every machine's finished rows under data/<profile>/etokens/, plus this run's unfinished ones
     skipped: list[dict]
     calibration: dict[str, Any]  # the first measured calibration found, else this machine's `skipped` reason
     machine: dict[str, Any]
     energy_available: bool  # this machine has an energy meter
     measured_here: bool
+    complete: bool = True  # False: this machine's grid is unfinished (energy.part_seconds); rerun to go on
+    grid: Optional[Grid] = None  # this run's grid (plan, units measured now and before), when it measured
+
+
+class _PartDone(Exception):
+    """Raised inside the artefact's build to leave an unfinished grid in its `.partial` folder."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__("e-token grid unfinished")
+        self.grid = grid
 
 
 def measure_etokens(cfg: StudyConfig, progress: bool = True) -> EtokenResults:
-    """Stage `etokens`: measure this machine's grid (or reuse it), then merge every machine's results.
+    """Stage `etokens`: measure this machine's grid (or its next part, or reuse it), then merge every machine's results.
 
     With `energy.measure="auto"`, a machine without an energy meter does not measure when results
     with energy already sit in data/<profile>/etokens/ (copied from GPU machines): it only merges.
+    With `energy.part_seconds`, one run measures one part of the grid and keeps it; the next run
+    measures the next part, and the run that measures the last one finishes the artefact.
     """
     e = cfg.energy
     root = artefacts.run_dir(cfg.profile) / "etokens"
@@ -538,20 +550,27 @@ def measure_etokens(cfg: StudyConfig, progress: bool = True) -> EtokenResults:
         existing = merge_results(root)
         with_energy = any(r.get("total_j") is not None for r in existing)
         measure = e.measure == "always" or (e.measure == "auto" and (meter.available or not with_energy))
-        folder = _measure_here(cfg, meter, machine, device, progress) if measure else None
+        folder, grid = _measure_here(cfg, meter, machine, device, progress) if measure else (None, None)
     finally:
         meter.close()
+    rows = merge_results(root)
     if folder is not None:
         own = artefacts.read_json(folder / MACHINE)
         skipped, own_calibration = own["skipped"], artefacts.read_json(folder / CALIBRATION)
+    elif grid is not None:  # unfinished: what this machine has measured so far
+        skipped, own_calibration = grid.skipped, grid.calibration
+        rows += [{**r, "results_file": f"unfinished/{ROWS}"} for r in grid.rows]
     else:
         skipped, own_calibration = [], {"skipped": f"not measured on this machine (energy.measure={e.measure!r})"}
     calibration = next((c for c in calibrations(root) if "skipped" not in c), own_calibration)
-    return EtokenResults(folder=folder, rows=merge_results(root), skipped=skipped, calibration=calibration,
-                         machine=machine, energy_available=meter.available, measured_here=folder is not None)
+    return EtokenResults(folder=folder, rows=rows, skipped=skipped, calibration=calibration, machine=machine,
+                         energy_available=meter.available, measured_here=measure, complete=grid is None or grid.complete,
+                         grid=grid)
 
 
-def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: torch.device, progress: bool) -> Path:
+def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: torch.device,
+                  progress: bool) -> tuple[Optional[Path], Optional[Grid]]:
+    """(the finished artefact or None while unfinished, the grid as this run left it or None when reused)."""
     e = cfg.energy
     data = corpus(cfg)
     valid = valid_sequences(cfg, data)
@@ -559,27 +578,45 @@ def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: t
     run_folder = artefacts.run_dir(cfg.profile)
     budgets = cfg.generation.budgets or cfg.train.budgets
     specs, skipped_models = model_specs(e.models, run_folder, budgets)
-    settings = {k: v for k, v in e.__dict__.items() if k != "measure"}
+    # How a grid is split into runs does not change what it measures: neither key goes into the fingerprint.
+    settings = {k: v for k, v in e.__dict__.items() if k not in ("measure", "part_seconds")}
     description = stage_description(settings, cfg.seed, data.fingerprint, measured_model_keys(specs), machine)
     key = artefacts.fingerprint(description)[:8]
     folder = run_folder / "etokens" / f"{machine_tag(machine)}-{key}"
+    result: dict[str, Grid] = {}
 
     def build(work: Path) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        rows, skipped = run_grid(e, cfg.seed, meter, tokenizer, valid, specs, device, machine, progress)
-        if not meter.available:
-            calibration = {"skipped": f"energy unavailable: {meter.reason}"}
-        elif not e.calibrate:
-            calibration = {"skipped": "energy.calibrate=false for this run"}
-        else:
-            prior = energy_prior(cfg).prior
-            calibration = run_calibration(e, cfg.seed, meter, tokenizer, valid, prior.cost, device, progress)
-        artefacts.atomic_write_text(work / ROWS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        artefacts.atomic_write_json(work / CALIBRATION, calibration)
-        artefacts.atomic_write_json(work / MACHINE, {**machine, "skipped": skipped_models + skipped})
-        return {"n_rows": len(rows), "wall_s": time.perf_counter() - t0, "energy_available": meter.available}
+        grid = run_grid(e, cfg.seed, meter, tokenizer, valid, specs, device, machine, work / CELLS,
+                        token_cost=lambda: energy_prior(cfg).prior.cost, progress=progress)
+        result["grid"] = grid
+        if not grid.complete:
+            raise _PartDone(grid)  # the partial folder keeps every unit measured so far
+        artefacts.write_jsonl(work / ROWS, grid.rows)
+        artefacts.atomic_write_json(work / CALIBRATION, grid.calibration)
+        records = [grid.records[u.key] for u in grid.plan.units]  # in grid order
+        units = [{k: r.get(k) for k in ("key", "estimate_s", "wall_s", "group_warmup_s")} | {"host": r["machine"]["host"]}
+                 for r in records]
+        hosts = {r["machine"]["host"]: r["machine"] for r in records}
+        artefacts.atomic_write_json(work / MACHINE, {**machine, "skipped": skipped_models + grid.skipped,
+                                                     "machines": list(hosts.values()), "units": units,
+                                                     "plan": grid.whole_plan.describe()})
+        return {"n_rows": len(grid.rows), "energy_available": meter.available,
+                "wall_s": sum(u["wall_s"] or 0.0 for u in units)}
 
-    return artefacts.build_artefact(folder, description, build, cfg.to_json(), required=(ROWS, CALIBRATION, MACHINE))
+    try:
+        artefacts.build_artefact(folder, description, build, cfg.to_json(), required=(ROWS, CALIBRATION, MACHINE))
+    except _PartDone as done:
+        return None, done.grid
+    return folder, result.get("grid")  # no grid when the finished artefact was reused
+
+
+def etokens_plan(cfg: StudyConfig, calibrate: bool = True) -> Plan:
+    """The profile's e-token grid as planned for one H100 (`metabolic.energy.plan`), nothing measured:
+    the models this run folder offers, the tasks, batch sizes and paths, each unit's estimate, the parts."""
+    e = cfg.energy
+    specs, _ = model_specs(e.models, artefacts.run_dir(cfg.profile), cfg.generation.budgets or cfg.train.budgets)
+    tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)
+    return make_plan(e, grid_units(e, specs, tasks, calibrate=calibrate and e.calibrate), tasks, cfg.seed)
 
 
 # Registered in pipeline order; later issues add their stages here.

@@ -68,6 +68,24 @@ def test_moving_the_slider_regenerates(explorer):
     assert explorer._widgets["output"].value != before or explorer.last.error is None
 
 
+def test_seed_and_resample_regenerate_once_each(explorer):
+    pytest.importorskip("ipywidgets")
+    explorer.widget()
+    ws = explorer._widgets
+    ws["max_new_tokens"].value = 12
+    seed, renders = ws["seed"].value, explorer.renders
+    ws["resample"].click()
+    assert (ws["seed"].value, explorer.renders) == (seed + 1, renders + 1)
+    assert f"seed {seed + 1}:" in explorer.last.status
+    resampled = explorer.last
+    ws["seed"].value = seed  # the same seed gives the same sample back
+    assert explorer.renders == renders + 2 and f"seed {seed}:" in explorer.last.status
+    assert explorer.render("The history of the city", ws["budget"].value, ws["temperature"].value, 12,
+                           seed=seed + 1).text_html == resampled.text_html
+    ws["max_new_tokens"].value = 2
+    assert explorer.renders == renders + 3 and explorer.last.n_tokens <= 2
+
+
 def test_colours_and_gauge_are_bounded():
     assert cost_colour(-5, 0, 1) == cost_colour(0, 0, 1)
     assert cost_colour(9, 0, 1) == cost_colour(1, 0, 1)

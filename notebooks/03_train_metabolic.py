@@ -87,16 +87,17 @@ panels = [("train_loss", "train loss", "nats/token"), ("val_loss", "val loss", "
           ("shape", "shape (curriculum factor)", "factor"), ("target_budget", "target budget", "proxy units"),
           ("achieved_budget", "achieved budget (proxy)", "proxy units"), ("calib_a", "calib a", "CSC units"),
           ("calib_b", "calib b", "CSC per proxy unit"), ("val_level_rel_err", "val level error (relative)", "fraction")]
-fig = make_subplots(rows=3, cols=4, subplot_titles=[t for _, t, _ in panels])
+fig = make_subplots(rows=3, cols=4, subplot_titles=[t for _, t, _ in panels], horizontal_spacing=0.08, vertical_spacing=0.14)
 colours = {"faithful": "#1f77b4", "expected-cost": "#d62728"}
 for i, (key, _, unit) in enumerate(panels):
-    fig.update_yaxes(title_text=unit, row=i // 4 + 1, col=i % 4 + 1)
+    fig.update_yaxes(title_text=unit, title_font_size=11, title_standoff=2, row=i // 4 + 1, col=i % 4 + 1)
     for variant, result in results.items():
         fig.add_scatter(x=[r["epoch"] for r in result.metrics], y=[r[key] for r in result.metrics], mode="lines+markers",
                         name=variant, legendgroup=variant, showlegend=i == 0, line={"color": colours[variant]},
                         row=i // 4 + 1, col=i % 4 + 1)
-fig.update_xaxes(title_text="epoch")
-fig.update_layout(title=f"Monitored quantities per epoch (paper V.C), {cfg.profile} profile", height=800)
+fig.update_xaxes(title_text="epoch", title_font_size=11, title_standoff=2, dtick=1)
+fig.update_annotations(font_size=13)  # the panel titles
+fig.update_layout(title=f"Monitored quantities per epoch (paper V.C), {cfg.profile} profile", height=820)
 save_figure(fig, cfg, "03_training_curves", "03_train_metabolic")
 fig.show()
 

@@ -203,7 +203,7 @@ def test_every_control_regenerates_the_text_in_jupyterlab(tmp_path):
             assert prompt["text"].startswith("Once upon a time")
 
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.locator(".widget-vbox", has=page.locator(".metabolic-status")).last.screenshot(path=SCREENSHOT)
+            page.locator(".jp-OutputArea-output", has=page.locator(".metabolic-status")).last.screenshot(path=SCREENSHOT)
 
             # budget, dragged to the bottom of its range: a smaller budget ends the text sooner
             low = ui.drag_slider("budget", 0.0)

@@ -111,7 +111,8 @@ def save_figure(fig, cfg: StudyConfig, name: str, notebook: str) -> dict[str, Pa
             _ensure_png_server()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "kopts ignored with a server": expected
-                png = fig.to_image(format="png", width=900, height=520, scale=1.5)
+                # the figure's own height when it sets one (grids of panels need more than 520 px)
+                png = fig.to_image(format="png", width=900, height=fig.layout.height or 520, scale=1.5)
         except Exception as exc:  # noqa: BLE001 - a PNG is a convenience; the HTML is already written
             log.warning("PNG export of %s failed (%s); the HTML is written", name, str(exc).splitlines()[0][:160])
         else:

@@ -165,9 +165,10 @@ print(f"  slopes: total {csc_analysis.log_slope(trunc['length'], trunc['total'])
 # %%
 edges = np.unique(np.quantile(table["length"], np.linspace(0, 1, 7)))
 edges[-1] += 1
-fig = make_subplots(rows=1, cols=3, subplot_titles=("total CSC (raw)", "per-token CSC", "total on the length scale"))
+fig = make_subplots(rows=1, cols=3, subplot_titles=("total CSC (raw)", "per-token CSC", "total on the length scale"),
+                    horizontal_spacing=0.1)
 # One colour per series in every panel (the legend is drawn from panel 1)
-palette = {"texts": "#9ecae1", "median": "#08519c", "cut": "#e6550d"}
+palette = {"texts": "#6baed6", "median": "#08519c", "cut": "#e6550d"}
 panel_y = {"total": "total CSC (CSC units)", "per_token": "per-token CSC (CSC units)",
            "total_length_scale": "T x total CSC (CSC units x tokens)"}
 for col, key in enumerate(("total", "per_token", "total_length_scale"), start=1):

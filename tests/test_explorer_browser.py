@@ -2,8 +2,8 @@
 mouse or keyboard, the text, the spend and the gauge read back from the page.
 
 The notebook runs on the smoke profile's artefacts wherever the notebooks find them ($METABOLIC_DATA,
-else data/); its first cell builds any that are missing, as in any run (minutes on a CPU, shared with
-the notebook tests). A screenshot of the widget with a generated text is kept as
+else data/); its cells build any that are missing, as in any run (minutes on a CPU). In a full run it
+comes last (tests/conftest.py), after nbval has built them in the same folder. A screenshot of the widget with a generated text is kept as
 figures/smoke/06_explorer_browser.png (git-ignored, like every figure).
 Deselect with `-m "not browser"`.
 """

@@ -154,6 +154,9 @@ def test_every_control_regenerates_the_text_in_jupyterlab(tmp_path):
             first = ui.state()
             assert first["renders"] == 1, first
             # every control's label is shown whole (none cut off to "budget (C…")
+            # nothing wider than the widget: it would scroll sideways (on focus) and hide the text's left edge
+            assert page.evaluate("() => [...document.querySelectorAll('.widget-vbox, .widget-hbox')]"
+                                 ".every(b => b.scrollWidth <= b.clientWidth)"), "the explorer overflows its box"
             labels = page.evaluate("() => [...document.querySelectorAll('[class*=metabolic-] .widget-label')]"
                                    ".filter(l => l.textContent).map(l => [l.textContent, l.scrollWidth <= l.clientWidth])")
             assert sorted(labels) == sorted([name, True] for name in ("prompt", "budget (CSC)", "temperature", "max tokens",
@@ -203,7 +206,10 @@ def test_every_control_regenerates_the_text_in_jupyterlab(tmp_path):
             assert prompt["text"].startswith("Once upon a time")
 
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.locator(".jp-OutputArea-output", has=page.locator(".metabolic-status")).last.screenshot(path=SCREENSHOT)
+            box = page.locator(".jp-OutputArea-output", has=page.locator(".metabolic-status")).last.bounding_box()
+            # a margin around the output: the HTML widgets' text starts left of the output's box
+            page.screenshot(path=SCREENSHOT, clip={"x": max(0, box["x"] - 90), "y": max(0, box["y"] - 10),
+                                                   "width": box["width"] + 100, "height": box["height"] + 20})
 
             # budget, dragged to the bottom of its range: a smaller budget ends the text sooner
             low = ui.drag_slider("budget", 0.0)

@@ -190,9 +190,11 @@ class BudgetExplorer:
 
     # --- widgets -------------------------------------------------------------------------------
 
-    # Widths so that no label is cut off ("budget (CSC)" needs ~95 px at the default font).
+    # Labels wide enough not to be cut off ("budget (CSC)" needs ~95 px at the default font); two sliders
+    # share a row. Relative widths less each control's 2 px margins: a UI wider than its box scrolls sideways
+    # (on focus) and hides its left edge.
     LABEL_WIDTH = "110px"
-    SLIDER_WIDTH = "430px"
+    SLIDER_WIDTH = "calc(50% - 4px)"
 
     def widget(self):
         """The ipywidgets UI. Every control regenerates once per committed change: sliders on release,
@@ -207,7 +209,7 @@ class BudgetExplorer:
         controls = {
             # Text, not Textarea: with continuous_update=False it commits on Enter, not per keystroke.
             "prompt": w.Text(value=self.prompt, description="prompt", continuous_update=False, style=style,
-                             layout=w.Layout(width="870px")),
+                             layout=w.Layout(width="calc(100% - 4px)")),
             "budget": w.FloatSlider(value=self.budget, min=lo, max=hi, step=(hi - lo) / 100, description="budget (CSC)",
                                     readout_format=".3f", **slider),
             "temperature": w.FloatSlider(value=self.temperature, min=0.1, max=2.0, step=0.05, description="temperature",
@@ -229,9 +231,10 @@ class BudgetExplorer:
         for control in controls.values():
             control.observe(self._on_change, names="value")
         self.refresh()
-        return w.VBox([controls["prompt"], w.HBox([controls["budget"], controls["temperature"]]),
-                       w.HBox([controls["max_new_tokens"], controls["candidates"]]),
-                       w.HBox([controls["seed"], resample]), gauge, output, status])
+        row = w.Layout(width="100%")
+        return w.VBox([controls["prompt"], w.HBox([controls["budget"], controls["temperature"]], layout=row),
+                       w.HBox([controls["max_new_tokens"], controls["candidates"]], layout=row),
+                       w.HBox([controls["seed"], resample]), gauge, output, status], layout=w.Layout(width="100%", max_width="1000px"))
 
     def _on_resample(self, _button) -> None:
         self._widgets["seed"].value = int(self._widgets["seed"].value) + 1  # observed: regenerates once

@@ -63,7 +63,7 @@ if backbone.metrics:
     fig.add_scatter(x=steps, y=[r["val_ppl"] for r in backbone.metrics], name="validation perplexity", secondary_y=True,
                     line={"dash": "dot"})
     fig.update_layout(title=f"Backbone pretraining ({cfg.profile})", xaxis_title="optimiser step")
-    fig.update_yaxes(title_text="loss", secondary_y=False)
+    fig.update_yaxes(title_text="loss (nats/token)", secondary_y=False)
     fig.update_yaxes(title_text="perplexity", type="log", secondary_y=True)
     save_figure(fig, cfg, "00_pretrain_curve", "00_pretrain_backbone")
     fig.show()

@@ -56,7 +56,7 @@ from metabolic.csc import approx as csc_approx
 from metabolic.csc.dataset import sequence_totals
 from metabolic.csc.labeller import CSCLabeller
 from metabolic.pipeline import stages
-from metabolic.report.figures import save_figure
+from metabolic.report.figures import binned_histogram, save_figure
 from plotly.subplots import make_subplots
 
 NB = "02_csc_labels"
@@ -110,15 +110,25 @@ for text, (ids, c) in zip(examples, example_labels):
 flat = np.concatenate(data.train_csc)
 flat = flat[np.isfinite(flat)]
 totals_raw = sequence_totals(data.train_csc, "raw")
-fig = make_subplots(rows=1, cols=2, subplot_titles=("per-token CSC (log scale)", "total CSC per text (raw)"))
-fig.add_histogram(x=np.log10(np.maximum(flat, 1e-6)), nbinsx=60, name="tokens", row=1, col=1)
-fig.add_histogram(x=totals_raw, nbinsx=30, name="texts", row=1, col=2)
+fig = make_subplots(rows=1, cols=2, subplot_titles=(f"per-token CSC (n = {flat.size:,} tokens)",
+                                                    f"total CSC per text (n = {totals_raw.size:,} texts)"))
+fig.add_trace(binned_histogram(np.log10(np.maximum(flat, 1e-6)), 60, name="tokens", unit="tokens"), row=1, col=1)
+fig.add_trace(binned_histogram(totals_raw, 30, name="texts", unit="texts"), row=1, col=2)
 if s["scale"] == "raw":
-    for name, v in s["budgets"].items():
-        fig.add_vline(x=v, line_dash="dash", annotation_text=name, row=1, col=2)
-fig.update_xaxes(title_text="log10 CSC_t", row=1, col=1)
-fig.update_xaxes(title_text="sum of CSC_t", row=1, col=2)
-fig.update_layout(title=f"CSC labels of {len(data.train_ids)} training texts ({cfg.profile} profile)", showlegend=False)
+    # The budget levels as named lines in the legend (annotations on the lines overlapped when levels were close)
+    for (name, v), dash in zip(s["budgets"].items(), ("dot", "dash", "solid")):
+        fig.add_scatter(x=[v, v], y=[0, 1], xaxis="x2", yaxis="y3", mode="lines", line={"dash": dash, "color": "#d62728"},
+                        name=f"{name} budget ({v:.3f})", hoverinfo="name")
+    fig.update_layout(yaxis3={"overlaying": "y2", "range": [0, 1], "visible": False}, showlegend=True,
+                      legend={"title": "budget levels"})
+else:
+    fig.update_layout(showlegend=False)
+fig.update_xaxes(title_text="log10 per-token CSC_t (CSC units)", row=1, col=1)
+fig.update_xaxes(title_text="total CSC per text (sum of CSC_t, CSC units)", row=1, col=2)
+fig.update_yaxes(title_text="tokens per bin", row=1, col=1)
+fig.update_yaxes(title_text="texts per bin", row=1, col=2)
+fig.update_traces(showlegend=False, selector={"type": "bar"})
+fig.update_layout(title=f"CSC labels of {len(data.train_ids)} training texts ({cfg.profile} profile)", bargap=0)
 save_figure(fig, cfg, "02_csc_distributions", NB)
 fig.show()
 
@@ -155,21 +165,30 @@ print(f"  slopes: total {csc_analysis.log_slope(trunc['length'], trunc['total'])
 # %%
 edges = np.unique(np.quantile(table["length"], np.linspace(0, 1, 7)))
 edges[-1] += 1
-fig = make_subplots(rows=1, cols=3, subplot_titles=("total CSC (raw)", "per-token CSC", "total on the length scale"))
+fig = make_subplots(rows=1, cols=3, subplot_titles=("total CSC (raw)", "per-token CSC", "total on the length scale"),
+                    horizontal_spacing=0.1)
+# One colour per series in every panel (the legend is drawn from panel 1)
+palette = {"texts": "#6baed6", "median": "#08519c", "cut": "#e6550d"}
+panel_y = {"total": "total CSC (CSC units)", "per_token": "per-token CSC (CSC units)",
+           "total_length_scale": "T x total CSC (CSC units x tokens)"}
 for col, key in enumerate(("total", "per_token", "total_length_scale"), start=1):
-    fig.add_scattergl(x=table["length"], y=table[key], mode="markers", marker={"size": 4, "opacity": 0.4},
-                      name="texts", showlegend=col == 1, row=1, col=col)
+    fig.add_scattergl(x=table["length"], y=table[key], mode="markers", marker={"size": 4, "opacity": 0.5, "color": palette["texts"]},
+                      name=f"corpus texts (n = {len(table['length'])})", legendgroup="texts", showlegend=col == 1, row=1, col=col)
     b = csc_analysis.binned(table["length"].astype(float), table[key], edges)
-    fig.add_scatter(x=b["x"], y=b["median"], mode="lines+markers", name="median (IQR bars)", showlegend=col == 1,
+    fig.add_scatter(x=b["x"], y=b["median"], mode="lines+markers", line={"color": palette["median"]}, legendgroup="median",
+                    name=f"median per length bin, bars: IQR (n = {b['n'].min()}-{b['n'].max()} texts per bin)", showlegend=col == 1,
                     error_y={"type": "data", "symmetric": False, "array": b["q75"] - b["median"],
                              "arrayminus": b["median"] - b["q25"]}, row=1, col=col)
+    fig.update_yaxes(title_text=panel_y[key], row=1, col=col)
 for L_seq in np.unique(trunc["sequence"]):
     sel = trunc["sequence"] == L_seq
-    fig.add_scatter(x=trunc["length"][sel], y=trunc["total"][sel], mode="lines", line={"dash": "dot", "width": 1},
-                    name="same text cut", showlegend=bool(L_seq == trunc["sequence"][0]), row=1, col=1)
-fig.update_xaxes(title_text="tokens", type="log")
+    fig.add_scatter(x=trunc["length"][sel], y=trunc["total"][sel], mode="lines", line={"dash": "dot", "width": 1, "color": palette["cut"]},
+                    name=f"one text cut to {lengths} tokens (n = {len(chosen)} texts)", legendgroup="cut",
+                    showlegend=bool(L_seq == trunc["sequence"][0]), row=1, col=1)
+fig.update_xaxes(title_text="text length (tokens, log scale)", type="log")
 fig.update_yaxes(type="log", row=1, col=2)
-fig.update_layout(title=f"Length effect: {len(table['length'])} corpus texts and {len(chosen)} texts cut to {lengths}")
+fig.update_layout(title=f"Length effect: {len(table['length'])} corpus texts and {len(chosen)} texts cut to {lengths}",
+                  legend={"orientation": "h", "y": -0.3})
 save_figure(fig, cfg, "02_csc_length_effect", NB)
 fig.show()
 
@@ -208,10 +227,12 @@ e_flat = np.concatenate(exact)
 for col, approx in enumerate((masked, grad), start=1):
     fig.add_scatter(x=e_flat, y=np.concatenate(approx), mode="markers", marker={"size": 5, "opacity": 0.6},
                     showlegend=False, row=1, col=col)
-fig.update_xaxes(title_text="exact CSC_t", type="log")
+fig.update_xaxes(title_text="exact CSC_t (CSC units)", type="log")
+fig.update_yaxes(title_text="masked CSC_t (CSC units)", row=1, col=1)
+fig.update_yaxes(title_text="gradient-sketch CSC_t (CSC units)", row=1, col=2)
 fig.update_yaxes(type="log")
-fig.update_layout(title=f"Approximate vs exact CSC on {n_lab} tokens of {len(seqs)} texts "
-                        f"(speed here: exact {speed['exact']:.0f}, masked {speed['masked']:.0f}, gradient {speed['gradient']:.0f} labels/s)")
+fig.update_layout(title=f"Approximate vs exact CSC, one point per token (n = {n_lab} tokens of {len(seqs)} texts)<br><sup>"
+                        f"speed here: exact {speed['exact']:.0f}, masked {speed['masked']:.0f}, gradient {speed['gradient']:.0f} labels/s</sup>")
 save_figure(fig, cfg, "02_csc_approximations", NB)
 fig.show()
 
@@ -248,8 +269,10 @@ else:
 if second is not None:
     fig = go.Figure(go.Scatter(x=np.concatenate(a_minilm), y=np.concatenate(a_other), mode="markers",
                                text=[tok.decode([t]) for x in abl for t in x]))
-    fig.update_layout(title=f"Per-token CSC: all-MiniLM-L6-v2 vs {ablation_encoder.split('/')[-1]} ({len(abl)} texts)",
-                      xaxis={"title": "MiniLM CSC_t", "type": "log"}, yaxis={"title": "second encoder CSC_t", "type": "log"})
+    fig.update_layout(title=f"Per-token CSC: all-MiniLM-L6-v2 vs {ablation_encoder.split('/')[-1]} "
+                            f"(n = {sum(len(x) for x in abl)} tokens of {len(abl)} texts)",
+                      xaxis={"title": "MiniLM CSC_t (CSC units)", "type": "log"},
+                      yaxis={"title": "second encoder CSC_t (CSC units)", "type": "log"})
     save_figure(fig, cfg, "02_csc_encoder_agreement", NB)
     fig.show()
 

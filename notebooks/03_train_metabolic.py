@@ -80,19 +80,24 @@ import plotly.graph_objects as go
 from metabolic.report.figures import save_figure
 from plotly.subplots import make_subplots
 
-panels = [("train_loss", "train loss"), ("val_loss", "val loss"), ("val_ppl", "val perplexity"),
-          ("aux", "aux (CSC + vocab-aux)"), ("err", "budget error C - B"), ("lambda", "lambda (mean over K)"),
-          ("shape", "shape (curriculum factor)"), ("target_budget", "target budget"),
-          ("achieved_budget", "achieved budget (proxy)"), ("calib_a", "calib a"), ("calib_b", "calib b"),
-          ("val_level_rel_err", "val level error (relative)")]
-fig = make_subplots(rows=3, cols=4, subplot_titles=[t for _, t in panels])
+# (metric, panel title, y-axis title with its unit)
+panels = [("train_loss", "train loss", "nats/token"), ("val_loss", "val loss", "nats/token"),
+          ("val_ppl", "val perplexity", "perplexity"), ("aux", "aux (CSC + vocab-aux)", "loss (MSE)"),
+          ("err", "budget error C - B", "proxy units"), ("lambda", "lambda (mean over K)", "dual variable"),
+          ("shape", "shape (curriculum factor)", "factor"), ("target_budget", "target budget", "proxy units"),
+          ("achieved_budget", "achieved budget (proxy)", "proxy units"), ("calib_a", "calib a", "CSC units"),
+          ("calib_b", "calib b", "CSC per proxy unit"), ("val_level_rel_err", "val level error (relative)", "fraction")]
+fig = make_subplots(rows=3, cols=4, subplot_titles=[t for _, t, _ in panels], horizontal_spacing=0.08, vertical_spacing=0.14)
 colours = {"faithful": "#1f77b4", "expected-cost": "#d62728"}
-for i, (key, _) in enumerate(panels):
+for i, (key, _, unit) in enumerate(panels):
+    fig.update_yaxes(title_text=unit, title_font_size=11, title_standoff=2, row=i // 4 + 1, col=i % 4 + 1)
     for variant, result in results.items():
         fig.add_scatter(x=[r["epoch"] for r in result.metrics], y=[r[key] for r in result.metrics], mode="lines+markers",
                         name=variant, legendgroup=variant, showlegend=i == 0, line={"color": colours[variant]},
                         row=i // 4 + 1, col=i % 4 + 1)
-fig.update_layout(title=f"Monitored quantities per epoch (paper V.C), {cfg.profile} profile", height=750)
+fig.update_xaxes(title_text="epoch", title_font_size=11, title_standoff=2, dtick=1)
+fig.update_annotations(font_size=13)  # the panel titles
+fig.update_layout(title=f"Monitored quantities per epoch (paper V.C), {cfg.profile} profile", height=820)
 save_figure(fig, cfg, "03_training_curves", "03_train_metabolic")
 fig.show()
 
@@ -104,7 +109,9 @@ for j, term in enumerate(terms):
         fig.add_scatter(x=[r["epoch"] for r in result.metrics], y=[r[f"train_{term}"] for r in result.metrics],
                         name=variant, legendgroup=variant, showlegend=j == 0, line={"color": colours[variant]},
                         row=1, col=j + 1)
-fig.update_layout(title="Each term of eq. (22), unweighted, training average per epoch", height=380)
+fig.update_xaxes(title_text="epoch")
+fig.update_yaxes(title_text="loss term (unweighted)", col=1)
+fig.update_layout(title="Each term of eq. (22), unweighted, training average per epoch", height=400)
 save_figure(fig, cfg, "03_loss_terms", "03_train_metabolic")
 fig.show()
 
@@ -115,7 +122,8 @@ for variant, result in results.items():
     for k in range(len(lam[0])):
         fig.add_scatter(x=[r["epoch"] for r in result.metrics], y=[row[k] for row in lam], mode="lines+markers",
                         name=f"{variant} lambda[{k}]", line={"color": colours[variant], "dash": ["solid", "dash", "dot"][k % 3]})
-fig.update_layout(title="Dual variable per cost dimension over epochs (eq. 23)", xaxis_title="epoch", yaxis_title="lambda")
+fig.update_layout(title="Dual variable per cost dimension over epochs (eq. 23)", xaxis_title="epoch",
+                  yaxis_title="lambda_k (dual variable, per budget k)")
 save_figure(fig, cfg, "03_lambda", "03_train_metabolic")
 fig.show()
 
@@ -138,12 +146,13 @@ for j, (variant, result) in enumerate(results.items()):
     x, y = np.asarray(last["proxy"]), np.asarray(last["csc"])
     row = result.metrics[-1]
     xs = np.linspace(x.min(), x.max(), 20)
-    fig.add_scatter(x=x, y=y, mode="markers", name=f"{variant} validation texts", row=1, col=j + 1,
+    fig.add_scatter(x=x, y=y, mode="markers", name=f"{variant}: validation texts (n = {x.size})", row=1, col=j + 1,
                     marker={"color": colours[variant]})
     fig.add_scatter(x=xs, y=row["calib_a"] + row["calib_b"] * xs, mode="lines", row=1, col=j + 1,
-                    name=f"{variant} fit a={row['calib_a']:.3f}, b={row['calib_b']:.3f}", line={"color": "black"})
-fig.update_xaxes(title_text="proxy total")
-fig.update_yaxes(title_text="total CSC")
+                    name=f"{variant}: calibration a={row['calib_a']:.3f}, b={row['calib_b']:.3f}",
+                    line={"color": colours[variant], "dash": "dash"})
+fig.update_xaxes(title_text="proxy total (proxy units)")
+fig.update_yaxes(title_text="total CSC (CSC units)")
 fig.update_layout(title="Proxy vs CSC totals on validation texts, with the online calibration line")
 save_figure(fig, cfg, "03_calibration_scatter", "03_train_metabolic")
 fig.show()
@@ -156,6 +165,9 @@ for variant, result in results.items():
                     line={"color": colours[variant]}, row=1, col=1)
     fig.add_scatter(x=epochs, y=[r["calib_b"] for r in result.metrics], name=variant, legendgroup=variant,
                     showlegend=False, line={"color": colours[variant]}, row=1, col=2)
+fig.update_xaxes(title_text="epoch")
+fig.update_yaxes(title_text="a (CSC units)", row=1, col=1)
+fig.update_yaxes(title_text="b (CSC per proxy unit)", row=1, col=2)
 fig.update_layout(title="Calibration parameters over training (refitted every train.calib_refit_every steps)")
 save_figure(fig, cfg, "03_calibration_params", "03_train_metabolic")
 fig.show()

@@ -178,7 +178,7 @@ for v, c in costs.items():
 
 # %%
 for v, c in costs.items():
-    fig = bf.cost_histogram(c, f"Learned token costs over the full vocabulary ({c.size:,} tokens), {v}")
+    fig = bf.cost_histogram(c, f"Learned token costs over the full vocabulary, {v}")
     save_figure(fig, cfg, f"04_cost_histogram_{v}", NB)
     fig.show()
     fig = bf.extremes_box(c, tokens, f"100 cheapest vs 100 most expensive tokens, {v}")

@@ -17,8 +17,10 @@
 # %% [markdown]
 # # 06 · Live budget explorer
 #
-# Ask for a semantic budget (CSC units), watch the text that spends it. Sliders for the budget,
-# temperature and max tokens and the prompt box regenerate on change (sliders on release). Generated
+# Ask for a semantic budget (CSC units), watch the text that spends it. Every control regenerates once
+# per committed change: the sliders (budget, temperature, max tokens, verified N) on release, the prompt
+# and seed boxes on Enter; "resample" draws the next seed. The same seed gives the same sample, so moving
+# one control shows that control's effect on the same random draw. Generated
 # tokens are coloured by their learned cost C_vocab (green = cheap, red = dear; hover for the value);
 # the gauge shows the calibrated spend against the budget (the black mark is 100%). Generation is
 # `generate_with_budget` with steering and the budget stop, the same code notebook 04 evaluates.
@@ -37,25 +39,13 @@ cfg = setup(profile, overrides)
 print("profile:", profile_label(cfg))
 
 # %%
-from metabolic.evaluate.scoring import choose_calibration
-from metabolic.pipeline import stages
-from metabolic.report.explorer import BudgetExplorer
+from metabolic.report.explorer import study_explorer
 
-g = cfg.generation
-tok = stages.corpus(cfg).tokenizer
-result = stages.train_metabolic(cfg, variant, progress=False)
-model = result.load_best(device="cpu")
-csc = stages.csc_labels(cfg, progress=False)
-# The same budgets and budget -> proxy map as notebook 04 (continuations of training texts).
-budget_levels = stages.budget_levels(cfg, csc)
-levels = list(budget_levels.budgets.values())
-low, high = budget_levels.budget_range
-calibration, how = choose_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc, levels)
-# The verified mode (slider "verified N" >= 1) labels candidates with the exact CSC labeller.
-_, rate_hints = stages.verified_targets(csc, cfg, budget_levels.budgets)
-explorer = BudgetExplorer(model, tok, (low, high), calibration=calibration, prompt=g.prompts[0], budget=levels[1],
-                          temperature=g.temperature, max_new_tokens=g.max_new_tokens, top_k=g.top_k, seed=g.seed,
-                          labeller=stages.csc_labeller(cfg), rate_hint=rate_hints.get(cfg.csc.scale))
+# The same model, budgets, budget range and budget -> proxy map as notebook 04; "verified N" >= 1
+# labels candidates with the exact CSC labeller.
+study = study_explorer(cfg, variant)
+explorer, levels, how = study.explorer, list(study.levels.values()), study.calibration_note
+low, high = explorer.budget_range
 
 # %%
 explorer.widget()
@@ -84,5 +74,6 @@ for name, budget in zip(("low", "medium", "high"), levels):
 # %%
 # NBVAL_CHECK_OUTPUT
 print(f"On the {profile_label(cfg)}: the explorer's handler regenerated for each budget level and turned every bad input "
-      f"above into a one-line error in the widget instead of an exception. Whether the widget regenerates when a slider "
-      f"moves in a real browser is checked by scripts/browser_check_explorer.py (not part of CI).")
+      f"above into a one-line error in the widget instead of an exception. That the widget regenerates in a real browser "
+      f"when the budget, temperature, max tokens, seed or prompt change is checked by tests/test_explorer_browser.py "
+      f"(JupyterLab in headless Chromium).")

@@ -73,3 +73,10 @@ def tokenizer(assets_dir):
     from metabolic.core.assets import load_tokenizer
 
     return load_tokenizer("gpt2").value
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests run last, after the notebook tests: notebook 06 in the browser then reads the smoke
+    artefacts nbval has just built in the same $METABOLIC_DATA, instead of building them a second time
+    between unit tests that rebuild their tiny ones in the same folders."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)  # stable: order kept otherwise

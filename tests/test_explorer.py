@@ -68,8 +68,43 @@ def test_moving_the_slider_regenerates(explorer):
     assert explorer._widgets["output"].value != before or explorer.last.error is None
 
 
+def test_seed_and_resample_regenerate_once_each(explorer):
+    pytest.importorskip("ipywidgets")
+    explorer.widget()
+    ws = explorer._widgets
+    ws["max_new_tokens"].value = 12
+    seed, renders = ws["seed"].value, explorer.renders
+    ws["resample"].click()
+    assert (ws["seed"].value, explorer.renders) == (seed + 1, renders + 1)
+    assert f"seed {seed + 1}:" in explorer.last.status
+    resampled = explorer.last
+    ws["seed"].value = seed  # the same seed gives the same sample back
+    assert explorer.renders == renders + 2 and f"seed {seed}:" in explorer.last.status
+    assert explorer.render(ws["prompt"].value, ws["budget"].value, ws["temperature"].value, 12,
+                           seed=seed + 1).text_html == resampled.text_html
+    ws["max_new_tokens"].value = 2
+    assert explorer.renders == renders + 3 and explorer.last.n_tokens <= 2
+
+
 def test_colours_and_gauge_are_bounded():
     assert cost_colour(-5, 0, 1) == cost_colour(0, 0, 1)
     assert cost_colour(9, 0, 1) == cost_colour(1, 0, 1)
     assert cost_colour(float("nan"), 0, 1) == "#dddddd"
     assert "(100%)" in gauge_html(2.0, 2.0) and "(0%)" in gauge_html(0.0, 2.0)
+
+
+def test_verified_n_switches_to_the_verified_controller(tokenizer, assets_dir):
+    pytest.importorskip("ipywidgets")
+    from metabolic.core.assets import load_encoder
+    from metabolic.csc.labeller import CSCLabeller
+
+    labeller = CSCLabeller(load_encoder("sentence-transformers/all-MiniLM-L6-v2").value, tokenizer, batch_size=64)
+    explorer = BudgetExplorer(tiny_gpt2(tokenizer, n_positions=64), tokenizer, (0.05, 0.5), token_costs=token_costs(len(tokenizer)),
+                              calibration=ProxyCalibration(0.1, 1.0), max_new_tokens=8, labeller=labeller, rate_hint=0.02)
+    explorer.widget()
+    ws, renders = explorer._widgets, explorer.renders
+    assert not ws["candidates"].disabled and "true CSC" not in explorer.last.status
+    ws["candidates"].value = 2
+    assert explorer.renders == renders + 1 and explorer.last.error is None
+    assert "true CSC" in explorer.last.status and "of 2, stop at" in explorer.last.status
+    assert math.isfinite(explorer.last.spent_csc) and explorer.last.budget_csc == ws["budget"].value

@@ -13,18 +13,21 @@ from typing import Any, Sequence
 import numpy as np
 
 from metabolic.report.explorer import tokens_html
+from metabolic.report.figures import binned_histogram
 
 
 def cost_histogram(costs: np.ndarray, title: str):
-    """Histogram of C_vocab over the full vocabulary with the mean and median marked (paper Fig. 1)."""
-    import plotly.express as px
+    """Histogram of C_vocab over the full vocabulary (80 bins) with the mean and median marked (paper Fig. 1)."""
+    import plotly.graph_objects as go
 
     costs = np.asarray(costs, dtype=np.float64)
-    fig = px.histogram(x=costs, nbins=80, log_y=True, labels={"x": "learned token cost C_vocab (proxy units)"})
+    fig = go.Figure(binned_histogram(costs, 80, name="tokens", unit="tokens"))
     fig.add_vline(x=float(costs.mean()), line_dash="dash", annotation_text=f"mean {costs.mean():.4f}")
     fig.add_vline(x=float(np.median(costs)), line_dash="dot", annotation_text=f"median {np.median(costs):.4f}",
                   annotation_position="bottom right")
-    fig.update_layout(title=title, yaxis_title="tokens")
+    fig.update_layout(title=f"{title}<br><sup>n = {costs.size:,} vocabulary tokens in 80 equal bins</sup>",
+                      xaxis_title="learned token cost C_vocab (proxy units)", yaxis_title="tokens per bin (log scale)",
+                      yaxis_type="log", bargap=0)
     return fig
 
 
@@ -36,18 +39,30 @@ def extremes_box(costs: np.ndarray, tokens: Sequence[str], title: str, n: int = 
     order = np.argsort(costs, kind="stable")
     cheap, dear = order[:n], order[::-1][:n]
     fig = go.Figure([
-        go.Box(y=costs[cheap], name=f"{n} cheapest", boxpoints="all", text=[tokens[i] for i in cheap]),
-        go.Box(y=costs[dear], name=f"{n} most expensive", boxpoints="all", text=[tokens[i] for i in dear]),
+        go.Box(y=costs[cheap], name=f"{n} cheapest tokens", boxpoints="all", text=[tokens[i] for i in cheap]),
+        go.Box(y=costs[dear], name=f"{n} most expensive tokens", boxpoints="all", text=[tokens[i] for i in dear]),
     ])
-    fig.update_layout(title=title, yaxis_title="C_vocab (proxy units)")
+    fig.update_layout(title=f"{title}<br><sup>n = {n} tokens per box (points: each token, text on hover); "
+                            f"box: median and quartiles</sup>",
+                      xaxis_title=f"token group (of {costs.size:,})", yaxis_title="C_vocab (proxy units)", showlegend=False)
     return fig
 
 
+# Axis titles of the reliability curve per compared quantity: (target, achieved), with units.
+RELIABILITY_AXES = {
+    "csc": ("target budget (CSC units)", "achieved true CSC (CSC units)"),
+    "proxy": ("calibrated budget (proxy units)", "achieved C_vocab spend (proxy units)"),
+}
+
+
 def reliability_curve(records: list[dict[str, Any]], title: str, key: str = "csc"):
-    """Achieved vs target per generation (points) and per level (mean, error bar = std), with y = x."""
+    """Achieved vs target per generation (points) and per level (mean, error bar = 1 SD over the level's
+    n generations), with y = x. The legend gives n per level, the subtitle the prompts behind them."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
+    x_title, y_title = RELIABILITY_AXES[key]
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title)
     rows = [r for r in records if r["decoding"] != "unbudgeted" and np.isfinite(r.get(key, np.nan))]
     if not rows:
         return fig
@@ -59,11 +74,16 @@ def reliability_curve(records: list[dict[str, Any]], title: str, key: str = "csc
         targets = sorted({r["budget_csc"] for r in sel})
         means = [np.mean([r[key] for r in sel if r["budget_csc"] == t]) for t in targets]
         stds = [np.std([r[key] for r in sel if r["budget_csc"] == t]) for t in targets]
+        counts = sorted({sum(r["budget_csc"] == t for r in sel) for t in targets})
+        n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         name = f"{variant} / {decoding}"
         fig.add_scatter(x=[r["budget_csc"] for r in sel], y=[r[key] for r in sel], mode="markers",
                         marker={"size": 4, "opacity": 0.35}, name=f"{name} (each)", legendgroup=name, showlegend=False)
-        fig.add_scatter(x=targets, y=means, error_y={"array": stds}, mode="lines+markers", name=name, legendgroup=name)
-    fig.update_layout(title=title, xaxis_title="target budget (CSC)", yaxis_title=f"achieved ({key})")
+        fig.add_scatter(x=targets, y=means, error_y={"array": stds}, mode="lines+markers", name=f"{name} (n = {n} per level)",
+                        legendgroup=name)
+    prompts = len({r["prompt"] for r in rows})
+    fig.update_layout(title=f"{title}<br><sup>{len(rows)} generations from {prompts} prompts; line: mean per level, "
+                            f"error bars: ±1 SD over the level's n generations; points: each generation</sup>")
     return fig
 
 
@@ -75,7 +95,7 @@ def lambda_curve(metrics_by_variant: dict[str, list[dict[str, Any]]], title: str
     for variant, metrics in metrics_by_variant.items():
         epochs = [m.get("epoch", i + 1) for i, m in enumerate(metrics)]
         fig.add_scatter(x=epochs, y=[m.get("lambda") for m in metrics], mode="lines+markers", name=variant)
-    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="lambda (mean over K)")
+    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="lambda, mean over the K budgets (dual variable)")
     return fig
 
 

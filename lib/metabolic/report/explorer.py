@@ -1,11 +1,12 @@
-"""The live budget explorer (notebook 06): sliders for the budget, temperature, max tokens, the number
-of verified candidates N and the seed, a prompt box, the generation with every token coloured by its
-cost, and a gauge of spent vs budget. N = 0 runs steered generation (the learned proxy, calibrated
+"""The live budget explorer (notebook 06): sliders for the budget, temperature, max tokens and the number
+of verified candidates N, a seed box with a "resample" button, a prompt box, the generation with every
+token coloured by its cost, and a gauge of spent vs budget. Each render is seeded by the seed control,
+so moving any other control shows its effect on the same random draw. N = 0 runs steered generation (the learned proxy, calibrated
 spend); N >= 1 runs the verified controller (`metabolic.generate.verified`: the true CSC, labelled).
 
 The logic is plain Python, testable without a browser: `BudgetExplorer.render(...)` returns an
 `ExplorerView` (HTML strings and numbers) and `BudgetExplorer.refresh()` is the handler every widget
-calls on change. The handler never raises: any error (empty prompt, a prompt longer than the
+calls on change (`study_explorer(cfg)` builds one over a profile's artefacts). The handler never raises: any error (empty prompt, a prompt longer than the
 context, a bad budget) is shown as one line in the output widget instead.
 """
 
@@ -20,9 +21,12 @@ from typing import Any
 
 import torch
 
+from metabolic.core.config import StudyConfig
+from metabolic.evaluate.scoring import choose_calibration
 from metabolic.generate.budgeted import Generation, generate_with_budget, is_metabolic, model_token_costs
 from metabolic.generate.verified import generate_verified
 from metabolic.model.calibration import ProxyCalibration
+from metabolic.pipeline import stages
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +154,7 @@ class BudgetExplorer:
         pieces = [self.tokenizer.decode([t]) for t in g.generated_ids]
         spent_csc = self.calibration.to_csc(g.spent_proxy) if g.generated_ids else 0.0
         elapsed = time.perf_counter() - t0
-        status = (f"{len(pieces)} tokens, spent {spent_csc:.3f} of {g.budget_csc:.3f} CSC "
+        status = (f"seed {seed}: {len(pieces)} tokens, spent {spent_csc:.3f} of {g.budget_csc:.3f} CSC "
                   f"(proxy {g.spent_proxy:.3f} of {g.budget_proxy:.3f}); stopped by {g.stopped_by}; {elapsed:.2f} s")
         if g.budget_csc != g.budget_requested_csc:
             status += f"; budget {g.budget_requested_csc:g} clamped to the trained range"
@@ -175,7 +179,7 @@ class BudgetExplorer:
             return error_view(first)
         costs = self.token_costs[g.generated_ids].tolist() if g.generated_ids else []
         pieces = [self.tokenizer.decode([t]) for t in g.generated_ids]
-        status = (f"{len(pieces)} tokens, true CSC {g.achieved_csc:.3f} of {g.budget_csc:.3f} ({g.status}); "
+        status = (f"seed {seed}: {len(pieces)} tokens, true CSC {g.achieved_csc:.3f} of {g.budget_csc:.3f} ({g.status}); "
                   f"candidate {g.candidate + 1} of {candidates}, stop at a {g.stop_kind} end, "
                   f"{g.labels} labels; {time.perf_counter() - t0:.2f} s")
         return ExplorerView(
@@ -186,30 +190,54 @@ class BudgetExplorer:
 
     # --- widgets -------------------------------------------------------------------------------
 
+    # Labels wide enough not to be cut off ("budget (CSC)" needs ~95 px at the default font); two sliders
+    # share a row. Relative widths less each control's 2 px margins: a UI wider than its box scrolls sideways
+    # (on focus) and hides its left edge.
+    LABEL_WIDTH = "110px"
+    SLIDER_WIDTH = "calc(50% - 4px)"
+
     def widget(self):
-        """The ipywidgets UI; every control regenerates on change (sliders on release)."""
+        """The ipywidgets UI. Every control regenerates once per committed change: sliders on release,
+        the prompt and seed boxes on Enter (or leaving the box), "resample" moves to the next seed.
+
+        Each control carries a CSS class `metabolic-<name>` (the browser test finds them by it)."""
         import ipywidgets as w
 
         lo, hi = self.budget_range
+        style = {"description_width": self.LABEL_WIDTH}
+        slider = {"continuous_update": False, "style": style, "layout": w.Layout(width=self.SLIDER_WIDTH)}
         controls = {
-            "prompt": w.Textarea(value=self.prompt, description="prompt", layout=w.Layout(width="600px")),
+            # Text, not Textarea: with continuous_update=False it commits on Enter, not per keystroke.
+            "prompt": w.Text(value=self.prompt, description="prompt", continuous_update=False, style=style,
+                             layout=w.Layout(width="calc(100% - 4px)")),
             "budget": w.FloatSlider(value=self.budget, min=lo, max=hi, step=(hi - lo) / 100, description="budget (CSC)",
-                                    continuous_update=False, readout_format=".3f"),
+                                    readout_format=".3f", **slider),
             "temperature": w.FloatSlider(value=self.temperature, min=0.1, max=2.0, step=0.05, description="temperature",
-                                         continuous_update=False),
+                                         **slider),
             "max_new_tokens": w.IntSlider(value=self.max_new_tokens, min=1, max=self._max_tokens_limit(),
-                                          description="max tokens", continuous_update=False),
+                                          description="max tokens", **slider),
             "candidates": w.IntSlider(value=self.candidates, min=0, max=8, description="verified N",
-                                      continuous_update=False, disabled=self.labeller is None),
-            "seed": w.IntText(value=self.seed, description="seed"),
+                                      disabled=self.labeller is None, **slider),
+            "seed": w.IntText(value=self.seed, description="seed", continuous_update=False, style=style,
+                              layout=w.Layout(width="230px")),
         }
+        resample = w.Button(description="resample", tooltip="next seed: a new sample with the same settings",
+                            layout=w.Layout(width="120px"))
+        resample.on_click(self._on_resample)
         gauge, output, status = w.HTML(), w.HTML(), w.HTML()
-        self._widgets = {**controls, "gauge": gauge, "output": output, "status": status}
+        for name, widget in {**controls, "resample": resample, "gauge": gauge, "output": output, "status": status}.items():
+            widget.add_class(f"metabolic-{name}")
+        self._widgets = {**controls, "resample": resample, "gauge": gauge, "output": output, "status": status}
         for control in controls.values():
             control.observe(self._on_change, names="value")
         self.refresh()
-        return w.VBox([controls["prompt"], w.HBox([controls["budget"], controls["temperature"]]),
-                       w.HBox([controls["max_new_tokens"], controls["candidates"], controls["seed"]]), gauge, output, status])
+        row = w.Layout(width="100%")
+        return w.VBox([controls["prompt"], w.HBox([controls["budget"], controls["temperature"]], layout=row),
+                       w.HBox([controls["max_new_tokens"], controls["candidates"]], layout=row),
+                       w.HBox([controls["seed"], resample]), gauge, output, status], layout=w.Layout(width="100%", max_width="1000px"))
+
+    def _on_resample(self, _button) -> None:
+        self._widgets["seed"].value = int(self._widgets["seed"].value) + 1  # observed: regenerates once
 
     def _max_tokens_limit(self) -> int:
         lm = self.model.backbone if is_metabolic(self.model) else self.model
@@ -238,3 +266,32 @@ class BudgetExplorer:
             ws["status"].value = (f'<span data-renders="{self.renders}" style="font-size:12px">'
                                   f"render #{self.renders}: {html.escape(view.status)}</span>")
         return view
+
+
+@dataclass(frozen=True)
+class StudyExplorer:
+    """Notebook 06's explorer over a profile's artefacts, with the budget levels and calibration it uses."""
+
+    explorer: BudgetExplorer
+    levels: dict[str, float]  # the evaluated budget levels (CSC), as in notebook 04
+    calibration_note: str  # how the budget -> proxy map was made
+
+
+def study_explorer(cfg: StudyConfig, variant: str = "expected-cost") -> StudyExplorer:
+    """The explorer for `variant` of `cfg`'s profile, building any missing artefact (backbone, CSC
+    labels, the trained variant) the way every stage does. Budgets, their range and the budget -> proxy
+    map are notebook 04's; the verified mode labels candidates with the exact CSC labeller."""
+    g = cfg.generation
+    tokenizer = stages.corpus(cfg).tokenizer
+    model = stages.train_metabolic(cfg, variant, progress=False).load_best(device="cpu")
+    csc = stages.csc_labels(cfg, progress=False)
+    levels = stages.budget_levels(cfg, csc)
+    budgets = list(levels.budgets.values())
+    calibration, how = choose_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
+                                          budgets)
+    _, rate_hints = stages.verified_targets(csc, cfg, levels.budgets)
+    explorer = BudgetExplorer(model, tokenizer, levels.budget_range, calibration=calibration, prompt=g.prompts[0],
+                              budget=budgets[len(budgets) // 2], temperature=g.temperature, max_new_tokens=g.max_new_tokens,
+                              top_k=g.top_k, seed=g.seed, labeller=stages.csc_labeller(cfg),
+                              rate_hint=rate_hints.get(cfg.csc.scale))
+    return StudyExplorer(explorer, dict(levels.budgets), how)

@@ -46,7 +46,7 @@ import pandas as pd
 from metabolic.energy.measurement import paths_agree, summarise
 from metabolic.pipeline import stages
 
-res = stages.measure_etokens(cfg, progress=False)
+res = stages.measure_etokens(cfg)
 rows = pd.DataFrame(res.rows)
 table = pd.DataFrame(summarise(res.rows))
 has_energy = bool(table["total_j"].notna().any()) if len(table) else False

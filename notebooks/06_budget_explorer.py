@@ -43,9 +43,9 @@ from metabolic.report.explorer import BudgetExplorer
 
 g = cfg.generation
 tok = stages.corpus(cfg).tokenizer
-result = stages.train_metabolic(cfg, variant, progress=False)
+result = stages.train_metabolic(cfg, variant)
 model = result.load_best(device="cpu")
-csc = stages.csc_labels(cfg, progress=False)
+csc = stages.csc_labels(cfg)
 # The same budgets and budget -> proxy map as notebook 04 (continuations of training texts).
 budget_levels = stages.budget_levels(cfg, csc)
 levels = list(budget_levels.budgets.values())

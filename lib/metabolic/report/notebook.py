@@ -29,9 +29,13 @@ def profile_label(cfg: StudyConfig) -> str:
     return label
 
 
-def _one_line_error(shell, etype, value, tb, tb_offset=None):  # pragma: no cover - needs a live kernel
-    print(f"error: {value}", file=sys.stderr)
-    return None
+def one_line_error(shell, etype, value, tb, tb_offset=None) -> None:
+    """IPython handler for input errors: the cell shows `ConfigError: <message>`, no traceback.
+
+    Still shown as the cell's error (not printed to stderr), so the kernel reports its type and
+    message: papermill's `PapermillExecutionError.ename` / `.evalue`, which `metabolic study` prints.
+    """
+    shell.showtraceback((etype, value, tb), exception_only=True)
 
 
 def setup(profile: str, overrides: Mapping[str, Any] | None = None, level: int = logging.WARNING) -> StudyConfig:
@@ -45,7 +49,7 @@ def setup(profile: str, overrides: Mapping[str, Any] | None = None, level: int =
 
         shell = get_ipython()
         if shell is not None:
-            shell.set_custom_exc((MetabolicError,), _one_line_error)
+            shell.set_custom_exc((MetabolicError,), one_line_error)
     except ImportError:  # pragma: no cover
         pass
     return load_config(profile, overrides)

@@ -14,7 +14,6 @@ exits 2 as `run` does; anything else raises `NotebookFailed`.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import tempfile
@@ -27,7 +26,6 @@ from metabolic.core import artefacts, errors, numerics
 from metabolic.core.errors import ConfigError, MetabolicError
 from metabolic.core.runs import RUN_ENV, run_name
 
-log = logging.getLogger(__name__)
 
 class NotebookFailed(RuntimeError):
     """A notebook cell raised something other than an input error (a bug): one line, exit status 1."""

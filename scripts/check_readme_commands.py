@@ -95,18 +95,46 @@ def run_command(cmd: Command, checkout: Path, log: Path, timeout_s: float, serve
         except subprocess.TimeoutExpired:
             return "failed", f"still running after {timeout_s:.0f} s"
         finally:
-            if proc.poll() is None:  # our own process group (start_new_session): the command and its children
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            if proc.poll() is None:
+                _stop(proc)
     if rc == 0:
         return "ok", ""
     if rc == SKIP_STATUS:
         return "skipped", log.read_text(errors="replace").strip().splitlines()[-1]
     return "failed", f"exit status {rc}\n{_tail(log)}"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Jupyter kernels start their own sessions, outside its group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a command we started: its process group (start_new_session) and everything below it."""
+    below = _descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGTERM)
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _wait_until_serving(proc: subprocess.Popen, log: Path, wait_s: float) -> tuple[str, str]:
@@ -147,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = {int(n) for n in args.only.split(",") if n.strip()}
     logs = checkout / "data" / "readme-check"
     logs.mkdir(parents=True, exist_ok=True)
-    print(f"checkout: {checkout} (commit {_head(checkout)}); METABOLIC_ASSETS={os.environ.get('METABOLIC_ASSETS', '(unset)')}; "
+    print(f"checkout: {checkout} (commit {_head(checkout)}, {_cleanliness(checkout)}); METABOLIC_ASSETS={os.environ.get('METABOLIC_ASSETS', '(unset)')}; "
           f"logs: {logs}", flush=True)
     results = []
     for i, cmd in enumerate(commands, 1):
@@ -161,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     counts = {s: results.count(s) for s in ("ok", "failed", "skipped")}
     print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped")
     return 1 if counts["failed"] else 0
+
+
+def _cleanliness(checkout: Path) -> str:
+    out = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain"], capture_output=True, text=True).stdout
+    changed = [line for line in out.splitlines() if line.strip()]
+    return "clean" if not changed else f"NOT clean: {len(changed)} changed or untracked paths"
 
 
 def _head(checkout: Path) -> str:

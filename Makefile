@@ -7,10 +7,14 @@ PROFILE ?= smoke
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU wheel of torch lies on this machine's disk; a GPU machine passes its own, e.g.
-# TORCH_SPEC='torch --index-url https://download.pytorch.org/whl/cu128'. Installed before the
-# package so that the package's unpinned `torch>=2.4` never pulls a multi-GB CUDA build.
+# torch is installed first, on its own, so that the package's `torch>=2.6` is already met and pip
+# never picks a build for it. Which build `torch==2.13.0` gives depends on pip's configuration: on
+# this project's machines a local CPU wheel (pip's find-links); from the public PyPI index the CUDA
+# build (several GB). Pass your own, e.g. a CPU-only machine without a local wheel:
+#   make study TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu'
 TORCH_SPEC ?= torch==2.13.0
+# Jupyter refuses to run as root (containers) unless told to.
+LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root)
 STAMP := $(VENV)/.installed
 
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -42,7 +46,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
 
 # Run the stages without Jupyter (the GPU image has no Jupyter): make run PROFILE=gpu
 run: $(STAMP)
@@ -56,8 +60,9 @@ notebooks: $(STAMP)
 sync: $(STAMP)
 	$(VENV)/bin/jupytext --sync notebooks/*.py
 
+# Every benchmark takes --profile; energy_meter.py says so and exits 0 on a machine without NVML.
 benchmarks: $(STAMP)
-	for b in benchmarks/*.py; do $(PY) $$b --profile $(PROFILE) || exit 1; done
+	for b in benchmarks/*.py; do echo "== $$b --profile $(PROFILE)"; $(PY) $$b --profile $(PROFILE) || exit 1; done
 
 clean:
 	rm -rf data/smoke figures/smoke

@@ -1,6 +1,9 @@
 """Benchmark the energy meter: agreement with zeus's ZeusMonitor on the same windows, and its overhead.
 
-    python benchmarks/energy_meter.py [--windows 1,2,5] [--repeats 5] [--gpu 0]
+    python benchmarks/energy_meter.py [--profile smoke] [--windows 1,2,5] [--repeats N] [--gpu N]
+
+`--profile` (as for every benchmark) supplies the defaults of `--gpu` and `--repeats` from its `energy`
+section (`energy.gpu_index`, `energy.repeats`).
 
 1. Agreement: the same GPU workload (back-to-back fp16 matmuls) is measured by `metabolic.energy.meter`
    and by `zeus.monitor.ZeusMonitor` in nested windows (which one is outside alternates per repeat,
@@ -109,12 +112,23 @@ def overhead(window_s: float, repeats: int, gpu: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="smoke", help="profile whose energy section gives the defaults below")
     parser.add_argument("--windows", default="1,2,5", help="window lengths in seconds")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--gpu", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=None, help="default: the profile's energy.repeats")
+    parser.add_argument("--gpu", type=int, default=None, help="default: the profile's energy.gpu_index")
     args = parser.parse_args(argv)
 
+    from metabolic.core.errors import MetabolicError
+    from metabolic.core.profiles import load_config
     from metabolic.energy.meter import EnergyMeter
+
+    try:
+        energy = load_config(args.profile).energy
+    except MetabolicError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.repeats = energy.repeats if args.repeats is None else args.repeats
+    args.gpu = energy.gpu_index if args.gpu is None else args.gpu
 
     probe = EnergyMeter(gpu_index=args.gpu)
     if not probe.available:

@@ -61,7 +61,7 @@ import time
 from metabolic.pipeline import stages
 
 t0 = time.perf_counter()
-combined = stages.evaluate_budgets(cfg, progress=False)
+combined = stages.evaluate_budgets(cfg)
 records = stages.read_generations(cfg)
 print(f"wall time (not checked): {time.perf_counter() - t0:.1f} s")
 
@@ -163,7 +163,7 @@ from metabolic.report.figures import save_figure
 
 NB = "04_generate_budgets"
 tok = stages.corpus(cfg).tokenizer
-results = {v: stages.train_metabolic(cfg, v, progress=False) for v in VARIANTS}
+results = {v: stages.train_metabolic(cfg, v) for v in VARIANTS}
 costs = {v: model_token_costs(r.load_best(device="cpu")).numpy() for v, r in results.items()}
 tokens = decoded_tokens(tok, len(tok))
 

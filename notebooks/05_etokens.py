@@ -50,7 +50,7 @@ from metabolic.core.artefacts import project_root
 from metabolic.energy.measurement import calibrations, merge_results, paths_agree, summarise, window_resolution_note
 from metabolic.pipeline import stages
 
-res = stages.measure_etokens(cfg, progress=False)
+res = stages.measure_etokens(cfg)
 committed_root = project_root() / "results" / "etokens"
 committed = merge_results(committed_root)  # GPU runs committed to the repository
 rows = pd.DataFrame(res.rows)

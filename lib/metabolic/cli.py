@@ -5,7 +5,9 @@
     python -m metabolic config --profile gpu [--set ...]
 
 Errors caused by input (profile, override, assets, data) or by the disk (read-only, permission, full)
-print one line and exit with status 2.
+print one line and exit with status 2, also when a notebook of `study` raises them; another error in a
+notebook prints one line and exits 1 (its traceback stays in the executed notebook). `study --set ...` writes beside the default run
+(`data/<profile>+<hash>/`, see `metabolic.pipeline.study.run_name`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "study":
             p.add_argument("--only", default="", help="comma-separated notebook prefixes, e.g. 00,01")
             p.add_argument("--inplace", action="store_true", help="write outputs back into notebooks/*.ipynb (smoke)")
-        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging (study: also the notebooks' output)")
     return parser
 
 
@@ -65,13 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(summary, indent=2))
         elif args.command == "study":
             from metabolic.core import artefacts
-            from metabolic.pipeline.study import run_study
+            from metabolic.pipeline.study import NotebookFailed, run_study
 
+            # The notebooks' own output reaches the terminal with -v only; the bar and a line per notebook always.
+            logging.getLogger("papermill").setLevel(logging.INFO if args.verbose else logging.WARNING)
             t0 = time.perf_counter()
-            timings = run_study(args.profile, overrides, [o.strip() for o in args.only.split(",") if o.strip()] or None,
-                                inplace=args.inplace)
-            summary = {"profile": args.profile, "notebooks_s": timings, "total_s": time.perf_counter() - t0}
-            artefacts.atomic_write_json(artefacts.run_dir(args.profile) / "study_timings.json", summary)
+            try:
+                run = run_study(args.profile, overrides, [o.strip() for o in args.only.split(",") if o.strip()] or None,
+                                inplace=args.inplace, stream_output=args.verbose)
+            except NotebookFailed as exc:  # a bug in a cell: one line here, the traceback in the executed notebook
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            summary = {"profile": args.profile, "run": run.name, "data": str(run.data_dir), "figures": str(run.figures_dir),
+                       "notebooks_s": run.notebooks_s, "total_s": time.perf_counter() - t0}
+            artefacts.atomic_write_json(run.data_dir / "study_timings.json", summary)
             print(json.dumps(summary, indent=2))
     except MetabolicError as exc:
         print(f"error: {exc}", file=sys.stderr)

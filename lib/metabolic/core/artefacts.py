@@ -46,14 +46,21 @@ def project_root() -> Path:
 
 
 def run_dir(profile: str) -> Path:
-    """`data/<profile>/` under the project root (or under $METABOLIC_DATA when set)."""
+    """`data/<run>/` under the project root (or under $METABOLIC_DATA when set).
+
+    The run is the profile's name, or `$METABOLIC_RUN` when that names a run of this profile
+    (`<profile>+<hash>`: a run with overrides, see `metabolic.pipeline.study.run_name`).
+    """
     base = Path(os.environ["METABOLIC_DATA"]) if os.environ.get("METABOLIC_DATA") else project_root() / "data"
-    return base / profile
+    run = os.environ.get("METABOLIC_RUN", "")
+    return base / (run if run.startswith(f"{profile}+") else profile)
 
 
 def figures_dir(profile: str) -> Path:
+    """`figures/<run>/` under the project root (or under $METABOLIC_FIGURES when set); the run as in `run_dir`."""
     base = Path(os.environ["METABOLIC_FIGURES"]) if os.environ.get("METABOLIC_FIGURES") else project_root() / "figures"
-    return base / profile
+    run = os.environ.get("METABOLIC_RUN", "")
+    return base / (run if run.startswith(f"{profile}+") else profile)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

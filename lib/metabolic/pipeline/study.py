@@ -1,24 +1,42 @@
 """Run the notebooks headless with papermill, in order, on one profile.
 
 The py:percent files are the source of truth: each is read with jupytext and executed with papermill
-into `data/<profile>/executed/`. `inplace=True` (used by `make notebooks`, smoke only) writes the
+into `data/<run>/executed/`. `inplace=True` (used by `make notebooks`, smoke only) writes the
 executed notebook back to `notebooks/NN_name.ipynb`, refreshing the outputs that nbval checks.
+
+A run with overrides is a run of its own (`metabolic.core.runs`): its artefacts, executed notebooks
+and figures go to `data/<profile>+<hash>/` and `figures/<profile>+<hash>/`, beside the default run.
+
+A failing cell ends the study with that cell's error in one line (its type and message, papermill's
+`ename` / `evalue`): input errors (`metabolic.core.errors`) are re-raised as themselves, so the CLI
+exits 2 as `run` does; anything else raises `NotebookFailed`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from metabolic.core import artefacts, numerics
-from metabolic.core.errors import ConfigError
-from metabolic.core.profiles import load_config
+from metabolic.core import artefacts, errors, numerics
+from metabolic.core.errors import ConfigError, MetabolicError
+from metabolic.core.runs import RUN_ENV, run_name
 
-log = logging.getLogger(__name__)
+
+class NotebookFailed(RuntimeError):
+    """A notebook cell raised something other than an input error (a bug): one line, exit status 1."""
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    name: str  # the profile, or `<profile>+<hash>` for a run with overrides
+    data_dir: Path  # artefacts, executed notebooks, study_timings.json
+    figures_dir: Path
+    notebooks_s: dict[str, float]  # wall seconds per notebook
 
 
 def notebook_sources(root: Path | None = None) -> list[Path]:
@@ -32,46 +50,83 @@ def run_study(
     overrides: Mapping[str, Any] | None = None,
     only: list[str] | None = None,
     inplace: bool = False,
-) -> dict[str, float]:
-    """Execute every notebook (or those whose name starts with an entry of `only`); return wall seconds each."""
-    import jupytext
-    import papermill
+    stream_output: bool = False,
+) -> StudyRun:
+    """Execute every notebook (or those whose name starts with an entry of `only`), in order.
 
+    Prints each notebook as it starts and ends, with a progress bar over its cells (stderr);
+    `stream_output` also streams the cells' own output (papermill's `log_output`).
+    """
     numerics.pin(profile)  # the kernels inherit the pinned settings
     # Kernels run in notebooks/: make relative folders in the environment absolute first.
     for var in ("METABOLIC_ASSETS", "METABOLIC_DATA", "METABOLIC_FIGURES"):
         if os.environ.get(var):
             os.environ[var] = str(Path(os.environ[var]).expanduser().resolve())
     os.environ.setdefault("METABOLIC_ROOT", str(artefacts.project_root()))
-    load_config(profile, overrides)  # fail fast, before any kernel starts, on a bad profile or override
-    if inplace and (profile != "smoke" or overrides):
+    name = run_name(profile, overrides)  # fails fast, before any kernel starts, on a bad profile or override
+    if inplace and (profile != "smoke" or name != profile):
         raise ConfigError("--inplace refreshes the stored smoke outputs: use it with --profile smoke and no overrides")
     sources = notebook_sources()
     if only:
         sources = [p for p in sources if any(p.stem.startswith(o) for o in only)]
         if not sources:
             raise ConfigError(f"no notebook matches {only!r}: names start with 00, 01, ...")
-    out_dir = artefacts.run_dir(profile) / "executed"
+    previous = os.environ.get(RUN_ENV)
+    os.environ[RUN_ENV] = name
+    try:
+        run = StudyRun(name, artefacts.run_dir(profile), artefacts.figures_dir(profile), {})
+        if name != profile:
+            print(f"run {name} (overrides {dict(overrides or {})}): artefacts and executed notebooks in "
+                  f"{run.data_dir}, figures in {run.figures_dir}; the default run's are left as they are", flush=True)
+        _execute(sources, run, {} if inplace else {"profile": profile, "overrides": dict(overrides or {})},
+                 inplace, stream_output)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_ENV, None)
+        else:
+            os.environ[RUN_ENV] = previous
+    return run
+
+
+def _execute(sources: list[Path], run: StudyRun, parameters: dict, inplace: bool, stream_output: bool) -> None:
+    import jupytext
+    import papermill
+
+    out_dir = run.data_dir / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
-    parameters = {} if inplace else {"profile": profile, "overrides": dict(overrides or {})}
-    timings: dict[str, float] = {}
-    for source in sources:
+    t_start = time.perf_counter()
+    for i, source in enumerate(sources, 1):
+        step = f"[{i}/{len(sources)}] {source.stem}"
+        output = source.with_suffix(".ipynb") if inplace else out_dir / f"{source.stem}.ipynb"
+        print(f"{step}: running -> {output}", flush=True)
         nb = jupytext.read(source)
         with tempfile.TemporaryDirectory() as tmp:
             input_path = Path(tmp) / f"{source.stem}.ipynb"
             jupytext.write(nb, input_path)
-            output = source.with_suffix(".ipynb") if inplace else out_dir / f"{source.stem}.ipynb"
-            log.info("executing %s -> %s", source.name, output)
             t0 = time.perf_counter()
-            papermill.execute_notebook(
-                str(input_path), str(output), parameters=parameters or None, cwd=str(source.parent),
-                kernel_name="python3", progress_bar=False, log_output=False,
-            )
-            timings[source.stem] = time.perf_counter() - t0
-            if inplace:
-                _strip_run_metadata(output)
-        print(f"{source.stem}: {timings[source.stem]:.1f} s", flush=True)
-    return timings
+            try:
+                papermill.execute_notebook(
+                    str(input_path), str(output), parameters=parameters or None, cwd=str(source.parent),
+                    kernel_name="python3", log_output=stream_output,
+                    # A bar over the cells; off a terminal (logs, CI) it redraws at most every 30 s.
+                    progress_bar={"desc": source.stem, "unit": "cell", "mininterval": 0.1 if sys.stderr.isatty() else 30},
+                )
+            except papermill.PapermillExecutionError as exc:
+                raise _cell_error(exc, source.stem, output) from None
+            run.notebooks_s[source.stem] = time.perf_counter() - t0
+        if inplace:
+            _strip_run_metadata(output)
+        print(f"{step}: done in {run.notebooks_s[source.stem]:.1f} s (study so far {time.perf_counter() - t_start:.1f} s)",
+              flush=True)
+
+
+def _cell_error(exc, notebook: str, output: Path) -> Exception:
+    """The failing cell's error in one line: the input error itself when it is one, else `NotebookFailed`."""
+    where = f"{notebook}, cell {exc.exec_count}"
+    cls = getattr(errors, exc.ename, None)
+    if isinstance(cls, type) and issubclass(cls, MetabolicError):
+        return cls(f"{exc.ename}: {exc.evalue} ({where}; executed notebook: {output})")
+    return NotebookFailed(f"{where} raised {exc.ename}: {exc.evalue} (the traceback is in {output})")
 
 
 def _strip_run_metadata(path: Path) -> None:

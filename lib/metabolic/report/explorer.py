@@ -283,8 +283,8 @@ def study_explorer(cfg: StudyConfig, variant: str = "expected-cost") -> StudyExp
     map are notebook 04's; the verified mode labels candidates with the exact CSC labeller."""
     g = cfg.generation
     tokenizer = stages.corpus(cfg).tokenizer
-    model = stages.train_metabolic(cfg, variant, progress=False).load_best(device="cpu")
-    csc = stages.csc_labels(cfg, progress=False)
+    model = stages.train_metabolic(cfg, variant).load_best(device="cpu")
+    csc = stages.csc_labels(cfg)
     levels = stages.budget_levels(cfg, csc)
     budgets = list(levels.budgets.values())
     calibration, how = choose_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,

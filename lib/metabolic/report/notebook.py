@@ -6,6 +6,7 @@ Kept tiny on purpose: notebooks call the library; this only sets up the session.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, Mapping
 
@@ -13,6 +14,7 @@ from metabolic.core import numerics  # standard library only: importing it never
 from metabolic.core.config import StudyConfig
 from metabolic.core.errors import MetabolicError
 from metabolic.core.profiles import load_config
+from metabolic.core.runs import RUN_ENV, run_name  # standard library and config only, as numerics
 
 PROFILE_NOTES = {
     "smoke": "smoke profile (tiny CPU run: its numbers show that the pipeline runs, not what the method achieves)",
@@ -29,9 +31,13 @@ def profile_label(cfg: StudyConfig) -> str:
     return label
 
 
-def _one_line_error(shell, etype, value, tb, tb_offset=None):  # pragma: no cover - needs a live kernel
-    print(f"error: {value}", file=sys.stderr)
-    return None
+def one_line_error(shell, etype, value, tb, tb_offset=None) -> None:
+    """IPython handler for input errors: the cell shows `ConfigError: <message>`, no traceback.
+
+    Still shown as the cell's error (not printed to stderr), so the kernel reports its type and
+    message: papermill's `PapermillExecutionError.ename` / `.evalue`, which `metabolic study` prints.
+    """
+    shell.showtraceback((etype, value, tb), exception_only=True)
 
 
 def setup(profile: str, overrides: Mapping[str, Any] | None = None, level: int = logging.WARNING) -> StudyConfig:
@@ -45,7 +51,14 @@ def setup(profile: str, overrides: Mapping[str, Any] | None = None, level: int =
 
         shell = get_ipython()
         if shell is not None:
-            shell.set_custom_exc((MetabolicError,), _one_line_error)
+            shell.set_custom_exc((MetabolicError,), one_line_error)
     except ImportError:  # pragma: no cover
         pass
-    return load_config(profile, overrides)
+    cfg = load_config(profile, overrides)
+    # A run with overrides writes beside the profile's default run, also when papermill or Lab runs the
+    # notebook directly (see metabolic.core.runs).
+    os.environ[RUN_ENV] = run_name(profile, overrides)
+    if os.environ[RUN_ENV] != profile:
+        logging.getLogger(__name__).warning("override run: artefacts in data/%s/, figures in figures/%s/ "
+                                            "(beside the default run)", os.environ[RUN_ENV], os.environ[RUN_ENV])
+    return cfg

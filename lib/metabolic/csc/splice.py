@@ -30,6 +30,7 @@ tokenize) for each of its counterfactuals; `SpliceCounts.fallback` counts those.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,9 @@ class PieceRows:
         starts = self.segments[:, 0::2].reshape(-1)
         counts = self.segments[:, 1::2].reshape(-1)
         total = int(counts.sum())
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        if total == 0:
+            return np.zeros(0, dtype=np.int64)
+        offsets = np.cumsum(counts) - counts
         return self.buffer[np.repeat(starts - offsets, counts) + np.arange(total)]
 
     def gather(self, idx: np.ndarray, pad_id: int, buffer: torch.Tensor | None = None,
@@ -98,15 +102,20 @@ class PieceRows:
         """Rows `idx` as a padded batch (`input_ids`, `attention_mask`), built by one gather on `device`
         (pass `buffer` already on that device to avoid copying it per batch)."""
         device = torch.device(device)
+        width = int(self.lengths[idx].max()) if idx.size else 0  # from the host copy: no device sync
+        mask_shape = (idx.size, width)
+        if width == 0:
+            return {"input_ids": torch.full(mask_shape, pad_id, dtype=torch.int64, device=device),
+                    "attention_mask": torch.zeros(mask_shape, dtype=torch.int64, device=device)}
         buf = torch.from_numpy(self.buffer).to(device) if buffer is None else buffer
         seg = torch.from_numpy(np.ascontiguousarray(self.segments[idx])).to(device)
         s1, n1, s2, n2, s3, n3 = seg.unbind(1)
-        total = n1 + n2 + n3
-        k = torch.arange(int(total.max()) if idx.size else 0, device=device)[None, :]
+        k = torch.arange(width, device=device)[None, :]
         a, b = n1[:, None], (n1 + n2)[:, None]
         src = torch.where(k < a, s1[:, None] + k, torch.where(k < b, s2[:, None] + k - a, s3[:, None] + k - b))
-        mask = k < total[:, None]
-        ids = torch.where(mask, buf[src.clamp_(0, max(buf.numel() - 1, 0))] if buf.numel() else src, pad_id)
+        mask = k < (n1 + n2 + n3)[:, None]
+        # Padding slots index past their row: clamp them into the buffer, then overwrite with pad_id.
+        ids = torch.where(mask, buf[src.clamp_(0, buf.numel() - 1)], pad_id)
         return {"input_ids": ids, "attention_mask": mask.long()}
 
 
@@ -153,6 +162,12 @@ class PieceSplicer:
         self.disabled = None if splice else "splice=False"
         if self.disabled is None:
             self.disabled = self._unsupported(unmapped)
+        if self.disabled is None:
+            # The Rust tokenizer itself for the spliced path (the transformers wrapper costs more than
+            # tokenizing the short spans); never truncating nor padding, as the labeller asks.
+            self._backend = Tokenizer.from_str(enc_tokenizer.backend_tokenizer.to_str())
+            self._backend.no_truncation()
+            self._backend.no_padding()
         if self.disabled is not None and splice:
             log.warning("counterfactual word pieces take the full path (decode + tokenize): %s", self.disabled)
 
@@ -187,10 +202,10 @@ class PieceSplicer:
 
     # --- building rows ----------------------------------------------------------------------
 
-    def _encode(self, texts: list[str], special: bool, offsets: bool = False):
+    def _encode(self, texts: list[str], special: bool):
+        """The full path's tokenization: the encoder's tokenizer as the labeller always called it."""
         return self.enc_tokenizer(texts, add_special_tokens=special, truncation=False, padding=False,
-                                  return_attention_mask=False, return_token_type_ids=False,
-                                  return_offsets_mapping=offsets, verbose=False)
+                                  return_attention_mask=False, return_token_type_ids=False, verbose=False)
 
     def rows(self, seqs: Sequence[np.ndarray], positions: Sequence[np.ndarray], max_full_pieces: int | None = None,
              ) -> tuple[PieceRows, np.ndarray, np.ndarray]:
@@ -199,7 +214,11 @@ class PieceSplicer:
         Returns (rows, owner index into `seqs`, position)."""
         keep = [i for i in range(len(seqs)) if positions[i].size]
         full_texts = self.tokenizer.batch_decode([seqs[i].tolist() for i in keep]) if keep else []
-        enc = self._encode(full_texts, special=True, offsets=self.disabled is None) if keep else {"input_ids": []}
+        if self.disabled is None:
+            encodings = self._backend.encode_batch(full_texts, add_special_tokens=True)
+            full_ids, full_offsets = [e.ids for e in encodings], [e.offsets for e in encodings]
+        else:
+            full_ids, full_offsets = self._encode(full_texts, special=True)["input_ids"] if keep else [], None
         parts: list[np.ndarray] = []  # pieces pushed into the buffer, in order
         n_buf = 0
         segs: list[np.ndarray] = []
@@ -210,7 +229,7 @@ class PieceSplicer:
         slow: list[tuple[int, np.ndarray, np.ndarray]] = []  # (first row, ids, positions) taking the full path
         n_rows = 0
         for k, i in enumerate(keep):
-            full = np.asarray(enc["input_ids"][k], dtype=np.int64)
+            full = np.asarray(full_ids[k], dtype=np.int64)
             if max_full_pieces is not None and full.size > max_full_pieces:
                 log.debug("sequence %d has %d word pieces > %d: left out", i, full.size, max_full_pieces)
                 continue
@@ -220,7 +239,7 @@ class PieceSplicer:
             n_buf += full.size
             seg = np.zeros((pos.size + 1, 6), dtype=np.int64)
             seg[0, :2] = (p0, full.size)
-            cuts = self._cuts(seqs[i], pos, full_texts[k], enc["offset_mapping"][k]) if self.disabled is None else None
+            cuts = self._cuts(seqs[i], pos, full_texts[k], full_offsets[k]) if self.disabled is None else None
             if self.disabled is not None:
                 self.counts.fell_back(self.disabled, int(pos.size))
             if cuts is None:
@@ -243,12 +262,12 @@ class PieceSplicer:
             return PieceRows(empty, np.zeros((0, 6), np.int64)), empty, empty
         segments = np.concatenate(segs)
         if mids:
-            mid_ids = self._encode(mids, special=False)["input_ids"]
+            mid_ids = [e.ids for e in self._backend.encode_batch_fast(mids, add_special_tokens=False)]
             lengths = np.fromiter((len(x) for x in mid_ids), dtype=np.int64, count=len(mid_ids))
             rows_ = np.asarray(mid_rows, dtype=np.int64)
             segments[rows_, 2] = n_buf + np.concatenate([[0], np.cumsum(lengths)[:-1]])
             segments[rows_, 3] = lengths
-            parts.append(np.fromiter((t for x in mid_ids for t in x), dtype=np.int64, count=int(lengths.sum())))
+            parts.append(np.fromiter(itertools.chain.from_iterable(mid_ids), dtype=np.int64, count=int(lengths.sum())))
             n_buf += int(lengths.sum())
         for first, ids, pos in slow:
             texts = self.tokenizer.batch_decode(counterfactual_ids(ids, pos))

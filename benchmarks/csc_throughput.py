@@ -155,6 +155,11 @@ def main(argv=None) -> int:
         if cuda:
             line += f"; {flops / elapsed / 1e12:.1f} TFLOP/s = {flops / elapsed / (args.peak_tflops * 1e12):.1%} of the {args.peak_tflops:g} TFLOP/s fp16 peak"
         print(line)
+    # The work around the encoder alone (decode, tokenize or splice, batch assembly): what issue 13 changes.
+    for name, lab in labellers.items():
+        if name in ("labeller fp32", "labeller fp32 full path"):
+            best = min(_planning_cpu_s(lab, sequences) for _ in range(max(1, args.repeats)))
+            print(f"{name}, without the encoder: {best / n_labels * 1e6:,.1f} CPU us/label ({best:.2f} CPU s)")
     for base in ("naive", "labeller fp32 full path"):
         if base in results:
             t_base = results[base][1]
@@ -162,6 +167,13 @@ def main(argv=None) -> int:
                 if name != base and name.startswith("labeller") and not name.endswith("full path"):
                     print(f"ratio {name} / {base}: {t_base / t:.2f}x")
     return 0
+
+
+def _planning_cpu_s(labeller, sequences) -> float:
+    c0 = time.process_time()
+    for _ in labeller.iter_batches(sequences):
+        pass
+    return time.process_time() - c0
 
 
 if __name__ == "__main__":

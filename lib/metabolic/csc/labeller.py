@@ -151,6 +151,14 @@ class CSCLabeller:
         labels = self.label(full, positions, progress=progress)
         return [lab[len(p):] for lab, p in zip(labels, prompts)]
 
+    def iter_batches(self, sequences: Sequence[Sequence[int]], positions: Sequence[np.ndarray | None] | None = None,
+                     ) -> Iterator[dict[str, torch.Tensor]]:
+        """The encoder batches `label` runs, without running the encoder (to measure the work around it)."""
+        seqs, pos = self._validate(sequences, positions)
+        for chunk in self._chunks(seqs, pos):
+            for _, batch in self._batches(self._plan(chunk, seqs, pos)):
+                yield batch
+
     def label_text(self, text: str) -> tuple[list[int], np.ndarray]:
         """GPT-2 ids of `text` and the CSC of each of its tokens."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

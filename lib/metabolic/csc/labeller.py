@@ -220,8 +220,8 @@ class CSCLabeller:
         n_labels = int(sum(pos[i].size for g in groups for i in g))
         bar = _progress(n_labels, progress and n_labels > 0)
         try:
-            # Plans (decoding, word-piece lengths) are made a group ahead in a thread; batches are
-            # tokenized in another thread while the encoder runs.
+            # Plans (decoding, tokenizing the full texts, splicing) are made a group ahead in a thread;
+            # each batch is then one gather from the plan's piece buffer.
             plans = ((k, group, self._plan(group, seqs, pos)) for k, group in enumerate(groups))
             for k, group, plan in _background(plans, depth=1):
                 out = {i: np.full(len(seqs[i]), np.nan, dtype=np.float32) for i in group}
@@ -249,15 +249,6 @@ class CSCLabeller:
         """Word pieces of the full texts that fit the window and of their counterfactuals."""
         rows, owner, position = self.splicer.rows([seqs[i] for i in chunk], [pos[i] for i in chunk], self.window)
         return _Plan(rows, np.asarray(chunk, dtype=np.int64)[owner] if owner.size else owner, position)
-
-    def _piece_ids(self, texts: list[str]) -> list[list[int]]:
-        """Encoder word-piece ids of each text, unpadded and untruncated (one batched Rust call)."""
-        return self.enc_tokenizer(texts, add_special_tokens=True, truncation=False, padding=False,
-                                  return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
-
-    def piece_lengths(self, texts: list[str]) -> list[int]:
-        """Word pieces per text in the encoder's tokenizer (with [CLS] and [SEP])."""
-        return [len(x) for x in self._piece_ids(texts)]
 
     def _tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         enc = self.enc_tokenizer(texts, add_special_tokens=True, truncation=False, padding="longest",

@@ -3,12 +3,20 @@
 Naive baseline (issue 3): `SentenceTransformer.encode` on the list of counterfactual strings (and the
 full texts) with default settings in fp32, then cosine distances. Its window is raised to the
 encoder's 512 positions like the labeller's, so both compute the same labels (the default 256 would
-truncate 256-token texts). Prints labels/s of both, their ratio, mean and max |label difference|
-against fp32, and on CUDA the fraction of the GPU's fp16 tensor peak reached (encoder FLOPs counted
-from the unpadded word-piece lengths, `metabolic.csc.labeller.flops_per_text`).
+truncate 256-token texts). `--full-path` adds the labeller as it was before issue 13 (every
+counterfactual decoded and tokenized, `splice=False`) on the same sequences.
 
-    python benchmarks/csc_throughput.py --profile smoke --device cpu            # about a minute here
-    python benchmarks/csc_throughput.py --profile gpu --device cuda --sequences 2000
+Prints, per method: labels/s, CPU seconds per label (process CPU time: all threads, the tokenizers'
+included), the ratio to naive (and to the full path), mean and max |label difference| against fp32,
+and on CUDA the fraction of the GPU's fp16 tensor peak reached (encoder FLOPs counted from the
+unpadded word-piece lengths, `metabolic.csc.labeller.flops_per_text`).
+
+`--tokens 256`: the issue-13 mode, training texts of at least 256 GPT-2 tokens cut to exactly 256
+(every position labelled) instead of the profile's selection.
+
+    python benchmarks/csc_throughput.py --profile smoke --device cpu --full-path        # minutes here
+    python benchmarks/csc_throughput.py --device cpu --tokens 256 --sequences 4 --full-path
+    python benchmarks/csc_throughput.py --profile gpu --device cuda --tokens 256 --sequences 2000 --full-path
 """
 
 from __future__ import annotations
@@ -37,6 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS, help="fp16 dense tensor peak of the GPU")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each method, alternating; the fastest counts")
     p.add_argument("--skip-naive", action="store_true", help="labeller only (e.g. when the baseline takes too long)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="texts of exactly this many GPT-2 tokens (training texts at least this long, cut) instead of the profile's")
+    p.add_argument("--full-path", action="store_true",
+                   help="also time the fp32 labeller without splicing (decode + tokenize every counterfactual, as before issue 13)")
     return p.parse_args(argv)
 
 
@@ -45,7 +57,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def naive_labels(encoder, tokenizer, sequences) -> tuple[list[np.ndarray], float]:
+def naive_labels(encoder, tokenizer, sequences) -> tuple[list[np.ndarray], float, float]:
     """The baseline: decode every counterfactual, `encode` them all (default settings), cosine distance."""
     texts, owner = [], []
     for i, ids in enumerate(sequences):
@@ -53,17 +65,17 @@ def naive_labels(encoder, tokenizer, sequences) -> tuple[list[np.ndarray], float
         texts += [tokenizer.decode(ids[:t] + ids[t + 1:]) for t in range(len(ids))]
         owner.append(len(ids))
     _sync(str(encoder.device))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     emb = encoder.encode(texts, convert_to_numpy=True)
     _sync(str(encoder.device))
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     out, start = [], 0
     for n in owner:
         full, cf = emb[start], emb[start + 1:start + 1 + n]
         out.append(np.maximum(1.0 - cf @ full, 0.0).astype(np.float32))
         start += 1 + n
-    return out, elapsed
+    return out, elapsed, cpu
 
 
 def main(argv=None) -> int:
@@ -72,6 +84,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from metabolic.core.profiles import load_config
     from metabolic.csc.labeller import CSCLabeller, flops_per_text
+    from metabolic.data.corpus import select_sequences
     from metabolic.pipeline import stages
 
     cfg = load_config(args.profile)
@@ -80,75 +93,87 @@ def main(argv=None) -> int:
     precisions = (args.precisions or ("fp32,tf32,fp16" if cuda else "fp32")).split(",")
     batch = args.batch_size or cfg.csc.batch_size
     data = stages.corpus(cfg)
-    sequences, _ = stages.select_for_labelling(cfg, data)
+    if args.tokens:
+        sequences = select_sequences(data.train_ids, n_seq, args.tokens, args.tokens, cfg.corpus.seed)
+    else:
+        sequences, _ = stages.select_for_labelling(cfg, data)
     sequences = sequences[:n_seq]
     n_labels = sum(len(s) for s in sequences)
     encoder = stages._encoder(cfg.assets.encoder, args.device)
     tok = data.tokenizer
     print(f"device {args.device} ({torch.cuda.get_device_name() if cuda else f'{torch.get_num_threads()} CPU threads'}), "
-          f"profile {args.profile}: {len(sequences)} sequences, {n_labels} labels, "
-          f"mean {n_labels / len(sequences):.0f} tokens/sequence, labeller batch {batch}")
+          f"profile {args.profile}{f', texts of {args.tokens} tokens' if args.tokens else ''}: {len(sequences)} sequences, "
+          f"{n_labels} labels, mean {n_labels / len(sequences):.0f} tokens/sequence, labeller batch {batch}")
 
-    labellers = {p: CSCLabeller(encoder, tok, device=args.device, precision=p, batch_size=batch) for p in precisions}
+    labellers = {f"labeller {p}": CSCLabeller(encoder, tok, device=args.device, precision=p, batch_size=batch) for p in precisions}
+    if args.full_path:
+        labellers["labeller fp32 full path"] = CSCLabeller(encoder, tok, device=args.device, batch_size=batch, splice=False)
+    first = next(iter(labellers.values()))
     if cuda:  # warm-up: kernels, allocator, cuBLAS handles
         for lab in labellers.values():
             lab.label(sequences[: max(1, len(sequences) // 20)], progress=False)
     # Alternate the methods and keep each one's fastest run: on a shared machine the load drifts.
     results: dict[str, tuple] = {}
-    naive = None
     if not args.skip_naive:
-        encoder.max_seq_length = labellers[precisions[0]].window  # same window as the labeller: same labels
+        encoder.max_seq_length = first.window  # same window as the labeller: same labels
     for _ in range(max(1, args.repeats)):
-        for p, lab in labellers.items():
+        for name, lab in labellers.items():
             lab.stats.update(texts=0, labels=0, word_pieces=0, padded_word_pieces=0)
             _sync(args.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             labels = lab.label(sequences, progress=False)
             _sync(args.device)
-            elapsed = time.perf_counter() - t0
-            if p not in results or elapsed < results[p][1]:
-                results[p] = (labels, elapsed, dict(lab.stats))
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if name not in results or elapsed < results[name][1]:
+                results[name] = (labels, elapsed, cpu, dict(lab.stats))
         if not args.skip_naive:
-            run = naive_labels(encoder, tok, sequences)
-            if naive is None or run[1] < naive[1]:
-                naive = run
+            labels, elapsed, cpu = naive_labels(encoder, tok, sequences)
+            if "naive" not in results or elapsed < results["naive"][1]:
+                results["naive"] = (labels, elapsed, cpu, None)
 
-    ref = np.concatenate(results["fp32"][0]) if "fp32" in results else None
+    ref = np.concatenate(results["labeller fp32"][0]) if "labeller fp32" in results else None
     cfg_model = encoder[0].auto_model.config
-    pieces = _piece_lengths(labellers[precisions[0]], tok, sequences)
+    rows, _, _ = first.splicer.rows([np.asarray(x, dtype=np.int64) for x in sequences],
+                                    [np.arange(len(x)) for x in sequences])
+    pieces = rows.lengths
     flops = float(flops_per_text(cfg_model.num_hidden_layers, cfg_model.hidden_size, cfg_model.intermediate_size, pieces).sum())
     print(f"encoder FLOPs for all texts (unpadded): {flops / 1e12:.3f} TFLOP, {flops / pieces.size / 1e9:.2f} GFLOP/text, "
           f"mean {pieces.mean():.0f} word pieces/text")
+    counts = first.splicer.counts
+    print(f"counterfactual word pieces: {counts.spliced} spliced, {counts.fallback} by the full path {counts.reasons or ''}")
 
-    for p, (labels, elapsed, st) in results.items():
+    for name, (labels, elapsed, cpu, st) in results.items():
         flat = np.concatenate(labels)
-        line = (f"labeller {p}: {n_labels / elapsed:,.1f} labels/s ({st['texts'] / elapsed:,.1f} texts/s, {elapsed:.2f} s), "
-                f"padding overhead {st['padded_word_pieces'] / max(st['word_pieces'], 1) - 1:.1%}")
-        if ref is not None and p != "fp32":
+        line = (f"{name}: {n_labels / elapsed:,.1f} labels/s ({elapsed:.2f} s), "
+                f"{cpu / n_labels * 1e3:.3f} CPU ms/label ({cpu:.1f} CPU s)")
+        if st is not None:
+            line += (f", {st['texts'] / elapsed:,.1f} texts/s, "
+                     f"padding overhead {st['padded_word_pieces'] / max(st['word_pieces'], 1) - 1:.1%}")
+        if ref is not None and name != "labeller fp32":
             d = np.abs(flat - ref)
-            line += f"; vs fp32: mean |diff| {np.nanmean(d):.2e}, max |diff| {np.nanmax(d):.2e}"
+            line += f"; vs labeller fp32: mean |diff| {np.nanmean(d):.2e}, max |diff| {np.nanmax(d):.2e}"
         if cuda:
             line += f"; {flops / elapsed / 1e12:.1f} TFLOP/s = {flops / elapsed / (args.peak_tflops * 1e12):.1%} of the {args.peak_tflops:g} TFLOP/s fp16 peak"
         print(line)
-
-    if naive is not None:
-        labels, elapsed = naive
-        flat = np.concatenate(labels)
-        print(f"naive SentenceTransformer.encode fp32: {n_labels / elapsed:,.1f} labels/s ({elapsed:.2f} s)")
-        if ref is not None:
-            d = np.abs(flat - ref)
-            print(f"naive vs labeller fp32: mean |diff| {d.mean():.2e}, max |diff| {d.max():.2e}")
-        for p, (_, t_lab, _) in results.items():
-            print(f"ratio labeller {p} / naive: {elapsed / t_lab:.2f}x")
+    # The work around the encoder alone (decode, tokenize or splice, batch assembly): what issue 13 changes.
+    for name, lab in labellers.items():
+        if name in ("labeller fp32", "labeller fp32 full path"):
+            best = min(_planning_cpu_s(lab, sequences) for _ in range(max(1, args.repeats)))
+            print(f"{name}, without the encoder: {best / n_labels * 1e6:,.1f} CPU us/label ({best:.2f} CPU s)")
+    for base in ("naive", "labeller fp32 full path"):
+        if base in results:
+            t_base = results[base][1]
+            for name, (_, t, _, _) in results.items():
+                if name != base and name.startswith("labeller") and not name.endswith("full path"):
+                    print(f"ratio {name} / {base}: {t_base / t:.2f}x")
     return 0
 
 
-def _piece_lengths(labeller, tok, sequences) -> np.ndarray:
-    lengths = []
-    for ids in sequences:
-        texts = [tok.decode(ids)] + labeller.counterfactual_texts(ids)
-        lengths += labeller.piece_lengths(texts)
-    return np.asarray(lengths)
+def _planning_cpu_s(labeller, sequences) -> float:
+    c0 = time.process_time()
+    for _ in labeller.iter_batches(sequences):
+        pass
+    return time.process_time() - c0
 
 
 if __name__ == "__main__":

@@ -180,3 +180,29 @@ def test_label_groups_pairs_each_counterfactual_with_its_own_text(labeller, toke
     assert k == 0 and len(labels) == len(order)
     for i, lab in zip(order, labels):
         np.testing.assert_allclose(lab, expected[i], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, named", [([[464.5, 3797]], "464.5"), ([[464, np.float32(3797.0)]], "3797.0"),
+                                        ([[464, "3797"]], "'3797'"), ([[464, None]], "None")])
+def test_non_integer_ids_are_a_data_error_not_truncated(labeller, bad, named):
+    """Issue 17: 464.5 was silently labelled as token 464."""
+    with pytest.raises(DataError, match="integer token ids expected") as err:
+        labeller.label(bad, progress=False)
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_string_instead_of_ids_is_a_data_error(labeller):
+    """Issue 17: `label(["hello"])` raised a raw ValueError."""
+    with pytest.raises(DataError, match="sequence 0 is the text 'hello', not token ids") as err:
+        labeller.label(["hello"], progress=False)
+    assert "label_text" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(DataError, match="not a flat list of integer token ids"):
+        labeller.label([[[464], [3797, 13]]], progress=False)
+    with pytest.raises(DataError, match=r"positions\[0\] holds 0.5"):
+        labeller.label([[464, 3797]], [[0.5]], progress=False)
+
+
+def test_numpy_integer_ids_are_accepted(labeller):
+    plain = labeller.label([[464, 3797]], progress=False)[0]
+    for ids in (np.array([464, 3797], dtype=np.int32), [np.int64(464), np.uint16(3797)]):
+        np.testing.assert_array_equal(labeller.label([ids], progress=False)[0], plain)

@@ -8,8 +8,12 @@ characters across tokens (README, measured facts).
 How it is fast without changing the maths:
 - every text of a chunk of sequences (the full texts and all their counterfactuals) is encoded in
   large batches sorted by length, so padding is small; one `inference_mode` forward per batch;
-- counterfactual id lists are built with numpy (no Python loop per token) and decoded and
-  word-piece tokenized by the Rust tokenizers in a background thread, overlapped with the encoder;
+- each full text is decoded and word-piece tokenized once; the word pieces of its counterfactuals
+  are spliced from the full text's pieces and the re-tokenized words around the deleted token
+  (`metabolic.csc.splice`, identical id for id to decoding and tokenizing each counterfactual, which
+  remains the path where that proof does not apply, counted in `splicer.counts`); this planning runs
+  in a background thread a chunk ahead of the encoder, and each batch is gathered on the device
+  from the chunk's piece buffer;
 - on CUDA only, `precision="tf32"` (TF32 matmuls) or `"fp16"` (transformer in fp16, pooling and
   the cosine in fp32). bf16 is refused: CSC is the difference of two nearly equal embeddings
   (mean ~0.0018 on 256-token texts) and bf16 errors are of that size (README, measured facts). On CPU the
@@ -30,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import logging
 import queue
 import threading
@@ -42,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from metabolic.core.errors import ConfigError, DataError
+from metabolic.csc.splice import PieceRows, PieceSplicer, counterfactual_ids
 
 log = logging.getLogger(__name__)
 
@@ -63,32 +67,24 @@ def encoder_window(encoder) -> int:
     return positions
 
 
-def counterfactual_ids(ids: np.ndarray, positions: np.ndarray) -> list[list[int]]:
-    """Each row is `ids` with one position of `positions` removed (vectorised, no loop per token)."""
-    n = ids.shape[0]
-    if n == 0 or positions.size == 0:
-        return []
-    keep = np.ones((positions.size, n), dtype=bool)
-    keep[np.arange(positions.size), positions] = False
-    return np.broadcast_to(ids, (positions.size, n))[keep].reshape(positions.size, n - 1).tolist()
-
-
 @dataclass
 class _Plan:
-    """The texts of one chunk: texts[j] belongs to sequence owner[j]; position -1 is the full text."""
+    """The rows of one chunk: row j belongs to sequence owner[j]; position -1 is the full text."""
 
-    texts: list[str]
+    rows: PieceRows  # word pieces of each row ([CLS] and [SEP] included), spliced from the full texts'
     owner: np.ndarray
     position: np.ndarray
-    pieces: np.ndarray  # word pieces of each text ([CLS] and [SEP] included)
-    piece_ids: list[list[int]]  # the encoder's ids of each text, tokenized once
+
+    @property
+    def pieces(self) -> np.ndarray:
+        return self.rows.lengths
 
 
 class CSCLabeller:
     """Exact per-token CSC for batches of GPT-2 id sequences (see the module docstring)."""
 
     def __init__(self, encoder, tokenizer, device: str = "cpu", precision: str = "fp32", batch_size: int = 256,
-                 chunk_texts: int | None = None, encoder_name: str | None = None):
+                 chunk_texts: int | None = None, encoder_name: str | None = None, splice: bool = True):
         if precision not in PRECISIONS:
             raise ConfigError(f"csc.precision={precision!r} is invalid: choose one of {', '.join(PRECISIONS)} (bf16 is too coarse for CSC)")
         if batch_size <= 0:
@@ -116,6 +112,9 @@ class CSCLabeller:
             # The transformer alone in fp16; pooling, normalisation and cosines stay fp32.
             self._transformer = copy.deepcopy(self._modules[0]).half()
         self._with_token_types = "token_type_ids" in getattr(self.enc_tokenizer, "model_input_names", [])
+        # Counterfactual word pieces spliced from one tokenization of each full text (exact, see
+        # metabolic.csc.splice); splice=False decodes and tokenizes every counterfactual (the reference).
+        self.splicer = PieceSplicer(tokenizer, self.enc_tokenizer, splice=splice)
         self.stats = {"texts": 0, "labels": 0, "word_pieces": 0, "padded_word_pieces": 0}
 
     # --- public API ---------------------------------------------------------------------------
@@ -151,6 +150,14 @@ class CSCLabeller:
         positions = [np.arange(len(p), len(p) + len(g)) for p, g in zip(prompts, generations)]
         labels = self.label(full, positions, progress=progress)
         return [lab[len(p):] for lab, p in zip(labels, prompts)]
+
+    def iter_batches(self, sequences: Sequence[Sequence[int]], positions: Sequence[np.ndarray | None] | None = None,
+                     ) -> Iterator[dict[str, torch.Tensor]]:
+        """The encoder batches `label` runs, without running the encoder (to measure the work around it)."""
+        seqs, pos = self._validate(sequences, positions)
+        for chunk in self._chunks(seqs, pos):
+            for _, batch in self._batches(self._plan(chunk, seqs, pos)):
+                yield batch
 
     def label_text(self, text: str) -> tuple[list[int], np.ndarray]:
         """GPT-2 ids of `text` and the CSC of each of its tokens."""
@@ -192,9 +199,7 @@ class CSCLabeller:
         seqs: list[np.ndarray] = []
         pos: list[np.ndarray] = []
         for i, s in enumerate(sequences):
-            arr = np.asarray(list(s), dtype=np.int64)
-            if arr.ndim != 1:
-                raise DataError(f"sequence {i} is not a flat list of token ids: pass list[list[int]]")
+            arr = _integer_array(s, f"sequence {i}", "token ids")
             if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
                 bad = int(arr[(arr < 0) | (arr >= self.vocab_size)][0])
                 raise DataError(f"sequence {i} has token id {bad} outside the tokenizer's vocabulary [0, {self.vocab_size}): "
@@ -203,7 +208,7 @@ class CSCLabeller:
             if p is None:
                 p = np.arange(arr.size, dtype=np.int64)
             else:
-                p = np.unique(np.asarray(p, dtype=np.int64))
+                p = np.unique(_integer_array(p, f"positions[{i}]", "positions"))
                 if p.size and (p[0] < 0 or p[-1] >= arr.size):
                     bad = int(p[0] if p[0] < 0 else p[-1])
                     raise DataError(f"position {bad} of sequence {i} is outside [0, {arr.size}): give positions within the sequence")
@@ -215,8 +220,8 @@ class CSCLabeller:
         n_labels = int(sum(pos[i].size for g in groups for i in g))
         bar = _progress(n_labels, progress and n_labels > 0)
         try:
-            # Plans (decoding, word-piece lengths) are made a group ahead in a thread; batches are
-            # tokenized in another thread while the encoder runs.
+            # Plans (decoding, tokenizing the full texts, splicing) are made a group ahead in a thread;
+            # each batch is then one gather from the plan's piece buffer.
             plans = ((k, group, self._plan(group, seqs, pos)) for k, group in enumerate(groups))
             for k, group, plan in _background(plans, depth=1):
                 out = {i: np.full(len(seqs[i]), np.nan, dtype=np.float32) for i in group}
@@ -241,73 +246,41 @@ class CSCLabeller:
             yield chunk
 
     def _plan(self, chunk: list[int], seqs, pos) -> _Plan:
-        """Full texts that fit the window, then their counterfactual strings (decoded, never joined)."""
-        full_texts = self.tokenizer.batch_decode([seqs[i].tolist() for i in chunk])
-        lengths = self.piece_lengths(full_texts)
-        texts: list[str] = []
-        owner: list[np.ndarray] = []
-        position: list[np.ndarray] = []
-        for i, text, n_pieces in zip(chunk, full_texts, lengths):
-            if pos[i].size == 0:
-                continue  # nothing to label (an empty sequence, or no position asked for)
-            if n_pieces > self.window:
-                log.debug("sequence %d has %d word pieces > window %d: labels left NaN", i, n_pieces, self.window)
-                continue  # the whole sequence stays NaN: its full-text embedding would be truncated
-            cfs = self.counterfactual_texts(seqs[i], pos[i])
-            texts.append(text)
-            texts.extend(cfs)
-            owner.append(np.full(len(cfs) + 1, i, dtype=np.int64))
-            position.append(np.concatenate([[-1], pos[i]]).astype(np.int64))
-        if not texts:
-            empty = np.zeros(0, np.int64)
-            return _Plan([], empty, empty, empty, [])
-        piece_ids = self._piece_ids(texts)
-        pieces = np.fromiter((len(x) for x in piece_ids), dtype=np.int64, count=len(piece_ids))
-        return _Plan(texts, np.concatenate(owner), np.concatenate(position), pieces, piece_ids)
-
-    def _piece_ids(self, texts: list[str]) -> list[list[int]]:
-        """Encoder word-piece ids of each text, unpadded and untruncated (one batched Rust call)."""
-        return self.enc_tokenizer(texts, add_special_tokens=True, truncation=False, padding=False,
-                                  return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
-
-    def piece_lengths(self, texts: list[str]) -> list[int]:
-        """Word pieces per text in the encoder's tokenizer (with [CLS] and [SEP])."""
-        return [len(x) for x in self._piece_ids(texts)]
+        """Word pieces of the full texts that fit the window and of their counterfactuals."""
+        rows, owner, position = self.splicer.rows([seqs[i] for i in chunk], [pos[i] for i in chunk], self.window)
+        return _Plan(rows, np.asarray(chunk, dtype=np.int64)[owner] if owner.size else owner, position)
 
     def _tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         enc = self.enc_tokenizer(texts, add_special_tokens=True, truncation=False, padding="longest",
                                  return_attention_mask=True, return_token_type_ids=False, return_tensors="np", verbose=False)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def _batches(self, plan: _Plan) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Batches of texts sorted by word-piece length (little padding); texts past the window are skipped."""
-        fits = np.flatnonzero(plan.pieces <= self.window)
-        order = fits[np.argsort(plan.pieces[fits], kind="stable")]
+    def _batches(self, plan: _Plan) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+        """Batches of rows sorted by word-piece length (little padding), gathered on the device from the
+        plan's piece buffer; rows past the window are skipped."""
+        lengths = plan.pieces
+        fits = np.flatnonzero(lengths <= self.window)
+        order = fits[np.argsort(lengths[fits], kind="stable")]
         pad_id = self.enc_tokenizer.pad_token_id or 0
+        buffer = torch.from_numpy(plan.rows.buffer).to(self.device)
         for start in range(0, order.size, self.batch_size):
             idx = order[start:start + self.batch_size]
-            lengths = plan.pieces[idx]
-            keep = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
-            input_ids = np.full(keep.shape, pad_id, dtype=np.int64)
-            # Row-major boolean assignment fills each row's first `length` slots, in order.
-            input_ids[keep] = np.fromiter(itertools.chain.from_iterable(plan.piece_ids[j] for j in idx),
-                                          dtype=np.int64, count=int(lengths.sum()))
-            yield idx, {"input_ids": input_ids, "attention_mask": keep.astype(np.int64)}
+            yield idx, plan.rows.gather(idx, pad_id, buffer, self.device)
 
     def _label_chunk(self, chunk, plan: _Plan, pos, out, bar) -> None:
-        if not plan.texts:
+        if not plan.owner.size:
             if bar is not None:
                 bar.update(int(sum(pos[i].size for i in chunk)))
             return
-        emb = torch.zeros((len(plan.texts), self.dim), dtype=torch.float32, device=self.device)
+        emb = torch.zeros((plan.owner.size, self.dim), dtype=torch.float32, device=self.device)
         # A counterfactual that re-tokenizes past the window (rare) is NaN, never truncated.
         valid = plan.pieces <= self.window
         with torch.inference_mode(), self._precision_context():
-            for idx, batch in _background(self._batches(plan)):
+            for idx, batch in self._batches(plan):
                 emb[torch.as_tensor(idx, device=self.device)] = self.embed_batch(batch)
                 self.stats["texts"] += int(idx.size)
-                self.stats["word_pieces"] += int(batch["attention_mask"].sum())
-                self.stats["padded_word_pieces"] += int(batch["attention_mask"].size)
+                self.stats["word_pieces"] += int(plan.pieces[idx].sum())
+                self.stats["padded_word_pieces"] += int(batch["attention_mask"].numel())
                 if bar is not None:
                     bar.update(int((plan.position[idx] >= 0).sum()))
             # Each counterfactual is compared with its own sequence's full text, whatever the order
@@ -333,12 +306,12 @@ class CSCLabeller:
             bar.update(skipped)
         self.stats["labels"] += n_labelled
 
-    def embed_batch(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
+    def embed_batch(self, batch: dict[str, np.ndarray | torch.Tensor]) -> torch.Tensor:
         """Normalised fp32 sentence embeddings [n, dim] of one tokenized batch (`input_ids`, `attention_mask`
-        as numpy arrays); the labeller's precision setting applies. Public for the CSC approximations."""
+        as numpy arrays or tensors); the labeller's precision setting applies. Public for the CSC approximations."""
         non_blocking = self.device.type == "cuda"
-        feats: dict[str, Any] = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, non_blocking=non_blocking)
-                                 for k, v in batch.items()}
+        feats: dict[str, Any] = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
+                                 .to(self.device, non_blocking=non_blocking) for k, v in batch.items()}
         if self._with_token_types:
             feats["token_type_ids"] = torch.zeros_like(feats["input_ids"])
         feats = self._transformer(feats)
@@ -358,6 +331,28 @@ class CSCLabeller:
             yield
         finally:
             torch.set_float32_matmul_precision(old)
+
+
+def _integer_array(values, name: str, what: str) -> np.ndarray:
+    """`values` as a flat int64 array; anything but integers (Python or numpy) is a one-line `DataError`
+    (a float is never truncated: 464.5 is not token 464)."""
+    if isinstance(values, (str, bytes)):
+        raise DataError(f"{name} is the text {values!r}, not {what}: pass integer {what} "
+                        f"(for text, label tokenizer(text)['input_ids'] or use label_text)")
+    try:
+        items = list(values)
+        arr = np.asarray(items)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{name} is not a flat list of integer {what} ({type(exc).__name__}): pass list[list[int]]") from exc
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.ndim != 1:
+        raise DataError(f"{name} is not a flat list of integer {what}: pass list[list[int]]")
+    if arr.dtype.kind not in "iu":
+        bad = next((v for v in items if isinstance(v, bool) or not isinstance(v, (int, np.integer))), items[0])
+        raise DataError(f"{name} holds {bad!r} ({type(bad).__name__}): integer {what} expected "
+                        f"(ints or numpy integers, never floats or strings)")
+    return arr.astype(np.int64, copy=False)
 
 
 def _progress(total: int, enabled: bool):

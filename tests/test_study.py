@@ -141,3 +141,27 @@ def test_a_bug_in_a_notebook_is_one_line_naming_the_cell(scratch_project):
     # cell 3 as the executed notebook numbers it: papermill's injected parameters cell runs first
     assert str(info.value) == f"01_fail, cell 3 raised KeyError: 'missing' (the traceback is in {executed})"
     assert executed.is_file()
+
+
+def test_a_stored_progress_bar_keeps_its_last_line_not_its_widgets():
+    import nbclient
+    import nbformat
+    from metabolic.pipeline.study import strip_progress_bars
+
+    code = "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='steps'):\n    pass\nprint('after')"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nbclient.NotebookClient(nb, kernel_name="python3", store_widget_state=True, timeout=120).execute()
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert sorted({m["model_name"] for m in state.values()}) == [
+        "FloatProgressModel", "HBoxModel", "HTMLModel", "HTMLStyleModel", "LayoutModel", "ProgressStyleModel"]
+    assert strip_progress_bars(nb) == 1
+    texts = [o.get("text", "") for o in nb.cells[0].outputs]
+    assert texts[0].startswith("steps: 100% 3/3 [") and texts[1] == "after\n"
+    assert "widgets" not in nb.metadata
+
+
+def test_stored_notebooks_hold_no_progress_widgets_and_stay_small():
+    notebooks = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) == 7
+    assert not [p.name for p in notebooks if "FloatProgressModel" in p.read_text()]
+    assert sum(p.stat().st_size for p in notebooks) < 1_000_000  # bytes: reviewable diffs, a quick clone

@@ -14,7 +14,10 @@ exits 2 as `run` does; anything else raises `NotebookFailed`.
 
 from __future__ import annotations
 
+import html
+import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -144,4 +147,64 @@ def _strip_run_metadata(path: Path) -> None:
         if not cell.metadata.get("tags", True):
             cell.metadata.pop("tags")
     nb.metadata.pop("papermill", None)
+    strip_progress_bars(nb)
     artefacts.atomic_write_text(path, nbformat.writes(nb))
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def strip_progress_bars(nb) -> int:
+    """Replace each progress-bar widget in a stored notebook by its final line as text; return how many.
+
+    tqdm draws its bars as ipywidgets whose saved state (six models a bar) made up a quarter of the
+    stored notebooks' bytes; the reader of a stored notebook needs only the last line of each bar.
+    Other widgets (the budget explorer) are kept.
+    """
+    widgets = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {})
+    state = widgets.get("state", {})
+
+    def refs(model_id: str) -> list[str]:
+        text = json.dumps(state.get(model_id, {}).get("state", {}))
+        return re.findall(r"IPY_MODEL_([0-9a-f]+)", text)
+
+    def is_bar(model_id: str) -> bool:
+        return state.get(model_id, {}).get("model_name") == "HBoxModel" and any(
+            state.get(child, {}).get("model_name") == "FloatProgressModel" for child in refs(model_id))
+
+    def final_line(model_id: str) -> str:
+        parts = [html.unescape(re.sub(r"<[^>]+>", "", state[c]["state"].get("value", ""))).strip()
+                 for c in refs(model_id) if state.get(c, {}).get("model_name") == "HTMLModel"]
+        return re.sub(r"\s+", " ", " ".join(p for p in parts if p))  # tqdm pads with figure spaces
+
+    removed: set[str] = set()
+    n_bars = 0
+    for cell in nb.cells:
+        outputs = []
+        for output in cell.get("outputs", []):
+            model_id = output.get("data", {}).get(WIDGET_VIEW, {}).get("model_id")
+            if model_id is None or not is_bar(model_id):
+                outputs.append(output)
+                continue
+            n_bars += 1
+            outputs.append(_text_output(final_line(model_id)))
+            todo = [model_id]
+            while todo:  # the bar and every model it references (progress, labels, layouts, styles)
+                current = todo.pop()
+                if current not in removed:
+                    removed.add(current)
+                    todo.extend(refs(current))
+        if "outputs" in cell:
+            cell["outputs"] = outputs
+    for model_id in removed:
+        state.pop(model_id, None)
+    if widgets and not state:
+        nb.metadata.pop("widgets")
+    return n_bars
+
+
+def _text_output(text: str):
+    import nbformat
+
+    return nbformat.v4.new_output("stream", name="stderr", text=text + "\n")

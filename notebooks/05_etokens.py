@@ -138,16 +138,20 @@ view.sort_values(cols).round(6)
 import plotly.express as px
 from metabolic.report.figures import save_figure
 
-split = table[table["path"] == "default"].copy()
+# One batch size (the smallest), so that stacked bars are the phases of one query, never batch sizes added up.
+batch = int(table["batch_size"].min())
+split = table[(table["path"] == "default") & (table["batch_size"] == batch)].copy()
 if has_energy:
     value_cols, unit = ["preprocess_j", "prefill_j", "decode_j"], "J per query (measured; decode blank when below resolution)"
 else:
     value_cols, unit = ["prefill_s_per_query", "decode_s_per_query"], "CPU seconds per query (timing, not energy)"
 long = split.melt(id_vars=["gpu_name", "model", "task", "batch_size"], value_vars=value_cols, var_name="phase", value_name="value")
+long["phase"] = long["phase"].str.replace(r"_(j|s_per_query)$", "", regex=True)  # preprocess, prefill, decode
 long["gpu_name"] = long["gpu_name"].fillna("cpu")
 fig = px.bar(long, x="task", y="value", color="phase", facet_col="model", facet_row="gpu_name", barmode="stack",
-             hover_data=["batch_size"], labels={"value": unit},
-             title=f"Prefill vs decode per query, default path ({'energy' if has_energy else 'CPU timings, no energy here'})")
+             hover_data=["batch_size"], labels={"value": unit, "task": "task", "phase": "phase"},
+             title=f"Prefill vs decode per query at batch {batch}, default path, every model incl. MetabolicGPT-2 "
+                   f"({'energy' if has_energy else 'CPU timings, no energy here'})")
 save_figure(fig, cfg, "05_prefill_decode", "05_etokens")
 fig.show()
 

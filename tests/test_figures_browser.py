@@ -55,3 +55,27 @@ def test_saved_html_figures_draw_with_the_network_cut(tmp_path, monkeypatch):
         assert page.locator(".js-plotly-plot .bars path").count() == 40  # one bar per bin
         assert not _drawn(page, cdn, 3_000), "the CDN control drew a plot: the network was not cut"
         browser.close()
+
+
+def test_every_figure_the_study_wrote_draws_with_the_network_cut():
+    """Every plotly figure under the smoke run's figures folder (written by the notebooks, which nbval runs
+    before the browser tests; 04_examples.html is coloured text, not a plot) draws offline."""
+    from metabolic.core.artefacts import figures_dir
+
+    figures = sorted(p for p in figures_dir("smoke").glob("*.html") if PLOTLY_JS in p.read_text(encoding="utf-8"))
+    if not figures:
+        pytest.skip(f"no study figures in {figures_dir('smoke')}: run the notebooks first (nbval or make study)")
+    sync_playwright, chromium = require_browser()
+    blank = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=OFFLINE_ARGS)
+        page = browser.new_context(offline=True).new_page()
+        for path in figures:
+            page.goto(path.as_uri())
+            try:
+                page.wait_for_function("() => !!document.querySelector('.js-plotly-plot svg.main-svg')", timeout=20_000)
+            except Exception:  # noqa: BLE001 - playwright's TimeoutError: nothing was drawn
+                blank.append(path.name)
+        browser.close()
+    assert blank == [], f"drew nothing offline: {blank}"
+    assert len(figures) >= 15  # the notebooks save at least this many figures on smoke

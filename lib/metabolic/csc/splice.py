@@ -39,6 +39,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from tokenizers import Tokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +48,8 @@ _SUPPORTED = {"normalizer": ("BertNormalizer",), "pre_tokenizer": ("BertPreToken
 
 
 def gpt2_byte_decoder() -> dict[str, int]:
-    """GPT-2's printable character -> byte table (the inverse of OpenAI's `bytes_to_unicode`)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    """GPT-2's printable character -> byte table (the inverse of transformers' `bytes_to_unicode`)."""
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 def counterfactual_ids(ids: np.ndarray, positions: np.ndarray) -> list[list[int]]:

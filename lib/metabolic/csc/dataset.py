@@ -19,6 +19,9 @@ Totals of a sequence (`sequence_totals`):
 The artefact `data/<profile>/csc/` holds `csc.npz` (ids and labels of both splits, ragged arrays as
 flat + offsets). It is built chunk by chunk into `csc.partial/chunks/` (each chunk written
 atomically), so an interrupted run resumes at the first missing chunk and gives the same labels.
+Under torchrun the ranks share the chunks (`label_shard`: chunk k on rank k % world, all writing into
+the one partial) and rank 0 alone merges and commits (`metabolic.pipeline.stages.csc_labels`);
+labels are byte-identical to one process's.
 Its fingerprint covers the encoder (name and weights hash), the tokenizer, the corpus and its
 selection, the position policy, the precision and device type, and the library version.
 """
@@ -226,7 +229,9 @@ def label_shard(labeller, name: str, split: int, sequences: list[list[int]], csc
     rank, world = shard
     if not (world >= 1 and 0 <= rank < world):
         raise ConfigError(f"shard={shard!r} is invalid: give (rank, world size) with 0 <= rank < world size")
-    return _label_chunks(labeller, name, split, sequences, csc, work, (rank, world), progress)[1]
+    labelled = _label_chunks(labeller, name, split, sequences, csc, work, (rank, world), progress)[1]
+    log.info("CSC %s: rank %d of %d labelled chunks %s", name, rank, world, labelled)
+    return labelled
 
 
 # --- several processes (torchrun) ---------------------------------------------------------------

@@ -163,3 +163,13 @@ def test_cli_under_torchrun_shards_only_the_csc_stage(monkeypatch, capsys):
     assert cli.main(["run", "--profile", "smoke", "--stages", "corpus,csc"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "only the csc stage is sharded" in err and "--stages csc" in err
+
+
+def test_ranks_without_a_rendezvous_address_are_told_to_use_torchrun():
+    from metabolic.core.errors import ConfigError
+    from metabolic.csc.dataset import shard_group
+
+    env = {"RANK": "0", "WORLD_SIZE": "2"}
+    with pytest.raises(ConfigError, match="without MASTER_ADDR and MASTER_PORT: start the ranks with torchrun"):
+        with shard_group(env):
+            pass

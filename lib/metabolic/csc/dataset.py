@@ -265,6 +265,10 @@ def shard_group(environ: Mapping[str, str] = os.environ) -> Iterator[tuple[int, 
     if world == 1 or dist.is_initialized():
         yield rank, world
         return
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
+    if missing:
+        raise ConfigError(f"RANK={rank}, WORLD_SIZE={world} without {' and '.join(missing)}: start the ranks with "
+                          f"torchrun (it sets them), or unset RANK and WORLD_SIZE for one process")
     dist.init_process_group("gloo", timeout=SHARD_TIMEOUT)
     try:
         yield rank, world

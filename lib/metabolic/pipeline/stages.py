@@ -287,7 +287,7 @@ def csc_description_keys() -> tuple[str, ...]:
 def csc_labels(cfg: StudyConfig, progress: bool = True, device: str | None = None) -> CSCData:
     """Stage `csc`: label (or reuse) the profile's train/valid sequences with exact CSC.
 
-    Under torchrun (`RANK`, `WORLD_SIZE`) the ranks share the labelling: see `_csc_sharded`. Every rank
+    Under torchrun (`RANK`, `WORLD_SIZE`) the ranks share the labelling (see `_csc_labels`); every rank
     returns the same committed cache."""
     with shard_group() as (rank, world):
         if world > 1 and device is None and torch.cuda.is_available():

@@ -13,6 +13,10 @@
 # With the device tool (assets packed here by ../shared/scripts/pack-device-assets, carried as .assets):
 #   mkdir -p /tmp/a && tar xzf .assets/assets.tar.gz -C /tmp/a && METABOLIC_ASSETS=/tmp/a bash scripts/gpu_csc.sh
 # Each part's output is written to results/csc_throughput/<gpu>/<part>.txt and, with $OUT set, copied there.
+#
+# Several GPUs (issue 13, item 3): the csc stage's chunks are shared by torchrun ranks, one GPU each, and
+# rank 0 commits the one cache (byte-identical to one process; a killed run resumes with the same command):
+#   torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" -m metabolic run --profile gpu --stages csc
 set -euo pipefail
 
 PARTS=${PARTS:-"ratio scale"}

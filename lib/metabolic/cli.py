@@ -3,6 +3,7 @@
     python -m metabolic run --profile smoke [--stages corpus,pretrain] [--set train.epochs=3 ...]
     python -m metabolic study --profile smoke [--only 00,01] [--set ...]
     python -m metabolic config --profile gpu [--set ...]
+    torchrun --nproc-per-node 2 -m metabolic run --profile gpu --stages csc   # CSC labelling sharded on 2 processes
 
 Errors caused by input (profile, override, assets, data) or by the disk (read-only, permission, full)
 print one line and exit with status 2, also when a notebook of `study` raises them; another error in a
@@ -18,7 +19,7 @@ import logging
 import sys
 import time
 
-from metabolic.core.errors import MetabolicError, os_fault_message
+from metabolic.core.errors import ConfigError, MetabolicError, os_fault_message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,10 +59,19 @@ def main(argv: list[str] | None = None) -> int:
             print(cfg.to_json())
         elif args.command == "run":
             from metabolic.core import artefacts
+            from metabolic.csc.dataset import shard_from_env
             from metabolic.pipeline import stages
 
+            names = [s.strip() for s in args.stages.split(",") if s.strip()]
+            rank, world = shard_from_env()
+            if world > 1 and names != ["csc"]:
+                raise ConfigError(f"--stages {args.stages or '<all>'} under torchrun (WORLD_SIZE={world}): only the csc "
+                                  f"stage is sharded: run `torchrun --nproc-per-node N -m metabolic run --stages csc`, "
+                                  f"then the other stages in one process")
             t0 = time.perf_counter()
-            timings = stages.run(cfg, [s.strip() for s in args.stages.split(",") if s.strip()] or None)
+            timings = stages.run(cfg, names or None)
+            if rank > 0:
+                return 0  # rank 0 reports the run
             summary = {"profile": cfg.profile, "stages_s": timings, "total_s": time.perf_counter() - t0}
             artefacts.atomic_write_json(artefacts.run_dir(cfg.profile) / "run_timings.json", summary)
             print(json.dumps(summary, indent=2))

@@ -19,26 +19,33 @@ Totals of a sequence (`sequence_totals`):
 The artefact `data/<profile>/csc/` holds `csc.npz` (ids and labels of both splits, ragged arrays as
 flat + offsets). It is built chunk by chunk into `csc.partial/chunks/` (each chunk written
 atomically), so an interrupted run resumes at the first missing chunk and gives the same labels.
+Under torchrun the ranks share the chunks (`label_shard`: chunk k on rank k % world, all writing into
+the one partial) and rank 0 alone merges and commits (`metabolic.pipeline.stages.csc_labels`);
+labels are byte-identical to one process's.
 Its fingerprint covers the encoder (name and weights hash), the tokenizer, the corpus and its
 selection, the position policy, the precision and device type, and the library version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from metabolic.core import artefacts
 from metabolic.core.artefacts import pack_ragged, unpack_ragged
 from metabolic.core.config import CSCConfig
-from metabolic.core.errors import DataError
+from metabolic.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -175,28 +182,109 @@ def _load_chunk(path: Path, expected: list[int]) -> list[np.ndarray] | None:
     return labels
 
 
-def label_split(labeller, name: str, split: int, sequences: list[list[int]], csc: CSCConfig, work: Path,
-                progress: bool = True) -> list[np.ndarray]:
-    """Label one split in chunks of `csc.chunk_sequences`, each saved as it finishes; chunks already in
-    `work/chunks/` are reused (resume). One labeller call covers all missing chunks, so decoding the
-    next chunk overlaps the encoder."""
+def _chunk_layout(name: str, split: int, sequences: list[list[int]], csc: CSCConfig, work: Path):
+    """Positions to label, the chunks' sequence indices and their files `work/chunks/<name>-<k>.npz`."""
     chunks_dir = work / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
     positions = label_positions([len(s) for s in sequences], csc.positions, csc.positions_per_sequence, csc.seed, split)
     size = csc.chunk_sequences  # fingerprinted: chunk boundaries must not move on resume
     groups = [list(range(start, min(start + size, len(sequences)))) for start in range(0, len(sequences), size)]
     paths = [chunks_dir / f"{name}-{k:05d}.npz" for k in range(len(groups))]
+    return positions, groups, paths
+
+
+def _label_chunks(labeller, name: str, split: int, sequences: list[list[int]], csc: CSCConfig, work: Path,
+                  shard: tuple[int, int], progress: bool) -> tuple[dict[int, list[np.ndarray] | None], list[int]]:
+    """Label the missing chunks `k` with `k % world == rank`, saving each as it finishes; return every
+    chunk's labels (None: missing, another rank's) and the chunks labelled here. Each chunk is planned
+    and batched on its own, so its labels do not depend on which others are labelled with it."""
+    rank, world = shard
+    positions, groups, paths = _chunk_layout(name, split, sequences, csc, work)
     done = {k: _load_chunk(paths[k], [len(sequences[i]) for i in g]) for k, g in enumerate(groups)}
-    todo = [k for k in range(len(groups)) if done[k] is None]
-    if len(todo) < len(groups):
-        log.info("CSC %s: resuming, %d of %d chunks already labelled", name, len(groups) - len(todo), len(groups))
+    missing = [k for k in range(len(groups)) if done[k] is None]
+    if len(missing) < len(groups):
+        log.info("CSC %s: resuming, %d of %d chunks already labelled", name, len(groups) - len(missing), len(groups))
+    todo = [k for k in missing if k % world == rank]  # static by chunk index: no two ranks label one chunk
     for j, labels in labeller.label_groups(sequences, positions, [groups[k] for k in todo], progress=progress):
         k = todo[j]
         flat, offsets = pack_ragged(labels, np.float32)
         _save_npz(paths[k], csc=flat, offsets=offsets)
         done[k] = labels
-    return [lab for k in range(len(groups)) for lab in done[k]]
+    return done, todo
 
+
+def label_split(labeller, name: str, split: int, sequences: list[list[int]], csc: CSCConfig, work: Path,
+                progress: bool = True) -> list[np.ndarray]:
+    """Label one split in chunks of `csc.chunk_sequences`, each saved as it finishes; chunks already in
+    `work/chunks/` are reused (resume: also those other ranks wrote, read where they are). One labeller
+    call covers all missing chunks, so decoding the next chunk overlaps the encoder."""
+    done, _ = _label_chunks(labeller, name, split, sequences, csc, work, (0, 1), progress)
+    return [lab for k in range(len(done)) for lab in done[k]]
+
+
+def label_shard(labeller, name: str, split: int, sequences: list[list[int]], csc: CSCConfig, work: Path,
+                shard: tuple[int, int], progress: bool = True) -> list[int]:
+    """Label rank's share of one split's missing chunks into `work/chunks/` (`shard` = (rank, world size));
+    return the chunk indices labelled. `label_split` afterwards merges every rank's chunks."""
+    rank, world = shard
+    if not (world >= 1 and 0 <= rank < world):
+        raise ConfigError(f"shard={shard!r} is invalid: give (rank, world size) with 0 <= rank < world size")
+    labelled = _label_chunks(labeller, name, split, sequences, csc, work, (rank, world), progress)[1]
+    log.info("CSC %s: rank %d of %d labelled chunks %s", name, rank, world, labelled)
+    return labelled
+
+
+# --- several processes (torchrun) ---------------------------------------------------------------
+
+# A rank waits at a barrier for the slowest rank's share, which can take hours on the paper profile;
+# torchrun stops every rank when one fails, so a long wait never outlives a crash.
+SHARD_TIMEOUT = timedelta(hours=12)
+
+
+def shard_from_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(rank, world size) of this process under torchrun (`RANK`, `WORLD_SIZE`), else (0, 1)."""
+    if "WORLD_SIZE" not in environ and "RANK" not in environ:
+        return 0, 1
+    try:
+        rank, world = int(environ.get("RANK", "")), int(environ.get("WORLD_SIZE", ""))
+    except ValueError:
+        raise ConfigError(f"RANK={environ.get('RANK')!r}, WORLD_SIZE={environ.get('WORLD_SIZE')!r} are invalid: "
+                          f"start the ranks with torchrun, or unset both for one process") from None
+    if not (world >= 1 and 0 <= rank < world):
+        raise ConfigError(f"RANK={rank}, WORLD_SIZE={world} are invalid: need 0 <= RANK < WORLD_SIZE")
+    return rank, world
+
+
+@contextlib.contextmanager
+def shard_group(environ: Mapping[str, str] = os.environ) -> Iterator[tuple[int, int]]:
+    """(rank, world size) for the duration, joined to torchrun's process group when world > 1.
+
+    The ranks exchange only a few small messages (no tensors), so the group is gloo on CPU and GPU
+    alike; a group the caller already started is used as it is and left running."""
+    rank, world = shard_from_env(environ)
+    if world == 1 or dist.is_initialized():
+        yield rank, world
+        return
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
+    if missing:
+        raise ConfigError(f"RANK={rank}, WORLD_SIZE={world} without {' and '.join(missing)}: start the ranks with "
+                          f"torchrun (it sets them), or unset RANK and WORLD_SIZE for one process")
+    dist.init_process_group("gloo", timeout=SHARD_TIMEOUT)
+    try:
+        yield rank, world
+    finally:
+        dist.destroy_process_group()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj`, on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    dist.barrier()
 
 
 def save_data(path: Path, train: Sequence[Sequence[int]], train_csc: Sequence[np.ndarray],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -29,7 +30,19 @@ from metabolic.core import artefacts
 from metabolic.core.assets import load_encoder, load_tokenizer
 from metabolic.core.config import StudyConfig
 from metabolic.core.errors import ConfigError, DataError
-from metabolic.csc.dataset import DATA_FILE, CSCData, csc_stats, encoder_weights_sha256, label_split, load_data, save_data
+from metabolic.csc.dataset import (
+    DATA_FILE,
+    CSCData,
+    barrier,
+    broadcast,
+    csc_stats,
+    encoder_weights_sha256,
+    label_shard,
+    label_split,
+    load_data,
+    save_data,
+    shard_group,
+)
 from metabolic.csc.labeller import CSCLabeller
 from metabolic.data.corpus import load_corpus, pack_blocks, pack_ids, select_sequences, subsample_indices, tokenize, unpack_ids
 from metabolic.data.prior import Prior, build_prior, decoded_tokens, token_counts
@@ -272,7 +285,30 @@ def csc_description_keys() -> tuple[str, ...]:
 
 
 def csc_labels(cfg: StudyConfig, progress: bool = True, device: str | None = None) -> CSCData:
-    """Stage `csc`: label (or reuse) the profile's train/valid sequences with exact CSC."""
+    """Stage `csc`: label (or reuse) the profile's train/valid sequences with exact CSC.
+
+    Under torchrun (`RANK`, `WORLD_SIZE`) the ranks share the labelling (see `_csc_labels`); every rank
+    returns the same committed cache."""
+    with shard_group() as (rank, world):
+        if world > 1 and device is None and torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        return _csc_labels(cfg, progress and rank == 0, device, rank, world)
+
+
+def _csc_labels(cfg: StudyConfig, progress: bool, device: str | None, rank: int, world: int) -> CSCData:
+    """The csc stage on rank `rank` of `world` processes (0 of 1: one process, as always).
+
+    Sharded (world > 1), one build, one committer: rank 0 holds the artefact's lock and builds in
+    `csc.partial/` as one process would; once it has made (or resumed) the partial, it sends the
+    partial's path and fingerprint to the others, every rank labels its missing chunks
+    (`label_shard`: chunk k goes to rank k % world) into the partial's `chunks/`, a barrier, then rank 0
+    merges the chunk files where they lie (`label_split`, which also labels any still missing) and
+    commits. A final barrier lets the others read the committed cache. A fresh cache sends no path:
+    nobody labels. Chunks are planned and batched on their own, so labels are byte-identical to one
+    process's, and a killed sharded run resumes from the chunks every rank saved.
+    """
     data = corpus(cfg)
     train, valid = select_for_labelling(cfg, data)
     labeller = csc_labeller(cfg, device=device)
@@ -287,29 +323,55 @@ def csc_labels(cfg: StudyConfig, progress: bool = True, device: str | None = Non
         "precision": labeller.precision,
         "device_type": labeller.device.type,
     }
+    key = artefacts.fingerprint({**description, "library_version": artefacts.__version__})
     folder = artefacts.run_dir(cfg.profile) / "csc"
+    splits = (("train", 0, train), ("valid", 1, valid))
+    shared: list[Path] = []  # the partial the ranks labelled together (at most one per stage call)
+
+    def label_my_shard(work: Path) -> None:
+        for name, split, seqs in splits:
+            label_shard(labeller, name, split, seqs, cfg.csc, work, (rank, world), progress)
 
     def build(work: Path) -> dict[str, Any]:
-        train_csc = label_split(labeller, "train", 0, train, cfg.csc, work, progress)
-        valid_csc = label_split(labeller, "valid", 1, valid, cfg.csc, work, progress)
+        if world > 1 and not shared:  # rank 0, holding the lock: the partial exists, with its fingerprint
+            shared.append(work)
+            broadcast((str(work), key))
+            label_my_shard(work)
+            barrier()  # every rank's chunks are saved
+        train_csc, valid_csc = [label_split(labeller, name, split, seqs, cfg.csc, work, progress) for name, split, seqs in splits]
         save_data(work / DATA_FILE, train, train_csc, valid, valid_csc)
         shutil.rmtree(work / "chunks", ignore_errors=True)  # merged into csc.npz
         raw = csc_stats(train_csc, "raw", cfg.train.budget_quantiles)
         return {"n_train": len(train), "n_valid": len(valid), "raw_total_mean": raw["mean"],
                 "token_mean": raw["token_mean"], "n_labels": raw["n_labels"]}
 
-    artefacts.build_artefact(folder, description, build, cfg.to_json(), required=(DATA_FILE,))
-    try:
-        loaded = load_data(folder, train, valid)
-    except DataError as exc:
-        log.warning("%s: rebuilding the CSC cache", exc)
-        artefacts.build_artefact(folder, description, build, cfg.to_json(), required=(DATA_FILE,), force=True)
+    if rank == 0:
+        artefacts.build_artefact(folder, description, build, cfg.to_json(), required=(DATA_FILE,))
+        try:
+            loaded = load_data(folder, train, valid)
+        except DataError as exc:  # rank 0 alone relabels (the others wait at the last barrier)
+            log.warning("%s: rebuilding the CSC cache", exc)
+            artefacts.build_artefact(folder, description, build, cfg.to_json(), required=(DATA_FILE,), force=True)
+            loaded = load_data(folder, train, valid)
+        if world > 1:
+            if not shared:
+                broadcast((None, key))  # fresh: nothing to label
+            barrier()  # committed
+    else:
+        work, rank0_key = broadcast(None)
+        if rank0_key != key:
+            raise ConfigError(f"rank {rank} would label other inputs than rank 0 (CSC fingerprint {key[:12]} vs "
+                              f"{rank0_key[:12]}): start every rank with the same profile, --set overrides and assets")
+        if work is not None:
+            label_my_shard(Path(work))
+            barrier()
+        barrier()
         loaded = load_data(folder, train, valid)
     train_csc, valid_csc = loaded
     return CSCData(
         train_ids=train, train_csc=train_csc, valid_ids=valid, valid_csc=valid_csc,
         stats=csc_stats(train_csc, cfg.csc.scale, cfg.train.budget_quantiles),
-        fingerprint=artefacts.fingerprint({**description, "library_version": artefacts.__version__}),
+        fingerprint=key,
         folder=folder,
     )
 

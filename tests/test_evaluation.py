@@ -162,3 +162,29 @@ def test_continuation_calibration_recovers_a_line_and_falls_back(a, b, seed):
     # a budget below the intercept also falls back
     cal, how = fit_continuation_calibration(x, a + b * x, ridge=0.0, budgets=[a / 2])
     assert how.startswith("ratio") and cal.to_proxy(a / 2) > 0
+
+
+def test_judge_scores_each_distinct_text_once_with_the_direct_numbers(tokenizer):
+    """The memo changes nothing but the work: the same NLL as a direct log-softmax, one forward per text."""
+    from types import SimpleNamespace
+
+    import torch
+    from metabolic.evaluate.scoring import Judge, judge_nll
+    from tiny_lm import tiny_gpt2
+
+    model = tiny_gpt2(tokenizer)
+    a = SimpleNamespace(prompt_ids=[464, 1110], generated_ids=[318, 257, 1332])
+    b = SimpleNamespace(prompt_ids=[464], generated_ids=[1110, 318])
+    empty = SimpleNamespace(prompt_ids=[464], generated_ids=[])
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([a.prompt_ids + a.generated_ids])).logits[0].float(), -1)
+    direct = -sum(float(logp[t - 1, tok]) for t, tok in enumerate(a.generated_ids, start=len(a.prompt_ids)))
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    judge = Judge(model)
+    nll, count = judge.nll([a, b, a, empty])
+    assert count.tolist() == [3, 2, 3, 0] and nll[3] == 0.0 and nll[0] == nll[2]
+    assert nll[0] == pytest.approx(direct, rel=1e-5)
+    assert len(forwards) == 2  # a and b; the repeat and the empty generation cost nothing
+    again, _ = judge_nll(judge, [b, a])  # a Judge passed to judge_nll shares its memo
+    assert again.tolist() == [nll[1], nll[0]] and len(forwards) == 2

@@ -147,25 +147,47 @@ def csc_of_generations(prefixes: PrefixLabeller, gens, scale: str = "raw",
     return totals, per_token
 
 
-def judge_nll(judge, gens) -> tuple[np.ndarray, np.ndarray]:
-    """Negative log-likelihood (nats) of each generation's tokens given its prompt, under `judge`, and counts."""
-    import torch
+class Judge:
+    """The fluency judge (a causal LM) scoring generated tokens given their prompt.
 
-    device = next(judge.parameters()).device
-    nll = np.zeros(len(gens))
-    count = np.zeros(len(gens), dtype=np.int64)
-    with torch.inference_mode():
+    One text at a time, so a text's score never depends on what it is batched with, and each distinct
+    (prompt, generation) once: the decodings and the verified rows judge many of the same texts.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._memo: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, int]] = {}
+
+    def _score(self, prompt_ids: tuple[int, ...], generated_ids: tuple[int, ...]) -> tuple[float, int]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            ids = torch.tensor([list(prompt_ids) + list(generated_ids)], device=device)
+            logp = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            targets = ids[0, 1:]
+            start = len(prompt_ids) - 1
+            picked = logp[start:].gather(1, targets[start:, None])[:, 0]
+            return float(-picked.sum()), picked.numel()
+
+    def nll(self, gens) -> tuple[np.ndarray, np.ndarray]:
+        """Negative log-likelihood (nats) of each generation's tokens given its prompt, and their counts."""
+        nll = np.zeros(len(gens))
+        count = np.zeros(len(gens), dtype=np.int64)
         for i, g in enumerate(gens):
             if not g.generated_ids:
                 continue
-            ids = torch.tensor([list(g.prompt_ids) + list(g.generated_ids)], device=device)
-            logp = torch.log_softmax(judge(input_ids=ids).logits[0, :-1].float(), dim=-1)
-            targets = ids[0, 1:]
-            start = len(g.prompt_ids) - 1
-            picked = logp[start:].gather(1, targets[start:, None])[:, 0]
-            nll[i] = float(-picked.sum())
-            count[i] = picked.numel()
-    return nll, count
+            key = (tuple(g.prompt_ids), tuple(g.generated_ids))
+            if key not in self._memo:
+                self._memo[key] = self._score(*key)
+            nll[i], count[i] = self._memo[key]
+        return nll, count
+
+
+def judge_nll(judge, gens) -> tuple[np.ndarray, np.ndarray]:
+    """Negative log-likelihood (nats) of each generation's tokens given its prompt, under `judge` (a model
+    or a `Judge`, whose memo it then shares), and counts."""
+    return (judge if isinstance(judge, Judge) else Judge(judge)).nll(gens)
 
 
 def contextual_proxy(model, gens, budgets_csc: Sequence[float] | None) -> np.ndarray:

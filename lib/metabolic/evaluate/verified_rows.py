@@ -12,6 +12,7 @@ length: each prompt's first sample cut to the length of the text the controller 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from typing import Any, Sequence
@@ -45,7 +46,6 @@ def verified_tables(model, tokenizer, judge, prefixes: PrefixLabeller, prompts: 
     sampling_s = (time.perf_counter() - t0) / len(prompts)
     first_sample = {c.prompt_index: c.ids for c in pool if c.index == 0}
     reference = [first_sample[p] for p in range(len(prompts))]
-    texts0 = prefixes.texts
     tables: dict[str, Any] = {}
     records: list[dict] = []
     for scale, budgets in budgets_by_scale.items():
@@ -82,7 +82,8 @@ def verified_tables(model, tokenizer, judge, prefixes: PrefixLabeller, prompts: 
                      "sampling_seconds_per_generation": sampling_s * n / n_max, "fluency": flu}
             table["goal"] = goal_status(table)
             tables[f"verified_n{n}_{scale}"] = table
-    rate = (prefixes.texts - texts0) / max(time.perf_counter() - t0 - sampling_s * len(prompts), 1e-9)  # texts/s, judge time included
+    # texts/s over everything this memo labelled (NaN if it labelled nothing: every text came from the memo)
+    rate = prefixes.texts / prefixes.seconds if prefixes.seconds > 0 else math.nan
     for table in tables.values():
         for row in table["rows"]:
             row["seconds_per_generation"] = table["sampling_seconds_per_generation"] + row["labels_per_generation"] / rate

@@ -113,6 +113,7 @@ class PrefixLabeller:
         self.labeller = labeller
         self.memo: dict[tuple[tuple[int, ...], int], np.ndarray] = {}  # (full ids, prompt length) -> labels
         self.texts = 0  # encoder texts labelled (full texts + counterfactuals), for the cost report
+        self.seconds = 0.0  # wall time spent in the labeller: texts / seconds is the labelling rate of this run
 
     def labels(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                progress: bool = False) -> tuple[list[np.ndarray], list[int]]:
@@ -123,7 +124,9 @@ class PrefixLabeller:
         if todo:
             seqs = [list(full) for full, _ in todo]
             positions = [np.arange(n_prompt, len(full), dtype=np.int64) for full, n_prompt in todo]
+            t0 = time.perf_counter()
             labels = self.labeller.label(seqs, positions, progress=progress)
+            self.seconds += time.perf_counter() - t0
             for key, lab, pos in zip(todo, labels, positions):
                 self.memo[key] = lab[pos]
                 cost[key] = int(pos.size) + 1  # the full text and one counterfactual per counted token

@@ -68,6 +68,7 @@ from metabolic.evaluate.scoring import (
     LEVELS,
     PAPER_TABLE1,
     TABLES_FILE,
+    Judge,
     choose_calibration,
     continuation_points,
     continuation_totals,
@@ -471,7 +472,7 @@ def evaluate_budgets(cfg, progress: bool = True):
     def build(work):
         torch.manual_seed(cfg.generation.seed)
         prompts = select_prompts(g, tok, csc.valid_ids)
-        judge = load_backbone(backbone.path)
+        judge = Judge(load_backbone(backbone.path))  # one memo: texts several tables judge are scored once
         prefixes = PrefixLabeller(csc_labeller(cfg))  # one memo: texts several decodings produce are labelled once
         tables, records = {}, []
         models = {}

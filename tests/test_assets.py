@@ -52,3 +52,22 @@ def test_fp16_encoder_copy_is_upcast_to_fp32(monkeypatch, assets_dir):
     assert {p.dtype for p in res.value.parameters()} == {torch.float32}
     emb = res.value.encode(["a cat sat on the mat"], normalize_embeddings=True)
     assert emb.shape == (1, 384)
+
+
+def test_an_unreachable_hub_is_skipped_at_once_not_retried(monkeypatch, tmp_path):
+    """Online mode with the Hub's host refusing connections (a closed local port): the Hub is reported as
+    skipped instead of huggingface_hub retrying each file for ~30 s."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("METABOLIC_ASSETS", str(tmp_path))
+    with pytest.raises(AssetError) as info:
+        assets.load_tokenizer("no-such-tokenizer")
+    assert f"hub no-such-tokenizer (skipped: 127.0.0.1:{port} unreachable" in str(info.value)
+    assert "\n" not in str(info.value)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "06_budget_explorer.py"
 SCREENSHOT = ROOT / "figures" / "smoke" / "06_explorer_browser.png"
 ARTEFACT_BUILD_S = 1800  # the first render waits for missing smoke artefacts to be built
-STEP_S = 60  # one regeneration (the verified mode is not used here: steered generation, < 1 s)
+STEP_S = 120  # one regeneration (steered generation, < 1 s alone; a loaded 2-core machine once took > 60 s)
 MIN_TOKENS = 8  # "resample" until a sample is this long, so budget and max tokens can shorten it
 
 

@@ -38,7 +38,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.batch_size": 8,
         "train.lr": 1e-4,
         "train.token_cost_init_from_csc": True,  # costs start at the labels' scale (see config.py)
-        "generation.n_valid_prompts": 5,
+        "generation.n_valid_prompts": 3,  # + the paper's prompt: 4 prompts per level keep notebook 04 short in CI
         "generation.max_new_tokens": 24,
         "generation.verified_max_new_tokens": 40,  # 16 prompt + 40 <= the 64-position smoke backbone
         "energy.repeats": 1,  # CPU timings only on smoke: one repeat keeps the stage short

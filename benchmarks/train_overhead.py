@@ -7,9 +7,14 @@ and the online-calibration update. Token values do not change the speed, so the 
 a constant 1/T per token (no encoder run) and the backbone keeps whatever weights it loads with.
 
     python benchmarks/train_overhead.py --profile smoke [--device cpu] [--steps 10] [--variant expected-cost]
+        [--profile-trace DIR]
 
-Prints tokens/s of both and the ratio MetabolicGPT-2 step time / plain step time (issue target on the
-GPU: <= 1.15x).
+Prints one table row per model (ms/step, tokens/s, ratio to the plain LM step of the same run; issue
+target on the GPU: <= 1.15x). The MetabolicGPT-2 steps run as in the training loop: with an
+`EpochLedger`, so no step waits for the device (it is settled, one sync, after the timed steps).
+`--profile-trace DIR` also profiles one step of each model with torch.profiler and writes
+DIR/train_step_<model>.txt (the operator table by self time, CPU and CUDA) and a Chrome trace
+DIR/train_step_<model>.json.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", action="store_true",
                         help="use the profile's architecture with random weights instead (speed does not depend on them)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--profile-trace", default=None, metavar="DIR",
+                        help="also write torch.profiler tables and traces of one step per model to DIR")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        def timed(step_fn) -> float:
+        def timed(step_fn, name: str) -> float:
             for _ in range(args.warmup):
                 step_fn()
             sync()
@@ -84,7 +92,25 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.steps):
                 step_fn()
             sync()
-            return (time.perf_counter() - t0) / args.steps
+            seconds = (time.perf_counter() - t0) / args.steps
+            if args.profile_trace:
+                profile_step(step_fn, name)
+            return seconds
+
+        def profile_step(step_fn, name: str) -> None:
+            from torch.profiler import ProfilerActivity, profile
+
+            folder = Path(args.profile_trace)
+            folder.mkdir(parents=True, exist_ok=True)
+            cuda = device.type == "cuda"
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=activities, record_shapes=True) as prof:
+                step_fn()
+                sync()
+            table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                              row_limit=40)
+            (folder / f"train_step_{name}.txt").write_text(table + "\n", encoding="utf-8")
+            prof.export_chrome_trace(str(folder / f"train_step_{name}.json"))
 
         plain = fresh_backbone().train()
         opt = torch.optim.AdamW(plain.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -97,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.train.grad_clip)
             opt.step()
 
-        plain_s = timed(plain_step)
+        plain_s = timed(plain_step, "plain")
         plain = opt = None  # free the plain model before the variants (the closure above is done)
         results = {}
         variants = ("faithful", "expected-cost") if args.variant == "both" else (args.variant,)
@@ -109,11 +135,13 @@ def main(argv: list[str] | None = None) -> int:
             vocab_ids = torch.as_tensor(vocab_ids, device=device)
             means = torch.as_tensor(means, dtype=torch.float32, device=device)
             budgets = training.step_budgets(model, batch, targets, 1.0)
+            ledger = training.EpochLedger()
 
-            def metabolic_step(model=model, mopt=mopt, vocab_ids=vocab_ids, means=means, budgets=budgets):
-                training.train_step(model, mopt, batch, budgets, cfg.train, vocab_ids, means)
+            def metabolic_step(model=model, mopt=mopt, vocab_ids=vocab_ids, means=means, budgets=budgets, ledger=ledger):
+                training.train_step(model, mopt, batch, budgets, cfg.train, vocab_ids, means, ledger=ledger)
 
-            results[variant] = timed(metabolic_step)
+            results[variant] = timed(metabolic_step, variant)
+            ledger.settle(model, cfg.train)  # what the loop does at a refit: the steps must have stayed finite
             del model, mopt
     except MetabolicError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -126,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'GPT-2 plain LM loss':<28}{plain_s * 1e3:>10.1f}{n_tokens / plain_s:>12.0f}{1.0:>8.2f}")
     for variant, seconds in results.items():
         print(f"{'MetabolicGPT-2 ' + variant:<28}{seconds * 1e3:>10.1f}{n_tokens / seconds:>12.0f}{seconds / plain_s:>8.2f}")
+    if args.profile_trace:
+        print(f"torch.profiler tables and traces of one step per model: {args.profile_trace}/train_step_<model>.txt|.json")
     return 0
 
 

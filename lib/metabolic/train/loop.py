@@ -328,8 +328,12 @@ class EpochLedger:
             first, loss = (float(v) for v in torch.stack([self._bad[0].double(), self._bad[1].double()]).cpu())
             if first >= 0:
                 _raise_if_diverged(loss, int(first), cfg)
-        for totals, csc_totals in self._pending:
-            _update_calibration(model, totals, csc_totals)
+        if self._pending:  # one transfer for all pending steps, then one update per step, in order
+            sizes = [t.shape[0] for t, _ in self._pending]
+            xs = torch.cat([t.double() for t, _ in self._pending]).cpu().split(sizes)
+            ys = torch.cat([y for _, y in self._pending]).cpu().split(sizes)
+            for x, y in zip(xs, ys):
+                _update_calibration(model, x, y)
         self._pending.clear()
 
     def last_loss(self) -> float:

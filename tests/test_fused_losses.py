@@ -147,3 +147,13 @@ def test_ledger_settle_raises_for_the_first_non_finite_step(tiny):
     with pytest.raises(DivergedError, match=r"^training diverged at step 1 \(loss nan\): lower train.lr"):
         ledger.settle(model, cfg)
     assert model.calibration.n == 0  # the diverged steps' points never reached the calibration
+
+
+def test_shared_softmax_refuses_a_second_backward_through_the_same_graph():
+    """The backward reuses log p's buffer: a second pass must fail loudly, not read overwritten values."""
+    ids, mask, at, logits, costs, _ = random_batch(5, 2, 6, 5, 2)
+    nt = losses.next_token_terms(logits, at, ids, mask, costs)
+    loss = nt.lm + nt.entropy
+    torch.autograd.grad(loss, logits, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, logits)

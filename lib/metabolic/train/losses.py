@@ -211,7 +211,7 @@ class _SharedSoftmax(torch.autograd.Function):
     with the per-row scalar s = g_nll - <p, G'> = g_nll - <E, g_E> - <picked, g_picked> - g_H H
     (the constant 1 in log p + 1 cancels against <p, 1> = 1), which needs no pass over V. On the CPU
     every fresh [N, V] buffer costs page faults as much as the arithmetic, so the backward allocates
-    one (the gradient) and works in place; the separate terms allocate about a dozen.
+    none (it works in place in log p's buffer); the separate terms allocate about a dozen.
     """
 
     @staticmethod
@@ -228,9 +228,13 @@ class _SharedSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_nll, g_ent, g_cost, g_picked):
         logp, p, target, costs, picks, ent, per_pos, picked = ctx.saved_tensors
-        grad = g_cost @ costs.T if costs.shape[1] else torch.zeros_like(p)  # [N, V]
+        # The gradient is built in log p's buffer (no fresh [N, V] allocation): log p is not needed
+        # after this, and a second backward through the same graph fails loudly (autograd's version
+        # check on saved tensors) instead of reading the overwritten buffer.
+        grad = logp.mul_(-g_ent[:, None])  # -g_H log p
+        if costs.shape[1]:
+            grad.addmm_(g_cost, costs.T)  # + C g_E^T
         grad.scatter_add_(-1, picks, g_picked)
-        grad.addcmul_(logp, g_ent[:, None], value=-1.0)
         row = g_nll - (per_pos * g_cost).sum(-1) - (picked * g_picked).sum(-1) - g_ent * ent
         grad.add_(row[:, None]).mul_(p)
         grad.scatter_add_(-1, target[:, None], -g_nll[:, None])

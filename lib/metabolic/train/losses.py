@@ -8,6 +8,12 @@ Next-token quantities are computed on *packed* prediction positions only (paddin
 token whose successor x_{t+1} is also real, its sequence and t. Shapes: ids and mask [batch, T];
 logp/probs [N, V] at those positions; per-token costs [batch, T, K]; CSC labels [batch, T] (NaN =
 unlabelled); totals and budgets [batch, K].
+
+Training takes every next-token term from one shared softmax (`next_token_terms`, a fused forward
+and backward); the separate functions (`lm_loss`, `mean_entropy`, `repetition_loss`,
+`expected_totals`) define the same quantities one by one, serve evaluation, and are its test oracle.
+Apart from `Positions.of` (packing needs the number of positions) and `LossTerms.as_floats`, nothing
+here reads a value back to the host (no `.item()` or `bool()` on a tensor).
 """
 
 from __future__ import annotations

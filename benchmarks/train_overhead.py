@@ -7,17 +7,25 @@ and the online-calibration update. Token values do not change the speed, so the 
 a constant 1/T per token (no encoder run) and the backbone keeps whatever weights it loads with.
 
     python benchmarks/train_overhead.py --profile smoke [--device cpu] [--steps 10] [--variant expected-cost]
+        [--profile-trace DIR]
 
-Prints tokens/s of both and the ratio MetabolicGPT-2 step time / plain step time (issue target on the
-GPU: <= 1.15x).
+Prints one table row per model (median ms/step over steps taken round robin, one of each model per
+round, so that load on a shared machine hits all alike; tokens/s; ratio to the plain LM step of the
+same run; issue target on the GPU: <= 1.15x). The MetabolicGPT-2 steps run as in the training loop: with an
+`EpochLedger`, so no step waits for the device (it is settled, one sync, after the timed steps).
+`--profile-trace DIR` also profiles one step of each model with torch.profiler and writes
+DIR/train_step_<model>.txt (the operator table by self time, CPU and CUDA) and a Chrome trace
+DIR/train_step_<model>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -26,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="smoke")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model (round robin; the median is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--variant", default="both", choices=["faithful", "expected-cost", "both"])
     parser.add_argument("--backbone", default=None,
@@ -34,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", action="store_true",
                         help="use the profile's architecture with random weights instead (speed does not depend on them)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--profile-trace", default=None, metavar="DIR",
+                        help="also write torch.profiler tables and traces of one step per model to DIR")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -76,15 +86,20 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        def timed(step_fn) -> float:
-            for _ in range(args.warmup):
+        def profile_step(step_fn, name: str) -> None:
+            from torch.profiler import ProfilerActivity, profile
+
+            folder = Path(args.profile_trace)
+            folder.mkdir(parents=True, exist_ok=True)
+            cuda = device.type == "cuda"
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=activities, record_shapes=True) as prof:
                 step_fn()
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step_fn()
-            sync()
-            return (time.perf_counter() - t0) / args.steps
+                sync()
+            table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                              row_limit=40)
+            (folder / f"train_step_{name}.txt").write_text(table + "\n", encoding="utf-8")
+            prof.export_chrome_trace(str(folder / f"train_step_{name}.json"))
 
         plain = fresh_backbone().train()
         opt = torch.optim.AdamW(plain.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -97,24 +112,42 @@ def main(argv: list[str] | None = None) -> int:
             torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.train.grad_clip)
             opt.step()
 
-        plain_s = timed(plain_step)
-        plain = opt = None  # free the plain model before the variants (the closure above is done)
-        results = {}
+        steps = {"plain": plain_step}
+        ledgers = {}
         variants = ("faithful", "expected-cost") if args.variant == "both" else (args.variant,)
         targets = np.full(cfg.train.K, 1.0)
+        vocab_ids, means = training.token_label_means(texts, labels)
+        vocab_ids = torch.as_tensor(vocab_ids, device=device)
+        means = torch.as_tensor(means, dtype=torch.float32, device=device)
         for variant in variants:
             model = MetabolicGPT2(fresh_backbone(), training.model_settings(cfg.train, variant, 1.0)).train()
             mopt = training.make_optimizer(model, cfg.train)
-            vocab_ids, means = training.token_label_means(texts, labels)
-            vocab_ids = torch.as_tensor(vocab_ids, device=device)
-            means = torch.as_tensor(means, dtype=torch.float32, device=device)
             budgets = training.step_budgets(model, batch, targets, 1.0)
+            ledgers[variant] = (model, training.EpochLedger())
 
-            def metabolic_step(model=model, mopt=mopt, vocab_ids=vocab_ids, means=means, budgets=budgets):
-                training.train_step(model, mopt, batch, budgets, cfg.train, vocab_ids, means)
+            def metabolic_step(model=model, mopt=mopt, budgets=budgets, ledger=ledgers[variant][1]):
+                training.train_step(model, mopt, batch, budgets, cfg.train, vocab_ids, means, ledger=ledger)
 
-            results[variant] = timed(metabolic_step)
-            del model, mopt
+            steps[variant] = metabolic_step
+
+        # Round robin, one step of each model per round, medians: load on a shared machine hits all alike.
+        for fn in steps.values():
+            for _ in range(args.warmup):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(args.steps):
+            for name, fn in steps.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+        for model, ledger in ledgers.values():
+            ledger.settle(model, cfg.train)  # what the loop does at a refit: the steps must have stayed finite
+        if args.profile_trace:
+            for name, fn in steps.items():
+                profile_step(fn, name)
+        seconds = {name: statistics.median(t) for name, t in times.items()}
     except MetabolicError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -122,10 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"profile={cfg.profile} device={name} batch={batch.ids.shape[0]}x{batch.ids.shape[1]} ({n_tokens} tokens) "
           f"steps={args.steps} (+{args.warmup} warm-up) precision={'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+    plain_s = seconds["plain"]
     print(f"{'model':<28}{'step ms':>10}{'tokens/s':>12}{'ratio':>8}")
-    print(f"{'GPT-2 plain LM loss':<28}{plain_s * 1e3:>10.1f}{n_tokens / plain_s:>12.0f}{1.0:>8.2f}")
-    for variant, seconds in results.items():
-        print(f"{'MetabolicGPT-2 ' + variant:<28}{seconds * 1e3:>10.1f}{n_tokens / seconds:>12.0f}{seconds / plain_s:>8.2f}")
+    for name, sec in seconds.items():
+        label = "GPT-2 plain LM loss" if name == "plain" else "MetabolicGPT-2 " + name
+        print(f"{label:<28}{sec * 1e3:>10.1f}{n_tokens / sec:>12.0f}{sec / plain_s:>8.2f}")
+    if args.profile_trace:
+        print(f"torch.profiler tables and traces of one step per model: {args.profile_trace}/train_step_<model>.txt|.json")
     return 0
 
 

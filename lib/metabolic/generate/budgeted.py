@@ -172,15 +172,20 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         self.lambda_max = float(lambda_max)
         self.newton_steps = newton_steps
         self.two_sided = two_sided
-        self.last_lambda: torch.Tensor | None = None  # diagnostics: lambda_t of the latest step, [B]
-        self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_lambda: torch.Tensor | None = None  # diagnostics: lambda_t of the latest step, [B], on the device
+        self._cached: tuple[torch.Tensor, ...] | None = None
         self._max: float | None = None
 
     def _costs_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(C, C^2) on `device`, cached: the processor runs once per generated token."""
+        return self._on(device)[:2]
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(C / cost_scale, its square, C, the budgets) on `device`, copied there once, not at every token."""
         if self._cached is None or self._cached[0].device != device:
-            costs = self.token_costs.to(device) / self.cost_scale  # in units of cost_scale
-            self._cached = (costs, costs * costs)
+            raw = self.token_costs.to(device)
+            costs = raw / self.cost_scale  # in units of cost_scale
+            self._cached = (costs, costs * costs, raw, self.budgets.to(device))
         return self._cached
 
     def _max_cost(self, costs: torch.Tensor) -> float:
@@ -198,14 +203,17 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         n_gen = input_ids.shape[1] - self.prompt_len
         if n_gen < 0:
             raise DataError(f"input has {input_ids.shape[1]} tokens, fewer than prompt_len={self.prompt_len}")
-        costs, costs_sq = self._costs_on(scores.device)
-        budget = _rows(self.budgets.to(scores.device), scores.shape[0], "budgets_proxy")
-        spent = generated_spend(input_ids, self.token_costs.to(scores.device), self.prompt_len)
+        costs, costs_sq, raw, budgets = self._on(scores.device)
+        budget = _rows(budgets, scores.shape[0], "budgets_proxy")
+        spent = generated_spend(input_ids, raw, self.prompt_len)
         steps_left = max(self.max_new_tokens - n_gen, 1)
         pace = ((budget - spent) / steps_left / self.cost_scale).clamp(min=0.0).float()
         lam = torch.zeros(scores.shape[0], dtype=torch.float32, device=scores.device)
-        if not self.two_sided and bool((pace >= self._max_cost(costs)).all()):
-            # E[C] <= max C <= pace for every row: the one-sided brake is exactly 0, no softmax needed.
+        # E[C] <= max C <= pace for every row: the one-sided brake is exactly 0, no softmax needed. On
+        # the CPU that check is free and saves the softmax; on an accelerator reading it would stall
+        # decoding every token, so there the softmax runs and the check picks 0 on the device.
+        under = None if self.two_sided else (pace >= self._max_cost(costs)).all()
+        if under is not None and scores.device.type == "cpu" and bool(under):
             return lam
         logits = scores.float()
         low = -self.lambda_max if self.two_sided else 0.0
@@ -217,11 +225,13 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
             # d E_lambda[C] / d lambda = -Var_lambda[C]: a Newton step towards E = pace. A row whose
             # scores are all -inf has no distribution (NaN): it gets lambda 0.
             lam = torch.nan_to_num(lam + (mean - pace) / (var + 1e-8), nan=0.0).clamp(low, self.lambda_max)
+        if under is not None:
+            lam = torch.where(under, torch.zeros_like(lam), lam)
         return torch.where(torch.isfinite(budget), lam, torch.zeros_like(lam))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         lam = self.lambdas(input_ids, scores)
-        self.last_lambda = lam.detach().cpu()
+        self.last_lambda = lam.detach()  # stays on the device: the recorder's history is read once, at the end
         costs, _ = self._costs_on(scores.device)
         # A new tensor (scores - lambda * C / cost_scale): scores are never edited in place.
         return torch.addcmul(scores, lam[:, None].to(scores.dtype), costs[None, :].to(scores.dtype), value=-1.0)
@@ -254,15 +264,22 @@ class BudgetStoppingCriteria(StoppingCriteria):
         self.prompt_len = prompt_len
         self.sentence_end = sentence_end
         self.sentence_slack = float(sentence_slack)
+        self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(costs, budgets, sentence-end mask) on `device`, copied there once, not at every token."""
+        if self._cached is None or self._cached[0].device != device:
+            self._cached = (self.token_costs.to(device), self.budgets.to(device), self.sentence_end.to(device))
+        return self._cached
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs) -> torch.BoolTensor:
         n_gen = input_ids.shape[1] - self.prompt_len
         if n_gen <= 0:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        costs = self.token_costs.to(input_ids.device)
+        costs, budgets, sentence_end = self._on(input_ids.device)
         spent = generated_spend(input_ids, costs, self.prompt_len)
-        budget = _rows(self.budgets.to(input_ids.device), input_ids.shape[0], "budgets_proxy")
-        at_end = self.sentence_end.to(input_ids.device)[input_ids[:, -1]]
+        budget = _rows(budgets, input_ids.shape[0], "budgets_proxy")
+        at_end = sentence_end[input_ids[:, -1]]
         return stop_rule(spent, n_gen, budget, at_end, self.sentence_slack)
 
 
@@ -510,7 +527,7 @@ def generate_with_budget(
         output = lm.generate(**kwargs)
     gen = output[:, prompt_len:].cpu()
     ends = kept_lengths(gen, costs, budgets_proxy, sentence_end, sentence_slack, tokenizer.eos_token_id, budget_stop=stop)
-    history = torch.stack(recorder.history, dim=1) if recorder is not None and recorder.history else None
+    history = torch.stack(recorder.history, dim=1).cpu() if recorder is not None and recorder.history else None
     results = []
     for row, (kept, why) in enumerate(ends):
         ids = gen[row, :kept].tolist()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from metabolic.core.errors import ConfigError
 
@@ -11,12 +12,21 @@ def dual_update(lam: np.ndarray, cost: np.ndarray, budget: np.ndarray, mu: float
     """lambda <- clip(lambda + mu (C - B), 0, lambda_max), elementwise over the K dimensions.
 
     `cost` is the batch-average proxy cost vector C_hat, `budget` the budgets B (both [K]); lambda
-    rises while the cost exceeds the budget and falls (to 0 at most) while it is under it.
+    rises while the cost exceeds the budget and falls (to 0 at most) while it is under it. numpy
+    arrays in, numpy out; torch tensors in, a float64 tensor on their device out.
     """
     if not (np.isfinite(mu) and mu > 0):
         raise ConfigError(f"train.mu={mu!r} is invalid: use a finite dual learning rate > 0")
     if not (np.isfinite(lambda_max) and lambda_max > 0):
         raise ConfigError(f"train.lambda_max={lambda_max!r} is invalid: use a finite bound > 0")
+    if isinstance(lam, torch.Tensor):
+        # Tensors stay on their device (no host sync per step): the same float64 arithmetic as below,
+        # and a NaN gap gives a NaN lambda instead of an error; the training loop's divergence check
+        # (a NaN loss comes with it) stops the run before anything is saved.
+        if lam.shape != cost.shape or lam.shape != budget.shape:
+            raise ConfigError(f"dual update got lambda of shape {tuple(lam.shape)} and C - B of shape "
+                              f"{tuple(cost.shape)}: both must be [K]")
+        return torch.clamp(lam.double() + mu * (cost.double() - budget.double()), 0.0, lambda_max)
     lam = np.asarray(lam, dtype=np.float64)
     gap = np.asarray(cost, dtype=np.float64) - np.asarray(budget, dtype=np.float64)
     if gap.shape != lam.shape:

@@ -211,20 +211,18 @@ def compute_step(model: MetabolicGPT2, batch: Batch, budgets: torch.Tensor, cfg:
     with resume.autocast(batch.ids.device):
         h, token_costs, _ = model.hidden_and_costs(batch.ids, budget=budgets, attention_mask=batch.mask)
         logits = model.backbone.lm_head(h[at.seq, at.pos])  # [N, V]: real prediction positions only
-    logp = F.log_softmax(logits.float(), dim=-1)
-    probs = logp.exp()
     token_costs = token_costs.float()
-    c_vocab = model.vocab_costs().float()
-    lm = losses.lm_loss(logp, at)
+    c_vocab = model.vocab_costs().float()  # once per step: the expected costs and the vocab-aux loss share it
+    expected = model.settings.variant == "expected-cost"
+    # One softmax over the packed positions serves the LM loss, entropy, repetition and expected cost.
+    nt = losses.next_token_terms(logits.float(), at, batch.ids, batch.mask, c_vocab if expected else None)
     mse = losses.csc_mse(token_costs, batch.labels)
-    if model.settings.variant == "faithful":
-        totals = (token_costs * batch.mask[..., None]).sum(1)
+    if expected:
+        totals = losses.sequence_expected_totals(nt.per_pos_cost, at, batch.ids, batch.mask, c_vocab)
     else:
-        totals = losses.expected_totals(probs, at, batch.ids, batch.mask, c_vocab)
-    lagr, sq, gap = losses.constraint_terms(totals, budgets, model.dual_lambda.float(),
-                                             per_sequence=model.settings.variant == "expected-cost")
-    entropy = losses.mean_entropy(logp, probs)
-    rep = losses.repetition_loss(probs, at, batch.ids, batch.mask)
+        totals = (token_costs * batch.mask[..., None]).sum(1)
+    lagr, sq, gap = losses.constraint_terms(totals, budgets, model.dual_lambda.float(), per_sequence=expected)
+    lm, entropy, rep = nt.lm, nt.entropy, nt.repetition
     aux = losses.vocab_aux_loss(c_vocab, vocab_ids, vocab_means)
     total = (lm + cfg.beta_csc * mse + lagr + cfg.beta_constr * sq - cfg.entropy_reg * entropy
              + cfg.repetition_penalty * rep + cfg.vocab_aux_weight * aux)
@@ -246,25 +244,114 @@ def level_expected_totals(model: MetabolicGPT2, batch: Batch, level: float, c_vo
 
 
 def train_step(model: MetabolicGPT2, optimizer, batch: Batch, budgets: torch.Tensor, cfg: TrainConfig,
-               vocab_ids: torch.Tensor, vocab_means: torch.Tensor, step: int = 0) -> StepResult:
+               vocab_ids: torch.Tensor, vocab_means: torch.Tensor, step: int = 0,
+               ledger: "EpochLedger | None" = None) -> StepResult:
     """One full training step: eq. (22) terms, backward, clipping, AdamW, dual ascent (eq. 23), and the
-    batch's (proxy total, CSC total) pairs into the online calibration (refits are the caller's)."""
+    batch's (proxy total, CSC total) pairs for the online calibration (refits are the caller's).
+
+    Without a `ledger` the step is self-contained: a non-finite loss raises DivergedError before the
+    optimiser step, and the calibration is updated at once (two host syncs). With one (the training
+    loop), nothing waits for the device: the divergence check and the calibration points go to the
+    ledger, which the loop reads at calibration refits and at the epoch's end (`EpochLedger.settle`),
+    always before anything is saved.
+    """
     res = compute_step(model, batch, budgets, cfg, vocab_ids, vocab_means)
-    if not bool(torch.isfinite(res.terms.total.detach())):
-        raise DivergedError(f"training diverged at step {step} (loss {float(res.terms.total.detach())}): lower train.lr "
-                            f"(now {cfg.lr:g}) or train.cost_lr_multiplier (now {cfg.cost_lr_multiplier:g}); "
-                            "nothing of this run was kept")
+    if ledger is None:
+        _raise_if_diverged(res.terms.total.detach(), step, cfg)
     optimizer.zero_grad(set_to_none=True)
     res.terms.total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
-    c_hat = res.totals.double().mean(0).cpu().numpy()  # eq. (23)'s batch-average cost vector
-    b_bar = budgets.double().mean(0).cpu().numpy()
-    model.dual_lambda.copy_(torch.as_tensor(dual_update(model.dual_lambda.cpu().numpy(), c_hat, b_bar, cfg.mu, cfg.lambda_max)))
-    known = torch.isfinite(batch.totals)
-    if bool(known.any()):
-        model.calibration.update(res.totals[known].double().cpu().numpy(), batch.totals[known].cpu().numpy())
+    c_hat = res.totals.double().mean(0)  # eq. (23)'s batch-average cost vector
+    b_bar = budgets.double().mean(0)
+    model.dual_lambda.copy_(dual_update(model.dual_lambda, c_hat, b_bar, cfg.mu, cfg.lambda_max))
+    if ledger is None:
+        _update_calibration(model, res.totals, batch.totals)
+    else:
+        ledger.record(step, res, batch.totals, c_hat, b_bar)
     return res
+
+
+def _raise_if_diverged(loss: torch.Tensor | float, step: int, cfg: TrainConfig) -> None:
+    if not math.isfinite(float(loss)):
+        raise DivergedError(f"training diverged at step {step} (loss {float(loss)}): lower train.lr "
+                            f"(now {cfg.lr:g}) or train.cost_lr_multiplier (now {cfg.cost_lr_multiplier:g}); "
+                            "nothing of this run was kept")
+
+
+def _update_calibration(model: MetabolicGPT2, totals: torch.Tensor, csc_totals: torch.Tensor) -> None:
+    """The batch's (proxy total, CSC total) pairs of the sequences with a known CSC total."""
+    x, y = totals.double().cpu().numpy(), csc_totals.cpu().numpy()
+    known = np.isfinite(y)
+    if known.any():
+        model.calibration.update(x[known], y[known])
+
+
+class EpochLedger:
+    """What an epoch's steps leave on the device, read back only when the host needs it.
+
+    Per step it keeps (as device tensors, no sync): the loss terms, the gap C - B, C_hat and the mean
+    budget, the calibration points, and the first step whose loss was not finite. `settle` (one
+    sync) raises DivergedError for such a step and feeds the calibration the pending points in step
+    order (the same updates, in the same order, as a per-step update: identical statistics);
+    `summary` gives the epoch's batch-size-weighted means with the same float64 arithmetic as a
+    per-step accumulation on the host.
+    """
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.terms: list[torch.Tensor] = []  # [8] per step, `LossTerms.names()` order
+        self.gaps: list[torch.Tensor] = []  # [K]
+        self.achieved: list[torch.Tensor] = []  # [K] C_hat
+        self.budgets: list[torch.Tensor] = []  # [K] mean budget
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (proxy totals [b, K], CSC totals [b])
+        self._bad: tuple[torch.Tensor, torch.Tensor] | None = None  # (first non-finite step or -1, its loss)
+
+    def record(self, step: int, res: StepResult, csc_totals: torch.Tensor, c_hat: torch.Tensor, b_bar: torch.Tensor) -> None:
+        total = res.terms.total.detach()
+        step_t = torch.full((), step, dtype=torch.int64, device=total.device)
+        if self._bad is None:
+            self._bad = (torch.full_like(step_t, -1), torch.zeros_like(total))
+        first, loss = self._bad
+        new = (first < 0) & ~torch.isfinite(total)
+        self._bad = (torch.where(new, step_t, first), torch.where(new, total, loss))
+        self.sizes.append(res.totals.shape[0])
+        self.terms.append(res.terms.stacked())
+        self.gaps.append(res.gap)
+        self.achieved.append(c_hat)
+        self.budgets.append(b_bar)
+        self._pending.append((res.totals, csc_totals))
+
+    def settle(self, model: MetabolicGPT2, cfg: TrainConfig) -> None:
+        """Raise DivergedError if a step's loss was not finite; else apply the pending calibration points."""
+        if self._bad is not None:
+            first, loss = (float(v) for v in torch.stack([self._bad[0].double(), self._bad[1].double()]).cpu())
+            if first >= 0:
+                _raise_if_diverged(loss, int(first), cfg)
+        if self._pending:  # one transfer for all pending steps, then one update per step, in order
+            sizes = [t.shape[0] for t, _ in self._pending]
+            xs = torch.cat([t.double() for t, _ in self._pending]).cpu().split(sizes)
+            ys = torch.cat([y for _, y in self._pending]).cpu().split(sizes)
+            for x, y in zip(xs, ys):
+                _update_calibration(model, x, y)
+        self._pending.clear()
+
+    def last_loss(self) -> float:
+        return float(self.terms[-1][-1]) if self.terms else float("nan")
+
+    def summary(self) -> tuple[dict[str, float], np.ndarray, np.ndarray, np.ndarray]:
+        """Per-sequence means over the epoch: loss terms, gap [K], achieved C_hat [K], budget [K]."""
+        n = sum(self.sizes)
+        acc: dict[str, float] = {}
+        for row, b in zip(torch.stack(self.terms).cpu().tolist(), self.sizes):
+            for key, value in zip(losses.LossTerms.names(), row):
+                acc[key] = acc.get(key, 0.0) + value * b
+
+        def weighted(rows: list[torch.Tensor]) -> np.ndarray:
+            arrays = torch.stack(rows).double().cpu().numpy()
+            return np.sum([a * b for a, b in zip(arrays, self.sizes)], axis=0) / n
+
+        return ({k: v / n for k, v in acc.items()}, weighted(self.gaps), weighted(self.achieved), weighted(self.budgets))
 
 
 # --- optimiser ---------------------------------------------------------------------------------
@@ -479,10 +566,8 @@ def train(
     epochs_this_call = 0
     for epoch in range(epoch0, cfg.epochs):
         factor = curriculum_factor(epoch, cfg.epochs, cfg.curriculum_start) if variant == "faithful" else 1.0
-        acc: dict[str, float] = {}
         epoch_t0 = time.perf_counter()  # timings go to the log only: metrics must be identical on resume
-        gaps, achieved, targets_used = [], [], []
-        n_seen = 0
+        ledger = EpochLedger()  # per-step metrics stay on the device until the host needs them
         bar = tqdm(batch_order(n_train, cfg.batch_size, epoch, cfg.seed), desc=f"{variant} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, unit="step", leave=False)
         for idx in bar:
@@ -490,29 +575,18 @@ def train(
             batch = make_batch([data.train_ids[i] for i in idx], [data.train_labels[i] for i in idx],
                                data.train_totals[idx], device)
             budgets = step_budgets(model, batch, data.targets, factor)
-            res = train_step(model, optimizer, batch, budgets, cfg, vocab_ids, vocab_means, step)
-            gap = res.gap.double().cpu().numpy()
-            c_hat = res.totals.double().mean(0).cpu().numpy()
-            b_bar = budgets.double().mean(0).cpu().numpy()
+            train_step(model, optimizer, batch, budgets, cfg, vocab_ids, vocab_means, step, ledger)
             step += 1
             if step % cfg.calib_refit_every == 0:
+                ledger.settle(model, cfg)  # divergence check and calibration points, then the refit
                 model.refit_calibration()
-            b = len(idx)
-            n_seen += b
-            for key, value in res.terms.as_floats().items():
-                acc[key] = acc.get(key, 0.0) + value * b
-            gaps.append(gap * b)
-            achieved.append(c_hat * b)
-            targets_used.append(b_bar * b)
-            bar.set_postfix(loss=f"{float(res.terms.total.detach()):.3f}", lam=f"{float(model.dual_lambda.mean()):.3f}")
+                bar.set_postfix(loss=f"{ledger.last_loss():.3f}", lam=f"{float(model.dual_lambda.mean()):.3f}")
         bar.close()
+        ledger.settle(model, cfg)
         train_s = time.perf_counter() - epoch_t0
         model.refit_calibration()
-        terms = {k: v / n_seen for k, v in acc.items()}
+        terms, gap_k, achieved_k, target_k = ledger.summary()
         val = evaluate(model, data, cfg, factor, vocab_ids, vocab_means)
-        gap_k = np.sum(gaps, axis=0) / n_seen
-        achieved_k = np.sum(achieved, axis=0) / n_seen
-        target_k = np.sum(targets_used, axis=0) / n_seen
         fit = model.calibration.fit()
         score = balanced_score(val["val_ppl"], reference_ppl, val["val_level_rel_err"])
         row = {

@@ -8,6 +8,12 @@ Next-token quantities are computed on *packed* prediction positions only (paddin
 token whose successor x_{t+1} is also real, its sequence and t. Shapes: ids and mask [batch, T];
 logp/probs [N, V] at those positions; per-token costs [batch, T, K]; CSC labels [batch, T] (NaN =
 unlabelled); totals and budgets [batch, K].
+
+Training takes every next-token term from one shared softmax (`next_token_terms`, a fused forward
+and backward); the separate functions (`lm_loss`, `mean_entropy`, `repetition_loss`,
+`expected_totals`) define the same quantities one by one, serve evaluation, and are its test oracle.
+Apart from `Positions.of` (packing needs the number of positions) and `LossTerms.as_floats`, nothing
+here reads a value back to the host (no `.item()` or `bool()` on a tensor).
 """
 
 from __future__ import annotations
@@ -32,7 +38,16 @@ class LossTerms:
     total: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
-        return {name: float(getattr(self, name).detach()) for name in self.__dataclass_fields__}
+        """Every term as a Python float (one host sync per term: for tests and one-off reads)."""
+        return dict(zip(self.names(), self.stacked().tolist()))
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(cls.__dataclass_fields__)
+
+    def stacked(self) -> torch.Tensor:
+        """Every term in `names()` order as one detached float32 tensor [8], left on the device (no sync)."""
+        return torch.stack([getattr(self, name).detach().float() for name in self.names()])
 
 
 @dataclass(frozen=True)
@@ -58,13 +73,12 @@ def lm_loss(logp: torch.Tensor, at: Positions) -> torch.Tensor:
 
 
 def csc_mse(token_costs: torch.Tensor, csc: torch.Tensor) -> torch.Tensor:
-    """Eq. (18): mean squared error over labelled tokens (finite labels), every cost dimension alike."""
+    """Eq. (18): mean squared error over labelled tokens (finite labels), every cost dimension alike;
+    0 (with zero gradient) when nothing is labelled. Branch-free: no host sync on the label count."""
     labelled = torch.isfinite(csc)
-    if not bool(labelled.any()):
-        return token_costs.sum() * 0.0
     target = torch.where(labelled, csc, torch.zeros_like(csc))[..., None]
     err = (token_costs - target.to(token_costs.dtype)) ** 2 * labelled[..., None]
-    return err.sum() / (labelled.sum() * token_costs.shape[-1])
+    return err.sum() / (labelled.sum() * token_costs.shape[-1]).clamp_min(1)
 
 
 def constraint_terms(totals: torch.Tensor, budgets: torch.Tensor, lam: torch.Tensor, per_sequence: bool):
@@ -90,7 +104,12 @@ def mean_entropy(logp: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 def expected_totals(probs: torch.Tensor, at: Positions, ids: torch.Tensor, mask: torch.Tensor,
                     vocab_costs: torch.Tensor) -> torch.Tensor:
     """E_i = C_vocab(x_1) + sum_t <p(. | x_<=t), C_vocab> over the sequence's predictions: [batch, K]."""
-    per_pos = probs @ vocab_costs.to(probs.dtype)  # [N, K]
+    return sequence_expected_totals(probs @ vocab_costs.to(probs.dtype), at, ids, mask, vocab_costs)
+
+
+def sequence_expected_totals(per_pos: torch.Tensor, at: Positions, ids: torch.Tensor, mask: torch.Tensor,
+                             vocab_costs: torch.Tensor) -> torch.Tensor:
+    """`expected_totals` from the per-prediction expected costs <p_n, C_vocab> [N, K]."""
     totals = torch.zeros(ids.shape[0], vocab_costs.shape[1], dtype=per_pos.dtype, device=ids.device)
     totals = totals.index_add(0, at.seq, per_pos)
     return totals + vocab_costs[ids[:, 0]].to(per_pos.dtype) * mask[:, :1].to(per_pos.dtype)
@@ -106,8 +125,11 @@ def _first_occurrence(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def repeat_probability(probs: torch.Tensor, at: Positions, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """r[n]: the probability given at prediction n to the distinct tokens already in x_<=pos[n] ([N])."""
-    first = _first_occurrence(ids, mask)  # [batch, T]
-    picked = probs.gather(-1, ids[at.seq])  # [N, T]: p_n(x_s) for every s of the sequence
+    return _repeat_from_picked(probs.gather(-1, ids[at.seq]), at, ids, _first_occurrence(ids, mask))
+
+
+def _repeat_from_picked(picked: torch.Tensor, at: Positions, ids: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """r[n] from picked[n, s] = p_n(x_s) for every s of the sequence ([N, T]) and `_first_occurrence`."""
     s = torch.arange(ids.shape[1], device=ids.device)
     allowed = (s[None, :] <= at.pos[:, None]) & first[at.seq]
     return (picked * allowed).sum(-1)
@@ -123,13 +145,20 @@ def repetition_loss(probs: torch.Tensor, at: Positions, ids: torch.Tensor, mask:
     """
     if at.seq.numel() == 0:
         return probs.sum() * 0.0
-    r = repeat_probability(probs, at, ids, mask)
-    actual = (~_first_occurrence(ids, mask))[at.seq, at.pos + 1].to(r.dtype)  # x_{t+1} repeats a token
+    return _repetition_from_picked(probs.gather(-1, ids[at.seq]), at, ids, mask)
+
+
+def _repetition_from_picked(picked: torch.Tensor, at: Positions, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`repetition_loss` from picked[n, s] = p_n(x_s) [N, T] (N > 0); branch-free (no host sync)."""
+    first = _first_occurrence(ids, mask)
+    r = _repeat_from_picked(picked, at, ids, first)
+    actual = (~first)[at.seq, at.pos + 1].to(r.dtype)  # x_{t+1} repeats a token
     b = ids.shape[0]
     count = torch.zeros(b, dtype=r.dtype, device=r.device).index_add(0, at.seq, torch.ones_like(r))
     excess = torch.zeros(b, dtype=r.dtype, device=r.device).index_add(0, at.seq, r - actual)
-    has = count > 0
-    return F.relu(excess[has] / count[has]).mean()
+    has = count > 0  # sequences with at least one prediction: the mean runs over these only
+    per_seq = torch.where(has, F.relu(excess / count.clamp_min(1)), torch.zeros_like(excess))
+    return per_seq.sum() / has.sum()
 
 
 def vocab_aux_loss(vocab_costs: torch.Tensor, token_ids: torch.Tensor, mean_csc: torch.Tensor) -> torch.Tensor:
@@ -144,3 +173,76 @@ def vocab_aux_loss(vocab_costs: torch.Tensor, token_ids: torch.Tensor, mean_csc:
     cc, yc = c - c.mean(0), y - y.mean(0)
     corr = (cc * yc).sum(0) / (cc.norm(dim=0) * yc.norm(dim=0)).clamp_min(1e-12)
     return (1.0 - corr).mean()
+
+
+# --- the shared softmax -------------------------------------------------------------------------
+
+
+@dataclass
+class NextTokenTerms:
+    """Everything the objective takes from the next-token distributions, from one shared softmax."""
+
+    lm: torch.Tensor  # eq. (6): mean NLL over the packed positions
+    entropy: torch.Tensor  # mean predictive entropy H (nats)
+    repetition: torch.Tensor  # `repetition_loss`
+    per_pos_cost: torch.Tensor | None  # [N, K] <p_n, C_vocab>, when vocab costs were given
+
+
+def next_token_terms(logits: torch.Tensor, at: Positions, ids: torch.Tensor, mask: torch.Tensor,
+                     vocab_costs: torch.Tensor | None = None) -> NextTokenTerms:
+    """LM loss, entropy, repetition and (with `vocab_costs` [V, K]) the expected costs from logits [N, V].
+
+    The same values as `lm_loss`, `mean_entropy`, `repetition_loss` and `expected_totals` on
+    `log_softmax(logits)` (the forward runs the same operations), but the [N, V] work is shared: one
+    log-softmax, and a hand-fused backward (`_SharedSoftmax`) that forms the logits' gradient in a few
+    vocabulary-sized passes instead of one chain per term. Gradients equal the separate terms' up to
+    float rounding (tests/test_fused_losses.py).
+    """
+    if at.seq.numel() == 0:
+        zero = logits.sum() * 0.0
+        per_pos = None if vocab_costs is None else logits.new_zeros(0, vocab_costs.shape[1]) + vocab_costs.sum() * 0.0
+        return NextTokenTerms(lm=zero, entropy=zero, repetition=zero, per_pos_cost=per_pos)
+    costs = vocab_costs.to(logits.dtype) if vocab_costs is not None else logits.new_zeros(logits.shape[1], 0)
+    nll, ent, per_pos, picked = _SharedSoftmax.apply(logits, at.target, costs, ids[at.seq])
+    return NextTokenTerms(lm=nll.mean(), entropy=ent.mean(), repetition=_repetition_from_picked(picked, at, ids, mask),
+                          per_pos_cost=per_pos if vocab_costs is not None else None)
+
+
+class _SharedSoftmax(torch.autograd.Function):
+    """logits [N, V] -> (-log p_n(target_n) [N], H(p_n) [N], p_n @ C [N, K], p_n(picks_n,s) [N, S]).
+
+    Backward: for any f(p), df/dz = p * (G - <p, G>) with G = df/dp. Summing the four outputs' G's
+    (C g_E^T, the scattered g_picked, -g_H (log p + 1), and the NLL's, folded in exactly) gives
+        dz = p * (G' + s) - g_nll * onehot(target),   G' = C g_E^T + scatter(g_picked) - g_H log p,
+    with the per-row scalar s = g_nll - <p, G'> = g_nll - <E, g_E> - <picked, g_picked> - g_H H
+    (the constant 1 in log p + 1 cancels against <p, 1> = 1), which needs no pass over V. On the CPU
+    every fresh [N, V] buffer costs page faults as much as the arithmetic, so the backward allocates
+    none (it works in place in log p's buffer); the separate terms allocate about a dozen.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, costs, picks):
+        logp = F.log_softmax(logits, dim=-1)
+        p = logp.exp()
+        nll = -logp.gather(-1, target[:, None])[:, 0]
+        ent = -torch.bmm(p[:, None, :], logp[:, :, None])[:, 0, 0]  # row dot products, no [N, V] temporary
+        per_pos = p @ costs
+        picked = p.gather(-1, picks)
+        ctx.save_for_backward(logp, p, target, costs, picks, ent, per_pos, picked)
+        return nll, ent, per_pos, picked
+
+    @staticmethod
+    def backward(ctx, g_nll, g_ent, g_cost, g_picked):
+        logp, p, target, costs, picks, ent, per_pos, picked = ctx.saved_tensors
+        # The gradient is built in log p's buffer (no fresh [N, V] allocation): log p is not needed
+        # after this, and a second backward through the same graph fails loudly (autograd's version
+        # check on saved tensors) instead of reading the overwritten buffer.
+        grad = logp.mul_(-g_ent[:, None])  # -g_H log p
+        if costs.shape[1]:
+            grad.addmm_(g_cost, costs.T)  # + C g_E^T
+        grad.scatter_add_(-1, picks, g_picked)
+        row = g_nll - (per_pos * g_cost).sum(-1) - (picked * g_picked).sum(-1) - g_ent * ent
+        grad.add_(row[:, None]).mul_(p)
+        grad.scatter_add_(-1, target[:, None], -g_nll[:, None])
+        grad_costs = (g_cost.T @ p).T if ctx.needs_input_grad[2] else None  # [V, K]; this order is the fast one
+        return grad, None, grad_costs, None

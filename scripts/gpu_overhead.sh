@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 15's acceptance on a GPU machine: the MetabolicGPT-2 training step against the plain LM step
+# (target <= 1.15x for both variants) and budgeted decoding against plain generate() at batch 8
+# (target <= 1.10x per token, default steering), with torch.profiler tables of each, on the `gpu`
+# profile's architecture (6 x 384, batch 16 x 256, bf16 autocast). Speed does not depend on the
+# weights, so both benchmarks run on randomly initialised models (--scratch): no pipeline stage is
+# needed beyond the corpus (tokenizer and texts, a few seconds) and the CSC encoder for the verified
+# controller's row.
+#
+#   bash scripts/gpu_overhead.sh
+#
+# With the device tool (assets packed by ../shared/scripts/pack-device-assets, carried as .assets):
+#   mkdir -p /tmp/a && tar xzf .assets/assets.tar.gz -C /tmp/a && METABOLIC_ASSETS=/tmp/a bash scripts/gpu_overhead.sh
+#
+# Writes results/overhead/<gpu>/{train_overhead,generation_overhead}.txt (the printed tables) and
+# profiles/ (operator tables by self CUDA time, Chrome traces), and copies them to $OUT when set.
+set -euo pipefail
+
+PROFILE=${PROFILE:-gpu}
+PY=${PYTHON:-python3}
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/lib"
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} PYTHONUNBUFFERED=1
+if [ -z "${METABOLIC_ASSETS:-}" ]; then
+  for d in "$PWD/shared/data" "$PWD/../shared/data"; do [ -d "$d" ] && export METABOLIC_ASSETS="$d" && break; done
+fi
+echo "assets: ${METABOLIC_ASSETS:-<unset: the Hub>}"
+"$PY" -c "import torch; assert torch.cuda.is_available(); print('GPU:', torch.cuda.get_device_name(0))" \
+  || { echo "no CUDA GPU on this machine: on the CPU run the benchmarks with --profile smoke"; exit 1; }
+
+gpu=$("$PY" -c "import torch, re; print(re.sub('[^A-Za-z0-9]+', '-', torch.cuda.get_device_name(0)).strip('-').lower())")
+dest="results/overhead/$gpu"
+mkdir -p "$dest/profiles"
+"$PY" -m metabolic run --profile "$PROFILE" --stages corpus
+"$PY" benchmarks/train_overhead.py --profile "$PROFILE" --device cuda --scratch --steps 20 --warmup 5 \
+  --profile-trace "$dest/profiles" | tee "$dest/train_overhead.txt"
+"$PY" benchmarks/generation_overhead.py --profile "$PROFILE" --device cuda --scratch --batch 8 --repeats 5 \
+  --candidates 4 --profile-trace "$dest/profiles" | tee "$dest/generation_overhead.txt"
+if [ -n "${OUT:-}" ]; then cp -r "$dest" "$OUT/"; fi

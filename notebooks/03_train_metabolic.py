@@ -70,7 +70,8 @@ import pandas as pd
 columns = ["epoch", "train_loss", "val_loss", "val_ppl", "aux", "err", "lambda", "shape", "target_budget",
            "achieved_budget", "calib_a", "calib_b", "val_level_rel_err", "balanced_score"]
 table = pd.concat([pd.DataFrame(r.metrics)[columns].assign(variant=v) for v, r in results.items()])
-print(table.set_index(["variant", "epoch"]).round(4).to_string())
+# perplexities (~1e3) to 2 decimals: a 4th decimal would be the 8th significant digit, below float32 precision
+print(table.set_index(["variant", "epoch"]).round(4).round({"val_ppl": 2}).to_string())
 
 # %% [markdown]
 # ## Every monitored quantity over epochs

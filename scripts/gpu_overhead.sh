@@ -13,7 +13,7 @@
 #   mkdir -p /tmp/a && tar xzf .assets/assets.tar.gz -C /tmp/a && METABOLIC_ASSETS=/tmp/a bash scripts/gpu_overhead.sh
 #
 # Writes results/overhead/<gpu>/{train_overhead,generation_overhead}.txt (the printed tables) and
-# profiles/ (operator tables by self CUDA time, Chrome traces), and copies them to $OUT when set.
+# profiles/ (operator tables by self CUDA time, Chrome traces), and saves them to $OUT when set.
 set -euo pipefail
 
 PROFILE=${PROFILE:-gpu}
@@ -35,4 +35,8 @@ mkdir -p "$dest/profiles"
   --profile-trace "$dest/profiles" | tee "$dest/train_overhead.txt"
 "$PY" benchmarks/generation_overhead.py --profile "$PROFILE" --device cuda --scratch --batch 8 --repeats 5 \
   --candidates 4 --profile-trace "$dest/profiles" | tee "$dest/generation_overhead.txt"
-if [ -n "${OUT:-}" ]; then cp -r "$dest" "$OUT/"; fi
+# $OUT keeps 8 files at most, 2 folders deep: the tables as they are, everything (profiles, traces) in one archive
+if [ -n "${OUT:-}" ]; then
+  cp "$dest"/*.txt "$OUT/" && tar czf "$OUT/overhead-$gpu.tgz" -C results/overhead "$gpu"
+  echo "unpack with: tar xzf overhead-$gpu.tgz -C results/overhead   (then commit results/overhead/$gpu)"
+fi

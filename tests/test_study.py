@@ -141,6 +141,16 @@ def test_a_bug_in_a_notebook_is_one_line_naming_the_cell(scratch_project):
     # cell 3 as the executed notebook numbers it: papermill's injected parameters cell runs first
     assert str(info.value) == f"01_fail, cell 3 raised KeyError: 'missing' (the traceback is in {executed})"
     assert executed.is_file()
+    # What `--inplace` stores after a failure: the traceback, without papermill's marker cells and tags,
+    # so that the next `jupytext --sync` pairs back the source unchanged
+    import jupytext
+    from metabolic.pipeline.study import PAPERMILL_ERROR_TAG, _strip_run_metadata
+
+    assert PAPERMILL_ERROR_TAG in executed.read_text()
+    _strip_run_metadata(executed)
+    nb = jupytext.read(executed)
+    assert not any(PAPERMILL_ERROR_TAG in c.metadata.get("tags", []) or c.metadata.get("tags") == [] for c in nb.cells)
+    assert any(o.get("ename") == "KeyError" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
 def test_a_stored_progress_bar_keeps_its_last_line_not_its_widgets():

@@ -115,6 +115,8 @@ def _execute(sources: list[Path], run: StudyRun, parameters: dict, inplace: bool
                     progress_bar={"desc": source.stem, "unit": "cell", "mininterval": 0.1 if sys.stderr.isatty() else 30},
                 )
             except papermill.PapermillExecutionError as exc:
+                if inplace:  # the stored notebook keeps the traceback, but no marker cells for jupytext to pair
+                    _strip_run_metadata(output)
                 raise _cell_error(exc, source.stem, output) from None
             run.notebooks_s[source.stem] = time.perf_counter() - t0
         if inplace:
@@ -132,15 +134,22 @@ def _cell_error(exc, notebook: str, output: Path) -> Exception:
     return NotebookFailed(f"{where} raised {exc.ename}: {exc.evalue} (the traceback is in {output})")
 
 
+PAPERMILL_ERROR_TAG = "papermill-error-cell-tag"
+
+
 def _strip_run_metadata(path: Path) -> None:
-    """Drop papermill's per-cell run metadata (timings, empty tags) from a stored notebook.
+    """Drop papermill's per-cell run metadata (timings, empty tags) and its error marker cells from a
+    stored notebook.
 
     The stored notebooks are reviewed in diffs and paired with the py:percent files: empty tag lists
-    would otherwise appear as `tags=[]` on every cell of the .py, and timings change on every run.
+    would otherwise appear as `tags=[]` on every cell of the .py, timings change on every run, and the
+    red "An Exception was encountered" cells of a failed run would become cells of the source at the
+    next `jupytext --sync`.
     """
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
+    nb.cells = [c for c in nb.cells if PAPERMILL_ERROR_TAG not in c.metadata.get("tags", [])]
     for cell in nb.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)

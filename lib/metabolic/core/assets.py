@@ -145,7 +145,8 @@ def resolve(kind: str, spec: str, load: Callable[[Candidate], T], cands: list[Ca
     tried: list[str] = []
     cands = candidates(kind, spec) if cands is None else cands
     for cand in cands:
-        if cand.source == "hub" and (why := hub_unreachable()):
+        # a "hub" candidate may be a local copy of a Hub repository (a folder): only a Hub id needs the network
+        if cand.source == "hub" and not Path(cand.location).expanduser().exists() and (why := hub_unreachable()):
             tried.append(f"hub {cand.location} (skipped: {why})")
             continue
         try:

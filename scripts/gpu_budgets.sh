@@ -16,18 +16,11 @@ set -euo pipefail
 
 PROFILE=${PROFILE:-gpu}
 STAGES=${STAGES:-"corpus,pretrain,prior,csc,train,evaluate"}
-PY=${PYTHON:-python3}
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/lib"
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} PYTHONUNBUFFERED=1
-if [ -z "${METABOLIC_ASSETS:-}" ]; then
-  for d in "$PWD/shared/data" "$PWD/../shared/data"; do [ -d "$d" ] && export METABOLIC_ASSETS="$d" && break; done
-fi
-echo "assets: ${METABOLIC_ASSETS:-<unset: the Hub>}"
-"$PY" -c "import torch; assert torch.cuda.is_available(); print('GPU:', torch.cuda.get_device_name(0))" \
-  || { echo "no CUDA GPU on this machine: the gpu profile is for one H100 (smoke runs anywhere: make study)"; exit 1; }
+source "$(dirname "$0")/gpu_common.sh"
+require_cuda "the gpu profile is for one H100 (smoke runs anywhere: make study)"
 
 "$PY" -m metabolic run --profile "$PROFILE" --stages "$STAGES"
-gpu=$("$PY" -c "import torch, re; print(re.sub('[^A-Za-z0-9]+', '-', torch.cuda.get_device_name(0)).strip('-').lower())")
+gpu=$(gpu_slug)
 dest="results/budgets/$gpu"
 mkdir -p "$dest"
 cp "data/$PROFILE/evaluation/tables.json" "$dest/tables.json"

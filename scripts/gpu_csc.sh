@@ -20,16 +20,10 @@
 set -euo pipefail
 
 PARTS=${PARTS:-"ratio scale"}
-PY=${PYTHON:-python3}
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/lib"
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
-if [ -z "${METABOLIC_ASSETS:-}" ]; then
-  for d in "$PWD/shared/data" "$PWD/../shared/data"; do [ -d "$d" ] && export METABOLIC_ASSETS="$d" && break; done
-fi
-echo "assets: ${METABOLIC_ASSETS:-<unset: the Hub>}"
-"$PY" -c "import torch; assert torch.cuda.is_available(); print('GPU:', torch.cuda.get_device_name(0))" \
-  || { echo "no CUDA GPU on this machine (CPU: python benchmarks/csc_throughput.py --device cpu --full-path)"; exit 1; }
-gpu=$("$PY" -c "import torch, re; print(re.sub('[^A-Za-z0-9]+', '-', torch.cuda.get_device_name(0)).strip('-').lower())")
+source "$(dirname "$0")/gpu_common.sh"
+export TOKENIZERS_PARALLELISM=true
+require_cuda "on the CPU run python benchmarks/csc_throughput.py --device cpu --full-path"
+gpu=$(gpu_slug)
 dest="results/csc_throughput/$gpu"
 mkdir -p "$dest"
 

@@ -29,18 +29,8 @@
 set -euo pipefail
 
 PROFILE=${PROFILE:-gpu}
-PY=${PYTHON:-python3}
 STATE=.etokens-state/state.tgz
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/lib"
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} PYTHONUNBUFFERED=1
-# offline assets: $METABOLIC_ASSETS, else the carried .assets tarball, else shared/data in or beside the checkout
-if [ -z "${METABOLIC_ASSETS:-}" ] && [ -f .assets/assets.tar.gz ]; then
-  mkdir -p /tmp/assets && tar xzf .assets/assets.tar.gz -C /tmp/assets && export METABOLIC_ASSETS=/tmp/assets
-fi
-if [ -z "${METABOLIC_ASSETS:-}" ]; then
-  for d in "$PWD/shared/data" "$PWD/../shared/data"; do [ -d "$d" ] && export METABOLIC_ASSETS="$d" && break; done
-fi
-echo "assets: ${METABOLIC_ASSETS:-<unset: the Hub>}"
+source "$(dirname "$0")/gpu_common.sh"
 "$PY" -c "import pynvml; pynvml.nvmlInit(); print('GPU:', pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))" \
   || { echo "no NVIDIA GPU/NVML on this machine: this script measures GPU energy (CPU timings: python -m metabolic run --stages etokens)"; exit 1; }
 

@@ -17,17 +17,10 @@
 set -euo pipefail
 
 PROFILE=${PROFILE:-gpu}
-PY=${PYTHON:-python3}
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/lib"
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} PYTHONUNBUFFERED=1
-if [ -z "${METABOLIC_ASSETS:-}" ]; then
-  for d in "$PWD/shared/data" "$PWD/../shared/data"; do [ -d "$d" ] && export METABOLIC_ASSETS="$d" && break; done
-fi
-echo "assets: ${METABOLIC_ASSETS:-<unset: the Hub>}"
-"$PY" -c "import torch; assert torch.cuda.is_available(); print('GPU:', torch.cuda.get_device_name(0))" \
-  || { echo "no CUDA GPU on this machine: on the CPU run the benchmarks with --profile smoke"; exit 1; }
+source "$(dirname "$0")/gpu_common.sh"
+require_cuda "on the CPU run the benchmarks with --profile smoke"
 
-gpu=$("$PY" -c "import torch, re; print(re.sub('[^A-Za-z0-9]+', '-', torch.cuda.get_device_name(0)).strip('-').lower())")
+gpu=$(gpu_slug)
 dest="results/overhead/$gpu"
 mkdir -p "$dest/profiles"
 "$PY" -m metabolic run --profile "$PROFILE" --stages corpus

@@ -176,10 +176,6 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         self._cached: tuple[torch.Tensor, ...] | None = None
         self._max: float | None = None
 
-    def _costs_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(C, C^2) on `device`, cached: the processor runs once per generated token."""
-        return self._on(device)[:2]
-
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(C / cost_scale, its square, C, the budgets) on `device`, copied there once, not at every token."""
         if self._cached is None or self._cached[0].device != device:
@@ -232,7 +228,7 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         lam = self.lambdas(input_ids, scores)
         self.last_lambda = lam.detach()  # stays on the device: the recorder's history is read once, at the end
-        costs, _ = self._costs_on(scores.device)
+        costs = self._on(scores.device)[0]
         # A new tensor (scores - lambda * C / cost_scale): scores are never edited in place.
         return torch.addcmul(scores, lam[:, None].to(scores.dtype), costs[None, :].to(scores.dtype), value=-1.0)
 

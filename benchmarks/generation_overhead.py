@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -52,6 +51,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from metabolic.core.profiles import load_config
+    from metabolic.core.profiling import write_profiles
     from metabolic.evaluate.scoring import select_prompts
     from metabolic.generate.budgeted import generate_with_budget, plain_generate
     from metabolic.generate.verified import PrefixLabeller, generate_verified
@@ -111,7 +111,9 @@ def main() -> None:
     print("target: budgeted (default steering) / plain <= 1.10 per token")
 
     if args.profile_trace:
-        _profile(args.profile_trace, device, {"plain": plain, "budgeted": budgeted, "two_sided": lambda: budgeted(True)})
+        write_profiles(args.profile_trace, "generate", {"plain": plain, "budgeted": budgeted, "two_sided": lambda: budgeted(True)},
+                       device)
+        print(f"torch.profiler tables and traces of one call per mode: {args.profile_trace}/generate_<mode>.txt|.json")
 
     if args.candidates > 0:
         scale = cfg.csc.scale
@@ -171,24 +173,6 @@ def _once(fn, device: str) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - t0
-
-
-def _profile(folder: str, device: str, modes) -> None:
-    """torch.profiler table (by self time) and Chrome trace of one call of each mode."""
-    from torch.profiler import ProfilerActivity, profile
-
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    cuda = device == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    for name, fn in modes.items():
-        with profile(activities=activities) as prof:
-            fn()
-            _sync(device)
-        table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)
-        (out / f"generate_{name}.txt").write_text(table + "\n", encoding="utf-8")
-        prof.export_chrome_trace(str(out / f"generate_{name}.json"))
-    print(f"torch.profiler tables and traces of one call per mode: {folder}/generate_<mode>.txt|.json")
 
 
 if __name__ == "__main__":

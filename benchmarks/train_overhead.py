@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
     from metabolic.core import resume
+    from metabolic.core.profiling import write_profiles
     from metabolic.core.config import parse_override_strings
     from metabolic.core.errors import MetabolicError
     from metabolic.core.profiles import load_config
@@ -85,21 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         def sync():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-
-        def profile_step(step_fn, name: str) -> None:
-            from torch.profiler import ProfilerActivity, profile
-
-            folder = Path(args.profile_trace)
-            folder.mkdir(parents=True, exist_ok=True)
-            cuda = device.type == "cuda"
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-            with profile(activities=activities, record_shapes=True) as prof:
-                step_fn()
-                sync()
-            table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                              row_limit=40)
-            (folder / f"train_step_{name}.txt").write_text(table + "\n", encoding="utf-8")
-            prof.export_chrome_trace(str(folder / f"train_step_{name}.json"))
 
         plain = fresh_backbone().train()
         opt = torch.optim.AdamW(plain.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -145,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for model, ledger in ledgers.values():
             ledger.settle(model, cfg.train)  # what the loop does at a refit: the steps must have stayed finite
         if args.profile_trace:
-            for name, fn in steps.items():
-                profile_step(fn, name)
+            write_profiles(args.profile_trace, "train_step", steps, device.type)
         seconds = {name: statistics.median(t) for name, t in times.items()}
     except MetabolicError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,6 +10,8 @@ diverges token by token. Pinning the kernels removes the differences instead of 
 - `MKL_CBWR=COMPATIBLE`: MKL's conditional numerical reproducibility branch that gives the same
   results on Intel and non-Intel CPUs (the `AVX2` branch does so only across Intel CPUs);
 - `ONEDNN_MAX_CPU_ISA=AVX2`: the same ceiling for oneDNN, should an op route through it;
+- `OPENBLAS_CORETYPE=Haswell`: numpy's OpenBLAS (the ridge probes of `evaluate.cost_fit`) on its
+  AVX2 kernels on every x86 CPU, instead of the kernel it picks per CPU model;
 - a fixed thread count (2): MKL's reproducibility and ATen's parallel reductions depend on it.
 
 The variables must be in place before torch loads its kernels, so `pin` runs first in every entry
@@ -35,6 +37,7 @@ PINNED_ENV: Mapping[str, str] = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "COMPATIBLE",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "OPENBLAS_CORETYPE": "Haswell",
     "OMP_NUM_THREADS": str(THREADS),
     "MKL_NUM_THREADS": str(THREADS),
 }

@@ -108,7 +108,7 @@ def tiny(tiny_cfg, tokenizer):
 def fresh(tiny, variant, cfg):
     _, backbone, texts, labels, totals = tiny
     torch.manual_seed(0)
-    model = MetabolicGPT2(copy.deepcopy(backbone), training.model_settings(cfg, variant, 1.0))
+    model = MetabolicGPT2(copy.deepcopy(backbone), training.model_settings(cfg, variant, 1.0, mean_label=0.03))
     batch = training.make_batch(texts, labels, totals, "cpu")
     ids, means = training.token_label_means(texts, labels)
     return model, training.make_optimizer(model, cfg), batch, torch.as_tensor(ids), torch.as_tensor(means).float()

@@ -143,7 +143,7 @@ def test_vocab_aux_is_zero_for_perfect_correlation():
 
 
 def test_fixed_budget_steps_lower_lm_and_csc_losses_and_move_lambda(backbone_dir, data, tiny_cfg, tokenizer):
-    cfg = train_cfg(tiny_cfg, curriculum_start=1.0)
+    cfg = train_cfg(tiny_cfg, curriculum_start=1.0, cost_parameterisation="paper")  # costs start at 0.05 / token
     torch.manual_seed(0)
     from metabolic.model.backbone import load_backbone
 

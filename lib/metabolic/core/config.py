@@ -205,11 +205,27 @@ class TrainConfig:
     # 0.05 (the paper's) is ~4x the smoke labels and ~28x the 256-token ones, so training would open
     # far over every budget and lambda would saturate before the costs could fall.
     token_cost_init_from_csc: bool = False
+    # How costs are parameterised (metabolic.model.metabolic_gpt2). "paper": eq. 12-13 as written,
+    # Softplus outputs in CSC units, L_CSC in CSC units^2, cost parameters at lr x cost_lr_multiplier
+    # (V.B): at CSC's per-token scale (~1e-2) the Softplus slope is about the cost itself, so the costs
+    # barely move (the learned costs collapsed into a token counter). "scaled": cost = s x Softplus(z),
+    # s the mean per-token training label, L_CSC in units of s^2, every cost starting at s, and the
+    # cost head and token costs at `cost_lr` (absolute: the logits are O(1) at every CSC scale).
+    cost_parameterisation: Literal["paper", "scaled"] = "scaled"
+    cost_lr: float = 0.03  # Adam step of the cost logits under "scaled" (~ relative change of a cost per step)
+    # L_CSC (eq. 18): "mse" as the paper; "log-mse" the squared error of log(cost + 0.05 s) against
+    # log(label + 0.05 s): CSC is heavy-tailed, and a relative error ranks tokens better (README).
+    csc_loss: Literal["mse", "log-mse"] = "mse"
+    # What a budget counts in training. "continuation": the tokens after the first generation.prompt_tokens,
+    # the rule generation and Table I use, so the budget pathway learns the budgets it is given later
+    # (totals, targets, the budget scale and the constrained costs all count that span). "text": every
+    # token of the training text (the paper, whose training budgets 5-9 are not its generation budgets 1.1-1.65).
+    budget_span: Literal["text", "continuation"] = "continuation"
     seed: int = 0
 
     def __post_init__(self) -> None:
         _finite("train", self)
-        _positive("train", self, "K", "epochs", "batch_size", "lr", "cost_lr_multiplier", "grad_clip",
+        _positive("train", self, "K", "epochs", "batch_size", "lr", "cost_lr_multiplier", "cost_lr", "grad_clip",
                   "mu", "lambda_max", "calib_refit_every", "token_cost_init", "curriculum_start")
         for name in ("weight_decay", "beta_csc", "beta_constr", "entropy_reg", "repetition_penalty",
                      "vocab_aux_weight", "calib_ridge"):
@@ -249,6 +265,9 @@ class GenerationConfig:
     verified_band: float = 0.10  # the band the controller aims for (Hit@10 asks for +-10%)
     verified_max_probes: int = 6  # prefixes labelled per candidate at most
     verified_scales: tuple[str, ...] = ("raw", "length")
+    # The verified controller on candidates steered towards the budget by the learned costs: N per row
+    # (empty = no steered rows); one pool per scale and level, so each N costs sampling and labels.
+    verified_steered_candidates: tuple[int, ...] = (1, 2, 4)
 
     def __post_init__(self) -> None:
         _finite("generation", self)
@@ -261,6 +280,9 @@ class GenerationConfig:
         _require(self.top_k >= 0, "generation.top_k", self.top_k, "use >= 0 (0 = off)")
         _require(len(self.verified_candidates) > 0 and all(isinstance(n, int) and n >= 1 for n in self.verified_candidates),
                  "generation.verified_candidates", self.verified_candidates, "give candidate counts >= 1, e.g. (1, 2, 4, 8)")
+        _require(all(isinstance(n, int) and n >= 1 for n in self.verified_steered_candidates),
+                 "generation.verified_steered_candidates", self.verified_steered_candidates,
+                 "give candidate counts >= 1, e.g. (1, 2, 4), or () for no steered rows")
         _require(0 < self.verified_band < 1, "generation.verified_band", self.verified_band, "use a fraction in (0, 1)")
         _require(len(self.verified_scales) > 0 and set(self.verified_scales) <= {"raw", "length"},
                  "generation.verified_scales", self.verified_scales, "choose among raw, length")

@@ -2,10 +2,26 @@
 
 Parts, with shapes (V vocabulary, H hidden size, K cost dimensions):
 
-* cost head g (eq. 12): Linear(H, K) -> Softplus, read on per-position hidden states;
-* learnable token costs w [V, K] (eq. 13): c_token(v) = Softplus(w_v), initialised so that every
-  output is `token_cost_init` (paper: about 0.05), or `token_cost_init` x the synthetic prior
+* cost head g (eq. 12): Linear(H, K) -> s x Softplus, read on per-position hidden states;
+* learnable token costs w [V, K] (eq. 13): c_token(v) = s x Softplus(w_v), initialised so that every
+  cost is `token_cost_init` (paper: about 0.05), or `token_cost_init` x the synthetic prior
   (mean 1, so the same mean) when a prior is given;
+* s = `cost_scale`, proxy units per unit of Softplus. s = 1 is the paper as written. At CSC's
+  per-token scale (~1e-2 on short texts, ~2e-3 on 256-token ones) that puts every Softplus on its
+  flat tail, where its slope is about the cost itself: gradients reaching the logits are ~100x
+  smaller than at an O(1) scale, and an Adam step moves a cost by a fixed fraction of itself. The
+  scaled parameterisation sets s to the mean per-token CSC label of the training texts, so the
+  logits are O(1) and their learning rate means the same at every CSC scale;
+* with `standardise_head` (the scaled parameterisation) the cost head reads standardised inputs:
+  hidden states minus a fixed per-dimension mean, over a fixed sd (buffers measured once on the
+  training texts before training, `set_head_standardisation`), and embeddings standardised by
+  their own per-dimension mean and sd over the vocabulary. GPT-2's final hidden states differ in
+  scale by ~7x between dimensions, which leaves a linear head badly conditioned under Adam: with raw
+  inputs it barely learns in tens of steps, with standardised ones it reaches a ridge probe's
+  held-out rank correlation (README, measured facts);
+* `cost_grad_to_backbone=False` (the scaled parameterisation) reads the backbone's states for the
+  costs without gradient into the backbone (the budget bias keeps its own): in scaled units L_CSC is
+  O(1), and through the states it bent the language model (smoke: validation perplexity +10%);
 * vocabulary cost map (eq. 14): C_vocab(v) = max(c_min, a_mix c_token(v) + (1 - a_mix) c_head(e_v)),
   e_v the input embedding of v -> `vocab_costs()` [V, K];
 * per-token proxy cost of the token at position t in its context: the same mix with the hidden
@@ -92,8 +108,11 @@ class MetabolicSettings:
     c_min: float = 1e-4  # floor of every proxy cost, in proxy (CSC-like) units
     budget_scale: float = 1.0  # median total CSC of the training texts (eq. 15's "scale")
     per_layer_budget: bool = False
-    token_cost_init: float = 0.05
+    token_cost_init: float = 0.05  # every cost at initialisation, in proxy units
     calib_ridge: float = 1e-3
+    cost_scale: float = 1.0  # s: costs = s x Softplus(logit), proxy units (1 = the paper's parameterisation)
+    standardise_head: bool = False  # the cost head reads standardised states / embeddings (the paper: raw)
+    cost_grad_to_backbone: bool = True  # cost losses reach the backbone through the states (the paper: yes)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -102,7 +121,7 @@ class MetabolicSettings:
             raise ConfigError(f"K={self.K!r} is invalid: use a number of cost dimensions >= 1")
         if not (0 <= self.a_mix <= 1):
             raise ConfigError(f"a_mix={self.a_mix!r} is invalid: use a value in [0, 1]")
-        for name in ("budget_scale", "token_cost_init"):
+        for name in ("budget_scale", "token_cost_init", "cost_scale"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name}={value!r} is invalid: use a finite value > 0")
@@ -138,16 +157,17 @@ class MetabolicGPT2(nn.Module):
         dtype = next(backbone.parameters()).dtype
         device = next(backbone.parameters()).device
         self.cost_head = nn.Linear(hidden, k, device=device, dtype=dtype)
-        # Zero weights and a bias at Softplus^-1(init): every head cost starts at `token_cost_init`.
+        # Zero weights and a bias at Softplus^-1(init / s): every head cost starts at `token_cost_init`.
+        unit_init = settings.token_cost_init / settings.cost_scale
         nn.init.zeros_(self.cost_head.weight)
-        nn.init.constant_(self.cost_head.bias, float(inverse_softplus(settings.token_cost_init)))
+        nn.init.constant_(self.cost_head.bias, float(inverse_softplus(unit_init)))
         if prior_cost is not None:
             prior = torch.as_tensor(np.asarray(prior_cost, dtype=np.float64))
             if prior.shape != (vocab,) or not torch.all(torch.isfinite(prior) & (prior > 0)):
                 raise DataError(f"prior cost has shape {tuple(prior.shape)}: give {vocab} finite costs > 0 (one per token)")
-            init = inverse_softplus(settings.token_cost_init * prior / prior.mean())[:, None].expand(vocab, k)
+            init = inverse_softplus(unit_init * prior / prior.mean())[:, None].expand(vocab, k)
         else:
-            init = inverse_softplus(settings.token_cost_init).expand(vocab, k)
+            init = inverse_softplus(unit_init).expand(vocab, k)
         self.token_cost_logits = nn.Parameter(init.to(device=device, dtype=dtype).clone())
         self.budget_proj = nn.Linear(k, hidden, bias=False, device=device, dtype=dtype)
         nn.init.zeros_(self.budget_proj.weight)  # u = 0 at the start: the backbone is unchanged
@@ -160,6 +180,9 @@ class MetabolicGPT2(nn.Module):
         self.register_buffer("dual_lambda", torch.zeros(k, dtype=torch.float64, device=device))
         self.register_buffer("calib_a", torch.zeros(k, dtype=torch.float64, device=device))
         self.register_buffer("calib_b", torch.ones(k, dtype=torch.float64, device=device))
+        # The cost head's input standardisation for hidden states (identity until set; see module doc).
+        self.register_buffer("head_in_mean", torch.zeros(hidden, dtype=dtype, device=device))
+        self.register_buffer("head_in_std", torch.ones(hidden, dtype=dtype, device=device))
         self.calibration = OnlineAffine(k, settings.calib_ridge)
         self.training_info: dict[str, Any] = {}  # e.g. {"budget_range": [lo, hi], "targets": [...]}, set by training
         self._layer_bias: list[torch.Tensor] | None = None
@@ -241,9 +264,26 @@ class MetabolicGPT2(nn.Module):
 
     # --- costs ---------------------------------------------------------------------------------
 
+    def scaled_softplus(self, logits: torch.Tensor) -> torch.Tensor:
+        """s x Softplus(logits): a cost in proxy units from a logit (s = `cost_scale`)."""
+        return self.settings.cost_scale * F.softplus(logits)
+
+    def set_head_standardisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Fix the per-dimension mean and sd [H] that standardise the hidden states the cost head reads."""
+        if mean.shape != self.head_in_mean.shape or std.shape != self.head_in_std.shape or not bool(torch.all(std > 0)):
+            raise DataError(f"head standardisation needs a mean and a positive sd of shape {tuple(self.head_in_mean.shape)}")
+        self.head_in_mean.copy_(mean)
+        self.head_in_std.copy_(std)
+
+    def head_costs(self, states: torch.Tensor) -> torch.Tensor:
+        """c_head = s x Softplus(g(states)) [..., K] for hidden states [..., H] (standardised when set)."""
+        if self.settings.standardise_head:
+            states = (states - self.head_in_mean.to(states.dtype)) / self.head_in_std.to(states.dtype)
+        return self.scaled_softplus(self.cost_head(states))
+
     def token_cost_table(self) -> torch.Tensor:
-        """c_token(v) = Softplus(w_v), [V, K]."""
-        return F.softplus(self.token_cost_logits)
+        """c_token(v) = s x Softplus(w_v), [V, K]."""
+        return self.scaled_softplus(self.token_cost_logits)
 
     def mix_costs(self, c_token: torch.Tensor, c_head: torch.Tensor) -> torch.Tensor:
         s = self.settings
@@ -256,7 +296,9 @@ class MetabolicGPT2(nn.Module):
         a token cheaper through its cost parameters, not by moving what the LM head predicts.
         """
         wte = self.backbone.transformer.wte.weight.detach()
-        return self.mix_costs(self.token_cost_table(), F.softplus(self.cost_head(wte)))
+        if self.settings.standardise_head:  # embeddings by their own statistics (another space than h)
+            wte = (wte - wte.mean(0)) / wte.std(0).clamp_min(1e-6)
+        return self.mix_costs(self.token_cost_table(), self.scaled_softplus(self.cost_head(wte)))
 
     def proxy_total(self, costs: torch.Tensor) -> torch.Tensor:
         """One proxy number per item: the mean over the K dimensions ([..., K] -> [...])."""
@@ -311,14 +353,15 @@ class MetabolicGPT2(nn.Module):
             self._layer_bias = None
         h = out.last_hidden_state
         h_budget = h + u[:, None, :]
+        h_cost = h if self.settings.cost_grad_to_backbone else h.detach()
         if self.settings.variant == "faithful":
-            cost_states = h_budget  # the paper: costs read on states that carry the budget
+            cost_states = h_cost + u[:, None, :]  # the paper: costs read on states that carry the budget
         elif self.settings.per_layer_budget:
             with torch.no_grad():  # budget-free states: one extra pass (see module doc)
                 cost_states = self.backbone.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         else:
-            cost_states = h  # before the budget bias: the budget cannot change a token's cost
-        c_head = F.softplus(self.cost_head(cost_states))
+            cost_states = h_cost  # before the budget bias: the budget cannot change a token's cost
+        c_head = self.head_costs(cost_states)
         c_token = self.token_cost_table()[input_ids]
         token_costs = self.mix_costs(c_token, c_head)
         return h_budget, token_costs, (out.past_key_values if use_cache else None)

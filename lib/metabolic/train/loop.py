@@ -1,8 +1,9 @@
 """Lagrangian training of MetabolicGPT-2 (paper IV.E-IV.G, V.B, V.C, VI.D) for both variants.
 
 One step: forward under the budgets -> the eq. (22) terms (`metabolic.train.losses`) -> AdamW step (cost
-parameters in their own group with `cost_lr_multiplier`, no weight decay there: decay would pull the
-token-cost logits towards Softplus(0) = 0.69, far above CSC's scale) -> gradient clipping -> dual
+logits and the budget pathway in groups of their own without weight decay, which would pull the
+token-cost logits towards a fixed Softplus value instead of the labels; the cost logits at `cost_lr`
+under the scaled parameterisation, else at lr x `cost_lr_multiplier` as the budget pathway) -> gradient clipping -> dual
 ascent on lambda (`metabolic.train.dual`) -> the step's (proxy total, CSC total) pairs into the online
 calibration, refitted every `calib_refit_every` steps and at the end of every epoch.
 
@@ -14,7 +15,13 @@ What each variant constrains (see `metabolic.model.metabolic_gpt2` for the archi
   (the first token has no prediction and counts at its own cost), against a budget that varies per
   sequence: B_i = the sequence's own total CSC (hindsight budgets: the text the LM loss teaches is
   exactly a text that meets its budget, so the two losses agree; no curriculum, whose loose budgets
-  would contradict that text). The squared term is the mean of the per-sequence squared gaps.
+  would contradict that text). The squared term is the mean of the per-sequence squared gaps. C_vocab
+  enters E_i without gradient: the constraint moves the distribution, not the cost estimates.
+
+What a budget counts (`TrainingData.counted_from`, `train.budget_span`): every token of the text (the
+paper), or, as generation and Table I count, the continuation after the first `generation.prompt_tokens`
+tokens: then totals, targets, the budget scale, the realised or expected totals and the calibration
+points all count that span, and a text without a continuation is held to no budget.
 
 The calibration maps what the variant constrains (faithful: realised proxy total; expected-cost:
 expected total) to total CSC; both live in proxy units, which CSC supervision keeps close to CSC units.
@@ -90,6 +97,9 @@ class TrainingData:
     targets: np.ndarray  # float64 [K] target budgets (CSC units)
     budget_scale: float  # median total CSC of the training texts (eq. 15)
     fingerprint: str
+    # First token position a budget counts: 0 = the whole text (the paper); s = a generation's rule, the
+    # continuation after an s-token prompt (totals, targets and constrained costs count positions >= s).
+    counted_from: int = 0
 
     @property
     def budget_range(self) -> tuple[float, float]:
@@ -126,8 +136,19 @@ def target_budgets(train: TrainConfig, stats: dict[str, Any], totals: np.ndarray
     return np.sort(values)
 
 
-def prepare_data(csc_data, train: TrainConfig, vocab_size: int, scale: str = "raw") -> TrainingData:
-    """Check a CSC cache against the backbone and put its labels on `scale` (per token and per sequence)."""
+def span_totals(csc_list: Sequence[np.ndarray], scale: str, counted_from: int) -> np.ndarray:
+    """Total CSC per text of the tokens at positions >= `counted_from` on `scale` (T = the whole text's
+    length, as for a generation); NaN for a text with no such token or no label there."""
+    if counted_from == 0:
+        return sequence_totals(csc_list, scale)
+    return sequence_totals([np.asarray(c)[counted_from:] for c in csc_list], scale, lengths=[len(c) for c in csc_list])
+
+
+def prepare_data(csc_data, train: TrainConfig, vocab_size: int, scale: str = "raw", counted_from: int = 0) -> TrainingData:
+    """Check a CSC cache against the backbone and put its labels on `scale` (per token and per sequence).
+
+    `counted_from` > 0 (`train.budget_span="continuation"`): totals count the tokens from that position
+    on, and the targets and budget scale are quantiles and median of those totals."""
     _check_ids(csc_data.train_ids, vocab_size, "train")
     _check_ids(csc_data.valid_ids, vocab_size, "valid")
     for split, ids, labels in (("train", csc_data.train_ids, csc_data.train_csc), ("valid", csc_data.valid_ids, csc_data.valid_csc)):
@@ -135,17 +156,21 @@ def prepare_data(csc_data, train: TrainConfig, vocab_size: int, scale: str = "ra
             raise DataError(f"CSC cache {split} split has labels that do not match its sequences: rebuild it")
         if not ids:
             raise DataError(f"CSC cache {split} split is empty: raise csc.max_sequences / csc.max_valid_sequences")
-    train_totals = sequence_totals(csc_data.train_csc, scale)
-    valid_totals = sequence_totals(csc_data.valid_csc, scale)
-    median = float(csc_data.stats.get("median", np.nanmedian(train_totals)))
+    train_totals = span_totals(csc_data.train_csc, scale, counted_from)
+    valid_totals = span_totals(csc_data.valid_csc, scale, counted_from)
+    stats = csc_data.stats if counted_from == 0 else {}  # the statistics describe whole texts
+    known = train_totals[np.isfinite(train_totals)]
+    median = float(stats.get("median", np.median(known) if known.size else math.nan))
     if not (math.isfinite(median) and median > 0):
-        raise DataError(f"median total CSC {median!r} is not > 0: the budget encoder needs a positive scale")
+        raise DataError(f"median total CSC {median!r} is not > 0: the budget encoder needs a positive scale"
+                        + (f" (no training text is longer than {counted_from} tokens?)" if counted_from else ""))
     return TrainingData(
         train_ids=[list(x) for x in csc_data.train_ids], train_labels=scale_labels(csc_data.train_csc, scale),
         train_totals=train_totals, valid_ids=[list(x) for x in csc_data.valid_ids],
         valid_labels=scale_labels(csc_data.valid_csc, scale), valid_totals=valid_totals,
-        targets=target_budgets(train, csc_data.stats, train_totals), budget_scale=median,
-        fingerprint=artefacts.fingerprint({"csc": csc_data.fingerprint, "scale": scale}),
+        targets=target_budgets(train, stats, train_totals), budget_scale=median,
+        fingerprint=artefacts.fingerprint({"csc": csc_data.fingerprint, "scale": scale, "counted_from": counted_from}),
+        counted_from=counted_from,
     )
 
 
@@ -165,10 +190,23 @@ class Batch:
     ids: torch.Tensor  # [b, T] int64, padded with 0
     mask: torch.Tensor  # [b, T] 1 = real token
     labels: torch.Tensor  # [b, T] float32 CSC targets, NaN = unlabelled or padding
-    totals: torch.Tensor  # [b] float64 CSC totals, NaN = unknown
+    totals: torch.Tensor  # [b] float64 CSC totals of the counted span, NaN = unknown
+    counted_from: int = 0  # first position a budget counts (TrainingData.counted_from)
+
+    @property
+    def counted(self) -> torch.Tensor:
+        """[b, T] 1 where a real token counts towards the budget."""
+        keep = torch.arange(self.ids.shape[1], device=self.ids.device) >= self.counted_from
+        return self.mask * keep[None, :].to(self.mask.dtype)
+
+    @property
+    def constrained(self) -> torch.Tensor:
+        """[b] 1 for a text with at least one counted token (only these are held to a budget)."""
+        return (self.counted.sum(1) > 0).to(torch.float32)
 
 
-def make_batch(ids: Sequence[Sequence[int]], labels: Sequence[np.ndarray], totals: np.ndarray, device) -> Batch:
+def make_batch(ids: Sequence[Sequence[int]], labels: Sequence[np.ndarray], totals: np.ndarray, device,
+               counted_from: int = 0) -> Batch:
     t = max(len(x) for x in ids)
     b = len(ids)
     out_ids = torch.zeros(b, t, dtype=torch.int64)
@@ -178,7 +216,8 @@ def make_batch(ids: Sequence[Sequence[int]], labels: Sequence[np.ndarray], total
         out_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.int64)
         mask[i, : len(x)] = 1
         lab[i, : len(x)] = torch.as_tensor(np.asarray(y, np.float32))
-    return Batch(out_ids.to(device), mask.to(device), lab.to(device), torch.as_tensor(np.asarray(totals, np.float64)).to(device))
+    return Batch(out_ids.to(device), mask.to(device), lab.to(device), torch.as_tensor(np.asarray(totals, np.float64)).to(device),
+                 counted_from)
 
 
 # --- one step ----------------------------------------------------------------------------------
@@ -189,7 +228,8 @@ class StepResult:
     terms: losses.LossTerms
     totals: torch.Tensor  # [b, K] constrained proxy totals (detached)
     budgets: torch.Tensor  # [b, K] budgets used (CSC units)
-    gap: torch.Tensor  # [K] mean C - B (detached)
+    gap: torch.Tensor  # [K] mean C - B over the constrained texts (detached)
+    constrained: torch.Tensor  # [b] 1 = held to its budget (has a counted token)
 
 
 def step_budgets(model: MetabolicGPT2, batch: Batch, targets: np.ndarray, factor: float) -> torch.Tensor:
@@ -215,20 +255,27 @@ def compute_step(model: MetabolicGPT2, batch: Batch, budgets: torch.Tensor, cfg:
     c_vocab = model.vocab_costs().float()  # once per step: the expected costs and the vocab-aux loss share it
     expected = model.settings.variant == "expected-cost"
     # One softmax over the packed positions serves the LM loss, entropy, repetition and expected cost.
-    nt = losses.next_token_terms(logits.float(), at, batch.ids, batch.mask, c_vocab if expected else None)
-    mse = losses.csc_mse(token_costs, batch.labels)
+    # The expected cost reads C_vocab without gradient: the constraint must be met by what the model
+    # writes (its next-token distribution), never by lowering its cost estimates, which only CSC
+    # supervision and the vocab-aux loss move. With gradient, Adam turned the constraint's tiny pull on
+    # every likely token into full-size steps on tokens no label ever reached (held-out Spearman 0.12).
+    nt = losses.next_token_terms(logits.float(), at, batch.ids, batch.mask, c_vocab.detach() if expected else None)
+    csc_loss = losses.csc_log_mse if cfg.csc_loss == "log-mse" else losses.csc_mse
+    mse = csc_loss(token_costs, batch.labels, unit=model.settings.cost_scale)
     if expected:
-        totals = losses.sequence_expected_totals(nt.per_pos_cost, at, batch.ids, batch.mask, c_vocab)
+        totals = losses.sequence_expected_totals(nt.per_pos_cost, at, batch.ids, batch.mask, c_vocab, batch.counted_from)
     else:
-        totals = (token_costs * batch.mask[..., None]).sum(1)
-    lagr, sq, gap = losses.constraint_terms(totals, budgets, model.dual_lambda.float(), per_sequence=expected)
+        totals = (token_costs * batch.counted[..., None]).sum(1)
+    constrained = batch.constrained
+    lagr, sq, gap = losses.constraint_terms(totals, budgets, model.dual_lambda.float(), per_sequence=expected,
+                                            weights=constrained)
     lm, entropy, rep = nt.lm, nt.entropy, nt.repetition
     aux = losses.vocab_aux_loss(c_vocab, vocab_ids, vocab_means)
     total = (lm + cfg.beta_csc * mse + lagr + cfg.beta_constr * sq - cfg.entropy_reg * entropy
              + cfg.repetition_penalty * rep + cfg.vocab_aux_weight * aux)
     terms = losses.LossTerms(lm=lm, csc_mse=mse, lagrangian=lagr, constraint_sq=sq, entropy=entropy,
                              repetition=rep, vocab_aux=aux, total=total)
-    return StepResult(terms=terms, totals=totals.detach(), budgets=budgets, gap=gap.detach())
+    return StepResult(terms=terms, totals=totals.detach(), budgets=budgets, gap=gap.detach(), constrained=constrained)
 
 
 def level_expected_totals(model: MetabolicGPT2, batch: Batch, level: float, c_vocab: torch.Tensor) -> torch.Tensor:
@@ -240,7 +287,7 @@ def level_expected_totals(model: MetabolicGPT2, batch: Batch, level: float, c_vo
                                          attention_mask=batch.mask)
         logits = model.backbone.lm_head(h[at.seq, at.pos])
     probs = F.softmax(logits.float(), dim=-1)
-    return losses.expected_totals(probs, at, batch.ids, batch.mask, c_vocab)
+    return losses.expected_totals(probs, at, batch.ids, batch.mask, c_vocab, batch.counted_from)
 
 
 def train_step(model: MetabolicGPT2, optimizer, batch: Batch, budgets: torch.Tensor, cfg: TrainConfig,
@@ -262,8 +309,10 @@ def train_step(model: MetabolicGPT2, optimizer, batch: Batch, budgets: torch.Ten
     res.terms.total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
-    c_hat = res.totals.double().mean(0)  # eq. (23)'s batch-average cost vector
-    b_bar = budgets.double().mean(0)
+    w = res.constrained.double()[:, None]
+    n = w.sum().clamp_min(1)
+    c_hat = (res.totals.double() * w).sum(0) / n  # eq. (23)'s batch-average cost vector (constrained texts)
+    b_bar = (budgets.double() * w).sum(0) / n
     model.dual_lambda.copy_(dual_update(model.dual_lambda, c_hat, b_bar, cfg.mu, cfg.lambda_max))
     if ledger is None:
         _update_calibration(model, res.totals, batch.totals)
@@ -356,19 +405,25 @@ class EpochLedger:
 
 # --- optimiser ---------------------------------------------------------------------------------
 
-COST_PREFIXES = ("cost_head.", "token_cost_logits", "budget_proj.", "layer_budget_proj.")
+COST_PREFIXES = ("cost_head.", "token_cost_logits")
+BUDGET_PREFIXES = ("budget_proj.", "layer_budget_proj.")
 
 
 def make_optimizer(model: MetabolicGPT2, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW: backbone (decay / no decay for biases and LayerNorms) and cost parameters at lr x multiplier."""
+    """AdamW: backbone (decay / no decay for biases and LayerNorms), the cost logits (at `cost_lr` under
+    the scaled parameterisation, else lr x multiplier) and the budget pathway (lr x multiplier)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # tied weights once
     cost = [p for name, p in named if name.startswith(COST_PREFIXES)]
-    decay, no_decay = decay_split((name, p) for name, p in named if not name.startswith(COST_PREFIXES))
+    budget = [p for name, p in named if name.startswith(BUDGET_PREFIXES)]
+    decay, no_decay = decay_split((name, p) for name, p in named if not name.startswith(COST_PREFIXES + BUDGET_PREFIXES))
+    fast = cfg.lr * cfg.cost_lr_multiplier
     return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr, "name": "backbone"},
             {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr, "name": "backbone_no_decay"},
-            {"params": cost, "weight_decay": 0.0, "lr": cfg.lr * cfg.cost_lr_multiplier, "name": "cost"},
+            {"params": cost, "weight_decay": 0.0, "lr": cfg.cost_lr if cfg.cost_parameterisation == "scaled" else fast,
+             "name": "cost"},
+            {"params": budget, "weight_decay": 0.0, "lr": fast, "name": "budget"},
         ],
         lr=cfg.lr,
     )
@@ -392,7 +447,7 @@ def evaluate(model: MetabolicGPT2, data: TrainingData, cfg: TrainConfig, factor:
     bs = cfg.batch_size
     for start in range(0, len(data.valid_ids), bs):
         batch = make_batch(data.valid_ids[start:start + bs], data.valid_labels[start:start + bs],
-                           data.valid_totals[start:start + bs], device)
+                           data.valid_totals[start:start + bs], device, data.counted_from)
         budgets = step_budgets(model, batch, data.targets, factor)
         res = compute_step(model, batch, budgets, cfg, vocab_ids, vocab_means)
         n_pred = int((batch.mask[:, 1:] * batch.mask[:, :-1]).sum())
@@ -402,12 +457,13 @@ def evaluate(model: MetabolicGPT2, data: TrainingData, cfg: TrainConfig, factor:
         n_seq += b
         for key, value in res.terms.as_floats().items():
             sums[key] = sums.get(key, 0.0) + value * b
-        xs.append(res.totals.double().cpu().numpy())
-        ys.append(batch.totals.cpu().numpy())
-        gaps.append((res.totals - res.budgets).double().cpu().numpy())
+        kept = res.constrained.bool().cpu().numpy()  # texts with a counted span
+        xs.append(res.totals.double().cpu().numpy()[kept])
+        ys.append(batch.totals.cpu().numpy()[kept])
+        gaps.append((res.totals - res.budgets).double().cpu().numpy()[kept])
         c_vocab = model.vocab_costs().float()
         for j, level in enumerate(data.targets):
-            level_totals[j].append(level_expected_totals(model, batch, level, c_vocab).double().cpu().numpy())
+            level_totals[j].append(level_expected_totals(model, batch, level, c_vocab).double().cpu().numpy()[kept])
     model.train(was)
     x, y, gap = np.concatenate(xs), np.concatenate(ys), np.concatenate(gaps)
     a, b_ = model.calib_a.cpu().numpy(), model.calib_b.cpu().numpy()
@@ -443,7 +499,7 @@ def backbone_val_ppl(model: MetabolicGPT2, data: TrainingData, batch_size: int) 
     total, count = 0.0, 0
     for start in range(0, len(data.valid_ids), batch_size):
         batch = make_batch(data.valid_ids[start:start + batch_size], data.valid_labels[start:start + batch_size],
-                           data.valid_totals[start:start + batch_size], device)
+                           data.valid_totals[start:start + batch_size], device, data.counted_from)
         at = losses.Positions.of(batch.ids, batch.mask)
         h = model.backbone.transformer(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
         logp = F.log_softmax(model.backbone.lm_head(h[at.seq, at.pos]).float(), dim=-1)
@@ -452,6 +508,29 @@ def backbone_val_ppl(model: MetabolicGPT2, data: TrainingData, batch_size: int) 
         count += n
     model.backbone.train(was)
     return math.exp(min(total / max(count, 1), 50.0))
+
+
+@torch.no_grad()
+def head_input_statistics(model: MetabolicGPT2, data: TrainingData, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and sd [H] of the backbone's final hidden states over the training texts' tokens."""
+    device = model.device
+    was = model.backbone.training
+    model.backbone.eval()
+    total = total_sq = None
+    count = 0
+    for start in range(0, len(data.train_ids), batch_size):
+        batch = make_batch(data.train_ids[start:start + batch_size], data.train_labels[start:start + batch_size],
+                           data.train_totals[start:start + batch_size], device)
+        h = model.backbone.transformer(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
+        h = h[batch.mask.bool()].double()
+        total = h.sum(0) if total is None else total + h.sum(0)
+        total_sq = (h**2).sum(0) if total_sq is None else total_sq + (h**2).sum(0)
+        count += h.shape[0]
+    model.backbone.train(was)
+    mean = total / count
+    std = (total_sq / count - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
+    dtype = model.head_in_mean.dtype
+    return mean.to(dtype), std.to(dtype)
 
 
 def balanced_score(val_ppl: float, reference_ppl: float, level_rel_err: float) -> float:
@@ -480,22 +559,27 @@ class TrainResult:
         return MetabolicGPT2.from_pretrained(self.best_dir, device=device)
 
 
-def model_settings(cfg: TrainConfig, variant: str, budget_scale: float,
-                   token_cost_init: float | None = None) -> MetabolicSettings:
+def model_settings(cfg: TrainConfig, variant: str, budget_scale: float, mean_label: float | None = None) -> MetabolicSettings:
+    """The model's cost settings for `cfg`; `mean_label` (the mean per-token training label) is needed by
+    the scaled parameterisation (it is s, and every cost starts there) and by `token_cost_init_from_csc`."""
+    scaled = cfg.cost_parameterisation == "scaled"
+    from_labels = scaled or cfg.token_cost_init_from_csc
+    if from_labels and mean_label is None:
+        raise ConfigError(f"train.cost_parameterisation={cfg.cost_parameterisation!r} needs the mean per-token CSC label")
     return MetabolicSettings(variant=variant, K=cfg.K, a_mix=cfg.a_mix, c_min=cfg.vocab_cost_min, budget_scale=budget_scale,
                              per_layer_budget=cfg.per_layer_budget,
-                             token_cost_init=cfg.token_cost_init if token_cost_init is None else token_cost_init,
-                             calib_ridge=cfg.calib_ridge)
+                             token_cost_init=mean_label if from_labels else cfg.token_cost_init,
+                             calib_ridge=cfg.calib_ridge, cost_scale=mean_label if scaled else 1.0, standardise_head=scaled,
+                             cost_grad_to_backbone=not scaled)
 
 
-def initial_token_cost(cfg: TrainConfig, data: TrainingData) -> float:
-    """`train.token_cost_init`, or with `token_cost_init_from_csc` the mean per-token training label."""
-    if not cfg.token_cost_init_from_csc:
-        return cfg.token_cost_init
+def mean_token_label(data: TrainingData) -> float:
+    """The mean per-token training label (on the training scale), > 0."""
     flat = np.concatenate([np.asarray(x, np.float64) for x in data.train_labels])
     mean = float(np.nanmean(flat)) if np.isfinite(flat).any() else float("nan")
     if not (math.isfinite(mean) and mean > 0):
-        raise DataError(f"mean per-token CSC label {mean!r} is not > 0: set train.token_cost_init_from_csc=false")
+        raise DataError(f"mean per-token CSC label {mean!r} is not > 0: set train.cost_parameterisation=paper and "
+                        f"train.token_cost_init_from_csc=false, or label more texts")
     return mean
 
 
@@ -537,7 +621,8 @@ def train(
     _check_ids(data.valid_ids, vocab_size, "valid")
     if len(data.targets) != cfg.K:
         raise ConfigError(f"{len(data.targets)} target budgets for train.K={cfg.K}: give K budgets")
-    settings = model_settings(cfg, variant, data.budget_scale, token_cost_init=initial_token_cost(cfg, data))
+    needs_mean = cfg.cost_parameterisation == "scaled" or cfg.token_cost_init_from_csc
+    settings = model_settings(cfg, variant, data.budget_scale, mean_label=mean_token_label(data) if needs_mean else None)
     model = MetabolicGPT2(backbone, settings, prior_cost=prior_cost)
     model.training_info = {"budget_range": list(data.budget_range), "targets": data.targets.tolist(), "variant": variant}
     optimizer = make_optimizer(model, cfg)
@@ -559,6 +644,8 @@ def train(
         log.info("resuming %s training after epoch %d of %d", variant, epoch0, cfg.epochs)
     else:
         reference_ppl = backbone_val_ppl(model, data, cfg.batch_size)
+        if settings.standardise_head:
+            model.set_head_standardisation(*head_input_statistics(model, data, cfg.batch_size))
         torch.manual_seed(cfg.seed)  # the reference evaluation must not shift the training RNG
     model.train()
     n_train = len(data.train_ids)
@@ -573,7 +660,7 @@ def train(
         for idx in bar:
             idx = idx.tolist()
             batch = make_batch([data.train_ids[i] for i in idx], [data.train_labels[i] for i in idx],
-                               data.train_totals[idx], device)
+                               data.train_totals[idx], device, data.counted_from)
             budgets = step_budgets(model, batch, data.targets, factor)
             train_step(model, optimizer, batch, budgets, cfg, vocab_ids, vocab_means, step, ledger)
             step += 1

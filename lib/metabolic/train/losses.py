@@ -72,25 +72,47 @@ def lm_loss(logp: torch.Tensor, at: Positions) -> torch.Tensor:
     return -logp.gather(-1, at.target[:, None]).mean()
 
 
-def csc_mse(token_costs: torch.Tensor, csc: torch.Tensor) -> torch.Tensor:
-    """Eq. (18): mean squared error over labelled tokens (finite labels), every cost dimension alike;
-    0 (with zero gradient) when nothing is labelled. Branch-free: no host sync on the label count."""
+def csc_mse(token_costs: torch.Tensor, csc: torch.Tensor, unit: float = 1.0) -> torch.Tensor:
+    """Eq. (18): mean squared error over labelled tokens (finite labels), every cost dimension alike,
+    in units of `unit` (1 = CSC units, the paper; the scaled parameterisation passes its cost scale
+    s, so the term is O(1) whatever CSC's scale); 0 (with zero gradient) when nothing is labelled.
+    Branch-free: no host sync on the label count."""
     labelled = torch.isfinite(csc)
     target = torch.where(labelled, csc, torch.zeros_like(csc))[..., None]
-    err = (token_costs - target.to(token_costs.dtype)) ** 2 * labelled[..., None]
+    err = ((token_costs - target.to(token_costs.dtype)) / unit) ** 2 * labelled[..., None]
     return err.sum() / (labelled.sum() * token_costs.shape[-1]).clamp_min(1)
 
 
-def constraint_terms(totals: torch.Tensor, budgets: torch.Tensor, lam: torch.Tensor, per_sequence: bool):
+LOG_FLOOR = 0.05  # log-space CSC loss: log(x + LOG_FLOOR x unit), since labels can be 0
+
+
+def csc_log_mse(token_costs: torch.Tensor, csc: torch.Tensor, unit: float = 1.0) -> torch.Tensor:
+    """Eq. (18) on a log scale: mean of (log(c + f u) - log(y + f u))^2 over labelled tokens, f = LOG_FLOOR,
+    u = `unit`. CSC is heavy-tailed (sd / mean ~ 2.5 per token), so the plain squared error is ruled by
+    a few large labels; a relative error weighs every token's rank alike. 0 when nothing is labelled."""
+    labelled = torch.isfinite(csc)
+    target = torch.where(labelled, csc, torch.zeros_like(csc)).clamp_min(0.0)[..., None].to(token_costs.dtype)
+    floor = LOG_FLOOR * unit
+    err = (torch.log(token_costs + floor) - torch.log(target + floor)) ** 2 * labelled[..., None]
+    return err.sum() / (labelled.sum() * token_costs.shape[-1]).clamp_min(1)
+
+
+def constraint_terms(totals: torch.Tensor, budgets: torch.Tensor, lam: torch.Tensor, per_sequence: bool,
+                     weights: torch.Tensor | None = None):
     """lambda^T (C_hat - B) and ||C_hat - B||^2, plus the gap C_hat - B [K] for the dual update.
 
     `per_sequence=False` (the paper): C_hat and B are batch averages. `True` (budgets that vary per
     sequence): the squared term is the mean over sequences of each sequence's own squared gap.
+    `weights` [batch] (1 = constrained, 0 = left out, e.g. a text with no continuation) restrict
+    both averages to the constrained sequences; none constrained gives zero terms.
     """
     gaps = totals - budgets.to(totals.dtype)  # [batch, K]
-    gap = gaps.mean(dim=0)
+    w = torch.ones_like(gaps[:, 0]) if weights is None else weights.to(gaps.dtype)
+    n = w.sum().clamp_min(1)
+    gaps = gaps * w[:, None]
+    gap = gaps.sum(dim=0) / n
     lagrangian = (lam.to(gap.dtype) * gap).sum()
-    sq = (gaps**2).sum(-1).mean() if per_sequence else (gap**2).sum()
+    sq = (gaps**2).sum(-1).sum() / n if per_sequence else (gap**2).sum()
     return lagrangian, sq, gap
 
 
@@ -102,16 +124,24 @@ def mean_entropy(logp: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 
 
 def expected_totals(probs: torch.Tensor, at: Positions, ids: torch.Tensor, mask: torch.Tensor,
-                    vocab_costs: torch.Tensor) -> torch.Tensor:
-    """E_i = C_vocab(x_1) + sum_t <p(. | x_<=t), C_vocab> over the sequence's predictions: [batch, K]."""
-    return sequence_expected_totals(probs @ vocab_costs.to(probs.dtype), at, ids, mask, vocab_costs)
+                    vocab_costs: torch.Tensor, counted_from: int = 0) -> torch.Tensor:
+    """E_i = C_vocab(x_1) + sum_t <p(. | x_<=t), C_vocab> over the sequence's predictions: [batch, K].
+
+    With `counted_from` = s > 0 only the tokens at positions >= s count (a generation's budget counts
+    its continuation after an s-token prompt): the predictions of x_s onwards, no first-token term.
+    """
+    return sequence_expected_totals(probs @ vocab_costs.to(probs.dtype), at, ids, mask, vocab_costs, counted_from)
 
 
 def sequence_expected_totals(per_pos: torch.Tensor, at: Positions, ids: torch.Tensor, mask: torch.Tensor,
-                             vocab_costs: torch.Tensor) -> torch.Tensor:
+                             vocab_costs: torch.Tensor, counted_from: int = 0) -> torch.Tensor:
     """`expected_totals` from the per-prediction expected costs <p_n, C_vocab> [N, K]."""
     totals = torch.zeros(ids.shape[0], vocab_costs.shape[1], dtype=per_pos.dtype, device=ids.device)
+    if counted_from > 0:
+        per_pos = per_pos * (at.pos + 1 >= counted_from)[:, None].to(per_pos.dtype)
     totals = totals.index_add(0, at.seq, per_pos)
+    if counted_from > 0:
+        return totals
     return totals + vocab_costs[ids[:, 0]].to(per_pos.dtype) * mask[:, :1].to(per_pos.dtype)
 
 

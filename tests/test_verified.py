@@ -236,6 +236,38 @@ def test_verified_tables_have_every_row(model, tokenizer, labeller):
     assert [[r["csc"] for r in t["rows"]] for t in again.values()] == [[r["csc"] for r in t["rows"]] for t in tables.values()]
 
 
+def test_steered_rows_sit_beside_the_unsteered_ones(model, tokenizer, labeller):
+    """Steered rows for each N on the scales with a calibration, labels per generation, steered candidates."""
+    from metabolic.evaluate.verified_rows import SteeredRows, verified_tables
+    from metabolic.generate.verified import steering
+    from metabolic.model.calibration import ProxyCalibration
+    from tiny_lm import token_costs
+
+    costs = token_costs(len(tokenizer))
+    budgets = {"raw": {"low": 0.08, "high": 0.2}, "length": {"low": 1.0, "high": 3.0}}
+    kw = dict(max_new_tokens=10, band=0.1, max_probes=4, temperature=1.0, top_k=50, seed=0)
+    steer = SteeredRows((1, 2), costs, {"raw": ProxyCalibration(0.0, 0.1)}, lambda_max=5.0)
+    tables, records = verified_tables(model, tokenizer, model, PrefixLabeller(labeller), PROMPTS, budgets,
+                                      {"raw": 0.02, "length": 0.3}, (1, 2), steered=steer, **kw)
+    assert {k for k in tables if "steered" in k} == {"verified_steered_n1_raw", "verified_steered_n2_raw"}
+    for key in ("verified_steered_n1_raw", "verified_steered_n2_raw"):
+        t = tables[key]
+        assert t["decoding"] == "verified_steered" and t["calibration"] == {"a": 0.0, "b": 0.1}
+        assert [r["level"] for r in t["rows"]] == ["low", "high"]
+        assert all(r["labels_per_generation"] > 0 and sum(r["status"].values()) == 2 for r in t["rows"])
+    assert sum(r["decoding"] == "verified_steered_n2_raw" for r in records) == 2 * 2  # prompts x levels
+    # steering towards a tight budget (0.08 CSC = 0.8 proxy over 10 tokens, below the free pace) spends less C_vocab
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    _, free = sample_candidates(model, tokenizer, PROMPTS, 4, 10, seed=3)
+    _, braked = sample_candidates(model, tokenizer, PROMPTS, 4, 10, seed=3,
+                                  logits_processor=steering(model, prompt_ids, np.full(2, 0.08), 4, 10, token_costs=costs,
+                                                            calibration=ProxyCalibration(0.0, 0.1)))
+    spend = [float(np.mean([costs[c.ids].sum() for c in pool])) for pool in (free, braked)]
+    assert spend[1] < spend[0]
+    with pytest.raises(ConfigError, match="proxy budget <= 0"):
+        steering(model, prompt_ids, np.full(2, 0.08), 4, 10, token_costs=costs, calibration=ProxyCalibration(0.1, 1.0))
+
+
 def test_explorer_verified_mode_reflects_candidates_and_seed(model, tokenizer, labeller):
     from metabolic.model.calibration import ProxyCalibration
     from metabolic.report.explorer import BudgetExplorer

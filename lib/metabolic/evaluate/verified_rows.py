@@ -8,6 +8,11 @@ the labels each generation needs (encoder texts of its probes, as if it ran alon
 memo, so what they actually label depends on their order) and the seconds that takes at the
 labelling rate measured over the whole evaluation, plus its share of sampling. Fluency is judged against unbudgeted text of the same
 length: each prompt's first sample cut to the length of the text the controller returned.
+
+Steered rows (`SteeredRows`, `verified_steered_n<N>_<scale>`): the same controller on candidates
+sampled under `CostSteeringLogitsProcessor` towards each level's budget through the learned costs
+(one pool per scale and level), so the tables show whether a cost model that tracks CSC lets fewer
+candidates or fewer labels reach the same Hit@10.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from metabolic.evaluate.scoring import distinct_n, goal_status, judge_nll, perplexity, relative_change, table_row
-from metabolic.generate.verified import PrefixLabeller, VerifiedGeneration, sample_candidates, verify
+from metabolic.generate.verified import PrefixLabeller, VerifiedGeneration, sample_candidates, steering, verify
+from metabolic.model.calibration import ProxyCalibration
 
 
 def _fluency(judge, gens: Sequence[VerifiedGeneration], reference_ids: Sequence[Sequence[int]]) -> dict[str, Any]:
@@ -35,10 +42,65 @@ def _fluency(judge, gens: Sequence[VerifiedGeneration], reference_ids: Sequence[
     return {"judge_ppl": ppl, "judge_ppl_same_length_unbudgeted": ref_ppl, "judge_ppl_rel_change": relative_change(ppl, ref_ppl)}
 
 
+@dataclass(frozen=True)
+class SteeredRows:
+    """What the steered rows need: the counts N, the learned costs C_vocab [V] and one budget -> proxy
+    calibration per CSC scale (scales without one get no steered rows), and the steering bound."""
+
+    candidate_counts: Sequence[int]
+    token_costs: Any
+    calibrations: dict[str, ProxyCalibration]
+    lambda_max: float = 5.0
+
+
+def _row(level: str, budget: float, gens: Sequence[VerifiedGeneration]) -> dict[str, Any]:
+    achieved = np.array([g.achieved_csc for g in gens])
+    ok = np.isfinite(achieved)
+    return {
+        "level": level, "budget_csc": float(budget),
+        "csc": table_row(achieved[ok], budget, float(budget)),
+        "mean_tokens": float(np.mean([len(g.generated_ids) for g in gens])),
+        "status": dict(Counter(g.status for g in gens)),
+        "stop_kind": dict(Counter(g.stop_kind for g in gens)),
+        "labels_per_generation": float(np.mean([g.labels_needed for g in gens])),
+        "unscored": int((~ok).sum()),
+    }
+
+
+def _records(decoding: str, level: str, gens: Sequence[VerifiedGeneration]) -> list[dict]:
+    return [{"variant": "verified", "decoding": decoding, "level": level, "prompt": g.prompt, "text": g.text,
+             "generated_ids": g.generated_ids, "budget_csc": g.budget_csc, "csc": g.achieved_csc, "status": g.status,
+             "candidate": g.candidate, "stop_kind": g.stop_kind, "labels": g.labels_needed} for g in gens]
+
+
+def _table(judge, decoding: str, scale: str, n: int, per_level: dict[str, list[VerifiedGeneration]],
+           budgets: dict[str, float], reference: list[list[int]], n_prompts: int, band: float, max_new_tokens: int,
+           sampling_s: float) -> dict[str, Any]:
+    rows = [_row(level, budgets[level], gens) for level, gens in per_level.items()]
+    all_gens = [g for gens in per_level.values() for g in gens]
+    flu = _fluency(judge, all_gens, [reference[p] for _ in per_level for p in range(n_prompts)])
+    for k in (1, 2):
+        flu[f"distinct_{k}"] = float(np.mean([distinct_n([g.generated_ids for g in lv], k) for lv in per_level.values()]))
+    table = {"variant": "verified", "decoding": decoding, "csc_scale": scale, "n_candidates": n,
+             "n_prompts": n_prompts, "band": band, "max_new_tokens": max_new_tokens, "rows": rows,
+             "average_MAE_csc": float(np.mean([r["csc"]["MAE"] for r in rows])),
+             "labels_per_generation": float(np.mean([r["labels_per_generation"] for r in rows])),
+             "sampling_seconds_per_generation": sampling_s, "fluency": flu}
+    table["goal"] = goal_status(table)
+    return table
+
+
 def verified_tables(model, tokenizer, judge, prefixes: PrefixLabeller, prompts: list[str], budgets_by_scale: dict[str, dict[str, float]],
                     rate_hints: dict[str, float], candidate_counts: Sequence[int], *, max_new_tokens: int, band: float,
-                    max_probes: int, temperature: float, top_k: int, seed: int) -> tuple[dict[str, Any], list[dict]]:
-    """Tables keyed `verified_n<N>_<scale>` and the records of the largest N (see the module docstring)."""
+                    max_probes: int, temperature: float, top_k: int, seed: int,
+                    steered: SteeredRows | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Tables keyed `verified_n<N>_<scale>` (and `verified_steered_n<N>_<scale>` with `steered`) and
+    the records of the largest N of each kind (see the module docstring).
+
+    Steered rows sample, per scale and level, one pool of `max(steered.candidate_counts)` candidates
+    steered towards that level's budget through the learned costs (`metabolic.generate.verified.steering`),
+    with the same seed, and verify its first N; their fluency reference is the unsteered first sample.
+    """
     n_max = max(candidate_counts)
     t0 = time.perf_counter()
     prompt_ids, pool = sample_candidates(model, tokenizer, prompts, n_max, max_new_tokens, temperature=temperature,
@@ -46,42 +108,39 @@ def verified_tables(model, tokenizer, judge, prefixes: PrefixLabeller, prompts: 
     sampling_s = (time.perf_counter() - t0) / len(prompts)
     first_sample = {c.prompt_index: c.ids for c in pool if c.index == 0}
     reference = [first_sample[p] for p in range(len(prompts))]
+    common = dict(band=band, max_probes=max_probes)
     tables: dict[str, Any] = {}
     records: list[dict] = []
     for scale, budgets in budgets_by_scale.items():
         for n in sorted(candidate_counts):
-            rows, all_gens = [], []
-            for level, budget in budgets.items():
-                gens = verify(pool, prompt_ids, prompts, tokenizer, budget, prefixes, n_candidates=n, band=band, scale=scale,
-                              rate_hint=rate_hints[scale], max_probes=max_probes)
-                achieved = np.array([g.achieved_csc for g in gens])
-                ok = np.isfinite(achieved)
-                rows.append({
-                    "level": level, "budget_csc": float(budget),
-                    "csc": table_row(achieved[ok], budget, float(budget)),
-                    "mean_tokens": float(np.mean([len(g.generated_ids) for g in gens])),
-                    "status": dict(Counter(g.status for g in gens)),
-                    "stop_kind": dict(Counter(g.stop_kind for g in gens)),
-                    "labels_per_generation": float(np.mean([g.labels_needed for g in gens])),
-                    "unscored": int((~ok).sum()),
-                })
-                all_gens.extend(gens)
-                if n == n_max:
-                    records.extend({"variant": "verified", "decoding": f"verified_n{n}_{scale}", "level": level,
-                                    "prompt": g.prompt, "text": g.text, "generated_ids": g.generated_ids,
-                                    "budget_csc": g.budget_csc, "csc": g.achieved_csc, "status": g.status,
-                                    "candidate": g.candidate, "stop_kind": g.stop_kind, "labels": g.labels_needed} for g in gens)
-            flu = _fluency(judge, all_gens, [reference[p] for _ in budgets for p in range(len(prompts))])
-            per_level = [all_gens[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(budgets))]
-            for k in (1, 2):
-                flu[f"distinct_{k}"] = float(np.mean([distinct_n([g.generated_ids for g in lv], k) for lv in per_level]))
-            table = {"variant": "verified", "decoding": f"verified_n{n}", "csc_scale": scale, "n_candidates": n,
-                     "n_prompts": len(prompts), "band": band, "max_new_tokens": max_new_tokens, "rows": rows,
-                     "average_MAE_csc": float(np.mean([r["csc"]["MAE"] for r in rows])),
-                     "labels_per_generation": float(np.mean([r["labels_per_generation"] for r in rows])),
-                     "sampling_seconds_per_generation": sampling_s * n / n_max, "fluency": flu}
-            table["goal"] = goal_status(table)
-            tables[f"verified_n{n}_{scale}"] = table
+            per_level = {level: verify(pool, prompt_ids, prompts, tokenizer, budget, prefixes, n_candidates=n, scale=scale,
+                                       rate_hint=rate_hints[scale], **common) for level, budget in budgets.items()}
+            tables[f"verified_n{n}_{scale}"] = _table(judge, f"verified_n{n}", scale, n, per_level, budgets, reference,
+                                                      len(prompts), band, max_new_tokens, sampling_s * n / n_max)
+            if n == n_max:
+                records.extend(r for level, gens in per_level.items() for r in _records(f"verified_n{n}_{scale}", level, gens))
+        if steered is None or scale not in steered.calibrations:
+            continue
+        s_max = max(steered.candidate_counts)
+        pools, steer_s = {}, 0.0
+        for level, budget in budgets.items():
+            t0 = time.perf_counter()
+            processors = steering(model, prompt_ids, np.full(len(prompts), budget), s_max, max_new_tokens,
+                                  token_costs=steered.token_costs, calibration=steered.calibrations[scale],
+                                  lambda_max=steered.lambda_max)
+            pools[level] = sample_candidates(model, tokenizer, prompts, s_max, max_new_tokens, temperature=temperature,
+                                             top_k=top_k, seed=seed, logits_processor=processors)[1]
+            steer_s += (time.perf_counter() - t0) / len(prompts)
+        for n in sorted(steered.candidate_counts):
+            per_level = {level: verify(pools[level], prompt_ids, prompts, tokenizer, budget, prefixes, n_candidates=n,
+                                       scale=scale, rate_hint=rate_hints[scale], **common) for level, budget in budgets.items()}
+            key = f"verified_steered_n{n}_{scale}"
+            table = _table(judge, "verified_steered", scale, n, per_level, budgets, reference, len(prompts), band,
+                           max_new_tokens, steer_s / len(budgets) * n / s_max)
+            table["calibration"] = {"a": steered.calibrations[scale].a, "b": steered.calibrations[scale].b}
+            tables[key] = table
+            if n == s_max:
+                records.extend(r for level, gens in per_level.items() for r in _records(key, level, gens))
     # texts/s over everything this memo labelled (NaN if it labelled nothing: every text came from the memo)
     rate = prefixes.texts / prefixes.seconds if prefixes.seconds > 0 else math.nan
     for table in tables.values():

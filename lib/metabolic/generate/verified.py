@@ -381,6 +381,30 @@ def verify(pool: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]], promp
     return results
 
 
+def steering(model, prompt_ids: Sequence[Sequence[int]], budgets_csc: np.ndarray, n_candidates: int, max_new_tokens: int, *,
+             token_costs: Any = None, calibration: ProxyCalibration | None = None,
+             lambda_max: float = 5.0) -> LogitsProcessorList:
+    """The candidates' sampler steered towards each prompt's budget through the learned costs.
+
+    A `CostSteeringLogitsProcessor` over `n_candidates` rows per prompt (left-padded prompts), paced
+    to spend the proxy budget `calibration.to_proxy(B)` over `max_new_tokens` tokens; `token_costs`
+    and `calibration` default to a MetabolicGPT-2's own C_vocab and training calibration.
+    """
+    if token_costs is None or calibration is None:
+        if not is_metabolic(model):
+            raise ConfigError("steer=True on a plain language model needs token_costs and calibration")
+        token_costs = model_token_costs(model) if token_costs is None else token_costs
+        calibration = model.proxy_calibration() if calibration is None else calibration
+    budgets = np.asarray(budgets_csc, dtype=np.float64).reshape(-1)
+    proxy = np.array([calibration.to_proxy(float(b)) for b in budgets])
+    if np.any(proxy <= 0):
+        raise ConfigError(f"budget_csc={budgets.tolist()} maps to a proxy budget <= 0 through calibration "
+                          f"a={calibration.a:.4g}, b={calibration.b:.4g}: steer=False, or refit the calibration")
+    return LogitsProcessorList([CostSteeringLogitsProcessor(token_costs, np.repeat(proxy, n_candidates),
+                                                            max(len(p) for p in prompt_ids), max_new_tokens,
+                                                            lambda_max=lambda_max)])
+
+
 def generate_verified(model, tokenizer, labeller, prompts: Sequence[str] | str, budget_csc: float | Sequence[float], *,
                       n_candidates: int = 4, band: float = 0.10, max_new_tokens: int = 64, scale: str = "raw",
                       temperature: float = 1.0, top_k: int = 50, seed: int | None = 0, rate_hint: float | None = None,
@@ -401,19 +425,8 @@ def generate_verified(model, tokenizer, labeller, prompts: Sequence[str] | str, 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     prompt_ids = encode_prompts(tokenizer, prompts)  # empty prompts are a DataError before any work
     budgets = _validate(budget_csc, len(prompts), n_candidates, band, max_probes, max_new_tokens)
-    processors = LogitsProcessorList()
-    if steer:
-        if token_costs is None or calibration is None:
-            if not is_metabolic(model):
-                raise ConfigError("steer=True on a plain language model needs token_costs and calibration")
-            token_costs = model_token_costs(model) if token_costs is None else token_costs
-            calibration = model.proxy_calibration() if calibration is None else calibration
-        proxy = np.array([calibration.to_proxy(float(b)) for b in budgets])
-        if np.any(proxy <= 0):
-            raise ConfigError(f"budget_csc={budgets.tolist()} maps to a proxy budget <= 0 through calibration "
-                              f"a={calibration.a:.4g}, b={calibration.b:.4g}: steer=False, or refit the calibration")
-        processors.append(CostSteeringLogitsProcessor(token_costs, np.repeat(proxy, n_candidates),
-                                                      max(len(p) for p in prompt_ids), max_new_tokens, lambda_max=lambda_max))
+    processors = (steering(model, prompt_ids, budgets, n_candidates, max_new_tokens, token_costs=token_costs,
+                           calibration=calibration, lambda_max=lambda_max) if steer else LogitsProcessorList())
     t0 = time.perf_counter()
     prompt_ids, pool = sample_candidates(model, tokenizer, prompts, n_candidates, max_new_tokens, temperature=temperature,
                                          top_k=top_k, seed=seed, logits_processor=processors)

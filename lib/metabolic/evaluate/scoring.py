@@ -236,7 +236,7 @@ def goal_status(table: dict[str, Any], fluency_tolerance: float = 0.10, hit_goal
 # --- the `evaluate` stage -----------------------------------------------------------------------
 
 # Bumped when what the stage computes changes, so an artefact from older code is rebuilt.
-EVALUATION_VERSION = 4  # 3: verified-controller rows and the cost-model fit; 4: one-sided fluency goal
+EVALUATION_VERSION = 5  # 3: verified-controller rows and the cost-model fit; 4: one-sided fluency goal; 5: ceilings, steered verified rows
 DECODINGS = ("plain", "steered")  # plain: budget pathway only (the paper); steered: + steering + budget stop
 TABLES_FILE = "tables.json"
 GENERATIONS_FILE = "generations.jsonl"

@@ -61,7 +61,7 @@ from metabolic.energy.measurement import (
 from metabolic.energy.meter import EnergyMeter
 from metabolic.energy.plan import Plan, grid_units, make_plan
 from metabolic.energy.workloads import make_tasks, model_specs
-from metabolic.evaluate.cost_fit import cost_model_fit
+from metabolic.evaluate.cost_fit import against_ceiling, cost_ceilings, cost_model_fit
 from metabolic.evaluate.scoring import (
     EVALUATION_VERSION,
     GENERATIONS_FILE,
@@ -75,7 +75,8 @@ from metabolic.evaluate.scoring import (
     evaluate_variant,
     select_prompts,
 )
-from metabolic.evaluate.verified_rows import verified_tables
+from metabolic.evaluate.verified_rows import SteeredRows, verified_tables
+from metabolic.generate.budgeted import model_token_costs
 from metabolic.generate.verified import PrefixLabeller
 from metabolic.model.backbone import load_backbone, scratch_model
 from metabolic.model.metabolic_gpt2 import SETTINGS_FILE, VARIANTS
@@ -391,6 +392,11 @@ class StageInputs:
     prior_fingerprint: str | None
 
 
+def counted_from(cfg: StudyConfig) -> int:
+    """The first token position a training budget counts (`train.budget_span`): the generation prompt's length, or 0."""
+    return cfg.generation.prompt_tokens if cfg.train.budget_span == "continuation" else 0
+
+
 def stage_inputs(cfg: StudyConfig, progress: bool = True) -> StageInputs:
     """The backbone, the CSC cache (checked against the tokenizer), training data and the optional prior."""
     backbone = pretrain_backbone(cfg, progress=progress)
@@ -402,7 +408,7 @@ def stage_inputs(cfg: StudyConfig, progress: bool = True) -> StageInputs:
     if made_with is not None and made_with != tok_key:
         raise DataError(f"CSC cache {csc.folder} was made for another tokenizer: rebuild it "
                         f"(python -m metabolic run --stages csc) with assets.tokenizer={cfg.assets.tokenizer!r}")
-    training = prepare_data(csc, cfg.train, vocab_size=len(data.tokenizer), scale=cfg.csc.scale)
+    training = prepare_data(csc, cfg.train, vocab_size=len(data.tokenizer), scale=cfg.csc.scale, counted_from=counted_from(cfg))
     prior = energy_prior(cfg) if cfg.train.token_cost_from_prior else None
     return StageInputs(backbone=backbone, csc=csc, data=training, prior=None if prior is None else prior.prior.cost,
                        prior_fingerprint=None if prior is None else prior.fingerprint)
@@ -420,6 +426,7 @@ def train_metabolic(cfg: StudyConfig, variant: str | None = None, progress: bool
     inputs = inputs or stage_inputs(cfg, progress=progress)
     tcfg = replace(cfg.train, variant=variant)
     description = {"stage": "train", "variant": variant, "train": asdict(tcfg), "csc_scale": cfg.csc.scale,
+                   "counted_from": counted_from(cfg),
                    "backbone": inputs.backbone.fingerprint, "csc": inputs.csc.fingerprint, "prior": inputs.prior_fingerprint}
     folder = artefacts.run_dir(cfg.profile) / "train" / variant
 
@@ -476,6 +483,9 @@ def evaluate_budgets(cfg, progress: bool = True):
         prefixes = PrefixLabeller(csc_labeller(cfg))  # one memo: texts several decodings produce are labelled once
         tables, records = {}, []
         models = {}
+        # What simple predictors fitted on the same labels reach on the same held-out texts (cost_fit).
+        ceilings = cost_ceilings(load_backbone(backbone.path), csc.train_ids, csc.train_csc, csc.valid_ids, csc.valid_csc,
+                                 energy_prior(cfg).prior.cost, g.prompt_tokens, cfg.csc.scale)
         for variant, result in results.items():
             model = models[variant] = result.load_best()
             cal, note = choose_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
@@ -486,13 +496,19 @@ def evaluate_budgets(cfg, progress: bool = True):
             for table in t.values():
                 best = result.metrics[result.best_epoch - 1] if 0 < result.best_epoch <= len(result.metrics) else {}
                 table.update(best_epoch=result.best_epoch, val_ppl=best.get("val_ppl"), backbone_val_ppl=result.reference_ppl,
-                             cost_model=fit)
+                             cost_model=fit, cost_model_vs_ceiling=against_ceiling(fit, ceilings))
             tables.update(t)
             records.extend(r)
         sampler = models.get(cfg.train.variant) or next(iter(models.values()))
+        steered = None
+        if g.verified_steered_candidates:
+            steer_cal = {scale: choose_calibration(sampler, g, scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
+                                                   list(b.values()))[0] for scale, b in verified_budgets.items()}
+            steered = SteeredRows(g.verified_steered_candidates, model_token_costs(sampler), steer_cal, g.lambda_max)
         t, r = verified_tables(sampler, tok, judge, prefixes, prompts, verified_budgets, rate_hints, g.verified_candidates,
                                max_new_tokens=g.verified_max_new_tokens, band=g.verified_band,
-                               max_probes=g.verified_max_probes, temperature=g.temperature, top_k=g.top_k, seed=g.seed)
+                               max_probes=g.verified_max_probes, temperature=g.temperature, top_k=g.top_k, seed=g.seed,
+                               steered=steered)
         tables.update(t)
         records.extend(r)
         combined = {"profile": cfg.profile, "budgets": budgets, "budget_source": levels.source,
@@ -501,6 +517,7 @@ def evaluate_budgets(cfg, progress: bool = True):
                                          "max": float(cont.max())},
                     "verified_budgets": verified_budgets, "verified_rate_hints": rate_hints,
                     "verified_model": f"{cfg.train.variant} (best checkpoint; budget pathway off)",
+                    "cost_model_ceiling": ceilings,
                     "prompts": prompts, "tables": tables, "paper": PAPER_TABLE1}
         artefacts.atomic_write_json(work / TABLES_FILE, combined)
         artefacts.atomic_write_text(work / GENERATIONS_FILE, "".join(json.dumps(r) + "\n" for r in records))
@@ -531,7 +548,7 @@ def budget_levels(cfg: StudyConfig, csc: CSCData) -> BudgetLevels:
     """`generation.budgets`, else the `train.budget_quantiles` of the true CSC of training-text
     continuations (first `prompt_tokens` tokens = prompt, 1..max_new_tokens counted): what Table I scores."""
     g = cfg.generation
-    data = prepare_data(csc, cfg.train, vocab_size=len(corpus(cfg).tokenizer), scale=cfg.csc.scale)
+    data = prepare_data(csc, cfg.train, vocab_size=len(corpus(cfg).tokenizer), scale=cfg.csc.scale, counted_from=counted_from(cfg))
     cont = continuation_totals(csc.train_ids, csc.train_csc, g.prompt_tokens, g.max_new_tokens, cfg.csc.scale)
     if g.budgets:
         targets, source = list(g.budgets), "generation.budgets"

@@ -276,11 +276,15 @@ def test_gpu_profile_plan_fits_twenty_h100_minutes_in_parts_of_eight(tmp_path):
 def test_gpu_results_slice_of_the_gpu_grid(tmp_path):
     """scripts/gpu_results.sh's e-token slice: gpu-6x384 and gpt2-small-scratch, chat and creative, batch 1 and
     32, both paths: 16 cells and their 4 preprocess units of the gpu grid, no calibration; the rest plans alone."""
+    import re
+
     from metabolic.core.profiles import load_config
 
-    patterns = tuple(f"cell-{m}-*-{t}-b{b}" for m in ("gpu-6x384", "gpt2-small-scratch") for t in ("chat", "creative")
-                     for b in (1, 32))
-    e = apply_overrides(load_config("gpu"), {"energy.only": patterns}).energy
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "gpu_results.sh").read_text()
+    patterns = re.findall(r'C_ONLY=\$\{C_ONLY:-"([^"]+)"\}', script)[-1]  # the GPU run's (the dry run's comes first)
+    assert patterns.split(",") == [f"cell-{m}-*-{t}-b{b}" for m in ("gpu-6x384", "gpt2-small-scratch")
+                                   for t in ("chat", "creative") for b in (1, 32)]
+    e = apply_overrides(load_config("gpu"), {"energy.only": patterns}).energy  # a string, as the script passes it
     specs, _ = model_specs(e.models, tmp_path, ())
     tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)
     units = grid_units(e, specs, tasks, calibrate=True)

@@ -136,6 +136,10 @@ def test_committed_gpu_folders_and_their_rows(tmp_path):
         {"gpu": "nvidia-h200", "method": "naive", "ratio_vs_naive": 1.0}]
     h200 = gpu_results.committed("csc_throughput", tmp_path)[1]
     assert gpu_results.status_line(h200) == "NVIDIA H200: complete after 41 s (cap 50 s), profile gpu"
+    assert gpu_results.overview("csc_throughput", tmp_path).splitlines() == [
+        "csc_throughput on nvidia-h100-80gb-hbm3: complete after 41 s (cap 50 s), profile gpu",
+        "csc_throughput on NVIDIA H200: complete after 41 s (cap 50 s), profile gpu"]
+    assert gpu_results.overview("overhead", tmp_path) == gpu_results.missing("overhead")
     assert gpu_results.missing("etokens").startswith("no GPU results committed yet under results/etokens/ (command: "
                                                      "bash scripts/gpu_results.sh;")
     with pytest.raises(ValueError, match="unknown part 'nope'"):

@@ -13,8 +13,8 @@ call cut short keeps what it measured):
 Every folder holds `summary.json`: the part's status (`complete`, `cut at its cap`, `failed (exit N)`),
 its seconds and cap, the settings it ran with, and its numbers in named lists of rows (`summarise`
 writes it from the part's files; the script calls `python -m metabolic.report.gpu_results summarise`).
-Notebooks read them with `committed(part)` and `rows(part, key)`, and say `missing(part)` when there
-are none. Standard library and `core.artefacts` only: the script calls this between parts, quickly.
+Notebooks read them with `overview(part)` (a status line per GPU run, or `missing(part)` when there
+is none) and `rows(part, key)`. Standard library and `core.artefacts` only: the script calls this between parts, quickly.
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ def missing(part: str) -> str:
     """What a notebook prints when no GPU folder of `part` is committed."""
     return (f"no GPU results committed yet under results/{part}/ (command: {COMMAND}; with the device tool "
             f"{DEVICE_CALL}; see results/{part}/README.md)")
+
+
+def overview(part: str, root: Optional[Path] = None) -> str:
+    """What a notebook prints first about a part: one status line per committed GPU run, or `missing(part)`."""
+    found = committed(part, root)
+    return "\n".join(f"{part} on {status_line(s)}" for s in found) if found else missing(part)
 
 
 def status_line(summary: dict[str, Any]) -> str:

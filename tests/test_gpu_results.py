@@ -140,6 +140,8 @@ def test_committed_gpu_folders_and_their_rows(tmp_path):
         "csc_throughput on nvidia-h100-80gb-hbm3: complete after 41 s (cap 50 s), profile gpu",
         "csc_throughput on NVIDIA H200: complete after 41 s (cap 50 s), profile gpu"]
     assert gpu_results.overview("overhead", tmp_path) == gpu_results.missing("overhead")
+    _summary(tmp_path / "overhead" / "nvidia-h200", train=[{"ratio": 1.0, "model": "plain", "step_ms": 2.0}])
+    assert list(gpu_results.rows("overhead", "train", tmp_path)[0]) == ["gpu", "model", "ratio", "step_ms"]  # names first
     assert gpu_results.missing("etokens").startswith("no GPU results committed yet under results/etokens/ (command: "
                                                      "bash scripts/gpu_results.sh;")
     with pytest.raises(ValueError, match="unknown part 'nope'"):

@@ -54,9 +54,14 @@ def committed(part: str, root: Optional[Path] = None) -> list[dict[str, Any]]:
     return [{**read_json(f / SUMMARY), "gpu": f.name, "folder": str(f)} for f in gpu_folders(part, root)]
 
 
+LEAD = ("gpu", "table", "variant", "method", "model", "mode")  # a row's naming fields first, the numbers after
+
+
 def rows(part: str, key: str, root: Optional[Path] = None) -> list[dict[str, Any]]:
-    """The rows under `key` of every GPU folder's summary (e.g. `rows("budgets", "tables")`), each with its `gpu`."""
-    return [{"gpu": s["gpu"], **row} for s in committed(part, root) for row in s.get(key, [])]
+    """The rows under `key` of every GPU folder's summary (e.g. `rows("budgets", "tables")`), each with its
+    `gpu`, naming fields first (`LEAD`)."""
+    out = [{"gpu": s["gpu"], **row} for s in committed(part, root) for row in s.get(key, [])]
+    return [{k: r[k] for k in LEAD if k in r} | {k: v for k, v in r.items() if k not in LEAD} for r in out]
 
 
 def missing(part: str) -> str:

@@ -12,8 +12,8 @@
 #                      to fit (the largest that ran is the one reported; 2,000 if time allows)
 #   c. etokens         a slice of the gpu e-token grid (C_ONLY: gpu-6x384 and gpt2-small-scratch, chat and
 #                      creative, batch 1 and 32, both serving paths), then the joule calibration when
-#                      C_CALIB_MIN_S are left; the rest of the grid in later calls of scripts/gpu_etokens.sh
-#                      (carry $OUT/etokens-state.tgz back)
+#                      C_CALIB_MIN_S are left, then more of the grid in its order when C_REST_MIN_S are left;
+#                      the rest in later calls of scripts/gpu_etokens.sh (carry $OUT/etokens-state.tgz back)
 #   d. overhead        the MetabolicGPT-2 training step and budgeted decoding against their plain baselines
 #                      (6 x 384 with random weights, bf16 autocast), with torch.profiler tables
 #
@@ -55,7 +55,7 @@ if [ "$DRY_RUN" = 1 ]; then
   A_SET=${A_SET:-"$TINY csc.max_sequences=4 csc.max_valid_sequences=2 train.epochs=1 generation.n_valid_prompts=0
         generation.max_new_tokens=4 generation.verified_max_new_tokens=8 generation.verified_candidates=1,2"}
   B_SIZES=${B_SIZES:-"2"} B_TOKENS=16 B_START_S=5
-  C_ONLY=${C_ONLY:-"cell-tiny-*-chat-b1"} C_START_S=5 C_CALIB_MIN_S=${C_CALIB_MIN_S:-0}
+  C_ONLY=${C_ONLY:-"cell-tiny-*-chat-b1"} C_START_S=5 C_CALIB_MIN_S=${C_CALIB_MIN_S:-0} C_REST_MIN_S=${C_REST_MIN_S:-0}
   D_SET=$TINY D_TRAIN="--steps 1 --warmup 1" D_GEN="--batch 2 --repeats 1 --candidates 2 --new-tokens 4"
   D_SET="$D_SET generation.verified_max_new_tokens=8"
   CAP_A=${CAP_A:-400} CAP_B=${CAP_B:-200} CAP_C=${CAP_C:-200} CAP_D=${CAP_D:-300}
@@ -66,7 +66,8 @@ else
   A_SET=${A_SET:-"backbone.epochs=2 generation.n_valid_prompts=32"}
   B_SIZES=${B_SIZES:-"100 400 2000"} B_TOKENS=256 B_START_S=20  # imports, corpus, encoder: before the timed work
   C_ONLY=${C_ONLY:-"cell-gpu-6x384-*-chat-b1,cell-gpu-6x384-*-chat-b32,cell-gpu-6x384-*-creative-b1,cell-gpu-6x384-*-creative-b32,cell-gpt2-small-scratch-*-chat-b1,cell-gpt2-small-scratch-*-chat-b32,cell-gpt2-small-scratch-*-creative-b1,cell-gpt2-small-scratch-*-creative-b32"}
-  C_START_S=25 C_CALIB_MIN_S=${C_CALIB_MIN_S:-110}  # a process's start before the part clock runs; the calibration's need
+  # a process's start before the part clock runs; what the calibration and the rest of the grid need at least
+  C_START_S=25 C_CALIB_MIN_S=${C_CALIB_MIN_S:-110} C_REST_MIN_S=${C_REST_MIN_S:-60}
   D_SET="" D_TRAIN="--steps 20 --warmup 5" D_GEN="--batch 8 --repeats 5 --candidates 4"
   CAP_A=${CAP_A:-290} CAP_B=${CAP_B:-50} CAP_C=${CAP_C:-105} CAP_D=${CAP_D:-65}
 fi
@@ -78,7 +79,7 @@ declare -A CAP=([budgets]=$CAP_A [csc_throughput]=$CAP_B [etokens]=$CAP_C [overh
 declare -A WHAT=(
   [budgets]="profile $PROFILE, corpus -> evaluate${A_SET:+, with $(echo $A_SET | tr ' ' ',')}"
   [csc_throughput]="labeller vs naive encode, texts of $B_TOKENS tokens, slices of $(echo $B_SIZES | tr ' ' '/') texts while they fit"
-  [etokens]="e-token slice $C_ONLY; calibration if >= ${C_CALIB_MIN_S} s are left"
+  [etokens]="e-token slice $C_ONLY; the calibration if >= ${C_CALIB_MIN_S} s are left, then the rest of the grid if >= ${C_REST_MIN_S} s"
   [overhead]="training step and budgeted decoding vs plain (scratch weights)"
 )
 
@@ -166,15 +167,18 @@ part_etokens() {
   if [ -d "$DATA/$PROFILE/corpus" ] && [ ! -e "$grid/$PROFILE/corpus" ]; then
     ln -s "$(cd "$DATA/$PROFILE/corpus" && pwd)" "$grid/$PROFILE/corpus"
   fi
-  seconds=$(( $(left) - C_START_S ))
-  if [ "$seconds" -le 0 ]; then echo "!! etokens: no time left"; return 124; fi
-  PROFILE=$PROFILE METABOLIC_DATA=$grid ONLY=$C_ONLY PART_SECONDS=$seconds STOP_AFTER_S=$(left) \
-    bash "$here/gpu_etokens.sh" || rc=$?
-  if [ "$rc" -eq 0 ] && [ "$(left)" -ge "$C_CALIB_MIN_S" ] && [ "$(left)" -gt "$C_START_S" ]; then
-    echo "etokens: $(left) s left: the calibration"
-    PROFILE=$PROFILE METABOLIC_DATA=$grid ONLY=calibration PART_SECONDS=$(( $(left) - C_START_S )) \
-      STOP_AFTER_S=$(left) bash "$here/gpu_etokens.sh" || rc=$?
-  fi
+  # the slice; then, with the time left, the calibration; then the rest of the grid in its order
+  local -a only=("$C_ONLY" calibration "") need=(0 "$C_CALIB_MIN_S" "$C_REST_MIN_S") what=(slice calibration rest)
+  for i in 0 1 2; do
+    seconds=$(( $(left) - C_START_S ))
+    if [ "$seconds" -le 0 ] || [ "$(left)" -lt "${need[$i]}" ]; then
+      echo "etokens: $(left) s left, not enough for the ${what[$i]}${need[$i]:+ (${need[$i]} s)}"
+      if [ "$i" -eq 0 ]; then return 124; else break; fi
+    fi
+    echo "etokens: the ${what[$i]}, $(left) s left"
+    PROFILE=$PROFILE METABOLIC_DATA=$grid ONLY=${only[$i]} PART_SECONDS=$seconds STOP_AFTER_S=$(left) \
+      bash "$here/gpu_etokens.sh" || { rc=$?; break; }
+  done
   return "$rc"
 }
 

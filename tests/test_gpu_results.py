@@ -75,10 +75,15 @@ def test_dry_run_runs_every_part_and_saves_each(corpus_folder, tmp_path):
     assert methods["naive"]["max_abs_diff_vs_fp32"] < 1e-5  # the same labels: same window, same encoder
     assert (csc["largest"]["n_sequences"], csc["largest"]["tokens"], csc["largest"]["n_labels"]) == (2, 16, 32)
 
+    # the slice first (one cell and its preprocess unit), the calibration (none without a GPU), then the rest
+    log = out + proc.stderr
+    assert "this run: only units matching cell-tiny-*-chat-b1: 2 of the 8 left" in log
+    assert "this run: only units matching calibration: 0 of the 6 left" in log and "grid complete: " in log
     etokens = summaries["etokens"]
-    assert etokens["cells"] == [{"model": "tiny", "path": "default", "task": "chat", "batch_size": 1}]
-    assert etokens["n_rows"] == 1 and not etokens["grid_complete"]  # smoke: 1 repeat; the rest of the grid is left
-    assert (results / "etokens" / GPU / "rows.jsonl").is_file()
+    assert etokens["cells"] == [{"model": "tiny", "path": "default", "task": t, "batch_size": 1}
+                                for t in ("chat", "classification", "creative", "reasoning")]
+    assert etokens["n_rows"] == 4 and etokens["grid_complete"]  # smoke: 1 repeat, tiny only on the CPU
+    assert {"rows.jsonl", "machine.json", "calibration.json"} <= {p.name for p in (results / "etokens" / GPU).iterdir()}
 
     overhead = summaries["overhead"]
     assert [r["model"] for r in overhead["train"]] == ["GPT-2 plain LM loss", "MetabolicGPT-2 faithful",
@@ -95,8 +100,8 @@ def test_dry_run_runs_every_part_and_saves_each(corpus_folder, tmp_path):
     for part in gpu_results.PARTS:
         with tarfile.open(out_dir / f"{part}.tgz") as tar:
             assert f"{part}/{GPU}/summary.json" in tar.getnames()
-    log = (out_dir / "summary.txt").read_text()
-    assert [line.split(" (")[0] for line in log.splitlines() if line.startswith("===")] == [
+    summary_txt = (out_dir / "summary.txt").read_text()
+    assert [line.split(" (")[0] for line in summary_txt.splitlines() if line.startswith("===")] == [
         "=== a. budgets", "=== b. csc_throughput", "=== c. etokens", "=== d. overhead"]
     # what the notebooks read
     assert {r["gpu"] for r in gpu_results.rows("budgets", "tables", root=results)} == {GPU}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -116,6 +117,31 @@ def test_a_part_cut_at_its_cap_still_writes_its_summary(corpus_folder, tmp_path)
     assert summary["status"] == "cut at its cap" and summary["elapsed_s"] <= 6 + 10 + 5  # SIGINT, KILL 10 s later
     assert "tables" not in summary and (tmp_path / "results" / "budgets" / GPU / "log.txt").is_file()
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"budgets.tgz", "summary.txt"}
+
+
+def test_the_gpu_run_prints_its_plan_then_needs_cuda(tmp_path):
+    """Without DRY_RUN: the GPU settings' plan (caps within 9 minutes), then exit 1 on a machine without CUDA,
+    having written nothing; part a's overrides are valid settings of the gpu profile."""
+    import torch
+    from metabolic.core.config import parse_override_strings
+    from metabolic.core.profiles import load_config
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine would run the whole GPU script")
+    (tmp_path / "out").mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "METABOLIC_DATA": str(tmp_path / "data"),
+           "RESULTS": str(tmp_path / "results"), "OUT": str(tmp_path / "out")}
+    env.pop("DRY_RUN", None)
+    proc = subprocess.run(["bash", "scripts/gpu_results.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "no CUDA GPU on this machine" in proc.stdout
+    caps = re.findall(r"^  ([a-d])\. (\S+) +cap +(\d+) s \(ends by +(\d+) s\)", proc.stdout, re.M)
+    assert caps == [("a", "budgets", "290", "290"), ("b", "csc_throughput", "50", "340"), ("c", "etokens", "105", "445"),
+                    ("d", "overhead", "65", "510")]  # 8.5 min: within 9 with packing and a cut command's 10 s
+    assert not (tmp_path / "results").exists() and [p.name for p in (tmp_path / "out").iterdir()] == ["summary.txt"]
+    a_set = re.findall(r'A_SET=\$\{A_SET:-"([^"]+)"\}', (ROOT / "scripts" / "gpu_results.sh").read_text())[-1]
+    cfg = load_config("gpu", parse_override_strings(a_set.split()))
+    assert (cfg.backbone.epochs, cfg.generation.n_valid_prompts, cfg.csc.max_sequences) == (2, 32, 2000)
 
 
 # --- the library the notebooks call ----------------------------------------------------------------

@@ -22,6 +22,7 @@ unpadded word-piece lengths, `metabolic.csc.labeller.flops_per_text`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -49,6 +50,7 @@ def parse_args(argv=None):
                    help="texts of exactly this many GPT-2 tokens (training texts at least this long, cut) instead of the profile's")
     p.add_argument("--full-path", action="store_true",
                    help="also time the fp32 labeller without splicing (decode + tokenize every counterfactual, as before issue 13)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the numbers printed here to PATH (JSON)")
     return p.parse_args(argv)
 
 
@@ -142,8 +144,13 @@ def main(argv=None) -> int:
     counts = first.splicer.counts
     print(f"counterfactual word pieces: {counts.spliced} spliced, {counts.fallback} by the full path {counts.reasons or ''}")
 
+    record = {"device": args.device, "device_name": torch.cuda.get_device_name() if cuda else "cpu", "profile": args.profile,
+              "tokens": args.tokens, "n_sequences": len(sequences), "n_labels": n_labels, "batch_size": batch,
+              "encoder_tflop": flops / 1e12, "methods": {}, "ratios": {}}
     for name, (labels, elapsed, cpu, st) in results.items():
         flat = np.concatenate(labels)
+        row = record["methods"][name] = {"labels_per_s": n_labels / elapsed, "seconds": elapsed,
+                                         "cpu_ms_per_label": cpu / n_labels * 1e3}
         line = (f"{name}: {n_labels / elapsed:,.1f} labels/s ({elapsed:.2f} s), "
                 f"{cpu / n_labels * 1e3:.3f} CPU ms/label ({cpu:.1f} CPU s)")
         if st is not None:
@@ -151,8 +158,10 @@ def main(argv=None) -> int:
                      f"padding overhead {st['padded_word_pieces'] / max(st['word_pieces'], 1) - 1:.1%}")
         if ref is not None and name != "labeller fp32":
             d = np.abs(flat - ref)
+            row.update(mean_abs_diff_vs_fp32=float(np.nanmean(d)), max_abs_diff_vs_fp32=float(np.nanmax(d)))
             line += f"; vs labeller fp32: mean |diff| {np.nanmean(d):.2e}, max |diff| {np.nanmax(d):.2e}"
         if cuda:
+            row["tflop_per_s"] = flops / elapsed / 1e12
             line += f"; {flops / elapsed / 1e12:.1f} TFLOP/s = {flops / elapsed / (args.peak_tflops * 1e12):.1%} of the {args.peak_tflops:g} TFLOP/s fp16 peak"
         print(line)
     # The work around the encoder alone (decode, tokenize or splice, batch assembly): what issue 13 changes.
@@ -165,7 +174,11 @@ def main(argv=None) -> int:
             t_base = results[base][1]
             for name, (_, t, _, _) in results.items():
                 if name != base and name.startswith("labeller") and not name.endswith("full path"):
+                    record["ratios"][f"{name} / {base}"] = t_base / t
                     print(f"ratio {name} / {base}: {t_base / t:.2f}x")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=2)
     return 0
 
 

@@ -15,7 +15,7 @@ continuations at half of `verified_max_new_tokens`. It prints seconds per genera
 (encoder texts) the controller needed per generation.
 
     python benchmarks/generation_overhead.py --profile smoke [--device cpu] [--variant expected-cost]
-        [--batch 8] [--candidates 4] [--scratch] [--profile-trace DIR]
+        [--batch 8] [--candidates 4] [--scratch] [--profile-trace DIR] [--set section.key=value] [--json PATH]
 
 The model is the profile's trained `--variant` (trained by the pipeline if needed), or with `--scratch`
 an untrained MetabolicGPT-2 on a randomly initialised backbone of the profile's architecture (speed
@@ -28,6 +28,7 @@ one budgeted call to DIR/generate_<mode>.txt|.json.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -48,8 +49,11 @@ def main() -> None:
                         help="an untrained MetabolicGPT-2 on a random backbone of the profile's architecture")
     parser.add_argument("--profile-trace", default=None, metavar="DIR",
                         help="also write torch.profiler tables and traces of one call per mode to DIR")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the tables printed here to PATH (JSON)")
     args = parser.parse_args()
 
+    from metabolic.core.config import parse_override_strings
     from metabolic.core.profiles import load_config
     from metabolic.core.profiling import write_profiles
     from metabolic.evaluate.scoring import select_prompts
@@ -61,7 +65,7 @@ def main() -> None:
     from metabolic.pipeline import stages
     from metabolic.train.loop import model_settings
 
-    cfg = load_config(args.profile)
+    cfg = load_config(args.profile, parse_override_strings(args.overrides))
     g = cfg.generation
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     data = stages.corpus(cfg)
@@ -103,12 +107,17 @@ def main() -> None:
     tokens = n * len(prompts)
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = medians["plain generate()"]
+    record = {"profile": args.profile, "device": _device_name(device), "variant": args.variant, "batch": len(prompts),
+              "new_tokens": n, "repeats": args.repeats, "scratch": args.scratch,
+              "target": "budgeted (default steering) / plain <= 1.10 per token", "modes": {}}
     print(f"profile={args.profile} device={_device_name(device)} variant={args.variant} batch={len(prompts)} "
           f"new_tokens={n} repeats={args.repeats} (median) torch_threads={torch.get_num_threads()}")
     print(f"{'decoding':<32}{'ms/call':>10}{'tokens/s':>11}{'ratio':>8}")
     for name, seconds in medians.items():
+        record["modes"][name] = {"ms_per_call": seconds * 1e3, "tokens_per_s": tokens / seconds, "ratio": seconds / base}
         print(f"{name:<32}{seconds * 1e3:>10.1f}{tokens / seconds:>11.1f}{seconds / base:>8.3f}")
     print("target: budgeted (default steering) / plain <= 1.10 per token")
+    _write_json(args.json, record)  # now, so a cut run keeps this table; again below with the verified rows
 
     if args.profile_trace:
         write_profiles(args.profile_trace, "generate", {"plain": plain, "budgeted": budgeted, "two_sided": lambda: budgeted(True)},
@@ -149,6 +158,17 @@ def main() -> None:
         print(f"{'decoding':<32}{'s/generation':>13}{'ratio':>8}{'labels/gen':>12}")
         print(f"{'plain generate() (same length)':<32}{p / per:>13.3f}{1.0:>8.2f}{'-':>12}")
         print(f"{'verified controller':<32}{v / per:>13.3f}{v / p:>8.2f}{statistics.mean(labels):>12.1f}")
+        record["verified"] = {"candidates": args.candidates, "scale": scale, "budget_csc": budget, "max_new_tokens": length,
+                              "band": g.verified_band, "batch": per, "repeats": args.verified_repeats,
+                              "plain_s_per_generation": p / per, "verified_s_per_generation": v / per, "ratio": v / p,
+                              "labels_per_generation": statistics.mean(labels)}
+        _write_json(args.json, record)
+
+
+def _write_json(path, record) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=2)
 
 
 def _context(cfg) -> int:

@@ -21,6 +21,7 @@ DIR/train_step_<model>.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--profile-trace", default=None, metavar="DIR",
                         help="also write torch.profiler tables and traces of one step per model to DIR")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the table printed here to PATH (JSON)")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -140,10 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"profile={cfg.profile} device={name} batch={batch.ids.shape[0]}x{batch.ids.shape[1]} ({n_tokens} tokens) "
           f"steps={args.steps} (+{args.warmup} warm-up) precision={'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
     plain_s = seconds["plain"]
+    record = {"profile": cfg.profile, "device": name, "batch": list(batch.ids.shape), "tokens": n_tokens, "steps": args.steps,
+              "warmup": args.warmup, "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+              "scratch": args.scratch, "target": "MetabolicGPT-2 step / plain LM step <= 1.15", "models": {}}
     print(f"{'model':<28}{'step ms':>10}{'tokens/s':>12}{'ratio':>8}")
     for name, sec in seconds.items():
         label = "GPT-2 plain LM loss" if name == "plain" else "MetabolicGPT-2 " + name
+        record["models"][label] = {"step_ms": sec * 1e3, "tokens_per_s": n_tokens / sec, "ratio": sec / plain_s}
         print(f"{label:<28}{sec * 1e3:>10.1f}{n_tokens / sec:>12.0f}{sec / plain_s:>8.2f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=2)
     if args.profile_trace:
         print(f"torch.profiler tables and traces of one step per model: {args.profile_trace}/train_step_<model>.txt|.json")
     return 0

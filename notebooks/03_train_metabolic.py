@@ -185,6 +185,20 @@ for variant, result in results.items():
           f"validation Pearson r(proxy, CSC) = {r:.3f}")
 
 # %% [markdown]
+# ## On a GPU (committed results)
+# Both variants trained on the gpu profile by `scripts/gpu_results.sh` (part a), committed under
+# `results/budgets/<gpu>/`: the selected epoch's validation perplexity and level error, lambda, the
+# calibration slope.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from metabolic.report import gpu_results
+
+print(gpu_results.overview("budgets"))
+if gpu_rows := gpu_results.rows("budgets", "training"):
+    print(pd.DataFrame(gpu_rows).to_string(index=False))
+
+# %% [markdown]
 # ## What this run shows
 
 # %%

@@ -320,3 +320,14 @@ print(
     f"samples: choosing the likeliest in-band candidate lowers it). Measured on the {profile_label(cfg)}, "
     f"{len(combined['prompts'])} prompts per level."
 )
+
+# %%
+# NBVAL_CHECK_OUTPUT
+# GPU runs of scripts/gpu_results.sh committed under results/budgets/<gpu>/ and results/overhead/<gpu>/
+from metabolic.report import gpu_results
+
+for part, keys in {"budgets": ("tables", "cost_model"), "overhead": ("train", "generation", "verified")}.items():
+    print(gpu_results.overview(part))
+    for key in keys:
+        if gpu_rows := gpu_results.rows(part, key):
+            print(f"{part}, {key}:\n{pd.DataFrame(gpu_rows).round(3).to_string(index=False)}")

@@ -30,7 +30,8 @@
 # classification 1:0.1, chat 1:1, reasoning 1:5, creative writing 1:50.
 #
 # **Without a GPU there is no energy measurement.** Energy comes from GPU runs committed under
-# `results/etokens/` (made by `scripts/gpu_etokens.sh`); this machine adds what it can measure
+# `results/etokens/<gpu>/` (a slice made by `scripts/gpu_results.sh`, the rest of the grid by
+# `scripts/gpu_etokens.sh`); this machine adds what it can measure
 # itself (on a CPU: wall times and tokens/s, labelled as timings). No number here is an estimate
 # presented as a measurement; the plan's time estimate is labelled as one.
 
@@ -77,18 +78,20 @@ print("devices in this profile's merged table:", ", ".join(sorted(set(rows["gpu_
 # %% [markdown]
 # ## GPU measurements committed to the repository
 #
-# `results/etokens/<GPU>-<key>/` holds the rows, machine records and calibration of each GPU run
-# of the `gpu` profile's grid (see `results/etokens/README.md` for what is there and the commands).
+# `results/etokens/<gpu>/` holds the rows (and, once its grid is complete, the machine records and
+# calibration) of each GPU's run of the `gpu` profile's grid (see `results/etokens/README.md`).
 
 # %%
 # NBVAL_CHECK_OUTPUT
+from metabolic.report import gpu_results
+
+print(gpu_results.overview("etokens"))
 if committed:
     gpus = sorted({r["gpu_name"] for r in committed if r.get("gpu_name")})
     print(f"committed GPU results: {len(committed)} rows from {len({r['results_file'] for r in committed})} run(s) on "
           f"{', '.join(gpus)}; {window_resolution_note(committed)}")
 else:
-    print("No GPU measurement is committed yet: results/etokens/ holds no rows, so this notebook shows no joules "
-          "and no e-tokens. scripts/gpu_etokens.sh measures them on a GPU (commands in results/etokens/README.md).")
+    print("results/etokens/ holds no rows yet, so this notebook shows no joules and no e-tokens.")
 
 # %% [markdown]
 # ## The GPU grid, as planned for one H100
@@ -221,6 +224,7 @@ else:
     print(f"Run on the {profile_label(cfg)} on a machine without a GPU, and no GPU measurement is committed yet: this "
           f"notebook reports no joules and no e-tokens. It shows CPU wall times and tokens/s per phase for "
           f"{own['model'].nunique() if len(own) else 0} model(s) x {own['task'].nunique() if len(own) else 0} tasks, "
-          f"which say nothing about GPU energy. Left to measure on a GPU (scripts/gpu_etokens.sh): the e-token table, "
+          f"which say nothing about GPU energy. Left to measure on a GPU (scripts/gpu_results.sh, then "
+          f"scripts/gpu_etokens.sh): the e-token table, "
           f"prefill vs decode joules, J/token vs batch size, the semantic-cost -> joules calibration and the "
           f"joule-budget Hit@10%.")

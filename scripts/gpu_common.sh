@@ -1,8 +1,13 @@
 # Sourced by scripts/gpu_*.sh (run from the repository root): what every GPU run shares.
-# Sets PY; exports PYTHONPATH (the checkout's lib/: the GPU image has no installed package), HF_HUB_OFFLINE
-# (no network there), PYTHONUNBUFFERED and METABOLIC_ASSETS: as given, else the carried .assets tarball
+# Sets PY, RESULTS (where results/<part>/<gpu>/ go: results/ unless given) and DRY_RUN; exports PYTHONPATH
+# (the checkout's lib/: the GPU image has no installed package), HF_HUB_OFFLINE (no network there),
+# PYTHONUNBUFFERED and METABOLIC_ASSETS: as given, else the carried .assets tarball
 # (../shared/scripts/pack-device-assets), else shared/data in or beside the checkout.
+# DRY_RUN=1 is the CPU rehearsal of a GPU script (tests/test_gpu_results.py): no CUDA or NVML check, and
+# the GPU's folder name is `cpu-dry-run`.
 PY=${PYTHON:-python3}
+RESULTS=${RESULTS:-results}
+DRY_RUN=${DRY_RUN:-0}
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/lib"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} PYTHONUNBUFFERED=1
 if [ -z "${METABOLIC_ASSETS:-}" ] && [ -f .assets/assets.tar.gz ]; then
@@ -13,13 +18,29 @@ if [ -z "${METABOLIC_ASSETS:-}" ]; then
 fi
 echo "assets: ${METABOLIC_ASSETS:-<unset: the Hub>}"
 
-# require_cuda HINT: print the GPU's name, or say there is none (with HINT: what to run instead) and exit 1
+# require_cuda HINT: say which GPU this is (and export it as GPU_NAME), or that there is none (with HINT:
+# what to run instead) and exit 1
 require_cuda() {
-  "$PY" -c "import torch; assert torch.cuda.is_available(); print('GPU:', torch.cuda.get_device_name(0))" \
+  if [ "$DRY_RUN" = 1 ]; then echo "dry run: no CUDA check"; export GPU_NAME="cpu (dry run)"; return 0; fi
+  GPU_NAME=$("$PY" -c "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0))") \
     || { echo "no CUDA GPU on this machine: $1"; exit 1; }
+  export GPU_NAME
+  echo "GPU: $GPU_NAME"
 }
 
-# gpu_slug: the GPU's name as a folder name under results/<what>/, e.g. nvidia-h100-80gb-hbm3
+# require_nvml HINT: the same through NVML (energy needs it); keeps a GPU_NAME given by the caller
+require_nvml() {
+  if [ "$DRY_RUN" = 1 ]; then echo "dry run: no NVML check"; export GPU_NAME=${GPU_NAME:-"cpu (dry run)"}; return 0; fi
+  local name
+  name=$("$PY" -c "import pynvml; pynvml.nvmlInit(); print(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))") \
+    || { echo "no NVIDIA GPU/NVML on this machine: $1"; exit 1; }
+  export GPU_NAME=${GPU_NAME:-$name}
+  echo "GPU: $name"
+}
+
+# gpu_slug: the GPU's name (GPU_NAME, set by require_cuda or require_nvml) as a folder name under
+# results/<part>/, e.g. nvidia-h100-80gb-hbm3; `cpu-dry-run` in a dry run
 gpu_slug() {
-  "$PY" -c "import torch, re; print(re.sub('[^A-Za-z0-9]+', '-', torch.cuda.get_device_name(0)).strip('-').lower())"
+  if [ "$DRY_RUN" = 1 ]; then echo "cpu-dry-run"; return 0; fi
+  echo "$GPU_NAME" | sed -E 's/[^A-Za-z0-9]+/-/g; s/^-+//; s/-+$//' | tr '[:upper:]' '[:lower:]'
 }

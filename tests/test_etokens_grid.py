@@ -186,6 +186,29 @@ def test_grid_in_parts_measures_each_unit_once(small_grid_cfg, own_data, monkeyp
     assert not list(root.glob("*.partial")) and len(runs[-1].rows) == 2 * 2
 
 
+def test_a_slice_first_then_the_rest_of_the_same_grid(small_grid_cfg, own_data, monkeypatch):
+    """energy.only measures the selected cells (and the preprocess units their rows need) into the same
+    grid as a run without it: the grid stays unfinished, its partial folder holds the slice's rows, and a
+    run without energy.only measures only the rest and finishes the grid with every row."""
+    from metabolic.pipeline.stages import measure_etokens
+
+    sliced = apply_overrides(small_grid_cfg, {"energy.only": "cell-tiny-static-*-b2"})
+    root = own_data("slice")
+    first = _counting(monkeypatch)
+    part = measure_etokens(sliced, progress=False)
+    assert first == ["preprocess-chat-b2", "cell-tiny-static-chat-b2"] and not part.complete and part.folder is None
+    partial = next(root.glob("*.partial"))
+    kept = [json.loads(line) for line in (partial / "rows.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["path"], r["batch_size"]) for r in kept] == [("tiny", "static", 2)] * 2  # 2 repeats
+    assert "this run: only units matching cell-tiny-static-*-b2: 2 of the 6 left" in part.grid.plan.describe()
+    rest = _counting(monkeypatch)
+    whole = measure_etokens(small_grid_cfg, progress=False)
+    assert whole.complete and whole.folder.name + ".partial" == partial.name  # one grid: the same fingerprint
+    assert rest == ["preprocess-chat-b1", "cell-tiny-default-chat-b1", "cell-tiny-default-chat-b2",
+                    "cell-tiny-static-chat-b1"]
+    assert len(whole.rows) == 4 * 2 and not list(root.glob("*.partial"))
+
+
 # --- the plan and its time estimate ----------------------------------------------------------------
 
 GPT2_SMALL = ModelSpec("gpt2-small-scratch", "scratch", shape=(12, 768, 12))
@@ -248,6 +271,30 @@ def test_gpu_profile_plan_fits_twenty_h100_minutes_in_parts_of_eight(tmp_path):
     assert "3 model(s) (tiny, gpu-6x384, gpt2-small-scratch)" in text and f"{plan.total_s / 60:.1f} min in 3 part(s)" in text
     done = make_plan(e, units, tasks, cfg.seed, done=plan.parts[0].keys)  # a rerun plans only the rest
     assert done.parts == plan.parts[1:] and len(done.remaining) == len(units) - len(plan.parts[0].keys)
+
+
+def test_gpu_results_slice_of_the_gpu_grid(tmp_path):
+    """scripts/gpu_results.sh's e-token slice: gpu-6x384 and gpt2-small-scratch, chat and creative, batch 1 and
+    32, both paths: 16 cells and their 4 preprocess units of the gpu grid, no calibration; the rest plans alone."""
+    import re
+
+    from metabolic.core.profiles import load_config
+
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "gpu_results.sh").read_text()
+    patterns = re.findall(r'C_ONLY=\$\{C_ONLY:-"([^"]+)"\}', script)[-1]  # the GPU run's (the dry run's comes first)
+    assert patterns.split(",") == [f"cell-{m}-*-{t}-b{b}" for m in ("gpu-6x384", "gpt2-small-scratch")
+                                   for t in ("chat", "creative") for b in (1, 32)]
+    e = apply_overrides(load_config("gpu"), {"energy.only": patterns}).energy  # a string, as the script passes it
+    specs, _ = model_specs(e.models, tmp_path, ())
+    tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)
+    units = grid_units(e, specs, tasks, calibrate=True)
+    plan = make_plan(e, units, tasks, seed=0, only=e.only)
+    keys = [k for p in plan.parts for k in p.keys]
+    assert len(keys) == 20 and [k for k in keys if not k.startswith("cell-")] == [
+        "preprocess-chat-b1", "preprocess-chat-b32", "preprocess-creative-b1", "preprocess-creative-b32"]
+    assert keys[4] == "cell-gpu-6x384-default-chat-b1" and keys[-1] == "cell-gpt2-small-scratch-static-creative-b32"
+    rest = make_plan(e, units, tasks, seed=0, done=keys)
+    assert len([k for p in rest.parts for k in p.keys]) == len(units) - 20 == 65
 
 
 def test_plan_rejects_a_unit_larger_than_a_part():

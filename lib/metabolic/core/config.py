@@ -323,6 +323,11 @@ class EnergyConfig:
     # seconds after the stage started, keeping every unit measured; a rerun measures the next part.
     # None: the whole grid in one run (metabolic.energy.plan).
     part_seconds: Optional[float] = None
+    # Unit keys this run measures (fnmatch patterns such as "cell-gpu-6x384-*-chat-b1"), in the grid's
+    # order; () = every unit. Like part_seconds it only splits one grid into runs, so it is not in the
+    # grid's fingerprint: the units it leaves out stay for later runs (scripts/gpu_results.sh measures
+    # a slice first, scripts/gpu_etokens.sh the rest).
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _finite("energy", self)

@@ -203,7 +203,7 @@ def run_grid(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid: S
     units = grid_units(e, specs, tasks, calibrate)
     by_key = {u.key: u for u in units}
     records = {k: r for k, r in load_records(cells).items() if k in by_key}
-    plan = make_plan(e, units, tasks, seed, done=records, throughput=throughput)
+    plan = make_plan(e, units, tasks, seed, done=records, throughput=throughput, only=e.only)
     log.info("%s", plan.describe())
     todo = plan.parts[0].keys if plan.parts else ()
     clock = PartClock(e.part_seconds)
@@ -230,7 +230,8 @@ def run_grid(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid: S
     complete = all(u.key in records for u in units)
     if not complete:
         log.info("e-token grid: %d of %d units measured (%d by this run, in %.0f s); rerun the same command to "
-                 "measure the next part", len(records), len(units), len(measured), clock.elapsed_s)
+                 "measure the next part%s", len(records), len(units), len(measured), clock.elapsed_s,
+                 " (without energy.only for the units it left out)" if e.only else "")
     rows, skipped = assemble(units, records, e)
     if CALIBRATION in records:
         calibration = records[CALIBRATION]["calibration"]

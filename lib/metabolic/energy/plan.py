@@ -30,6 +30,7 @@ scales the estimates by what the units of this process actually took.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import itertools
 import math
@@ -46,6 +47,8 @@ from metabolic.energy.workloads import ModelSpec, Task
 CALIBRATION = "calibration"
 PREPROCESS = "preprocess"
 CELL = "cell"
+# How a grid is split into runs (`energy.part_seconds`, `energy.only`): not what it measures, so not in its fingerprint.
+RUN_SPLITTING = ("part_seconds", "only")
 METABOLIC_PATHS = ("default",)  # its budget enters through forward hooks: not compiled (see measurement)
 
 
@@ -144,6 +147,16 @@ def grid_units(e: EnergyConfig, specs: Sequence[ModelSpec], tasks: Sequence[Task
     return units
 
 
+def select(units: Sequence[Unit], only: Sequence[str]) -> list[Unit]:
+    """The units `energy.only` selects, in grid order: those whose key matches one of its fnmatch patterns,
+    and the preprocess unit of each selected cell's task and batch size (its rows need it). No patterns: all."""
+    if not only:
+        return list(units)
+    chosen = {u.key for u in units if any(fnmatch.fnmatchcase(u.key, pattern) for pattern in only)}
+    needed = {(u.task.name, u.batch_size) for u in units if u.kind == CELL and u.key in chosen}
+    return [u for u in units if u.key in chosen or (u.kind == PREPROCESS and (u.task.name, u.batch_size) in needed)]
+
+
 def calibration_requests(e: EnergyConfig, seed: int) -> list[tuple[int, int]]:
     """(T_in, T_out) of each calibration request: seeded, the same on every machine."""
     rng = random.Random(seed + 17)
@@ -239,6 +252,11 @@ class Plan:
         return [u for u in self.units if u.key not in self.done]
 
     @property
+    def selection(self) -> list[Unit]:
+        """The remaining units this run may measure (all of them unless `energy.only` names some)."""
+        return select(self.remaining, self.settings["only"])
+
+    @property
     def total_s(self) -> float:
         return sum(p.seconds for p in self.parts)
 
@@ -258,7 +276,12 @@ class Plan:
                                   f"({s['calib_model']}, batch 1, default path)" if kinds[CALIBRATION] else "not in this run"),
             f"  units: {len(self.units)} ({kinds[CALIBRATION]} calibration, {kinds[PREPROCESS]} preprocess, "
             f"{kinds[CELL]} generation cells); measured already: {len(self.done)}; left: {len(self.remaining)}",
-            f"  estimate on {self.throughput.name}, from {self.throughput.measured}: {self.total_s / 60:.1f} min "
+        ]
+        if s["only"]:
+            lines.append(f"  this run: only units matching {', '.join(s['only'])}: {len(self.selection)} of the "
+                         f"{len(self.remaining)} left (the rest stays for later runs)")
+        lines += [
+            f"  estimate{' of that selection' if s['only'] else ''} on {self.throughput.name}, from {self.throughput.measured}: {self.total_s / 60:.1f} min "
             f"in {len(self.parts)} part(s)"
             + (f" of <= {(s['part_seconds'] + self.throughput.process_start_s) / 60:.1f} min each (process start "
                f"included)" if s["part_seconds"] else ""),
@@ -274,8 +297,9 @@ def _block(unit: Unit) -> str:
 
 
 def make_plan(e: EnergyConfig, units: Sequence[Unit], tasks: Sequence[Task], seed: int, done: Iterable[str] = (),
-              throughput: Throughput = H100) -> Plan:
-    """Pack the units not yet `done` into parts of at most `e.part_seconds` of measuring (one part without it).
+              throughput: Throughput = H100, only: Sequence[str] = ()) -> Plan:
+    """Pack the units not yet `done` (and selected by `only`, see `select`) into parts of at most
+    `e.part_seconds` of measuring (one part without it).
 
     Parts end between blocks (the calibration, the preprocess units, each model) where a block fits
     in a part, so a model is loaded, warmed up and compiled once; a block larger than a part is
@@ -304,7 +328,7 @@ def make_plan(e: EnergyConfig, units: Sequence[Unit], tasks: Sequence[Task], see
             est.advance(trial, unit)
         return total
 
-    remaining = [u for u in units if u.key not in done]
+    remaining = select([u for u in units if u.key not in done], only)
     blocks = [list(b) for _, b in itertools.groupby(remaining, key=_block)]
     for block in blocks:
         if budget is not None and keys and used + block_cost(block) > budget:
@@ -326,7 +350,7 @@ def make_plan(e: EnergyConfig, units: Sequence[Unit], tasks: Sequence[Task], see
     settings = {"tasks": list(tasks), "batch_sizes": list(e.batch_sizes), "repeats": e.repeats,
                 "min_window_s": e.min_window_s, "idle_s": e.idle_s, "calib_requests": e.calib_requests,
                 "budget_generations": 2 * e.budget_prompts * len(e.budget_fractions), "calib_model": e.calib_model,
-                "part_seconds": budget}
+                "part_seconds": budget, "only": list(only)}
     return Plan(tuple(units), done, estimates, tuple(parts), throughput, settings)
 
 

@@ -59,7 +59,7 @@ from metabolic.energy.measurement import (
     stage_description,
 )
 from metabolic.energy.meter import EnergyMeter
-from metabolic.energy.plan import Plan, grid_units, make_plan
+from metabolic.energy.plan import RUN_SPLITTING, Plan, grid_units, make_plan
 from metabolic.energy.workloads import make_tasks, model_specs
 from metabolic.evaluate.cost_fit import against_ceiling, cost_ceilings, cost_model_fit
 from metabolic.evaluate.scoring import (
@@ -658,8 +658,8 @@ def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: t
     run_folder = artefacts.run_dir(cfg.profile)
     budgets = cfg.generation.budgets or cfg.train.budgets
     specs, skipped_models = model_specs(e.models, run_folder, budgets)
-    # How a grid is split into runs does not change what it measures: neither key goes into the fingerprint.
-    settings = {k: v for k, v in e.__dict__.items() if k not in ("measure", "part_seconds")}
+    # How a grid is split into runs does not change what it measures: none of these keys goes into the fingerprint.
+    settings = {k: v for k, v in e.__dict__.items() if k not in ("measure", *RUN_SPLITTING)}
     description = stage_description(settings, cfg.seed, data.fingerprint, measured_model_keys(specs), machine)
     key = artefacts.fingerprint(description)[:8]
     folder = run_folder / "etokens" / f"{machine_tag(machine)}-{key}"
@@ -670,7 +670,9 @@ def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: t
                         token_cost=lambda: energy_prior(cfg).prior.cost, progress=progress)
         result["grid"] = grid
         if not grid.complete:
-            raise _PartDone(grid)  # the partial folder keeps every unit measured so far
+            # the partial folder keeps every unit measured so far, and the rows they make (a cut grid's table so far)
+            artefacts.write_jsonl(work / ROWS, grid.rows)
+            raise _PartDone(grid)
         artefacts.write_jsonl(work / ROWS, grid.rows)
         artefacts.atomic_write_json(work / CALIBRATION, grid.calibration)
         records = [grid.records[u.key] for u in grid.plan.units]  # in grid order

@@ -1,0 +1,191 @@
+"""scripts/gpu_results.sh rehearsed on the CPU, and the results it writes as notebooks read them.
+
+The dry run (DRY_RUN=1) runs the script's own commands, part by part, on the smoke profile with tiny
+settings, so that the one GPU call cannot fail on a typo; only the CUDA check and the settings differ.
+It writes to temporary folders, never to the repository's results/ or data/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from metabolic.report import gpu_results
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = "cpu-dry-run"
+OUT_FILES = {"budgets.tgz", "csc_throughput.tgz", "etokens.tgz", "etokens-state.tgz", "overhead.tgz",
+             "overhead-profiles.tgz", "summary.txt"}
+
+
+def _dry_run(tmp: Path, corpus: Path, **env) -> subprocess.CompletedProcess:
+    """Run the script with DRY_RUN=1 into `tmp` (data/, results/, out/); the session's tokenized corpus is reused."""
+    (tmp / "data" / "smoke").mkdir(parents=True)
+    (tmp / "data" / "smoke" / "corpus").symlink_to(corpus)
+    (tmp / "out").mkdir()
+    full_env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "METABOLIC_DATA": str(tmp / "data"),
+                "RESULTS": str(tmp / "results"), "OUT": str(tmp / "out"), **env}
+    return subprocess.run(["bash", "scripts/gpu_results.sh"], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def corpus_folder(tiny_cfg) -> Path:
+    from metabolic.pipeline import stages
+
+    return stages.corpus(tiny_cfg).folder
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_part_and_saves_each(corpus_folder, tmp_path):
+    proc = _dry_run(tmp_path, corpus_folder)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    # the plan, with every part's cap and deadline, before anything runs
+    plan = ["a. budgets         cap  400 s (ends by  400 s)", "b. csc_throughput  cap  200 s (ends by  600 s)",
+            "c. etokens         cap  200 s (ends by  800 s)", "d. overhead        cap  300 s (ends by 1100 s)"]
+    assert all(line in out for line in plan) and max(out.index(p) for p in plan) < out.index("=== a. budgets")
+    results = tmp_path / "results"
+    summaries = {p: json.loads((results / p / GPU / "summary.json").read_text()) for p in gpu_results.PARTS}
+    assert {p: s["status"] for p, s in summaries.items()} == dict.fromkeys(gpu_results.PARTS, "complete")
+    assert [summaries[p]["cap_s"] for p in gpu_results.PARTS] == [400, 200, 200, 300]
+
+    budgets = summaries["budgets"]
+    assert set(budgets["stages_s"]) == {"corpus", "pretrain", "prior", "csc", "train", "evaluate"}
+    tables = {t["table"]: t for t in budgets["tables"]}
+    assert sorted(tables) == sorted([f"{v}_{d}" for v in ("faithful", "expected-cost") for d in ("plain", "steered")]
+                                    + [f"verified_n{n}_{s}" for n in (1, 2) for s in ("raw", "length")])
+    for t in tables.values():
+        assert all(0 <= t[f"hit10_{level}"] <= 100 for level in ("low", "medium", "high"))
+    assert all(t["labels_per_generation"] > 0 for k, t in tables.items() if k.startswith("verified"))
+    assert sorted(c["variant"] for c in budgets["cost_model"]) == ["expected-cost", "faithful"]
+    assert [(r["variant"], r["epochs"], r["finished"]) for r in budgets["training"]] == [("expected-cost", 1, True),
+                                                                                       ("faithful", 1, True)]
+    assert "generation.verified_candidates=1,2" in budgets["overrides"]
+
+    csc = summaries["csc_throughput"]
+    methods = {m["method"]: m for m in csc["methods"]}
+    assert set(methods) == {"labeller fp32", "naive"} and methods["naive"]["ratio_vs_naive"] == 1.0
+    assert methods["labeller fp32"]["ratio_vs_naive"] > 0 and "mean_abs_diff_vs_fp32" not in methods["labeller fp32"]
+    assert methods["naive"]["max_abs_diff_vs_fp32"] < 1e-5  # the same labels: same window, same encoder
+    assert (csc["largest"]["n_sequences"], csc["largest"]["tokens"], csc["largest"]["n_labels"]) == (2, 16, 32)
+
+    # the slice first (one cell and its preprocess unit), the calibration (none without a GPU), then the rest
+    log = out + proc.stderr
+    assert "this run: only units matching cell-tiny-*-chat-b1: 2 of the 8 left" in log
+    assert "this run: only units matching calibration: 0 of the 6 left" in log and "grid complete: " in log
+    etokens = summaries["etokens"]
+    assert etokens["cells"] == [{"model": "tiny", "path": "default", "task": t, "batch_size": 1}
+                                for t in ("chat", "classification", "creative", "reasoning")]
+    assert etokens["n_rows"] == 4 and etokens["grid_complete"]  # smoke: 1 repeat, tiny only on the CPU
+    assert {"rows.jsonl", "machine.json", "calibration.json"} <= {p.name for p in (results / "etokens" / GPU).iterdir()}
+
+    overhead = summaries["overhead"]
+    assert [r["model"] for r in overhead["train"]] == ["GPT-2 plain LM loss", "MetabolicGPT-2 faithful",
+                                                       "MetabolicGPT-2 expected-cost"]
+    assert overhead["train"][0]["ratio"] == 1.0 and overhead["generation"][0]["ratio"] == 1.0
+    assert overhead["verified"][0]["labels_per_generation"] > 0
+    assert sorted(p.name for p in (results / "overhead" / GPU / "profiles").iterdir()) == [
+        "generate_budgeted.txt", "generate_plain.txt", "generate_two_sided.txt", "train_step_expected-cost.txt",
+        "train_step_faithful.txt", "train_step_plain.txt"]
+
+    # $OUT: at most 8 files, one archive per part (unpacked with tar xzf <part>.tgz -C results), and the log
+    out_dir = tmp_path / "out"
+    assert {p.name for p in out_dir.iterdir()} == OUT_FILES
+    for part in gpu_results.PARTS:
+        with tarfile.open(out_dir / f"{part}.tgz") as tar:
+            assert f"{part}/{GPU}/summary.json" in tar.getnames()
+    summary_txt = (out_dir / "summary.txt").read_text()
+    assert [line.split(" (")[0] for line in summary_txt.splitlines() if line.startswith("===")] == [
+        "=== a. budgets", "=== b. csc_throughput", "=== c. etokens", "=== d. overhead"]
+    # what the notebooks read
+    assert {r["gpu"] for r in gpu_results.rows("budgets", "tables", root=results)} == {GPU}
+
+
+@pytest.mark.slow
+def test_a_part_cut_at_its_cap_still_writes_its_summary(corpus_folder, tmp_path):
+    proc = _dry_run(tmp_path, corpus_folder, PARTS="budgets", CAP_A="6")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "a. budgets         cap    6 s (ends by    6 s)" in proc.stdout and "csc_throughput  cap" not in proc.stdout
+    summary = json.loads((tmp_path / "results" / "budgets" / GPU / "summary.json").read_text())
+    assert summary["status"] == "cut at its cap" and summary["elapsed_s"] <= 6 + 10 + 5  # SIGINT, KILL 10 s later
+    assert "tables" not in summary and (tmp_path / "results" / "budgets" / GPU / "log.txt").is_file()
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"budgets.tgz", "summary.txt"}
+
+
+def test_the_gpu_run_prints_its_plan_then_needs_cuda(tmp_path):
+    """Without DRY_RUN: the GPU settings' plan (caps within 9 minutes), then exit 1 on a machine without CUDA,
+    having written nothing; part a's overrides are valid settings of the gpu profile."""
+    import torch
+    from metabolic.core.config import parse_override_strings
+    from metabolic.core.profiles import load_config
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine would run the whole GPU script")
+    (tmp_path / "out").mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "METABOLIC_DATA": str(tmp_path / "data"),
+           "RESULTS": str(tmp_path / "results"), "OUT": str(tmp_path / "out")}
+    env.pop("DRY_RUN", None)
+    proc = subprocess.run(["bash", "scripts/gpu_results.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "no CUDA GPU on this machine" in proc.stdout
+    caps = re.findall(r"^  ([a-d])\. (\S+) +cap +(\d+) s \(ends by +(\d+) s\)", proc.stdout, re.M)
+    assert caps == [("a", "budgets", "290", "290"), ("b", "csc_throughput", "50", "340"), ("c", "etokens", "105", "445"),
+                    ("d", "overhead", "65", "510")]  # 8.5 min: within 9 with packing and a cut command's 10 s
+    assert not (tmp_path / "results").exists() and [p.name for p in (tmp_path / "out").iterdir()] == ["summary.txt"]
+    a_set = re.findall(r'A_SET=\$\{A_SET:-"([^"]+)"\}', (ROOT / "scripts" / "gpu_results.sh").read_text())[-1]
+    cfg = load_config("gpu", parse_override_strings(a_set.split()))
+    assert (cfg.backbone.epochs, cfg.generation.n_valid_prompts, cfg.csc.max_sequences) == (2, 32, 2000)
+
+
+# --- the library the notebooks call ----------------------------------------------------------------
+
+
+def _summary(folder: Path, **fields) -> None:
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"status": "complete", "cap_s": 50.0, "elapsed_s": 41.2,
+                                                     "profile": "gpu", "overrides": [], **fields}))
+
+
+def test_committed_gpu_folders_and_their_rows(tmp_path):
+    assert gpu_results.gpu_folders("budgets", root=tmp_path) == [] and gpu_results.rows("budgets", "tables", tmp_path) == []
+    _summary(tmp_path / "csc_throughput" / "nvidia-h200", methods=[{"method": "naive", "ratio_vs_naive": 1.0}],
+             device_name="NVIDIA H200")
+    _summary(tmp_path / "csc_throughput" / "nvidia-h100-80gb-hbm3", methods=[{"method": "naive"}, {"method": "labeller tf32"}])
+    (tmp_path / "csc_throughput" / "README.md").write_text("not a GPU folder")
+    (tmp_path / "csc_throughput" / "empty").mkdir()  # no summary.json: not committed results
+    assert [f.name for f in gpu_results.gpu_folders("csc_throughput", root=tmp_path)] == ["nvidia-h100-80gb-hbm3",
+                                                                                        "nvidia-h200"]
+    assert gpu_results.rows("csc_throughput", "methods", tmp_path) == [
+        {"gpu": "nvidia-h100-80gb-hbm3", "method": "naive"}, {"gpu": "nvidia-h100-80gb-hbm3", "method": "labeller tf32"},
+        {"gpu": "nvidia-h200", "method": "naive", "ratio_vs_naive": 1.0}]
+    h200 = gpu_results.committed("csc_throughput", tmp_path)[1]
+    assert gpu_results.status_line(h200) == "NVIDIA H200: complete after 41 s (cap 50 s), profile gpu"
+    assert gpu_results.overview("csc_throughput", tmp_path).splitlines() == [
+        "csc_throughput on nvidia-h100-80gb-hbm3: complete after 41 s (cap 50 s), profile gpu",
+        "csc_throughput on NVIDIA H200: complete after 41 s (cap 50 s), profile gpu"]
+    assert gpu_results.overview("overhead", tmp_path) == gpu_results.missing("overhead")
+    _summary(tmp_path / "overhead" / "nvidia-h200", train=[{"ratio": 1.0, "model": "plain", "step_ms": 2.0}])
+    assert list(gpu_results.rows("overhead", "train", tmp_path)[0]) == ["gpu", "model", "ratio", "step_ms"]  # names first
+    assert gpu_results.missing("etokens").startswith("no GPU results committed yet under results/etokens/ (command: "
+                                                     "bash scripts/gpu_results.sh;")
+    with pytest.raises(ValueError, match="unknown part 'nope'"):
+        gpu_results.gpu_folders("nope", root=tmp_path)
+
+
+def test_budget_table_rows_flatten_hit10_per_level():
+    table = {"variant": "verified", "decoding": "verified_n4", "csc_scale": "length", "n_candidates": 4, "n_prompts": 33,
+             "rows": [{"level": lv, "csc": {"Hit@10": h}} for lv, h in (("low", 100.0), ("medium", 93.9), ("high", 87.9))],
+             "average_MAE_csc": 0.05, "labels_per_generation": 120.5, "seconds_per_generation": 0.31,
+             "goal": {"judge_ppl_rel_change": -0.04, "met": False}}
+    assert gpu_results.budget_table_rows({"verified_n4_length": table}) == [{
+        "table": "verified_n4_length", "variant": "verified", "decoding": "verified_n4", "scale": "length",
+        "n_candidates": 4, "n_prompts": 33, "hit10_low": 100.0, "hit10_medium": 93.9, "hit10_high": 87.9,
+        "average_mae_csc": 0.05, "judge_ppl_rel_change": -0.04, "labels_per_generation": 120.5,
+        "seconds_per_generation": 0.31, "goal_met": False}]

@@ -308,6 +308,14 @@ class MetabolicGPT2(nn.Module):
         """The calibration as one affine map on sequence totals: the mean of the K (a, b) pairs."""
         return ProxyCalibration(a=float(self.calib_a.mean()), b=float(self.calib_b.mean()))
 
+    def budget_in_proxy(self, budgets_csc: torch.Tensor) -> torch.Tensor:
+        """CSC budgets [b, K] in proxy units through each dimension's calibration, (B - a_k) / b_k, floored at 0;
+        a dimension whose slope is not positive (no fit yet, or proxy and CSC not rising together) keeps B."""
+        a, b = self.calib_a.to(budgets_csc.dtype), self.calib_b.to(budgets_csc.dtype)
+        ok = b > 0
+        mapped = (budgets_csc - torch.where(ok, a, torch.zeros_like(a))) / torch.where(ok, b, torch.ones_like(b))
+        return mapped.clamp_min(0.0)
+
     def set_calibration(self, a: np.ndarray, b: np.ndarray) -> None:
         self.calib_a.copy_(torch.as_tensor(a, dtype=torch.float64))
         self.calib_b.copy_(torch.as_tensor(b, dtype=torch.float64))

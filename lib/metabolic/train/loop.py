@@ -16,7 +16,12 @@ What each variant constrains (see `metabolic.model.metabolic_gpt2` for the archi
   sequence: B_i = the sequence's own total CSC (hindsight budgets: the text the LM loss teaches is
   exactly a text that meets its budget, so the two losses agree; no curriculum, whose loose budgets
   would contradict that text). The squared term is the mean of the per-sequence squared gaps. C_vocab
-  enters E_i without gradient: the constraint moves the distribution, not the cost estimates.
+  enters E_i without gradient: the constraint moves the distribution, not the cost estimates. B_i is
+  compared with E_i in proxy units, through the online calibration (eq. 17, refitted as training goes):
+  C_vocab's scale is not tied to CSC's (the vocab-aux loss is a correlation), and unmapped, a constant
+  offset E > B drove lambda to its bound and the language model towards cheap tokens. Fitted on the
+  same (E_i, B_i) pairs, the map leaves no average gap, so lambda stays near 0 by construction and the
+  per-sequence squared gap teaches the budget pathway.
 
 What a budget counts (`TrainingData.counted_from`, `train.budget_span`): every token of the text (the
 paper), or, as generation and Table I count, the continuation after the first `generation.prompt_tokens`
@@ -227,7 +232,7 @@ def make_batch(ids: Sequence[Sequence[int]], labels: Sequence[np.ndarray], total
 class StepResult:
     terms: losses.LossTerms
     totals: torch.Tensor  # [b, K] constrained proxy totals (detached)
-    budgets: torch.Tensor  # [b, K] budgets used (CSC units)
+    budgets: torch.Tensor  # [b, K] the budgets the totals were held to (expected-cost: in proxy units)
     gap: torch.Tensor  # [K] mean C - B over the constrained texts (detached)
     constrained: torch.Tensor  # [b] 1 = held to its budget (has a counted token)
 
@@ -267,7 +272,10 @@ def compute_step(model: MetabolicGPT2, batch: Batch, budgets: torch.Tensor, cfg:
     else:
         totals = (token_costs * batch.counted[..., None]).sum(1)
     constrained = batch.constrained
-    lagr, sq, gap = losses.constraint_terms(totals, budgets, model.dual_lambda.float(), per_sequence=expected,
+    # expected-cost: each text's CSC budget in proxy units through the online calibration (eq. 17), the map
+    # generation steers with; the faithful variant compares proxy totals with CSC budgets, as the paper.
+    targets = model.budget_in_proxy(budgets) if expected else budgets
+    lagr, sq, gap = losses.constraint_terms(totals, targets, model.dual_lambda.float(), per_sequence=expected,
                                             weights=constrained)
     lm, entropy, rep = nt.lm, nt.entropy, nt.repetition
     aux = losses.vocab_aux_loss(c_vocab, vocab_ids, vocab_means)
@@ -275,7 +283,7 @@ def compute_step(model: MetabolicGPT2, batch: Batch, budgets: torch.Tensor, cfg:
              + cfg.repetition_penalty * rep + cfg.vocab_aux_weight * aux)
     terms = losses.LossTerms(lm=lm, csc_mse=mse, lagrangian=lagr, constraint_sq=sq, entropy=entropy,
                              repetition=rep, vocab_aux=aux, total=total)
-    return StepResult(terms=terms, totals=totals.detach(), budgets=budgets, gap=gap.detach(), constrained=constrained)
+    return StepResult(terms=terms, totals=totals.detach(), budgets=targets.detach(), gap=gap.detach(), constrained=constrained)
 
 
 def level_expected_totals(model: MetabolicGPT2, batch: Batch, level: float, c_vocab: torch.Tensor) -> torch.Tensor:
@@ -312,7 +320,7 @@ def train_step(model: MetabolicGPT2, optimizer, batch: Batch, budgets: torch.Ten
     w = res.constrained.double()[:, None]
     n = w.sum().clamp_min(1)
     c_hat = (res.totals.double() * w).sum(0) / n  # eq. (23)'s batch-average cost vector (constrained texts)
-    b_bar = (budgets.double() * w).sum(0) / n
+    b_bar = (res.budgets.double() * w).sum(0) / n
     model.dual_lambda.copy_(dual_update(model.dual_lambda, c_hat, b_bar, cfg.mu, cfg.lambda_max))
     if ledger is None:
         _update_calibration(model, res.totals, batch.totals)

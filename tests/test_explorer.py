@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from metabolic.model.calibration import ProxyCalibration
+from metabolic.core.budget import ProxyCalibration
 from metabolic.report.explorer import BudgetExplorer, cost_colour, gauge_html
 from tiny_lm import tiny_gpt2, token_costs
 

@@ -19,7 +19,7 @@ from metabolic.generate.budgeted import (
     sentence_end_mask,
     stop_rule,
 )
-from metabolic.model.calibration import ProxyCalibration
+from metabolic.core.budget import ProxyCalibration
 from tiny_lm import tiny_gpt2, token_costs
 
 PROMPTS = ["The future of artificial intelligence", "Hello"]  # different lengths: left padding is exercised

@@ -237,7 +237,7 @@ def test_verified_tables_have_every_row(model, tokenizer, labeller):
 
 
 def test_explorer_verified_mode_reflects_candidates_and_seed(model, tokenizer, labeller):
-    from metabolic.model.calibration import ProxyCalibration
+    from metabolic.core.budget import ProxyCalibration
     from metabolic.report.explorer import BudgetExplorer
     from tiny_lm import token_costs
 

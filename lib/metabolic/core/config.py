@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
+from metabolic.core.budget import SCALES, Scale
 from metabolic.core.errors import ConfigError
 
 
@@ -158,7 +159,7 @@ class CSCConfig:
     # to < 1e-6 (padding changes float rounding only; see pipeline.stages.csc_description_keys).
     batch_size: int = 256
     precision: Literal["fp32", "tf32", "fp16"] = "fp32"  # reduced precision only on CUDA (see csc.py)
-    scale: Literal["raw", "length"] = "raw"  # "length": T x CSC_t, totals that grow with content
+    scale: Scale = "raw"  # "length": T x CSC_t, totals that grow with content (metabolic.core.budget)
     seed: int = 0
     # Sequences per resumable chunk of the cache: an interrupted labelling run loses at most one chunk.
     chunk_sequences: int = 32
@@ -262,8 +263,8 @@ class GenerationConfig:
         _require(len(self.verified_candidates) > 0 and all(isinstance(n, int) and n >= 1 for n in self.verified_candidates),
                  "generation.verified_candidates", self.verified_candidates, "give candidate counts >= 1, e.g. (1, 2, 4, 8)")
         _require(0 < self.verified_band < 1, "generation.verified_band", self.verified_band, "use a fraction in (0, 1)")
-        _require(len(self.verified_scales) > 0 and set(self.verified_scales) <= {"raw", "length"},
-                 "generation.verified_scales", self.verified_scales, "choose among raw, length")
+        _require(len(self.verified_scales) > 0 and set(self.verified_scales) <= set(SCALES),
+                 "generation.verified_scales", self.verified_scales, f"choose among {', '.join(SCALES)}")
 
 
 @dataclass(frozen=True)

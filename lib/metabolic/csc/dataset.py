@@ -12,9 +12,8 @@ Totals of a sequence (`sequence_totals`):
   sequence (positions="subset": NaN = not labelled) is extrapolated as mean(labelled) x n_counted,
   the unbiased estimate of the full sum under the seeded uniform subset; a sequence with no label
   has total NaN and is left out of the statistics.
-- `scale="length"`: raw total x T, T = length of the text the labels were computed on. Total CSC
-  of a text is nearly flat in its length (per-token CSC falls like 1/T, README, measured facts), so raw budgets
-  cannot be met by writing more or less; T x CSC_t restores totals that grow with content.
+- `scale="length"`: raw total x T, T = length of the text the labels were computed on (the scale
+  and why it exists: `metabolic.core.budget`).
 
 The artefact `data/<profile>/csc/` holds `csc.npz` (ids and labels of both splits, ragged arrays as
 flat + offsets). It is built chunk by chunk into `csc.partial/chunks/` (each chunk written
@@ -44,13 +43,13 @@ import torch.distributed as dist
 
 from metabolic.core import artefacts
 from metabolic.core.artefacts import pack_ragged, unpack_ragged
+from metabolic.core.budget import check_scale, length_factor
 from metabolic.core.config import CSCConfig
 from metabolic.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 DATA_FILE = "csc.npz"
-SCALES = ("raw", "length")
 STAT_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 
 
@@ -75,8 +74,7 @@ def sequence_totals(csc_list: Sequence[np.ndarray], scale: str = "raw", lengths:
 
     `lengths[i]` is T for the length scale (default: `len(csc_list[i])`), e.g. prompt + generation.
     """
-    if scale not in SCALES:
-        raise DataError(f"scale={scale!r} is invalid: choose one of {', '.join(SCALES)}")
+    check_scale(scale)
     if lengths is not None and len(lengths) != len(csc_list):
         raise DataError(f"lengths has {len(lengths)} entries for {len(csc_list)} sequences: give one per sequence")
     totals = np.full(len(csc_list), np.nan, dtype=np.float64)
@@ -87,16 +85,14 @@ def sequence_totals(csc_list: Sequence[np.ndarray], scale: str = "raw", lengths:
         if n == 0:
             continue
         totals[i] = c[labelled].mean() * c.size  # = the plain sum when every token is labelled
-        if scale == "length":
-            totals[i] *= c.size if lengths is None else lengths[i]
+        totals[i] *= length_factor(scale, c.size if lengths is None else lengths[i])
     return totals
 
 
 def scale_labels(csc_list: Sequence[np.ndarray], scale: str = "raw") -> list[np.ndarray]:
     """Per-token labels on `scale`: raw CSC_t, or T x CSC_t (their sum is `sequence_totals`)."""
-    if scale not in SCALES:
-        raise DataError(f"scale={scale!r} is invalid: choose one of {', '.join(SCALES)}")
-    return [np.asarray(c, np.float32) * (c.size if scale == "length" else 1) for c in csc_list]
+    check_scale(scale)
+    return [np.asarray(c, np.float32) * length_factor(scale, c.size) for c in csc_list]
 
 
 def budget_names(quantiles: Sequence[float]) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from metabolic.core.budget import length_factor
 from metabolic.core.errors import DataError
 
 
@@ -68,7 +69,7 @@ def cost_model_fit(model, ids_list: Sequence[Sequence[int]], csc_list: Sequence[
         tok_true.append(lab[ok])
         tail = slice(prompt_tokens, len(ids))
         if len(ids) > prompt_tokens and np.all(ok[tail]):
-            factor = len(ids) if scale == "length" else 1.0
+            factor = length_factor(scale, len(ids))
             cont_pred.append(pred[tail].sum() * factor)
             cont_true.append(lab[tail].sum() * factor)
             cont_len.append(len(ids) - prompt_tokens)

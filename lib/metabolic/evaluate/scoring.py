@@ -18,12 +18,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from metabolic.core.budget import ProxyCalibration, in_band, length_factor, usable_calibration
 from metabolic.core.config import GenerationConfig
 from metabolic.core.errors import DataError
 from metabolic.csc.dataset import sequence_totals
 from metabolic.generate.budgeted import generate_with_budget, model_token_costs
 from metabolic.generate.verified import PrefixLabeller
-from metabolic.model.calibration import OnlineAffine, ProxyCalibration
+from metabolic.model.calibration import OnlineAffine
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ def mape(achieved: Any, target: Any) -> float:
 def hit_fraction(achieved: Any, target: Any, delta_pct: float) -> float:
     """The fraction (0..1) of items with |achieved - target| <= delta% of the target (inclusive).
 
-    The one Hit@delta rule: Table I reports it in percent (`hit_rate`), the joule-budget check of the
-    e-token stage as a fraction.
+    The one Hit@delta rule (`metabolic.core.budget.in_band` with band = delta / 100): Table I reports
+    it in percent (`hit_rate`), the joule-budget check of the e-token stage as a fraction.
 
     >>> hit_fraction([9.5, 11.5, 10.0, 20.0], [10.0] * 4, 10)
     0.5
@@ -81,8 +82,7 @@ def hit_fraction(achieved: Any, target: Any, delta_pct: float) -> float:
     if not (math.isfinite(delta_pct) and delta_pct >= 0):
         raise DataError(f"delta_pct={delta_pct!r} is invalid: use a percentage >= 0")
     a, t = _pair(achieved, target)
-    # A relative tolerance of 1e-12 keeps a value exactly on the boundary a hit despite rounding.
-    return float(np.mean(np.abs(a - t) <= t * delta_pct / 100.0 * (1 + 1e-12)))
+    return float(np.mean(in_band(a, t, delta_pct / 100.0)))
 
 
 def hit_rate(achieved: Any, target: Any, delta_pct: float) -> float:
@@ -143,7 +143,7 @@ def csc_of_generations(prefixes: PrefixLabeller, gens, scale: str = "raw",
     totals = sequence_totals(generated, scale, lengths=lengths)
     empty = np.array([len(g.generated_ids) == 0 for g in gens], dtype=bool)
     totals[empty] = 0.0
-    per_token = [lab * (n if scale == "length" else 1) for lab, n in zip(generated, lengths)]
+    per_token = [lab * length_factor(scale, n) for lab, n in zip(generated, lengths)]
     return totals, per_token
 
 
@@ -323,7 +323,6 @@ def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts:
     return tables, records
 
 
-
 def paper_side_by_side(table: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows pairing ours (CSC space) with the paper's Table I, level by level (low/medium/high)."""
     out = []
@@ -356,7 +355,7 @@ def continuation_points(ids_list: Sequence[Sequence[int]], csc_list: Sequence[np
         if max_tokens is not None and len(ids) - prompt_tokens > max_tokens:
             continue
         xs.append(float(costs[np.asarray(ids[prompt_tokens:], dtype=np.int64)].sum()))
-        ys.append(float(lab[prompt_tokens:].sum() * (len(ids) if scale == "length" else 1)))
+        ys.append(float(lab[prompt_tokens:].sum() * length_factor(scale, len(ids))))
     return np.asarray(xs), np.asarray(ys)
 
 
@@ -394,8 +393,9 @@ def fit_continuation_calibration(x: np.ndarray, y: np.ndarray, ridge: float = 1e
     fit = OnlineAffine(1, ridge).update(x, y).fit()
     a, b = float(fit.a[0]), float(fit.b[0])
     if b > 0 and np.isfinite(a):
-        if all((B - a) / b > 0 for B in budgets):
-            return ProxyCalibration(a, b), "ridge"
+        calibration = usable_calibration(a, b, budgets)
+        if calibration is not None:
+            return calibration, "ridge"
         return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (a budget is below the ridge intercept {a:.4g})"
     return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (ridge slope {b:.4g} <= 0)"
 
@@ -407,8 +407,9 @@ def choose_calibration(model, g: GenerationConfig, scale: str, ridge: float, tra
     """
     if g.calibration == "model":
         a, b = float(model.calib_a.mean()), float(model.calib_b.mean())
-        if b > 0 and all((B - a) / b > 0 for B in budgets):
-            return ProxyCalibration(a, b), "model (training calibration)"
+        calibration = usable_calibration(a, b, budgets)
+        if calibration is not None:
+            return calibration, "model (training calibration)"
         log.warning("the model's calibration (a=%.4g, b=%.4g) cannot map budgets %s: using the continuation fit", a, b, budgets)
     # The same continuations the budgets come from (1..max_new_tokens tokens), else any length.
     costs = model_token_costs(model).numpy()

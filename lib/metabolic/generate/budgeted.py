@@ -40,8 +40,8 @@ from typing import Any, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from metabolic.core.budget import ProxyCalibration
 from metabolic.core.errors import ConfigError, DataError
-from metabolic.model.calibration import ProxyCalibration
 
 log = logging.getLogger(__name__)
 
@@ -479,14 +479,7 @@ def generate_with_budget(
     requested = _as_budgets(budget_csc, "budget_csc")
     requested = _rows(requested, len(prompts), "budget_csc").clone()
     used = _clamp_budgets(requested, budget_range)
-    budgets_proxy = torch.tensor([calibration.to_proxy(float(b)) if math.isfinite(b) else math.inf for b in used],
-                                 dtype=torch.float64)
-    if (budgets_proxy <= 0).any():
-        bad = used[budgets_proxy <= 0].tolist()
-        raise ConfigError(
-            f"budget_csc={bad} maps to a proxy budget <= 0 through calibration a={calibration.a:.4g}, "
-            f"b={calibration.b:.4g}: ask for a budget above {calibration.a:.4g} CSC"
-        )
+    budgets_proxy = torch.from_numpy(calibration.proxy_budgets(used.numpy()))
     lm = model.backbone if metabolic else model
     check_context(lm, prompt_ids, max_new_tokens)
     longest = max(len(p) for p in prompt_ids)

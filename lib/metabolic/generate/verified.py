@@ -29,7 +29,8 @@ best candidate:
 
 Totals are on the labeller's raw scale (`scale="raw"`: sum of CSC_t over the generated tokens) or
 the length-aware scale (`scale="length"`: that sum times T = prompt + prefix tokens), the same
-counting rule as Table I (`metabolic.evaluate.scoring.csc_of_generations`).
+counting rule as Table I (`metabolic.evaluate.scoring.csc_of_generations`); the scale and the band
+test are `metabolic.core.budget`'s.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
+from metabolic.core.budget import ProxyCalibration, above_band, below_band, check_scale, in_band, length_factor
 from metabolic.core.errors import ConfigError
 from metabolic.generate.budgeted import (
     CostSteeringLogitsProcessor,
@@ -53,9 +55,7 @@ from metabolic.generate.budgeted import (
     model_token_costs,
     pad_token_id,
 )
-from metabolic.model.calibration import ProxyCalibration
 
-SCALES = ("raw", "length")
 STATUSES = ("in band", "closest below", "closest above", "unreachable below", "unreachable above")
 
 
@@ -139,14 +139,13 @@ class PrefixLabeller:
         """(total on `scale`, encoder texts this call spent on it) per request; a memo hit costs 0.
 
         NaN when a token could not be labelled (a text beyond the encoder's window)."""
-        if scale not in SCALES:
-            raise ConfigError(f"scale={scale!r} is invalid: choose one of {', '.join(SCALES)}")
+        check_scale(scale)
         labels, spent = self.labels(requests)
         totals = []
         for (p, g), lab in zip(requests, labels):
             values = lab.astype(np.float64)
             total = float(values.sum()) if np.all(np.isfinite(values)) else math.nan
-            totals.append(total * (len(p) + len(g) if scale == "length" else 1.0))
+            totals.append(total * length_factor(scale, len(p) + len(g)))
         return totals, spent
 
 
@@ -176,9 +175,8 @@ def next_probe(c: Candidate, budget: float, band: float, rate_hint: float | None
     stops = c.stops
     if stops.size == 0:
         return None
-    lo_band, hi_band = budget * (1 - band), budget * (1 + band)
     points = sorted((k, f) for k, f in c.labelled.items() if math.isfinite(f))
-    if any(lo_band <= f <= hi_band for _, f in points):
+    if any(in_band(f, budget, band) for _, f in points):
         return None
     unlabelled = np.array([k for k in stops if k not in c.labelled], dtype=np.int64)
     if unlabelled.size == 0:
@@ -324,7 +322,7 @@ def search(candidates: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]],
 
 
 def _in_band(c: Candidate, budget: float, band: float) -> bool:
-    return any(math.isfinite(f) and abs(f - budget) <= band * budget * (1 + 1e-12) for f in c.labelled.values())
+    return any(bool(in_band(f, budget, band)) for f in c.labelled.values())
 
 
 def choose(group: Sequence[Candidate], budget: float, band: float) -> tuple[Candidate | None, int, float, str]:
@@ -341,10 +339,10 @@ def choose(group: Sequence[Candidate], budget: float, band: float) -> tuple[Cand
     if f < budget:
         # Unreachable when every candidate was labelled at its full length and still fell short.
         full = [c.labelled.get(int(c.stops[-1])) for c in labelled if c.stops.size]
-        unreachable = all(v is not None and math.isfinite(v) and v < budget * (1 - band) for v in full)
+        unreachable = all(v is not None and math.isfinite(v) and below_band(v, budget, band) for v in full)
         return c, k, f, "unreachable below" if unreachable else "closest below"
     first = [c.labelled.get(int(c.stops[0])) for c in labelled if c.stops.size]
-    unreachable = all(v is not None and math.isfinite(v) and v > budget * (1 + band) for v in first)
+    unreachable = all(v is not None and math.isfinite(v) and above_band(v, budget, band) for v in first)
     return c, k, f, "unreachable above" if unreachable else "closest above"
 
 
@@ -360,8 +358,7 @@ def verify(pool: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]], promp
     budgets = _validate(budget_csc, len(prompts), n, band, max_probes)
     if n > n_pool:
         raise ConfigError(f"n_candidates={n} but the pool holds {n_pool} per prompt: sample at least {n}")
-    if scale not in SCALES:
-        raise ConfigError(f"scale={scale!r} is invalid: choose one of {', '.join(SCALES)}")
+    check_scale(scale)
     candidates = [replace(c, labelled={}, searching=True) for c in pool if c.index < n]
     t0 = time.perf_counter()
     probes, texts, needed = search(candidates, prompt_ids, budgets, prefixes, band, rate_hint, max_probes, scale)
@@ -408,10 +405,7 @@ def generate_verified(model, tokenizer, labeller, prompts: Sequence[str] | str, 
                 raise ConfigError("steer=True on a plain language model needs token_costs and calibration")
             token_costs = model_token_costs(model) if token_costs is None else token_costs
             calibration = model.proxy_calibration() if calibration is None else calibration
-        proxy = np.array([calibration.to_proxy(float(b)) for b in budgets])
-        if np.any(proxy <= 0):
-            raise ConfigError(f"budget_csc={budgets.tolist()} maps to a proxy budget <= 0 through calibration "
-                              f"a={calibration.a:.4g}, b={calibration.b:.4g}: steer=False, or refit the calibration")
+        proxy = calibration.proxy_budgets(budgets)
         processors.append(CostSteeringLogitsProcessor(token_costs, np.repeat(proxy, n_candidates),
                                                       max(len(p) for p in prompt_ids), max_new_tokens, lambda_max=lambda_max))
     t0 = time.perf_counter()

@@ -60,7 +60,7 @@ from metabolic.core.config import EnergyConfig
 from metabolic.core.errors import DataError
 from metabolic.energy.etokens import check_rows, etokens, spread
 from metabolic.energy.joules import JouleBudgetStopping, cost_predictor, fit_linear, tokens_predictor
-from metabolic.energy.meter import EnergyMeter, Measurement
+from metabolic.energy.meter import EnergyMeter, Measurement, active_energy_j, idle_energy_j
 from metabolic.energy.plan import calibration_requests
 from metabolic.energy.workloads import SCRATCH_SHAPES, ModelSpec, Task, load_model, pick_prompts
 from metabolic.evaluate.scoring import hit_fraction
@@ -244,10 +244,11 @@ def phase_row(windows: dict[str, dict], batch_size: int, task: Task, idle: dict[
     row["idle_window_s"] = idle["time_s"]
     if available:
         row["total_j"] = row["preprocess_j"] + row["full_j"]
-        row["idle_j"] = idle["power_w"] * row["total_s_per_query"]
+        row["idle_j"] = idle_energy_j(idle["power_w"], row["total_s_per_query"])
         active_bound = (row["preprocess_resolution_j"] + row["full_resolution_j"]
                         + idle["resolution_w"] * row["total_s_per_query"])
-        row.update(resolved("active", row["total_j"] - row["idle_j"], active_bound))
+        row.update(resolved("active", active_energy_j(row["total_j"], idle["power_w"], row["total_s_per_query"]),
+                            active_bound))
         row.update(resolved("decode", row["full_j"] - row["prefill_j"],
                             row["full_resolution_j"] + row["prefill_resolution_j"]))
         row["j_per_output_token"] = row["total_j"] / task.output_tokens

@@ -47,13 +47,13 @@ from transformers import LogitsProcessorList
 from metabolic.core.budget import ProxyCalibration, above_band, below_band, check_scale, in_band, length_factor
 from metabolic.core.errors import ConfigError
 from metabolic.generate.budgeted import (
+    SENTENCE_END_CHARS,
     CostSteeringLogitsProcessor,
     check_context,
     encode_prompts,
     is_metabolic,
-    left_pad,
     model_token_costs,
-    pad_token_id,
+    prepare_generate,
 )
 
 STATUSES = ("in band", "closest below", "closest above", "unreachable below", "unreachable above")
@@ -165,7 +165,7 @@ def stop_points(tokenizer, ids: Sequence[int]) -> tuple[np.ndarray, frozenset[in
         nxt = texts[k] if k < len(ids) else ""
         if k == len(ids) or not nxt or not nxt[0].isalnum():
             stops.append(k)
-            if texts[k - 1].rstrip().endswith((".", "!", "?")):
+            if texts[k - 1].rstrip().endswith(SENTENCE_END_CHARS):
                 sentence.add(k)
     return np.asarray(stops, dtype=np.int64), frozenset(sentence)
 
@@ -244,21 +244,14 @@ def sample_candidates(model, tokenizer, prompts: Sequence[str], n_candidates: in
     MetabolicGPT-2 samples through its backbone (the budget pathway off).
     """
     prompt_ids = encode_prompts(tokenizer, prompts)
-    lm = model.backbone if is_metabolic(model) else model
-    device = next(lm.parameters()).device
-    check_context(lm, prompt_ids, max_new_tokens)
-    longest = max(len(p) for p in prompt_ids)
-    pad_id = pad_token_id(tokenizer)
-    input_ids, attention = left_pad(prompt_ids, pad_id)
-    if seed is not None:
-        torch.manual_seed(seed)
-    out = lm.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=True,
-                      temperature=float(temperature), top_k=int(top_k), max_new_tokens=max_new_tokens,
-                      min_new_tokens=max_new_tokens, num_return_sequences=n_candidates, pad_token_id=pad_id,
-                      logits_processor=logits_processor or LogitsProcessorList(), output_scores=True,
-                      return_dict_in_generate=True)
-    gen = out.sequences[:, longest:]
-    logp = lm.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).float().cpu()
+    check_context(model.backbone if is_metabolic(model) else model, prompt_ids, max_new_tokens)
+    call = prepare_generate(model, tokenizer, prompt_ids, max_new_tokens, do_sample=True, temperature=temperature,
+                            top_k=top_k, seed=seed)
+    out = call.generate(min_new_tokens=max_new_tokens, num_return_sequences=n_candidates,
+                        logits_processor=logits_processor or LogitsProcessorList(), output_scores=True,
+                        return_dict_in_generate=True)
+    gen = out.sequences[:, call.prompt_len:]
+    logp = call.lm.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).float().cpu()
     candidates = []
     for row in range(gen.shape[0]):
         ids = gen[row].tolist()

@@ -70,10 +70,6 @@ class Grid:
     measured_now: list[str]  # unit keys measured by this run
     complete: bool
 
-    @property
-    def units_total(self) -> int:
-        return len(self.plan.units)
-
 
 def load_records(cells: Path) -> dict[str, dict]:
     """The kept unit records; an unreadable one is measured again (it was being written when cut off)."""

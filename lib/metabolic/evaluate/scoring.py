@@ -323,20 +323,6 @@ def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts:
     return tables, records
 
 
-def paper_side_by_side(table: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows pairing ours (CSC space) with the paper's Table I, level by level (low/medium/high)."""
-    out = []
-    for i, row in enumerate(table["rows"]):
-        paper = PAPER_TABLE1["rows"][i] if i < len(PAPER_TABLE1["rows"]) else {}
-        ours = row["csc"]
-        entry = {"level": row["level"]}
-        for key in ("Budget", "MAE", "MAPE", "Hit@10", "Hit@20", "Hit@50", "Achieved", "Target"):
-            entry[f"ours {key}"] = ours[key]
-            entry[f"paper {key}"] = paper.get(key)
-        out.append(entry)
-    return out
-
-
 def continuation_points(ids_list: Sequence[Sequence[int]], csc_list: Sequence[np.ndarray], token_costs: np.ndarray,
                         prompt_tokens: int, scale: str = "raw", max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(C_vocab spend, true CSC) of each text's continuation after its first `prompt_tokens` tokens.

@@ -330,10 +330,6 @@ class Generation:
     stopped_by: str
     lambdas: list[float] = field(default_factory=list)  # lambda_t per step (steering only)
 
-    @property
-    def full_text(self) -> str:
-        return self.prompt + self.text
-
 
 def _context_size(model) -> int | None:
     config = getattr(model, "config", None)

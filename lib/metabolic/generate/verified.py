@@ -95,10 +95,6 @@ class VerifiedGeneration:
     labels_needed: int  # encoder texts its probes need without a memo (the cost of running it alone)
     seconds: float  # wall time of the call (sampling + labelling) divided by its prompts
 
-    @property
-    def relative_error(self) -> float:
-        return (self.achieved_csc - self.budget_csc) / self.budget_csc
-
 
 class PrefixLabeller:
     """Exact CSC labels of the generated tokens of (prompt, continuation) pairs, batched and memoised.

@@ -156,7 +156,7 @@ class CSCConfig:
     positions: Literal["all", "subset"] = "all"  # label every position, or a seeded subset per text
     positions_per_sequence: int = 32  # with positions="subset"
     # Counterfactual texts per encoder batch. Not in the CSC cache key: labels at any batch size agree
-    # to < 1e-6 (padding changes float rounding only; see pipeline.stages.csc_description_keys).
+    # to < 1e-6 (padding changes float rounding only; see pipeline.csc.csc_description_keys).
     batch_size: int = 256
     precision: Literal["fp32", "tf32", "fp16"] = "fp32"  # reduced precision only on CUDA (see csc.py)
     scale: Scale = "raw"  # "length": T x CSC_t, totals that grow with content (metabolic.core.budget)

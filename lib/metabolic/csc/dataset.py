@@ -19,7 +19,7 @@ The artefact `data/<profile>/csc/` holds `csc.npz` (ids and labels of both split
 flat + offsets). It is built chunk by chunk into `csc.partial/chunks/` (each chunk written
 atomically), so an interrupted run resumes at the first missing chunk and gives the same labels.
 Under torchrun the ranks share the chunks (`label_shard`: chunk k on rank k % world, all writing into
-the one partial) and rank 0 alone merges and commits (`metabolic.pipeline.stages.csc_labels`);
+the one partial) and rank 0 alone merges and commits (the rank protocol: `metabolic.csc.sharding`);
 labels are byte-identical to one process's.
 Its fingerprint covers the encoder (name and weights hash), the tokenizer, the corpus and its
 selection, the position policy, the precision and device type, and the library version.
@@ -27,19 +27,15 @@ selection, the position policy, the precision and device type, and the library v
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
-import os
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from metabolic.core import artefacts
 from metabolic.core.artefacts import pack_ragged, unpack_ragged
@@ -228,59 +224,6 @@ def label_shard(labeller, name: str, split: int, sequences: list[list[int]], csc
     labelled = _label_chunks(labeller, name, split, sequences, csc, work, (rank, world), progress)[1]
     log.info("CSC %s: rank %d of %d labelled chunks %s", name, rank, world, labelled)
     return labelled
-
-
-# --- several processes (torchrun) ---------------------------------------------------------------
-
-# A rank waits at a barrier for the slowest rank's share, which can take hours on the paper profile;
-# torchrun stops every rank when one fails, so a long wait never outlives a crash.
-SHARD_TIMEOUT = timedelta(hours=12)
-
-
-def shard_from_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
-    """(rank, world size) of this process under torchrun (`RANK`, `WORLD_SIZE`), else (0, 1)."""
-    if "WORLD_SIZE" not in environ and "RANK" not in environ:
-        return 0, 1
-    try:
-        rank, world = int(environ.get("RANK", "")), int(environ.get("WORLD_SIZE", ""))
-    except ValueError:
-        raise ConfigError(f"RANK={environ.get('RANK')!r}, WORLD_SIZE={environ.get('WORLD_SIZE')!r} are invalid: "
-                          f"start the ranks with torchrun, or unset both for one process") from None
-    if not (world >= 1 and 0 <= rank < world):
-        raise ConfigError(f"RANK={rank}, WORLD_SIZE={world} are invalid: need 0 <= RANK < WORLD_SIZE")
-    return rank, world
-
-
-@contextlib.contextmanager
-def shard_group(environ: Mapping[str, str] = os.environ) -> Iterator[tuple[int, int]]:
-    """(rank, world size) for the duration, joined to torchrun's process group when world > 1.
-
-    The ranks exchange only a few small messages (no tensors), so the group is gloo on CPU and GPU
-    alike; a group the caller already started is used as it is and left running."""
-    rank, world = shard_from_env(environ)
-    if world == 1 or dist.is_initialized():
-        yield rank, world
-        return
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
-    if missing:
-        raise ConfigError(f"RANK={rank}, WORLD_SIZE={world} without {' and '.join(missing)}: start the ranks with "
-                          f"torchrun (it sets them), or unset RANK and WORLD_SIZE for one process")
-    dist.init_process_group("gloo", timeout=SHARD_TIMEOUT)
-    try:
-        yield rank, world
-    finally:
-        dist.destroy_process_group()
-
-
-def broadcast(obj: Any) -> Any:
-    """Rank 0's `obj`, on every rank."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier() -> None:
-    dist.barrier()
 
 
 def save_data(path: Path, train: Sequence[Sequence[int]], train_csc: Sequence[np.ndarray],

@@ -23,7 +23,7 @@ import torch
 
 from metabolic.core.budget import ProxyCalibration, in_band
 from metabolic.core.config import StudyConfig
-from metabolic.evaluate.scoring import choose_calibration
+from metabolic.evaluate.budgets import choose_calibration
 from metabolic.generate.budgeted import Generation, generate_with_budget, is_metabolic, model_token_costs
 from metabolic.generate.verified import generate_verified
 from metabolic.pipeline import stages

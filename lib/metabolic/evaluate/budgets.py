@@ -5,7 +5,7 @@ prompt + generation), so they are derived from training texts split the same way
 `generation.prompt_tokens` tokens are the prompt, the rest (1..`max_new_tokens` tokens) the
 continuation (`continuation_points`, `continuation_totals`). `budget_levels` gives the evaluate
 stage, notebook 04 and the explorer (06) their levels, `verified_targets` the verified controller's
-budgets on each CSC scale; `choose_calibration` the proxy <-> CSC map steered decoding uses.
+budgets on each CSC scale; `decoding_calibration` the proxy <-> CSC map steered decoding uses.
 """
 
 from __future__ import annotations
@@ -139,8 +139,9 @@ def fit_continuation_calibration(x: np.ndarray, y: np.ndarray, ridge: float = 1e
     return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (ridge slope {b:.4g} <= 0)"
 
 
-def choose_calibration(model, g: GenerationConfig, scale: str, ridge: float, train_ids, train_csc, budgets: Sequence[float]):
-    """The budget -> proxy map for steered decoding (`generation.calibration`), and a note on how it was made.
+def decoding_calibration(model, g: GenerationConfig, scale: str, ridge: float, train_ids, train_csc, budgets: Sequence[float]):
+    """The calibration (proxy <-> CSC map) steered decoding maps its budgets through (`generation.calibration`:
+    the model's own, else a fit on training continuations), and a note on how it was made.
 
     `ridge` is eq. 21's gamma (`train.calib_ridge`); `scale` the CSC scale of the budgets.
     """

@@ -13,10 +13,10 @@ from metabolic.core import artefacts
 from metabolic.core.config import StudyConfig
 from metabolic.energy.grid import CELLS, Grid, run_grid
 from metabolic.energy.measurement import (
-    CALIBRATION,
+    JOULE_FIT_FILE,
     MACHINE,
     ROWS,
-    calibrations,
+    joule_fits,
     machine_info,
     machine_tag,
     measured_model_keys,
@@ -36,7 +36,7 @@ class EtokenResults:
     folder: Optional[Path]  # this machine's finished results (None when unfinished or only merged)
     rows: list[dict]  # every machine's finished rows under data/<profile>/etokens/, plus this run's unfinished ones
     skipped: list[dict]
-    calibration: dict[str, Any]  # the first measured calibration found, else this machine's `skipped` reason
+    joule_fit: dict[str, Any]  # the first measured joule fit found, else this machine's `skipped` reason
     machine: dict[str, Any]
     energy_available: bool  # this machine has an energy meter
     measured_here: bool
@@ -75,14 +75,14 @@ def measure_etokens(cfg: StudyConfig, progress: bool = True) -> EtokenResults:
     rows = merge_results(root)
     if folder is not None:
         own = artefacts.read_json(folder / MACHINE)
-        skipped, own_calibration = own["skipped"], artefacts.read_json(folder / CALIBRATION)
+        skipped, own_fit = own["skipped"], artefacts.read_json(folder / JOULE_FIT_FILE)
     elif grid is not None:  # unfinished: what this machine has measured so far
-        skipped, own_calibration = grid.skipped, grid.calibration
+        skipped, own_fit = grid.skipped, grid.joule_fit
         rows += [{**r, "results_file": f"unfinished/{ROWS}"} for r in grid.rows]
     else:
-        skipped, own_calibration = [], {"skipped": f"not measured on this machine (energy.measure={e.measure!r})"}
-    calibration = next((c for c in calibrations(root) if "skipped" not in c), own_calibration)
-    return EtokenResults(folder=folder, rows=rows, skipped=skipped, calibration=calibration, machine=machine,
+        skipped, own_fit = [], {"skipped": f"not measured on this machine (energy.measure={e.measure!r})"}
+    joule_fit = next((c for c in joule_fits(root) if "skipped" not in c), own_fit)
+    return EtokenResults(folder=folder, rows=rows, skipped=skipped, joule_fit=joule_fit, machine=machine,
                          energy_available=meter.available, measured_here=measure, complete=grid is None or grid.complete,
                          grid=grid)
 
@@ -97,7 +97,7 @@ class EtokenStage:
     """This machine's grid: `etokens/<machine>-<key>/`. Its build raises `_PartDone` when it measured one
     part of an unfinished grid (`energy.part_seconds`): the partial folder keeps every unit measured so far."""
 
-    required = (ROWS, CALIBRATION, MACHINE)
+    required = (ROWS, JOULE_FIT_FILE, MACHINE)
 
     def __init__(self, cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: torch.device, progress: bool) -> None:
         e = cfg.energy
@@ -123,7 +123,7 @@ class EtokenStage:
         if not grid.complete:
             raise _PartDone(grid)  # the partial folder keeps every unit measured so far
         artefacts.write_jsonl(work / ROWS, grid.rows)
-        artefacts.atomic_write_json(work / CALIBRATION, grid.calibration)
+        artefacts.atomic_write_json(work / JOULE_FIT_FILE, grid.joule_fit)
         records = [grid.records[u.key] for u in grid.plan.units]  # in grid order
         units = [{k: r.get(k) for k in ("key", "estimate_s", "wall_s", "group_warmup_s")} | {"host": r["machine"]["host"]}
                  for r in records]

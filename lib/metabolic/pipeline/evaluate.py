@@ -14,7 +14,7 @@ from metabolic.core.config import StudyConfig
 from metabolic.core.errors import DataError
 from metabolic.csc.dataset import CSCData
 from metabolic.evaluate import budgets as budget_derivation
-from metabolic.evaluate.budgets import BudgetLevels, choose_calibration
+from metabolic.evaluate.budgets import BudgetLevels, decoding_calibration
 from metabolic.evaluate.cost_fit import cost_model_fit
 from metabolic.evaluate.scoring import (
     EVALUATION_VERSION,
@@ -66,7 +66,7 @@ def evaluate_budgets(cfg, progress: bool = True):
         models = {}
         for variant, result in results.items():
             model = models[variant] = result.load_best()
-            cal, note = choose_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
+            cal, note = decoding_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
                                            list(budgets.values()))
             t, r = evaluate_variant(model, tok, judge, prefixes, prompts, budgets, g, cfg.csc.scale, budget_range, variant,
                                     cal, note, progress)

@@ -23,7 +23,7 @@ import torch
 
 from metabolic.core.budget import ProxyCalibration, in_band
 from metabolic.core.config import StudyConfig
-from metabolic.evaluate.budgets import choose_calibration
+from metabolic.evaluate.budgets import decoding_calibration
 from metabolic.generate.budgeted import Generation, generate_with_budget, is_metabolic, model_token_costs
 from metabolic.generate.verified import generate_verified
 from metabolic.pipeline import stages
@@ -289,7 +289,7 @@ def study_explorer(cfg: StudyConfig, variant: str = "expected-cost") -> StudyExp
     csc = stages.csc_labels(cfg)
     levels = stages.budget_levels(cfg, csc)
     budgets = list(levels.budgets.values())
-    calibration, how = choose_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
+    calibration, how = decoding_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
                                           budgets)
     _, rate_hints = stages.verified_targets(csc, cfg, levels.budgets)
     explorer = BudgetExplorer(model, tokenizer, levels.budget_range, calibration=calibration, prompt=g.prompts[0],

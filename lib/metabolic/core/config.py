@@ -229,7 +229,10 @@ class TrainConfig:
 class GenerationConfig:
     """Budget-conditioned generation and its evaluation (paper V.C, VI.C)."""
 
-    budgets: tuple[float, ...] = ()  # CSC-space budgets; empty = the training budgets
+    # CSC-space budgets. Empty: the evaluation, notebook 04 and the explorer take the train.budget_quantiles
+    # of the true CSC of training-text continuations (metabolic.evaluate.budgets.budget_levels); the
+    # e-token stage measures a MetabolicGPT-2 at train.budgets, else at the targets it was trained on.
+    budgets: tuple[float, ...] = ()
     prompts: tuple[str, ...] = ("The future of artificial intelligence",)
     n_valid_prompts: int = 32  # prompts taken from the validation split, seeded
     prompt_tokens: int = 16  # tokens of each validation text used as its prompt

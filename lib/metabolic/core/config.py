@@ -252,7 +252,7 @@ class GenerationConfig:
     verified_max_new_tokens: int = 128
     verified_band: float = 0.10  # the band the controller aims for (Hit@10 asks for +-10%)
     verified_max_probes: int = 6  # prefixes labelled per candidate at most
-    verified_scales: tuple[str, ...] = ("raw", "length")
+    verified_scales: tuple[str, ...] = SCALES  # ("raw", "length")
 
     def __post_init__(self) -> None:
         _finite("generation", self)

@@ -41,9 +41,14 @@ $(STAMP): pyproject.toml
 study: $(STAMP)
 	$(PY) -m metabolic study --profile $(PROFILE)
 
+# PYTEST_WORKERS=2: pytest on 2 xdist processes, the notebooks (nbval) as two ordered groups side by side,
+# the browser tests after them, the other tests spread over both (tests/conftest.py). Default 0, one
+# process: on 2 cores with the smoke profile's pinned 2-thread numerics, 2 workers were not faster on this
+# project's shared machine (README, Timings).
+PYTEST_WORKERS ?= 0
 test: $(STAMP)
 	$(PY) -m ruff check lib tests benchmarks scripts notebooks
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS))
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/

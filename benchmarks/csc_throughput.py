@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     from metabolic.core.profiles import load_config
     from metabolic.csc.labeller import CSCLabeller, flops_per_text
     from metabolic.data.corpus import select_sequences
-    from metabolic.pipeline import stages
+    from metabolic.pipeline import stage, stages
 
     cfg = load_config(args.profile)
     cuda = args.device.startswith("cuda")
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         sequences, _ = stages.select_for_labelling(cfg, data)
     sequences = sequences[:n_seq]
     n_labels = sum(len(s) for s in sequences)
-    encoder = stages._encoder(cfg.assets.encoder, args.device)
+    encoder = stage.encoder(cfg.assets.encoder, args.device)
     tok = data.tokenizer
     print(f"device {args.device} ({torch.cuda.get_device_name() if cuda else f'{torch.get_num_threads()} CPU threads'}), "
           f"profile {args.profile}{f', texts of {args.tokens} tokens' if args.tokens else ''}: {len(sequences)} sequences, "

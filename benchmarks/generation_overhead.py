@@ -60,7 +60,7 @@ def main() -> None:
     from metabolic.generate.budgeted import generate_with_budget, plain_generate
     from metabolic.generate.verified import PrefixLabeller, generate_verified
     from metabolic.model.backbone import scratch_model
-    from metabolic.model.calibration import ProxyCalibration
+    from metabolic.core.budget import ProxyCalibration
     from metabolic.model.metabolic_gpt2 import MetabolicGPT2
     from metabolic.pipeline import stages
     from metabolic.train.loop import model_settings

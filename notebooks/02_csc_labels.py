@@ -46,18 +46,14 @@ ablation_sequences = ablation_sequences or SIDE["ablation"]
 ablation_max_tokens = ablation_max_tokens or SIDE["ablation_tokens"]
 
 # %%
-import html
-
 import numpy as np
-import plotly.graph_objects as go
 from IPython.display import HTML, display
 from metabolic.csc import analysis as csc_analysis
 from metabolic.csc import approx as csc_approx
-from metabolic.csc.dataset import sequence_totals
 from metabolic.csc.labeller import CSCLabeller
 from metabolic.pipeline import stages
-from metabolic.report.figures import binned_histogram, save_figure
-from plotly.subplots import make_subplots
+from metabolic.report import csc_figures
+from metabolic.report.figures import save_figure
 
 NB = "02_csc_labels"
 data = stages.csc_labels(cfg)
@@ -82,19 +78,10 @@ print("budget targets (train.budget_quantiles):", ", ".join(f"{k} {v:.3f}" for k
 # Darker = the sentence embedding moves more when the token is deleted.
 
 # %%
-def colour(ids, csc):
-    top = np.nanmax(csc) if np.isfinite(csc).any() else 1.0
-    spans = []
-    for t, c in zip(ids, csc):
-        alpha = 0.0 if not np.isfinite(c) else float(c / top)
-        text = html.escape(tok.decode([t])).replace(" ", "&nbsp;", 1) if tok.decode([t]).startswith(" ") else html.escape(tok.decode([t]))
-        spans.append(f'<span title="{c:.4f}" style="background: rgba(220,60,30,{alpha:.2f}); padding:1px">{text}</span>')
-    return "<div style='font-family:monospace; line-height:1.8; margin-bottom:6px'>" + "".join(spans) + "</div>"
-
 examples = ["The future of artificial intelligence depends on energy.", "naïve café – 東京 is a short multi-byte text."]
 example_labels = [labeller.label_text(t) for t in examples]
-blocks = [colour(ids, c) for ids, c in example_labels]
-blocks += [colour(ids, c) for ids, c in list(zip(data.train_ids, data.train_csc))[:2]]
+blocks = [csc_figures.csc_tokens_html(tok, ids, c) for ids, c in example_labels]
+blocks += [csc_figures.csc_tokens_html(tok, ids, c) for ids, c in list(zip(data.train_ids, data.train_csc))[:2]]
 display(HTML("".join(blocks)))
 
 # %%
@@ -107,28 +94,7 @@ for text, (ids, c) in zip(examples, example_labels):
 # ## Distributions of per-token and total CSC
 
 # %%
-flat = np.concatenate(data.train_csc)
-flat = flat[np.isfinite(flat)]
-totals_raw = sequence_totals(data.train_csc, "raw")
-fig = make_subplots(rows=1, cols=2, subplot_titles=(f"per-token CSC (n = {flat.size:,} tokens)",
-                                                    f"total CSC per text (n = {totals_raw.size:,} texts)"))
-fig.add_trace(binned_histogram(np.log10(np.maximum(flat, 1e-6)), 60, name="tokens", unit="tokens"), row=1, col=1)
-fig.add_trace(binned_histogram(totals_raw, 30, name="texts", unit="texts"), row=1, col=2)
-if s["scale"] == "raw":
-    # The budget levels as named lines in the legend (annotations on the lines overlapped when levels were close)
-    for (name, v), dash in zip(s["budgets"].items(), ("dot", "dash", "solid")):
-        fig.add_scatter(x=[v, v], y=[0, 1], xaxis="x2", yaxis="y3", mode="lines", line={"dash": dash, "color": "#d62728"},
-                        name=f"{name} budget ({v:.3f})", hoverinfo="name")
-    fig.update_layout(yaxis3={"overlaying": "y2", "range": [0, 1], "visible": False}, showlegend=True,
-                      legend={"title": "budget levels"})
-else:
-    fig.update_layout(showlegend=False)
-fig.update_xaxes(title_text="log10 per-token CSC_t (CSC units)", row=1, col=1)
-fig.update_xaxes(title_text="total CSC per text (sum of CSC_t, CSC units)", row=1, col=2)
-fig.update_yaxes(title_text="tokens per bin", row=1, col=1)
-fig.update_yaxes(title_text="texts per bin", row=1, col=2)
-fig.update_traces(showlegend=False, selector={"type": "bar"})
-fig.update_layout(title=f"CSC labels of {len(data.train_ids)} training texts ({cfg.profile} profile)", bargap=0)
+fig = csc_figures.csc_distributions(data.train_csc, s, cfg.profile)
 save_figure(fig, cfg, "02_csc_distributions", NB)
 fig.show()
 
@@ -150,45 +116,10 @@ trunc = csc_analysis.truncation_effect(labeller, [data.train_ids[i] for i in cho
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"corpus ({len(table['length'])} texts, {table['length'].min()}..{table['length'].max()} tokens): "
-      f"slope of log total on log length {csc_analysis.log_slope(table['length'], table['total']):+.2f}, "
-      f"per-token {csc_analysis.log_slope(table['length'], table['per_token']):+.2f}, "
-      f"length scale {csc_analysis.log_slope(table['length'], table['total_length_scale']):+.2f}")
-print(f"same {len(chosen)} texts cut to {lengths} tokens:")
-for L in lengths:
-    sel = trunc["length"] == L
-    print(f"  T={L:>3}: total {trunc['total'][sel].mean():.3f} (sd {trunc['total'][sel].std():.3f}), "
-          f"per-token {trunc['per_token'][sel].mean():.4f}, T x total {L * trunc['total'][sel].mean():.2f}")
-print(f"  slopes: total {csc_analysis.log_slope(trunc['length'], trunc['total']):+.2f}, "
-      f"per-token {csc_analysis.log_slope(trunc['length'], trunc['per_token']):+.2f}")
+print(csc_figures.length_effect_text(table, trunc, lengths, len(chosen)))
 
 # %%
-edges = np.unique(np.quantile(table["length"], np.linspace(0, 1, 7)))
-edges[-1] += 1
-fig = make_subplots(rows=1, cols=3, subplot_titles=("total CSC (raw)", "per-token CSC", "total on the length scale"),
-                    horizontal_spacing=0.1)
-# One colour per series in every panel (the legend is drawn from panel 1)
-palette = {"texts": "#6baed6", "median": "#08519c", "cut": "#e6550d"}
-panel_y = {"total": "total CSC (CSC units)", "per_token": "per-token CSC (CSC units)",
-           "total_length_scale": "T x total CSC (CSC units x tokens)"}
-for col, key in enumerate(("total", "per_token", "total_length_scale"), start=1):
-    fig.add_scattergl(x=table["length"], y=table[key], mode="markers", marker={"size": 4, "opacity": 0.5, "color": palette["texts"]},
-                      name=f"corpus texts (n = {len(table['length'])})", legendgroup="texts", showlegend=col == 1, row=1, col=col)
-    b = csc_analysis.binned(table["length"].astype(float), table[key], edges)
-    fig.add_scatter(x=b["x"], y=b["median"], mode="lines+markers", line={"color": palette["median"]}, legendgroup="median",
-                    name=f"median per length bin, bars: IQR (n = {b['n'].min()}-{b['n'].max()} texts per bin)", showlegend=col == 1,
-                    error_y={"type": "data", "symmetric": False, "array": b["q75"] - b["median"],
-                             "arrayminus": b["median"] - b["q25"]}, row=1, col=col)
-    fig.update_yaxes(title_text=panel_y[key], row=1, col=col)
-for L_seq in np.unique(trunc["sequence"]):
-    sel = trunc["sequence"] == L_seq
-    fig.add_scatter(x=trunc["length"][sel], y=trunc["total"][sel], mode="lines", line={"dash": "dot", "width": 1, "color": palette["cut"]},
-                    name=f"one text cut to {lengths} tokens (n = {len(chosen)} texts)", legendgroup="cut",
-                    showlegend=bool(L_seq == trunc["sequence"][0]), row=1, col=1)
-fig.update_xaxes(title_text="text length (tokens, log scale)", type="log")
-fig.update_yaxes(type="log", row=1, col=2)
-fig.update_layout(title=f"Length effect: {len(table['length'])} corpus texts and {len(chosen)} texts cut to {lengths}",
-                  legend={"orientation": "h", "y": -0.3})
+fig = csc_figures.length_effect_figure(table, trunc, lengths, len(chosen))
 save_figure(fig, cfg, "02_csc_length_effect", NB)
 fig.show()
 
@@ -222,17 +153,7 @@ for name, f in fid.items():
     print(f"{name:>8}: Spearman per text mean {f['spearman_mean']:.2f} (median {f['spearman_median']:.2f}), MAE {f['mae']:.4f}")
 
 # %%
-fig = make_subplots(rows=1, cols=2, subplot_titles=("masked vs exact", "gradient sketch vs exact"))
-e_flat = np.concatenate(exact)
-for col, approx in enumerate((masked, grad), start=1):
-    fig.add_scatter(x=e_flat, y=np.concatenate(approx), mode="markers", marker={"size": 5, "opacity": 0.6},
-                    showlegend=False, row=1, col=col)
-fig.update_xaxes(title_text="exact CSC_t (CSC units)", type="log")
-fig.update_yaxes(title_text="masked CSC_t (CSC units)", row=1, col=1)
-fig.update_yaxes(title_text="gradient-sketch CSC_t (CSC units)", row=1, col=2)
-fig.update_yaxes(type="log")
-fig.update_layout(title=f"Approximate vs exact CSC, one point per token (n = {n_lab} tokens of {len(seqs)} texts)<br><sup>"
-                        f"speed here: exact {speed['exact']:.0f}, masked {speed['masked']:.0f}, gradient {speed['gradient']:.0f} labels/s</sup>")
+fig = csc_figures.approximations_figure(exact, masked, grad, speed)
 save_figure(fig, cfg, "02_csc_approximations", NB)
 fig.show()
 
@@ -267,12 +188,7 @@ else:
 
 # %%
 if second is not None:
-    fig = go.Figure(go.Scatter(x=np.concatenate(a_minilm), y=np.concatenate(a_other), mode="markers",
-                               text=[tok.decode([t]) for x in abl for t in x]))
-    fig.update_layout(title=f"Per-token CSC: all-MiniLM-L6-v2 vs {ablation_encoder.split('/')[-1]} "
-                            f"(n = {sum(len(x) for x in abl)} tokens of {len(abl)} texts)",
-                      xaxis={"title": "MiniLM CSC_t (CSC units)", "type": "log"},
-                      yaxis={"title": "second encoder CSC_t (CSC units)", "type": "log"})
+    fig = csc_figures.encoder_agreement_figure(a_minilm, a_other, [tok.decode([t]) for x in abl for t in x], ablation_encoder)
     save_figure(fig, cfg, "02_csc_encoder_agreement", NB)
     fig.show()
 
@@ -301,18 +217,5 @@ for run in gpu_results.committed("budgets"):
 
 # %%
 # NBVAL_CHECK_OUTPUT
-slope_total = csc_analysis.log_slope(table["length"], table["total"])
-slope_token = csc_analysis.log_slope(table["length"], table["per_token"])
-print(
-    f"Measured on the {profile_label(cfg)}, CPU: {len(data.train_ids)} training texts of <= {cfg.corpus.seq_len} tokens "
-    f"labelled exactly; per-token CSC averages {s['token_mean']:.4f} and total CSC per text {s['mean']:.3f} "
-    f"(budgets low/medium/high {', '.join(f'{v:.3f}' for v in s['budgets'].values())}). Across these texts total CSC "
-    f"changes with length with log-log slope {slope_total:+.2f} while per-token CSC has slope {slope_token:+.2f}; "
-    f"{len(chosen)} texts cut to {lengths[0]}..{lengths[-1]} tokens have total slope "
-    f"{csc_analysis.log_slope(trunc['length'], trunc['total']):+.2f} and per-token slope "
-    f"{csc_analysis.log_slope(trunc['length'], trunc['per_token']):+.2f}, so raw totals do not grow with text length "
-    f"and the length scale (T x CSC_t) does. "
-    f"On {len(seqs)} small texts, masking word pieces ranks tokens like exact CSC with mean Spearman "
-    f"{fid['masked']['spearman_mean']:.2f}, the gradient sketch {fid['gradient']['spearman_mean']:.2f} (the encoder "
-    f"ablation, when a second encoder is installed, is printed above). Small samples: these numbers show the pipeline runs, not their values at scale."
-)
+print(csc_figures.csc_summary(profile_label(cfg), len(data.train_ids), cfg.corpus.seq_len, s, table, trunc, lengths,
+                              len(chosen), len(seqs), fid))

@@ -48,8 +48,10 @@ print("profile:", profile_label(cfg))
 # %%
 import pandas as pd
 from metabolic.core.artefacts import project_root
-from metabolic.energy.measurement import calibrations, merge_results, paths_agree, summarise, window_resolution_note
+from metabolic.energy.measurement import joule_fits, merge_results, paths_agree, summarise, window_resolution_note
 from metabolic.pipeline import stages
+from metabolic.report import etoken_figures as ef
+from metabolic.report.figures import save_figure
 
 res = stages.measure_etokens(cfg)
 committed_root = project_root() / "results" / "etokens"
@@ -119,42 +121,22 @@ energy_rows = [r for r in committed + [r for r in res.rows if r["results_file"] 
                if r.get("total_j") is not None]
 has_energy = bool(energy_rows)
 table = pd.DataFrame(summarise(energy_rows if has_energy else res.rows))
-cols = ["gpu_name", "model", "path", "task", "batch_size", "input_tokens", "output_tokens"]
 print(f"table: {len(table)} cells from {len(energy_rows) if has_energy else len(res.rows)} rows")
 agree = paths_agree(energy_rows if has_energy else res.rows)
 if agree["cells_with_several_paths"]:
     print(f"greedy outputs identical across serving paths in {agree['identical_outputs']} of "
           f"{agree['cells_with_several_paths']} cells measured on both")
 if has_energy:
-    view = table[cols + ["total_j", "active_text", "decode_text", "e_in_wh", "e_out_wh", "j_per_output_token",
-                         "output_tokens_per_s", "window_s_min"]]
     print("Wh per 1,000 tokens (e-tokens) and joules per query, measured:")
 else:
-    view = table[cols + ["total_s_per_query", "prefill_s_per_query", "decode_s_per_query", "output_tokens_per_s", "window_s_min"]]
     print("CPU wall times per query (seconds) and tokens/s: timings only, NOT energy (no GPU energy measured).")
-view.sort_values(cols).round(6)
+ef.etoken_view(table, has_energy).sort_values(ef.CELL_COLUMNS).round(6)
 
 # %% [markdown]
 # ## Prefill vs decode
 
 # %%
-import plotly.express as px
-from metabolic.report.figures import save_figure
-
-# One batch size (the smallest), so that stacked bars are the phases of one query, never batch sizes added up.
-batch = int(table["batch_size"].min())
-split = table[(table["path"] == "default") & (table["batch_size"] == batch)].copy()
-if has_energy:
-    value_cols, unit = ["preprocess_j", "prefill_j", "decode_j"], "J per query (measured; decode blank when below resolution)"
-else:
-    value_cols, unit = ["prefill_s_per_query", "decode_s_per_query"], "CPU seconds per query (timing, not energy)"
-long = split.melt(id_vars=["gpu_name", "model", "task", "batch_size"], value_vars=value_cols, var_name="phase", value_name="value")
-long["phase"] = long["phase"].str.replace(r"_(j|s_per_query)$", "", regex=True)  # preprocess, prefill, decode
-long["gpu_name"] = long["gpu_name"].fillna("cpu")
-fig = px.bar(long, x="task", y="value", color="phase", facet_col="model", facet_row="gpu_name", barmode="stack",
-             hover_data=["batch_size"], labels={"value": unit, "task": "task", "phase": "phase"},
-             title=f"Prefill vs decode per query at batch {batch}, default path, every model incl. MetabolicGPT-2 "
-                   f"({'energy' if has_energy else 'CPU timings, no energy here'})")
+fig = ef.prefill_decode_figure(table, has_energy)
 save_figure(fig, cfg, "05_prefill_decode", "05_etokens")
 fig.show()
 
@@ -164,13 +146,7 @@ fig.show()
 # Batching shares each decode step's weight reads across queries, so J/token falls several fold.
 
 # %%
-y = "j_per_output_token" if has_energy else "output_tokens_per_s"
-label = "J per output token (measured)" if has_energy else "output tokens/s on CPU (timing, not energy)"
-by_batch = table.copy()
-by_batch["series"] = by_batch["model"] + " · " + by_batch["path"] + " · " + by_batch["gpu_name"].fillna("cpu")
-fig = px.line(by_batch.sort_values("batch_size"), x="batch_size", y=y, color="series", facet_col="task", markers=True,
-              log_y=True, labels={y: label, "batch_size": "batch size"},
-              title=f"{label} against batch size")
+fig = ef.batch_size_figure(table, has_energy)
 save_figure(fig, cfg, "05_batch_size", "05_etokens")
 fig.show()
 
@@ -178,53 +154,21 @@ fig.show()
 # ## Semantic cost -> joules calibration, and physical (joule) budgets
 
 # %%
-calib = next((c for c in calibrations(committed_root) if "skipped" not in c), res.calibration)
+calib = next((c for c in joule_fits(committed_root) if "skipped" not in c), res.joule_fit)
 if "skipped" in calib:
     print("calibration not measured (here or in the committed results):", calib["skipped"].split(":")[0])
     print("On a GPU this cell plots per-request joules against semantic cost (and tokens), with the fitted lines,"
           " R^2 and residuals; then the Hit@10% of generation stopped within joule budgets.")
 else:
-    import plotly.graph_objects as go
-
-    pts = pd.DataFrame(calib["points"])
-    ft, fc = calib["fit_tokens"], calib["fit_cost"]
-    print(f"J ~ tokens: R^2 {ft['r2']:.3f}, J = {ft['intercept']:.3g} + {ft['coef'][0]:.3g} T_in + {ft['coef'][1]:.3g} T_out; "
-          f"RMSE {pd.Series(ft['residuals']).pow(2).mean() ** 0.5:.3g} J")
-    print(f"J ~ semantic cost: R^2 {fc['r2']:.3f}, J = {fc['intercept']:.3g} + {fc['coef'][0]:.3g} x cost "
-          f"(cost: {calib['semantic_cost']}); model {calib['model']}, windows >= {calib['min_window_s']} s, batch 1")
-    fig = go.Figure()
-    fig.add_scatter(x=pts["semantic_cost"], y=pts["energy_j"], mode="markers", name="requests (measured J)")
-    xs = [pts["semantic_cost"].min(), pts["semantic_cost"].max()]
-    fig.add_scatter(x=xs, y=[fc["intercept"] + fc["coef"][0] * x for x in xs], mode="lines", name=f"fit, R^2 {fc['r2']:.2f}")
-    fig.update_layout(title="Per-request joules against semantic cost", xaxis_title="semantic cost", yaxis_title="J per request")
+    print(ef.joule_fit_text(calib))
+    fig = ef.joule_fit_figure(calib)
     save_figure(fig, cfg, "05_cost_to_joules", "05_etokens")
     fig.show()
-    hits = pd.DataFrame([{k: b[k] for k in ("predictor", "fraction", "budget_j", "hit10")} | {"median_measured_j": pd.Series(b["measured_j"]).median()}
-                         for b in calib["budgets"]])
-    print(hits.round(4).to_string(index=False))
+    print(ef.joule_budget_table(calib).round(4).to_string(index=False))
 
 # %% [markdown]
 # ## What this run shows
 
 # %%
 # NBVAL_CHECK_OUTPUT
-if has_energy:
-    gpus = ", ".join(sorted(table.loc[table["total_j"].notna(), "gpu_name"].unique()))
-    batches = ", ".join(str(int(b)) for b in sorted(table["batch_size"].unique()))
-    print(f"Measured GPU energy ({gpus}): e-tokens for {table['model'].nunique()} model(s) x {table['task'].nunique()} "
-          f"tasks, the prefill/decode split and batch sizes {batches}; every row names its GPU, batch size and window "
-          f"length (shortest phase window {table['window_s_min'].min():.2f} s). {window_resolution_note(energy_rows)}.")
-    if "skipped" in calib:
-        print("The semantic-cost -> joules calibration and joule budgets were not measured in these results.")
-    else:
-        hits = ", ".join(f"{b['hit10']:.0%} at {b['budget_j']:.3g} J ({b['predictor']})" for b in calib["budgets"])
-        print(f"Calibration on {calib['model']} (batch 1): R^2 {calib['fit_tokens']['r2']:.2f} for J ~ tokens, "
-              f"{calib['fit_cost']['r2']:.2f} for J ~ semantic cost; joule-budget Hit@10%: {hits} (goal >= 90%).")
-else:
-    print(f"Run on the {profile_label(cfg)} on a machine without a GPU, and no GPU measurement is committed yet: this "
-          f"notebook reports no joules and no e-tokens. It shows CPU wall times and tokens/s per phase for "
-          f"{own['model'].nunique() if len(own) else 0} model(s) x {own['task'].nunique() if len(own) else 0} tasks, "
-          f"which say nothing about GPU energy. Left to measure on a GPU (scripts/gpu_results.sh, then "
-          f"scripts/gpu_etokens.sh): the e-token table, "
-          f"prefill vs decode joules, J/token vs batch size, the semantic-cost -> joules calibration and the "
-          f"joule-budget Hit@10%.")
+print(ef.etokens_summary(profile_label(cfg), table, energy_rows, has_energy, calib, own))

@@ -218,3 +218,12 @@ def test_against_ceiling_takes_the_absolute_goal_or_ninety_percent_of_a_lower_ce
     assert out["token_spearman"]["goal"] == pytest.approx(0.495) and out["token_spearman"]["met"]
     assert out["continuation_r2"]["goal"] == 0.5 and not out["continuation_r2"]["met"]
     assert out["token_spearman"]["ratio"] == pytest.approx(0.5 / 0.55)
+
+
+def test_budgets_reach_proxy_units_through_each_dimensions_calibration(backbone):
+    model = MetabolicGPT2(backbone, MetabolicSettings(K=3))
+    budgets = torch.tensor([[0.5, 0.5, 0.5], [0.05, 0.05, 0.05]])
+    torch.testing.assert_close(model.budget_in_proxy(budgets), budgets)  # identity before any fit
+    model.set_calibration(np.array([0.1, 0.1, 0.1]), np.array([2.0, 0.0, -1.0]))
+    want = torch.tensor([[0.2, 0.5, 0.5], [0.0, 0.05, 0.05]])  # (B - a) / b, floored at 0; no positive slope: B
+    torch.testing.assert_close(model.budget_in_proxy(budgets), want)

@@ -52,7 +52,9 @@ def test_gradient_csc_is_seeded_and_ranks_tokens(labeller, exact):
     b = gradient_csc(labeller, [ids], probes=8, seed=3)[0]
     np.testing.assert_array_equal(a, b)
     assert (a >= 0).all() and a.shape == csc.shape
-    assert fidelity([csc], [a])["spearman_mean"] > 0.0  # positive association with exact ranks
+    # It ranks tokens like exact CSC: 0.95 on this text at seed 3 (0.70-0.95 over seeds 0-5). Ranking by a
+    # token's character length scores 0.74 here, by reversed position 0.39: "> 0" could not tell them apart.
+    assert fidelity([csc], [a])["spearman_mean"] > 0.8
 
 
 def test_fidelity_bounds_and_bad_input():

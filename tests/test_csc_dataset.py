@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from metabolic.core.errors import DataError
+from metabolic.core.errors import ConfigError, DataError
 
 # Five short sequences (<= 8 tokens), one per chunk, so that an interruption can fall between chunks.
 CACHE_OVERRIDES = {"corpus.seq_len": 8, "csc.max_sequences": 3, "csc.max_valid_sequences": 2, "csc.chunk_sequences": 1}
@@ -175,7 +175,7 @@ def test_sequence_totals(values, data):
 def test_totals_reject_bad_input():
     from metabolic.csc.dataset import csc_stats, sequence_totals
 
-    with pytest.raises(DataError, match="scale='words'"):
+    with pytest.raises(ConfigError, match="scale='words'"):  # a setting: metabolic.core.budget.check_scale
         sequence_totals([np.ones(2)], "words")
     with pytest.raises(DataError, match="one per sequence"):
         sequence_totals([np.ones(2)], "length", lengths=[1, 2])

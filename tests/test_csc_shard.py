@@ -61,12 +61,13 @@ def _rank(rank: int, port: int, data_root: Path, cfg, record: Path, kill: bool) 
     import json
 
     from metabolic.csc.labeller import CSCLabeller
+    from metabolic.pipeline import csc as csc_stage
     from metabolic.pipeline import stages
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), METABOLIC_DATA=str(data_root))
     seen: dict = {"shard": {}, "chunks_labelled": 0}
-    real_groups, real_shard = CSCLabeller.label_groups, stages.label_shard
+    real_groups, real_shard = CSCLabeller.label_groups, csc_stage.label_shard
 
     def watched_groups(self, *args, **kwargs):
         for item in real_groups(self, *args, **kwargs):
@@ -82,7 +83,7 @@ def _rank(rank: int, port: int, data_root: Path, cfg, record: Path, kill: bool) 
         return seen["shard"][name]
 
     CSCLabeller.label_groups = watched_groups  # in this rank's process only
-    stages.label_shard = watched_shard
+    csc_stage.label_shard = watched_shard
     record.write_text(json.dumps(seen))
     stages.csc_labels(cfg, progress=False)
 
@@ -145,7 +146,7 @@ def test_killed_sharded_run_resumes_with_torchrun_byte_identical_to_one_process(
 
 def test_shard_from_env_reads_torchrun_and_rejects_bad_values():
     from metabolic.core.errors import ConfigError
-    from metabolic.csc.dataset import shard_from_env
+    from metabolic.csc.sharding import shard_from_env
 
     assert shard_from_env({}) == (0, 1)  # outside torchrun: one process, as always
     assert shard_from_env({"RANK": "1", "WORLD_SIZE": "3"}) == (1, 3)
@@ -167,7 +168,7 @@ def test_cli_under_torchrun_shards_only_the_csc_stage(monkeypatch, capsys):
 
 def test_ranks_without_a_rendezvous_address_are_told_to_use_torchrun():
     from metabolic.core.errors import ConfigError
-    from metabolic.csc.dataset import shard_group
+    from metabolic.csc.sharding import shard_group
 
     env = {"RANK": "0", "WORLD_SIZE": "2"}
     with pytest.raises(ConfigError, match="without MASTER_ADDR and MASTER_PORT: start the ranks with torchrun"):

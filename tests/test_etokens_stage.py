@@ -164,7 +164,7 @@ def test_stage_on_cpu_records_unavailable_energy(small_cfg):
     from metabolic.energy.measurement import paths_agree
 
     assert paths_agree(rows) == {"cells_with_several_paths": 2, "identical_outputs": 2}
-    assert "energy unavailable" in res.calibration["skipped"]
+    assert "energy unavailable" in res.joule_fit["skipped"]
     table = summarise(rows)
     assert len(table) == 4 and all(t["total_j"] is None and t["repeats"] == 2 for t in table)
     again = measure_etokens(small_cfg, progress=False)  # reused, not re-measured
@@ -173,7 +173,7 @@ def test_stage_on_cpu_records_unavailable_energy(small_cfg):
 
 def test_grid_with_mocked_gpu_counter(small_cfg, tokenizer, tmp_path):
     from metabolic.energy.grid import run_grid
-    from metabolic.energy.measurement import machine_info, run_calibration
+    from metabolic.energy.measurement import machine_info, run_joule_fit
     from metabolic.energy.meter import EnergyMeter
     from metabolic.pipeline import stages
 
@@ -187,7 +187,7 @@ def test_grid_with_mocked_gpu_counter(small_cfg, tokenizer, tmp_path):
         grid = run_grid(cfg.energy, cfg.seed, meter, tokenizer, valid, specs, torch.device("cpu"), machine,
                         tmp_path / "cells", progress=False)
         rows, skipped = grid.rows, grid.skipped
-        calib = run_calibration(cfg.energy, cfg.seed, meter, tokenizer, valid, np.ones(len(tokenizer)), torch.device("cpu"),
+        calib = run_joule_fit(cfg.energy, cfg.seed, meter, tokenizer, valid, np.ones(len(tokenizer)), torch.device("cpu"),
                                 progress=False)
         meter.close()
     assert not skipped and len(rows) == 2
@@ -217,7 +217,7 @@ def test_cpu_machine_only_merges_copied_gpu_results(small_cfg):
     """With GPU results copied into data/<profile>/etokens/, a CPU machine merges them instead of measuring."""
     from metabolic.core import artefacts
     from metabolic.energy.etokens import etokens
-    from metabolic.energy.measurement import CALIBRATION, ROWS
+    from metabolic.energy.measurement import JOULE_FIT_FILE, ROWS
     from metabolic.pipeline.stages import measure_etokens
 
     cfg = small_cfg
@@ -229,13 +229,13 @@ def test_cpu_machine_only_merges_copied_gpu_results(small_cfg):
            "n_params": 1, "compiled": False, "total_j": 92.0, "e_in_wh": e.e_in_wh, "e_out_wh": e.e_out_wh,
            "preprocess_window_s": 1.0, "prefill_window_s": 1.0, "full_window_s": 1.2}
     artefacts.atomic_write_text(gpu_folder / ROWS, __import__("json").dumps(row) + "\n")
-    artefacts.atomic_write_json(gpu_folder / CALIBRATION, {"model": "tiny", "points": []})
+    artefacts.atomic_write_json(gpu_folder / JOULE_FIT_FILE, {"model": "tiny", "points": []})
     try:
         res = measure_etokens(cfg, progress=False)
         assert not res.measured_here and res.folder is None
         gpu_rows = [r for r in res.rows if r["results_file"].startswith(gpu_folder.name)]
         assert len(gpu_rows) == 1 and gpu_rows[0]["total_j"] == 92.0
-        assert res.calibration == {"model": "tiny", "points": []}
+        assert res.joule_fit == {"model": "tiny", "points": []}
         bad = {**row, "e_in_wh": row["e_in_wh"] * 2}
         artefacts.atomic_write_text(gpu_folder / ROWS, __import__("json").dumps(bad) + "\n")
         with pytest.raises(DataError, match="e_in/e_out"):

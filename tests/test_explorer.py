@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from metabolic.model.calibration import ProxyCalibration
+from metabolic.core.budget import ProxyCalibration
 from metabolic.report.explorer import BudgetExplorer, cost_colour, gauge_html
 from tiny_lm import tiny_gpt2, token_costs
 
@@ -56,16 +56,22 @@ def test_moving_the_slider_regenerates(explorer):
     pytest.importorskip("ipywidgets")
     ui = explorer.widget()
     assert ui is not None
+    ws = explorer._widgets
     first = explorer.renders
-    before = explorer._widgets["output"].value
-    explorer._widgets["budget"].value = 2.5
+    ws["budget"].value = 2.5
     assert explorer.renders == first + 1
-    assert explorer.last.budget_csc == 2.5
-    assert explorer._widgets["status"].value.count(f'data-renders="{first + 1}"') == 1
-    explorer._widgets["prompt"].value = ""
-    assert "error" in explorer._widgets["output"].value  # shown in the widget, not raised
-    explorer._widgets["prompt"].value = "The history of the city"
-    assert explorer._widgets["output"].value != before or explorer.last.error is None
+    assert explorer.last.budget_csc == 2.5 and explorer.last.error is None
+    assert ws["output"].value == explorer.last.text_html and ws["gauge"].value == explorer.last.gauge_html
+    assert ws["status"].value.count(f'data-renders="{first + 1}"') == 1
+    ws["prompt"].value = ""
+    assert explorer.renders == first + 2
+    assert ws["output"].value == explorer.last.text_html and "error:" in ws["output"].value  # shown, not raised
+    ws["prompt"].value = "The history of the city"
+    # regenerated from the widgets' values: the same text as rendering those inputs directly (seeded), no error left
+    assert explorer.renders == first + 3 and explorer.last.error is None
+    expected = explorer.render("The history of the city", 2.5, ws["temperature"].value, ws["max_new_tokens"].value)
+    assert ws["output"].value == expected.text_html and "error:" not in ws["output"].value
+    assert ws["status"].value.count(f'data-renders="{first + 3}"') == 1
 
 
 def test_seed_and_resample_regenerate_once_each(explorer):

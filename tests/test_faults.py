@@ -22,6 +22,7 @@ from metabolic.core import artefacts, resume
 from metabolic.core.errors import DivergedError
 from metabolic.core.profiles import load_config
 from metabolic.model.backbone import scratch_model
+from metabolic.pipeline import prior as prior_stage
 from metabolic.pipeline import stages
 from metabolic.train.pretrain import pretrain
 from test_backbone import TINY, _blocks
@@ -117,8 +118,8 @@ def test_a_damaged_artefact_is_rebuilt_identical_with_one_line(tiny_cfg, run_cop
 def test_a_kill_while_a_stage_commits_loses_no_work(tiny_cfg, run_copy, monkeypatch, kill_at):
     clean = _sha(run_copy / "prior" / "prior.npz")
     _flip(run_copy / "prior" / "prior.npz")  # so that the stage rebuilds and commits over an old folder
-    builds, real_build = [], stages.build_prior
-    monkeypatch.setattr(stages, "build_prior", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    builds, real_build = [], prior_stage.build_prior
+    monkeypatch.setattr(prior_stage, "build_prior", lambda *a, **k: builds.append(1) or real_build(*a, **k))
     real_replace, seen = os.replace, []
 
     def replace(src, dst):

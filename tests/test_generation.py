@@ -19,7 +19,7 @@ from metabolic.generate.budgeted import (
     sentence_end_mask,
     stop_rule,
 )
-from metabolic.model.calibration import ProxyCalibration
+from metabolic.core.budget import ProxyCalibration
 from tiny_lm import tiny_gpt2, token_costs
 
 PROMPTS = ["The future of artificial intelligence", "Hello"]  # different lengths: left padding is exercised
@@ -149,11 +149,12 @@ def test_generation_stops_near_budget_per_row(model, tokenizer, costs):
                                 max_new_tokens=30, steer=False, seed=1)
     top = float(costs.max())
     for g, b in zip(gens, budgets):
-        if g.stopped_by == "budget":
-            assert b - top <= g.spent_proxy <= b + top
-            assert abs(g.spent_proxy - b) <= top / 2 + max(c for c in costs[g.generated_ids].tolist()) / 2 + 1e-9
+        # 30 tokens at ~0.17 each would spend ~5: both budgets bind, so both rows end at their budget
+        assert g.stopped_by == "budget" and 0 < len(g.generated_ids) < 30
+        assert b - top <= g.spent_proxy <= b + top
+        assert abs(g.spent_proxy - b) <= top / 2 + max(c for c in costs[g.generated_ids].tolist()) / 2 + 1e-9
         assert g.spent_proxy == pytest.approx(float(costs[g.generated_ids].double().sum()))
-    assert len(gens[0].generated_ids) < len(gens[1].generated_ids) or gens[1].stopped_by != "budget"
+    assert len(gens[0].generated_ids) < len(gens[1].generated_ids)  # the larger budget's row runs longer
 
 
 def test_steering_moves_spend_towards_the_budget(model, tokenizer, costs):

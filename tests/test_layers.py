@@ -135,3 +135,9 @@ def test_only_pipeline_and_report_unpack_the_study_config():
         if len(parts) > 1 and parts[1] in allowed:
             continue
         assert "StudyConfig" not in path.read_text(encoding="utf-8"), f"{module} uses StudyConfig: pass it a config section"
+
+
+def test_pipeline_modules_stay_small():
+    """One small module per stage: no module of `pipeline` grows into a hub again (issue 23: <= 450 lines)."""
+    sizes = {m: len(p.read_text(encoding="utf-8").splitlines()) for m, p in MODULES.items() if m.startswith("metabolic.pipeline.")}
+    assert sizes and not {m: n for m, n in sizes.items() if n > 450}

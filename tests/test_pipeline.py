@@ -39,3 +39,20 @@ def test_corpus_stage_matches_the_papers_counts(tiny_cfg):
     seqs = stages.train_sequences(tiny_cfg, data)
     assert len(seqs) == 64 and max(map(len, seqs)) <= 32
     assert seqs == stages.train_sequences(tiny_cfg, data)
+
+
+def test_every_stage_follows_the_stage_protocol(tiny_cfg):
+    from metabolic.pipeline.corpus import CorpusStage
+    from metabolic.pipeline.csc import CSCStage
+    from metabolic.pipeline.etokens import EtokenStage
+    from metabolic.pipeline.pretrain import PretrainStage
+    from metabolic.pipeline.prior import PriorStage
+    from metabolic.pipeline.stage import Stage
+    from metabolic.pipeline.train import TrainStage
+
+    for cls in (CorpusStage, PretrainStage, PriorStage, CSCStage, TrainStage, EtokenStage):
+        assert all(callable(getattr(cls, name, None)) for name in ("description", "build", "load")), cls
+        assert isinstance(cls.required, tuple) and cls.required, cls
+    stage = CorpusStage(tiny_cfg)
+    assert isinstance(stage, Stage) and stage.folder == "corpus"
+    assert stages.corpus(tiny_cfg).fingerprint == artefacts.fingerprint(stage.description())

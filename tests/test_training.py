@@ -187,7 +187,9 @@ def test_training_runs_log_every_monitored_quantity(runs, variant, data):
         assert rows[-1]["target_budget"] == pytest.approx(float(np.mean(data.targets)))
     else:
         assert all(r["shape"] == 1.0 for r in rows)
-        assert rows[0]["target_budget"] == pytest.approx(float(np.nanmean(data.train_totals)))
+        # each text's own CSC total, held to in proxy units through the calibration fitted on the same pairs:
+        # no average gap is left once the calibration has points (lambda does not run away)
+        assert rows[-1]["target_budget"] > 0 and abs(rows[-1]["err"]) < 0.25 * rows[-1]["target_budget"]
     best = min(rows, key=lambda r: (r["balanced_score"], -r["epoch"]))
     assert result.best_epoch == best["epoch"]
     assert best["balanced_score"] == pytest.approx(

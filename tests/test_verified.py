@@ -240,7 +240,7 @@ def test_steered_rows_sit_beside_the_unsteered_ones(model, tokenizer, labeller):
     """Steered rows for each N on the scales with a calibration, labels per generation, steered candidates."""
     from metabolic.evaluate.verified_rows import SteeredRows, verified_tables
     from metabolic.generate.verified import steering
-    from metabolic.model.calibration import ProxyCalibration
+    from metabolic.core.budget import ProxyCalibration
     from tiny_lm import token_costs
 
     costs = token_costs(len(tokenizer))
@@ -269,7 +269,7 @@ def test_steered_rows_sit_beside_the_unsteered_ones(model, tokenizer, labeller):
 
 
 def test_explorer_verified_mode_reflects_candidates_and_seed(model, tokenizer, labeller):
-    from metabolic.model.calibration import ProxyCalibration
+    from metabolic.core.budget import ProxyCalibration
     from metabolic.report.explorer import BudgetExplorer
     from tiny_lm import token_costs
 

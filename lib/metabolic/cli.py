@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             print(cfg.to_json())
         elif args.command == "run":
             from metabolic.core import artefacts
-            from metabolic.csc.dataset import shard_from_env
+            from metabolic.csc.sharding import shard_from_env
             from metabolic.pipeline import stages
 
             names = [s.strip() for s in args.stages.split(",") if s.strip()]

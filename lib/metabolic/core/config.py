@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
+from metabolic.core.budget import SCALES, Scale
 from metabolic.core.errors import ConfigError
 
 
@@ -155,10 +156,10 @@ class CSCConfig:
     positions: Literal["all", "subset"] = "all"  # label every position, or a seeded subset per text
     positions_per_sequence: int = 32  # with positions="subset"
     # Counterfactual texts per encoder batch. Not in the CSC cache key: labels at any batch size agree
-    # to < 1e-6 (padding changes float rounding only; see pipeline.stages.csc_description_keys).
+    # to < 1e-6 (padding changes float rounding only; see pipeline.csc.csc_description_keys).
     batch_size: int = 256
     precision: Literal["fp32", "tf32", "fp16"] = "fp32"  # reduced precision only on CUDA (see csc.py)
-    scale: Literal["raw", "length"] = "raw"  # "length": T x CSC_t, totals that grow with content
+    scale: Scale = "raw"  # "length": T x CSC_t, totals that grow with content (metabolic.core.budget)
     seed: int = 0
     # Sequences per resumable chunk of the cache: an interrupted labelling run loses at most one chunk.
     chunk_sequences: int = 32
@@ -245,7 +246,10 @@ class TrainConfig:
 class GenerationConfig:
     """Budget-conditioned generation and its evaluation (paper V.C, VI.C)."""
 
-    budgets: tuple[float, ...] = ()  # CSC-space budgets; empty = the training budgets
+    # CSC-space budgets. Empty: the evaluation, notebook 04 and the explorer take the train.budget_quantiles
+    # of the true CSC of training-text continuations (metabolic.evaluate.budgets.budget_levels); the
+    # e-token stage measures a MetabolicGPT-2 at train.budgets, else at the targets it was trained on.
+    budgets: tuple[float, ...] = ()
     prompts: tuple[str, ...] = ("The future of artificial intelligence",)
     n_valid_prompts: int = 32  # prompts taken from the validation split, seeded
     prompt_tokens: int = 16  # tokens of each validation text used as its prompt
@@ -265,7 +269,7 @@ class GenerationConfig:
     verified_max_new_tokens: int = 128
     verified_band: float = 0.10  # the band the controller aims for (Hit@10 asks for +-10%)
     verified_max_probes: int = 6  # prefixes labelled per candidate at most
-    verified_scales: tuple[str, ...] = ("raw", "length")
+    verified_scales: tuple[str, ...] = SCALES  # ("raw", "length")
     # The verified controller on candidates steered towards the budget by the learned costs: N per row
     # (empty = no steered rows); one pool per scale and level, so each N costs sampling and labels.
     verified_steered_candidates: tuple[int, ...] = (1, 2, 4)
@@ -285,8 +289,8 @@ class GenerationConfig:
                  "generation.verified_steered_candidates", self.verified_steered_candidates,
                  "give candidate counts >= 1, e.g. (1, 2, 4), or () for no steered rows")
         _require(0 < self.verified_band < 1, "generation.verified_band", self.verified_band, "use a fraction in (0, 1)")
-        _require(len(self.verified_scales) > 0 and set(self.verified_scales) <= {"raw", "length"},
-                 "generation.verified_scales", self.verified_scales, "choose among raw, length")
+        _require(len(self.verified_scales) > 0 and set(self.verified_scales) <= set(SCALES),
+                 "generation.verified_scales", self.verified_scales, f"choose among {', '.join(SCALES)}")
 
 
 @dataclass(frozen=True)

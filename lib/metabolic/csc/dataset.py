@@ -12,15 +12,14 @@ Totals of a sequence (`sequence_totals`):
   sequence (positions="subset": NaN = not labelled) is extrapolated as mean(labelled) x n_counted,
   the unbiased estimate of the full sum under the seeded uniform subset; a sequence with no label
   has total NaN and is left out of the statistics.
-- `scale="length"`: raw total x T, T = length of the text the labels were computed on. Total CSC
-  of a text is nearly flat in its length (per-token CSC falls like 1/T, README, measured facts), so raw budgets
-  cannot be met by writing more or less; T x CSC_t restores totals that grow with content.
+- `scale="length"`: raw total x T, T = length of the text the labels were computed on (the scale
+  and why it exists: `metabolic.core.budget`).
 
 The artefact `data/<profile>/csc/` holds `csc.npz` (ids and labels of both splits, ragged arrays as
 flat + offsets). It is built chunk by chunk into `csc.partial/chunks/` (each chunk written
 atomically), so an interrupted run resumes at the first missing chunk and gives the same labels.
 Under torchrun the ranks share the chunks (`label_shard`: chunk k on rank k % world, all writing into
-the one partial) and rank 0 alone merges and commits (`metabolic.pipeline.stages.csc_labels`);
+the one partial) and rank 0 alone merges and commits (the rank protocol: `metabolic.csc.sharding`);
 labels are byte-identical to one process's.
 Its fingerprint covers the encoder (name and weights hash), the tokenizer, the corpus and its
 selection, the position policy, the precision and device type, and the library version.
@@ -28,29 +27,25 @@ selection, the position policy, the precision and device type, and the library v
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
-import os
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from metabolic.core import artefacts
 from metabolic.core.artefacts import pack_ragged, unpack_ragged
+from metabolic.core.budget import check_scale, length_factor
 from metabolic.core.config import CSCConfig
 from metabolic.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 DATA_FILE = "csc.npz"
-SCALES = ("raw", "length")
 STAT_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 
 
@@ -75,8 +70,7 @@ def sequence_totals(csc_list: Sequence[np.ndarray], scale: str = "raw", lengths:
 
     `lengths[i]` is T for the length scale (default: `len(csc_list[i])`), e.g. prompt + generation.
     """
-    if scale not in SCALES:
-        raise DataError(f"scale={scale!r} is invalid: choose one of {', '.join(SCALES)}")
+    check_scale(scale)
     if lengths is not None and len(lengths) != len(csc_list):
         raise DataError(f"lengths has {len(lengths)} entries for {len(csc_list)} sequences: give one per sequence")
     totals = np.full(len(csc_list), np.nan, dtype=np.float64)
@@ -87,16 +81,14 @@ def sequence_totals(csc_list: Sequence[np.ndarray], scale: str = "raw", lengths:
         if n == 0:
             continue
         totals[i] = c[labelled].mean() * c.size  # = the plain sum when every token is labelled
-        if scale == "length":
-            totals[i] *= c.size if lengths is None else lengths[i]
+        totals[i] *= length_factor(scale, c.size if lengths is None else lengths[i])
     return totals
 
 
 def scale_labels(csc_list: Sequence[np.ndarray], scale: str = "raw") -> list[np.ndarray]:
     """Per-token labels on `scale`: raw CSC_t, or T x CSC_t (their sum is `sequence_totals`)."""
-    if scale not in SCALES:
-        raise DataError(f"scale={scale!r} is invalid: choose one of {', '.join(SCALES)}")
-    return [np.asarray(c, np.float32) * (c.size if scale == "length" else 1) for c in csc_list]
+    check_scale(scale)
+    return [np.asarray(c, np.float32) * length_factor(scale, c.size) for c in csc_list]
 
 
 def budget_names(quantiles: Sequence[float]) -> tuple[str, ...]:
@@ -232,59 +224,6 @@ def label_shard(labeller, name: str, split: int, sequences: list[list[int]], csc
     labelled = _label_chunks(labeller, name, split, sequences, csc, work, (rank, world), progress)[1]
     log.info("CSC %s: rank %d of %d labelled chunks %s", name, rank, world, labelled)
     return labelled
-
-
-# --- several processes (torchrun) ---------------------------------------------------------------
-
-# A rank waits at a barrier for the slowest rank's share, which can take hours on the paper profile;
-# torchrun stops every rank when one fails, so a long wait never outlives a crash.
-SHARD_TIMEOUT = timedelta(hours=12)
-
-
-def shard_from_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
-    """(rank, world size) of this process under torchrun (`RANK`, `WORLD_SIZE`), else (0, 1)."""
-    if "WORLD_SIZE" not in environ and "RANK" not in environ:
-        return 0, 1
-    try:
-        rank, world = int(environ.get("RANK", "")), int(environ.get("WORLD_SIZE", ""))
-    except ValueError:
-        raise ConfigError(f"RANK={environ.get('RANK')!r}, WORLD_SIZE={environ.get('WORLD_SIZE')!r} are invalid: "
-                          f"start the ranks with torchrun, or unset both for one process") from None
-    if not (world >= 1 and 0 <= rank < world):
-        raise ConfigError(f"RANK={rank}, WORLD_SIZE={world} are invalid: need 0 <= RANK < WORLD_SIZE")
-    return rank, world
-
-
-@contextlib.contextmanager
-def shard_group(environ: Mapping[str, str] = os.environ) -> Iterator[tuple[int, int]]:
-    """(rank, world size) for the duration, joined to torchrun's process group when world > 1.
-
-    The ranks exchange only a few small messages (no tensors), so the group is gloo on CPU and GPU
-    alike; a group the caller already started is used as it is and left running."""
-    rank, world = shard_from_env(environ)
-    if world == 1 or dist.is_initialized():
-        yield rank, world
-        return
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
-    if missing:
-        raise ConfigError(f"RANK={rank}, WORLD_SIZE={world} without {' and '.join(missing)}: start the ranks with "
-                          f"torchrun (it sets them), or unset RANK and WORLD_SIZE for one process")
-    dist.init_process_group("gloo", timeout=SHARD_TIMEOUT)
-    try:
-        yield rank, world
-    finally:
-        dist.destroy_process_group()
-
-
-def broadcast(obj: Any) -> Any:
-    """Rank 0's `obj`, on every rank."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier() -> None:
-    dist.barrier()
 
 
 def save_data(path: Path, train: Sequence[Sequence[int]], train_csc: Sequence[np.ndarray],

@@ -170,22 +170,6 @@ class CSCLabeller:
         pos = np.arange(arr.size) if positions is None else np.asarray(positions, dtype=np.int64)
         return self.tokenizer.batch_decode(counterfactual_ids(arr, pos))
 
-    @torch.inference_mode()
-    def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """Normalised fp32 embeddings of `texts` (rows in input order), with this labeller's settings."""
-        texts = list(texts)
-        out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=self.device)
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        for start in range(0, len(texts), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            batch = self._tokenize([texts[i] for i in idx])
-            if batch["input_ids"].shape[1] > self.window:
-                raise DataError(f"a text has {batch['input_ids'].shape[1]} word pieces > the encoder window {self.window}: "
-                                f"shorten it (the labeller marks such texts NaN instead)")
-            emb = self.embed_batch(batch)
-            out[torch.as_tensor(idx, device=self.device)] = emb
-        return out
-
     @property
     def dim(self) -> int:
         get = getattr(self.encoder, "get_embedding_dimension", None) or self.encoder.get_sentence_embedding_dimension
@@ -249,11 +233,6 @@ class CSCLabeller:
         """Word pieces of the full texts that fit the window and of their counterfactuals."""
         rows, owner, position = self.splicer.rows([seqs[i] for i in chunk], [pos[i] for i in chunk], self.window)
         return _Plan(rows, np.asarray(chunk, dtype=np.int64)[owner] if owner.size else owner, position)
-
-    def _tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
-        enc = self.enc_tokenizer(texts, add_special_tokens=True, truncation=False, padding="longest",
-                                 return_attention_mask=True, return_token_type_ids=False, return_tensors="np", verbose=False)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def _batches(self, plan: _Plan) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
         """Batches of rows sorted by word-piece length (little padding), gathered on the device from the

@@ -1,1 +1,1 @@
-"""Measured inference energy: the NVML meter, workloads, per-query measurement, e-tokens, joule calibration."""
+"""Measured inference energy: the NVML meter, workloads, per-query measurement, e-tokens, the joule fit (semantic cost -> joules)."""

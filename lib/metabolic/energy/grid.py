@@ -31,12 +31,12 @@ from metabolic.energy.measurement import (
     measure_cell,
     measure_preprocess,
     outputs_agree_across_paths,
-    run_calibration,
+    run_joule_fit,
     sync_for,
 )
 from metabolic.energy.meter import EnergyMeter
 from metabolic.energy.plan import (
-    CALIBRATION,
+    JOULE_FIT,
     CELL,
     H100,
     PREPROCESS,
@@ -59,20 +59,16 @@ CELLS = "cells"  # the folder of kept unit records, inside the stage's (partial)
 
 @dataclass(frozen=True)
 class Grid:
-    """What the grid holds so far: rows of every measured cell, skipped cells, the calibration."""
+    """What the grid holds so far: rows of every measured cell, skipped cells, the joule fit."""
 
     rows: list[dict]
     skipped: list[dict]
-    calibration: dict[str, Any]
+    joule_fit: dict[str, Any]  # semantic cost -> joules (`metabolic.energy.measurement.run_joule_fit`), or why not
     plan: Plan  # as it stood when this run started (the units left, in parts)
     whole_plan: Plan  # the whole grid as if nothing were measured: what the artefact records
     records: dict[str, dict]  # unit key -> kept record
     measured_now: list[str]  # unit keys measured by this run
     complete: bool
-
-    @property
-    def units_total(self) -> int:
-        return len(self.plan.units)
 
 
 def load_records(cells: Path) -> dict[str, dict]:
@@ -102,9 +98,9 @@ class _Runner:
 
     def measure(self, unit: Unit) -> dict[str, Any]:
         e = self.e
-        if unit.kind == CALIBRATION:
+        if unit.kind == JOULE_FIT:
             self.close()
-            return {"calibration": run_calibration(e, self.seed, self.meter, self.tokenizer, self.valid,
+            return {"calibration": run_joule_fit(e, self.seed, self.meter, self.tokenizer, self.valid,
                                                    self.token_cost(), self.device, self.progress)}
         prompts = pick_prompts(self.valid, unit.batch_size, unit.task.input_tokens, self.seed)
         if unit.kind == PREPROCESS:
@@ -233,13 +229,13 @@ def run_grid(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid: S
                  "measure the next part%s", len(records), len(units), len(measured), clock.elapsed_s,
                  " (without energy.only for the units it left out)" if e.only else "")
     rows, skipped = assemble(units, records, e)
-    if CALIBRATION in records:
-        calibration = records[CALIBRATION]["calibration"]
+    if JOULE_FIT in records:
+        joule_fit = records[JOULE_FIT]["calibration"]  # the key persisted unit records keep
     elif not meter.available:
-        calibration = {"skipped": f"energy unavailable: {meter.reason}"}
+        joule_fit = {"skipped": f"energy unavailable: {meter.reason}"}
     elif not e.calibrate:
-        calibration = {"skipped": "energy.calibrate=false for this run"}
+        joule_fit = {"skipped": "energy.calibrate=false for this run"}
     else:
-        calibration = {"skipped": "not measured yet: the grid is unfinished"}
+        joule_fit = {"skipped": "not measured yet: the grid is unfinished"}
     whole = make_plan(e, units, tasks, seed, throughput=throughput)
-    return Grid(rows, skipped, calibration, plan, whole, records, measured, complete)
+    return Grid(rows, skipped, joule_fit, plan, whole, records, measured, complete)

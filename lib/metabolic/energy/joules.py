@@ -1,7 +1,8 @@
 """From semantic cost and tokens to joules, and generation within a joule budget (the paper's future work).
 
-Calibration: per-request joules (measured, windows of repeated identical requests) against a
-predictor, fitted by ordinary least squares with an intercept:
+The joule fit (the e-tokens note's and the `energy.calibrate` settings' "calibration"; in this study
+"calibration" alone means the proxy <-> CSC map of eq. 17): per-request joules (measured, windows of
+repeated identical requests) against a predictor, fitted by ordinary least squares with an intercept:
 
 * ``tokens``: J ~ a + b * T_in + c * T_out (prefill and decode cost grow with their token counts);
 * ``cost``:   J ~ a + b * semantic_cost (the request's predicted semantic cost).
@@ -9,7 +10,7 @@ predictor, fitted by ordinary least squares with an intercept:
 R^2 and residuals are reported as they come; a poor fit is a finding, not an error.
 
 Physical budget: `JouleBudgetStopping` is a transformers `StoppingCriteria` that predicts the
-request's joules from the calibration after each generated token and stops a sequence before the
+request's joules from the joule fit after each generated token and stops a sequence before the
 next token would exceed its joule budget. Hit@10% compares the budget with the *measured* joules.
 """
 
@@ -58,7 +59,7 @@ def fit_linear(x: Sequence[Sequence[float]], y: Sequence[float], names: Sequence
     if X.shape[1] != len(names):
         raise DataError(f"{X.shape[1]} predictor columns but names {tuple(names)}")
     if not (np.all(np.isfinite(X)) and np.all(np.isfinite(Y))):
-        raise DataError("calibration points contain NaN or infinite values: drop faulty measurements first")
+        raise DataError("joule-fit points contain NaN or infinite values: drop faulty measurements first")
     if X.shape[0] <= X.shape[1] + 1:
         raise DataError(f"{X.shape[0]} points cannot fit {X.shape[1] + 1} parameters: measure more requests "
                         f"(energy.calib_requests)")

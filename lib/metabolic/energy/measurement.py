@@ -60,8 +60,8 @@ from metabolic.core.config import EnergyConfig
 from metabolic.core.errors import DataError
 from metabolic.energy.etokens import check_rows, etokens, spread
 from metabolic.energy.joules import JouleBudgetStopping, cost_predictor, fit_linear, tokens_predictor
-from metabolic.energy.meter import EnergyMeter, Measurement
-from metabolic.energy.plan import calibration_requests
+from metabolic.energy.meter import EnergyMeter, Measurement, active_energy_j, idle_energy_j
+from metabolic.energy.plan import joule_fit_requests
 from metabolic.energy.workloads import SCRATCH_SHAPES, ModelSpec, Task, load_model, pick_prompts
 from metabolic.evaluate.scoring import hit_fraction
 
@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 
 PHASES = ("preprocess", "prefill", "full")
 ROWS = "rows.jsonl"
-CALIBRATION = "calibration.json"
+JOULE_FIT_FILE = "calibration.json"  # the joule fit (file name kept for results already measured)
 MACHINE = "machine.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -244,10 +244,11 @@ def phase_row(windows: dict[str, dict], batch_size: int, task: Task, idle: dict[
     row["idle_window_s"] = idle["time_s"]
     if available:
         row["total_j"] = row["preprocess_j"] + row["full_j"]
-        row["idle_j"] = idle["power_w"] * row["total_s_per_query"]
+        row["idle_j"] = idle_energy_j(idle["power_w"], row["total_s_per_query"])
         active_bound = (row["preprocess_resolution_j"] + row["full_resolution_j"]
                         + idle["resolution_w"] * row["total_s_per_query"])
-        row.update(resolved("active", row["total_j"] - row["idle_j"], active_bound))
+        row.update(resolved("active", active_energy_j(row["total_j"], idle["power_w"], row["total_s_per_query"]),
+                            active_bound))
         row.update(resolved("decode", row["full_j"] - row["prefill_j"],
                             row["full_resolution_j"] + row["prefill_resolution_j"]))
         row["j_per_output_token"] = row["total_j"] / task.output_tokens
@@ -272,10 +273,10 @@ def cell_rows(record: dict[str, Any], preprocess: dict[str, Any], task: Task, ba
     return rows
 
 
-# --- calibration and physical budgets (GPU only) -------------------------------------------------
+# --- the joule fit and physical budgets (GPU only) -------------------------------------------------
 
 
-def run_calibration(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid, token_cost, device: torch.device,
+def run_joule_fit(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid, token_cost, device: torch.device,
                     progress: bool = True) -> dict[str, Any]:
     """Per-request joules vs semantic cost and tokens; then generation within joule budgets, Hit@10%.
 
@@ -299,7 +300,7 @@ def run_calibration(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, v
     gen(warm, e.max_output_tokens)  # warm-up
     idle = idle_record(meter, e.idle_s)
     points = []
-    requests = calibration_requests(e, seed)
+    requests = joule_fit_requests(e, seed)
     for i, (t_in, t_out) in enumerate(tqdm(requests, desc="calibration", disable=not progress)):
         ids = torch.tensor(pick_prompts(valid, 1, t_in, seed + i), device=device)
         m, n, out = adaptive_window(meter, lambda: gen(ids, t_out), e.min_window_s, sync)  # noqa: B023
@@ -343,8 +344,9 @@ def run_calibration(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, v
 # --- the stage's description and results ----------------------------------------------------------
 
 
-def calibrations(root: Path) -> list[dict]:
-    return [artefacts.read_json(p) for p in sorted(Path(root).glob(f"*/{CALIBRATION}")) if ".partial" not in p.parent.name]
+def joule_fits(root: Path) -> list[dict]:
+    """Every finished machine's joule fit under `root` (one e-token folder per machine)."""
+    return [artefacts.read_json(p) for p in sorted(Path(root).glob(f"*/{JOULE_FIT_FILE}")) if ".partial" not in p.parent.name]
 
 
 def measured_model_keys(specs: Sequence[ModelSpec]) -> list[tuple[str, str, str | None]]:

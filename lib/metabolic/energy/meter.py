@@ -103,12 +103,26 @@ class IdleBaseline:
 
     def idle_energy_j(self, time_s: float) -> Optional[float]:
         """What the idle GPU draws in `time_s` seconds (None without an idle power)."""
-        return None if self.power_w is None else self.power_w * time_s
+        return idle_energy_j(self.power_w, time_s)
 
     def active_energy_j(self, energy_j: Optional[float], time_s: float) -> Optional[float]:
-        """Energy above idle: energy_j - idle power x time_s (None when either is unavailable)."""
-        idle = self.idle_energy_j(time_s)
-        return None if energy_j is None or idle is None else energy_j - idle
+        """Energy above idle over `time_s` seconds (see `active_energy_j`)."""
+        return active_energy_j(energy_j, self.power_w, time_s)
+
+
+def idle_energy_j(idle_power_w: Optional[float], time_s: float) -> Optional[float]:
+    """What the idle GPU draws in `time_s` seconds (None without an idle power)."""
+    return None if idle_power_w is None else idle_power_w * time_s
+
+
+def active_energy_j(energy_j: Optional[float], idle_power_w: Optional[float], time_s: float) -> Optional[float]:
+    """Energy above idle: energy_j - idle power x time_s (None when either is unavailable).
+
+    >>> active_energy_j(400.0, 140.0, 1.0), active_energy_j(None, 140.0, 1.0)
+    (260.0, None)
+    """
+    idle = idle_energy_j(idle_power_w, time_s)
+    return None if energy_j is None or idle is None else energy_j - idle
 
 
 def counter_delta_mj(start_mj: int, end_mj: int) -> int:

@@ -3,7 +3,8 @@
 A *unit* is measured and kept (persisted) as one piece, so a run cut off anywhere loses at most the
 unit in flight:
 
-* ``calibration``: the semantic-cost -> joules calibration and the joule budgets (batch 1);
+* ``calibration``: the joule fit (semantic cost and tokens -> joules, `metabolic.energy.joules`) and the
+  joule budgets (batch 1);
 * ``preprocess``: tokenising one batch of a task's texts, once per task x batch size (tokenising does
   not depend on the model or the serving path, so every generation cell of that task and batch size
   shares it);
@@ -44,7 +45,7 @@ from metabolic.core.config import EnergyConfig
 from metabolic.core.errors import ConfigError
 from metabolic.energy.workloads import ModelSpec, Task
 
-CALIBRATION = "calibration"
+JOULE_FIT = "calibration"  # the joule fit's unit kind and key (the name kept by persisted grids)
 PREPROCESS = "preprocess"
 CELL = "cell"
 # How a grid is split into runs (`energy.part_seconds`, `energy.only`): not what it measures, so not in its fingerprint.
@@ -113,8 +114,8 @@ class Unit:
     @property
     def key(self) -> str:
         """A file-safe name, unique within a grid."""
-        if self.kind == CALIBRATION:
-            return CALIBRATION
+        if self.kind == JOULE_FIT:
+            return JOULE_FIT
         if self.kind == PREPROCESS:
             return f"preprocess-{self.task.name}-b{self.batch_size}"
         return f"cell-{_safe(self.model.name)}-{self.path}-{self.task.name}-b{self.batch_size}"
@@ -138,7 +139,7 @@ def paths_for(spec: ModelSpec, paths: Sequence[str]) -> tuple[str, ...]:
 
 def grid_units(e: EnergyConfig, specs: Sequence[ModelSpec], tasks: Sequence[Task], calibrate: bool) -> list[Unit]:
     """Every unit of the grid, in measuring order."""
-    units = [Unit(CALIBRATION)] if calibrate else []
+    units = [Unit(JOULE_FIT)] if calibrate else []
     units += [Unit(PREPROCESS, task=t, batch_size=b) for t in tasks for b in e.batch_sizes]
     for spec in specs:
         for path in paths_for(spec, e.paths):
@@ -157,8 +158,8 @@ def select(units: Sequence[Unit], only: Sequence[str]) -> list[Unit]:
     return [u for u in units if u.key in chosen or (u.kind == PREPROCESS and (u.task.name, u.batch_size) in needed)]
 
 
-def calibration_requests(e: EnergyConfig, seed: int) -> list[tuple[int, int]]:
-    """(T_in, T_out) of each calibration request: seeded, the same on every machine."""
+def joule_fit_requests(e: EnergyConfig, seed: int) -> list[tuple[int, int]]:
+    """(T_in, T_out) of each request of the joule fit: seeded, the same on every machine."""
     rng = random.Random(seed + 17)
     return [(rng.randint(4, e.input_tokens), rng.randint(1, e.max_output_tokens)) for _ in range(e.calib_requests)]
 
@@ -194,8 +195,8 @@ class Estimator:
         w = e.min_window_s
         if unit.kind == PREPROCESS:
             return e.repeats * window_s(t.tokenize_s, w)
-        if unit.kind == CALIBRATION:
-            return self._calibration()
+        if unit.kind == JOULE_FIT:
+            return self._joule_fit()
         b, path = unit.batch_size, unit.path
         prefill = t.call_s(path, 1, b)
         full = t.call_s(path, unit.task.output_tokens, b)
@@ -208,11 +209,11 @@ class Estimator:
                 if len(state.compiled.get(unit.model.name, ())) < 2 else t.graph_record_s
         return s
 
-    def _calibration(self) -> float:
+    def _joule_fit(self) -> float:
         e, t = self.e, self.t
         w = e.min_window_s
         s = t.model_load_s + e.idle_s + t.call_s("default", e.max_output_tokens, 1)  # load and warm up
-        s += sum(window_s(t.call_s("default", t_out, 1), w) for _, t_out in calibration_requests(e, self.seed))
+        s += sum(window_s(t.call_s("default", t_out, 1), w) for _, t_out in joule_fit_requests(e, self.seed))
         # joule budgets stop a generation at about that fraction of the dearest request
         per_fraction = [window_s(t.call_s("default", max(1, round(f * e.max_output_tokens)), 1), w)
                         for f in e.budget_fractions]
@@ -221,8 +222,8 @@ class Estimator:
     @staticmethod
     def advance(state: ProcessState, unit: Unit) -> None:
         if unit.kind != CELL:
-            if unit.kind == CALIBRATION:
-                state.model = None  # the calibration model is dropped when it is done
+            if unit.kind == JOULE_FIT:
+                state.model = None  # the joule fit's model is dropped when it is done
             return
         state.model = unit.model.name
         state.warmed.add(unit.group)
@@ -263,7 +264,7 @@ class Plan:
     def describe(self) -> str:
         """The plan in words: what is measured, how often, how long on the plan's GPU, in which parts."""
         s = self.settings
-        kinds = {k: sum(u.kind == k for u in self.units) for k in (CALIBRATION, PREPROCESS, CELL)}
+        kinds = {k: sum(u.kind == k for u in self.units) for k in (JOULE_FIT, PREPROCESS, CELL)}
         models = list(dict.fromkeys(u.model.name for u in self.units if u.kind == CELL))
         paths = list(dict.fromkeys(u.path for u in self.units if u.kind == CELL))
         tasks = ", ".join(f"{t.name} {t.input_tokens}->{t.output_tokens}" for t in s["tasks"])
@@ -273,8 +274,8 @@ class Plan:
             f"  repeats {s['repeats']}; every phase window >= {s['min_window_s']} s of whole calls (prefill and full per cell, "
             f"preprocess once per task x batch size); idle baseline {s['idle_s']} s before each cell",
             "  calibration: " + (f"{s['calib_requests']} requests + {s['budget_generations']} joule-budget generations "
-                                  f"({s['calib_model']}, batch 1, default path)" if kinds[CALIBRATION] else "not in this run"),
-            f"  units: {len(self.units)} ({kinds[CALIBRATION]} calibration, {kinds[PREPROCESS]} preprocess, "
+                                  f"({s['calib_model']}, batch 1, default path)" if kinds[JOULE_FIT] else "not in this run"),
+            f"  units: {len(self.units)} ({kinds[JOULE_FIT]} calibration, {kinds[PREPROCESS]} preprocess, "
             f"{kinds[CELL]} generation cells); measured already: {len(self.done)}; left: {len(self.remaining)}",
         ]
         if s["only"]:

@@ -11,21 +11,18 @@ training text, all of its tokens. Achieved cost per generation is reported three
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from metabolic.core.budget import in_band, length_factor
 from metabolic.core.config import GenerationConfig
 from metabolic.core.errors import DataError
 from metabolic.csc.dataset import sequence_totals
 from metabolic.generate.budgeted import generate_with_budget, model_token_costs
 from metabolic.generate.verified import PrefixLabeller
-from metabolic.model.calibration import OnlineAffine, ProxyCalibration
-
-log = logging.getLogger(__name__)
 
 HIT_DELTAS_PCT = (10, 20, 50)
 
@@ -38,7 +35,6 @@ PAPER_TABLE1 = {
     ],
     "average_MAE": 1.556,
 }
-LEVELS = ("low", "medium", "high")
 
 
 def _pair(achieved: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -72,8 +68,8 @@ def mape(achieved: Any, target: Any) -> float:
 def hit_fraction(achieved: Any, target: Any, delta_pct: float) -> float:
     """The fraction (0..1) of items with |achieved - target| <= delta% of the target (inclusive).
 
-    The one Hit@delta rule: Table I reports it in percent (`hit_rate`), the joule-budget check of the
-    e-token stage as a fraction.
+    The one Hit@delta rule (`metabolic.core.budget.in_band` with band = delta / 100): Table I reports
+    it in percent (`hit_rate`), the joule-budget check of the e-token stage as a fraction.
 
     >>> hit_fraction([9.5, 11.5, 10.0, 20.0], [10.0] * 4, 10)
     0.5
@@ -81,8 +77,7 @@ def hit_fraction(achieved: Any, target: Any, delta_pct: float) -> float:
     if not (math.isfinite(delta_pct) and delta_pct >= 0):
         raise DataError(f"delta_pct={delta_pct!r} is invalid: use a percentage >= 0")
     a, t = _pair(achieved, target)
-    # A relative tolerance of 1e-12 keeps a value exactly on the boundary a hit despite rounding.
-    return float(np.mean(np.abs(a - t) <= t * delta_pct / 100.0 * (1 + 1e-12)))
+    return float(np.mean(in_band(a, t, delta_pct / 100.0)))
 
 
 def hit_rate(achieved: Any, target: Any, delta_pct: float) -> float:
@@ -143,7 +138,7 @@ def csc_of_generations(prefixes: PrefixLabeller, gens, scale: str = "raw",
     totals = sequence_totals(generated, scale, lengths=lengths)
     empty = np.array([len(g.generated_ids) == 0 for g in gens], dtype=bool)
     totals[empty] = 0.0
-    per_token = [lab * (n if scale == "length" else 1) for lab, n in zip(generated, lengths)]
+    per_token = [lab * length_factor(scale, n) for lab, n in zip(generated, lengths)]
     return totals, per_token
 
 
@@ -321,99 +316,3 @@ def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts:
         table["goal"] = goal_status(table)
         tables[f"{variant}_{decoding}"] = table
     return tables, records
-
-
-
-def paper_side_by_side(table: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows pairing ours (CSC space) with the paper's Table I, level by level (low/medium/high)."""
-    out = []
-    for i, row in enumerate(table["rows"]):
-        paper = PAPER_TABLE1["rows"][i] if i < len(PAPER_TABLE1["rows"]) else {}
-        ours = row["csc"]
-        entry = {"level": row["level"]}
-        for key in ("Budget", "MAE", "MAPE", "Hit@10", "Hit@20", "Hit@50", "Achieved", "Target"):
-            entry[f"ours {key}"] = ours[key]
-            entry[f"paper {key}"] = paper.get(key)
-        out.append(entry)
-    return out
-
-
-def continuation_points(ids_list: Sequence[Sequence[int]], csc_list: Sequence[np.ndarray], token_costs: np.ndarray,
-                        prompt_tokens: int, scale: str = "raw", max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(C_vocab spend, true CSC) of each text's continuation after its first `prompt_tokens` tokens.
-
-    The texts' cached labels were computed on the full text, so each point counts exactly what a
-    generation counts: the tokens after the prompt, scored in the context of prompt + continuation.
-    Texts with no continuation, more than `max_tokens` continuation tokens (when given) or an
-    unlabelled continuation token are skipped.
-    """
-    costs = np.asarray(token_costs, dtype=np.float64)
-    xs, ys = [], []
-    for ids, lab in zip(ids_list, csc_list):
-        lab = np.asarray(lab, dtype=np.float64)
-        if len(ids) <= prompt_tokens or not np.all(np.isfinite(lab[prompt_tokens:])):
-            continue
-        if max_tokens is not None and len(ids) - prompt_tokens > max_tokens:
-            continue
-        xs.append(float(costs[np.asarray(ids[prompt_tokens:], dtype=np.int64)].sum()))
-        ys.append(float(lab[prompt_tokens:].sum() * (len(ids) if scale == "length" else 1)))
-    return np.asarray(xs), np.asarray(ys)
-
-
-def continuation_totals(ids_list, csc_list, prompt_tokens: int, max_new_tokens: int, scale: str = "raw") -> np.ndarray:
-    """True CSC totals of training-text continuations of 1..max_new_tokens tokens after the first `prompt_tokens`.
-
-    What a generation of that length would be scored on (the same counting rule), hence the natural
-    source of generation budgets; falls back to continuations of any length when fewer than 3 fit.
-    """
-    lengths = np.array([len(x) - prompt_tokens for x in ids_list])
-    keep = [(i, l) for i, l in enumerate(lengths) if 1 <= l <= max_new_tokens]
-    if len(keep) < 3:
-        keep = [(i, l) for i, l in enumerate(lengths) if l >= 1]
-    idx = [i for i, _ in keep]
-    _, y = continuation_points([ids_list[i] for i in idx], [csc_list[i] for i in idx],
-                               np.zeros(1 + max(max(ids_list[i]) for i in idx)) if idx else np.zeros(1),
-                               prompt_tokens, scale)
-    if y.size < 3:
-        raise DataError(f"only {y.size} labelled training texts are longer than generation.prompt_tokens={prompt_tokens}: "
-                        f"label more texts or shorten the prompts")
-    return y
-
-
-def fit_continuation_calibration(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, budgets: Sequence[float] = ()):
-    """Affine `csc = a + b * proxy` on continuation points (eq. 21's ridge fit).
-
-    If the fit's slope is not positive (proxy and CSC do not rise together on these points, which an
-    undertrained cost model can show), a budget cannot be inverted through it: the fallback is the
-    ratio map through the origin, b = sum(y) / sum(x), a = 0. The same fallback applies when one of
-    `budgets` (CSC) would map to a proxy budget <= 0 (a budget below the intercept). Returns
-    (ProxyCalibration, how it was made).
-    """
-    if x.size < 2 or not np.all(np.isfinite(x)) or not np.all(np.isfinite(y)):
-        raise DataError(f"{x.size} continuation points: label more training texts longer than generation.prompt_tokens")
-    fit = OnlineAffine(1, ridge).update(x, y).fit()
-    a, b = float(fit.a[0]), float(fit.b[0])
-    if b > 0 and np.isfinite(a):
-        if all((B - a) / b > 0 for B in budgets):
-            return ProxyCalibration(a, b), "ridge"
-        return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (a budget is below the ridge intercept {a:.4g})"
-    return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (ridge slope {b:.4g} <= 0)"
-
-
-def choose_calibration(model, g: GenerationConfig, scale: str, ridge: float, train_ids, train_csc, budgets: Sequence[float]):
-    """The budget -> proxy map for steered decoding (`generation.calibration`), and a note on how it was made.
-
-    `ridge` is eq. 21's gamma (`train.calib_ridge`); `scale` the CSC scale of the budgets.
-    """
-    if g.calibration == "model":
-        a, b = float(model.calib_a.mean()), float(model.calib_b.mean())
-        if b > 0 and all((B - a) / b > 0 for B in budgets):
-            return ProxyCalibration(a, b), "model (training calibration)"
-        log.warning("the model's calibration (a=%.4g, b=%.4g) cannot map budgets %s: using the continuation fit", a, b, budgets)
-    # The same continuations the budgets come from (1..max_new_tokens tokens), else any length.
-    costs = model_token_costs(model).numpy()
-    x, y = continuation_points(train_ids, train_csc, costs, g.prompt_tokens, scale, max_tokens=g.max_new_tokens)
-    if x.size < 3:
-        x, y = continuation_points(train_ids, train_csc, costs, g.prompt_tokens, scale)
-    cal, how = fit_continuation_calibration(x, y, ridge, budgets)
-    return cal, f"continuation {how} on {x.size} training texts"

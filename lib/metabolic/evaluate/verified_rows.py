@@ -27,7 +27,7 @@ import numpy as np
 
 from metabolic.evaluate.scoring import distinct_n, goal_status, judge_nll, perplexity, relative_change, table_row
 from metabolic.generate.verified import PrefixLabeller, VerifiedGeneration, sample_candidates, steering, verify
-from metabolic.model.calibration import ProxyCalibration
+from metabolic.core.budget import ProxyCalibration
 
 
 def _fluency(judge, gens: Sequence[VerifiedGeneration], reference_ids: Sequence[Sequence[int]]) -> dict[str, Any]:

@@ -40,8 +40,8 @@ from typing import Any, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from metabolic.core.budget import ProxyCalibration
 from metabolic.core.errors import ConfigError, DataError
-from metabolic.model.calibration import ProxyCalibration
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +330,6 @@ class Generation:
     stopped_by: str
     lambdas: list[float] = field(default_factory=list)  # lambda_t per step (steering only)
 
-    @property
-    def full_text(self) -> str:
-        return self.prompt + self.text
-
 
 def _context_size(model) -> int | None:
     config = getattr(model, "config", None)
@@ -430,6 +426,38 @@ def model_token_costs(model) -> torch.Tensor:
         return model.proxy_total(model.vocab_costs()).detach().float().cpu()
 
 
+@dataclass
+class GenerateCall:
+    """One `generate()` call of the study, set up the same way everywhere (`prepare_generate`)."""
+
+    lm: Any  # the language model that generates (a MetabolicGPT-2's backbone)
+    prompt_len: int  # columns of the left-padded prompts: every row's generation starts here
+    kwargs: dict[str, Any]  # input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id (+ sampling)
+    overrides: dict[str, Any]  # the caller's generate_kwargs, applied last
+
+    def generate(self, **extra: Any):
+        """`lm.generate(...)` with the prepared arguments, `extra` (processors, ...) and the caller's overrides."""
+        return self.lm.generate(**{**self.kwargs, **extra, **self.overrides})
+
+
+def prepare_generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, do_sample: bool = True,
+                     temperature: float = 1.0, top_k: int = 50, seed: int | None = 0,
+                     generate_kwargs: dict[str, Any] | None = None) -> GenerateCall:
+    """The prompts left-padded on the generating model's device (a MetabolicGPT-2 generates through its
+    backbone), GPT-2's pad id, the sampling settings when sampling, and the seed set (when given)."""
+    lm = model.backbone if is_metabolic(model) else model
+    device = next(lm.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    input_ids, attention = left_pad(prompt_ids, pad_id)
+    kwargs = dict(input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+                  do_sample=do_sample, pad_token_id=pad_id)
+    if do_sample:
+        kwargs.update(temperature=float(temperature), top_k=int(top_k))
+    if seed is not None:
+        torch.manual_seed(seed)
+    return GenerateCall(lm=lm, prompt_len=input_ids.shape[1], kwargs=kwargs, overrides=dict(generate_kwargs or {}))
+
+
 @torch.inference_mode()
 def generate_with_budget(
     model,
@@ -479,22 +507,12 @@ def generate_with_budget(
     requested = _as_budgets(budget_csc, "budget_csc")
     requested = _rows(requested, len(prompts), "budget_csc").clone()
     used = _clamp_budgets(requested, budget_range)
-    budgets_proxy = torch.tensor([calibration.to_proxy(float(b)) if math.isfinite(b) else math.inf for b in used],
-                                 dtype=torch.float64)
-    if (budgets_proxy <= 0).any():
-        bad = used[budgets_proxy <= 0].tolist()
-        raise ConfigError(
-            f"budget_csc={bad} maps to a proxy budget <= 0 through calibration a={calibration.a:.4g}, "
-            f"b={calibration.b:.4g}: ask for a budget above {calibration.a:.4g} CSC"
-        )
-    lm = model.backbone if metabolic else model
-    check_context(lm, prompt_ids, max_new_tokens)
-    longest = max(len(p) for p in prompt_ids)
+    budgets_proxy = torch.from_numpy(calibration.proxy_budgets(used.numpy()))
+    check_context(model.backbone if metabolic else model, prompt_ids, max_new_tokens)
     costs = _as_cost_vector(token_costs)
-    device = next(lm.parameters()).device
-    pad_id = pad_token_id(tokenizer)
-    input_ids, attention = left_pad(prompt_ids, pad_id)
-    prompt_len = longest
+    call = prepare_generate(model, tokenizer, prompt_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                            top_k=top_k, seed=seed, generate_kwargs=generate_kwargs)
+    prompt_len = call.prompt_len
     sentence_end = sentence_end_mask(tokenizer, costs.numel())
     processors = LogitsProcessorList()
     recorder = None
@@ -506,21 +524,12 @@ def generate_with_budget(
     criteria = StoppingCriteriaList()
     if stop:
         criteria.append(BudgetStoppingCriteria(costs, budgets_proxy, prompt_len, sentence_end, sentence_slack))
-    if seed is not None:
-        torch.manual_seed(seed)
-    kwargs = dict(
-        input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
-        do_sample=do_sample, pad_token_id=pad_id, logits_processor=processors, stopping_criteria=criteria,
-    )
-    if do_sample:
-        kwargs.update(temperature=float(temperature), top_k=int(top_k))
-    kwargs.update(generate_kwargs or {})
     finite = bool(torch.isfinite(used).all())
     conditioned = used.float() if (metabolic and condition and finite) else None
     if metabolic and condition and not finite:
         log.info("an unlimited budget has no budget-pathway input: generating unconditioned")
     with (model.conditioned_on(conditioned) if metabolic else contextlib.nullcontext()):
-        output = lm.generate(**kwargs)
+        output = call.generate(logits_processor=processors, stopping_criteria=criteria)
     gen = output[:, prompt_len:].cpu()
     ends = kept_lengths(gen, costs, budgets_proxy, sentence_end, sentence_slack, tokenizer.eos_token_id, budget_stop=stop)
     history = torch.stack(recorder.history, dim=1).cpu() if recorder is not None and recorder.history else None
@@ -543,17 +552,7 @@ def plain_generate(model, tokenizer, prompts: Sequence[str] | str, *, max_new_to
 
     For a MetabolicGPT-2 this is its backbone without any budget input (unbudgeted generation).
     """
-    prompt_ids = encode_prompts(tokenizer, prompts)
-    pad_id = pad_token_id(tokenizer)
-    input_ids, attention = left_pad(prompt_ids, pad_id)
-    lm = model.backbone if is_metabolic(model) else model
-    device = next(lm.parameters()).device
-    if seed is not None:
-        torch.manual_seed(seed)
-    kwargs = dict(input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
-                  do_sample=do_sample, pad_token_id=pad_id)
-    if do_sample:
-        kwargs.update(temperature=float(temperature), top_k=int(top_k))
-    kwargs.update(generate_kwargs or {})
+    call = prepare_generate(model, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens, do_sample=do_sample,
+                            temperature=temperature, top_k=top_k, seed=seed, generate_kwargs=generate_kwargs)
     with torch.inference_mode():
-        return lm.generate(**kwargs).cpu()
+        return call.generate().cpu()

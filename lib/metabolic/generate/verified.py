@@ -29,7 +29,8 @@ best candidate:
 
 Totals are on the labeller's raw scale (`scale="raw"`: sum of CSC_t over the generated tokens) or
 the length-aware scale (`scale="length"`: that sum times T = prompt + prefix tokens), the same
-counting rule as Table I (`metabolic.evaluate.scoring.csc_of_generations`).
+counting rule as Table I (`metabolic.evaluate.scoring.csc_of_generations`); the scale and the band
+test are `metabolic.core.budget`'s.
 """
 
 from __future__ import annotations
@@ -43,19 +44,18 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
+from metabolic.core.budget import ProxyCalibration, above_band, below_band, check_scale, in_band, length_factor
 from metabolic.core.errors import ConfigError
 from metabolic.generate.budgeted import (
+    SENTENCE_END_CHARS,
     CostSteeringLogitsProcessor,
     check_context,
     encode_prompts,
     is_metabolic,
-    left_pad,
     model_token_costs,
-    pad_token_id,
+    prepare_generate,
 )
-from metabolic.model.calibration import ProxyCalibration
 
-SCALES = ("raw", "length")
 STATUSES = ("in band", "closest below", "closest above", "unreachable below", "unreachable above")
 
 
@@ -94,10 +94,6 @@ class VerifiedGeneration:
     labels: int  # encoder texts labelled for this prompt in this call (memo hits cost nothing)
     labels_needed: int  # encoder texts its probes need without a memo (the cost of running it alone)
     seconds: float  # wall time of the call (sampling + labelling) divided by its prompts
-
-    @property
-    def relative_error(self) -> float:
-        return (self.achieved_csc - self.budget_csc) / self.budget_csc
 
 
 class PrefixLabeller:
@@ -139,14 +135,13 @@ class PrefixLabeller:
         """(total on `scale`, encoder texts this call spent on it) per request; a memo hit costs 0.
 
         NaN when a token could not be labelled (a text beyond the encoder's window)."""
-        if scale not in SCALES:
-            raise ConfigError(f"scale={scale!r} is invalid: choose one of {', '.join(SCALES)}")
+        check_scale(scale)
         labels, spent = self.labels(requests)
         totals = []
         for (p, g), lab in zip(requests, labels):
             values = lab.astype(np.float64)
             total = float(values.sum()) if np.all(np.isfinite(values)) else math.nan
-            totals.append(total * (len(p) + len(g) if scale == "length" else 1.0))
+            totals.append(total * length_factor(scale, len(p) + len(g)))
         return totals, spent
 
 
@@ -166,7 +161,7 @@ def stop_points(tokenizer, ids: Sequence[int]) -> tuple[np.ndarray, frozenset[in
         nxt = texts[k] if k < len(ids) else ""
         if k == len(ids) or not nxt or not nxt[0].isalnum():
             stops.append(k)
-            if texts[k - 1].rstrip().endswith((".", "!", "?")):
+            if texts[k - 1].rstrip().endswith(SENTENCE_END_CHARS):
                 sentence.add(k)
     return np.asarray(stops, dtype=np.int64), frozenset(sentence)
 
@@ -176,9 +171,8 @@ def next_probe(c: Candidate, budget: float, band: float, rate_hint: float | None
     stops = c.stops
     if stops.size == 0:
         return None
-    lo_band, hi_band = budget * (1 - band), budget * (1 + band)
     points = sorted((k, f) for k, f in c.labelled.items() if math.isfinite(f))
-    if any(lo_band <= f <= hi_band for _, f in points):
+    if any(in_band(f, budget, band) for _, f in points):
         return None
     unlabelled = np.array([k for k in stops if k not in c.labelled], dtype=np.int64)
     if unlabelled.size == 0:
@@ -246,21 +240,14 @@ def sample_candidates(model, tokenizer, prompts: Sequence[str], n_candidates: in
     MetabolicGPT-2 samples through its backbone (the budget pathway off).
     """
     prompt_ids = encode_prompts(tokenizer, prompts)
-    lm = model.backbone if is_metabolic(model) else model
-    device = next(lm.parameters()).device
-    check_context(lm, prompt_ids, max_new_tokens)
-    longest = max(len(p) for p in prompt_ids)
-    pad_id = pad_token_id(tokenizer)
-    input_ids, attention = left_pad(prompt_ids, pad_id)
-    if seed is not None:
-        torch.manual_seed(seed)
-    out = lm.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=True,
-                      temperature=float(temperature), top_k=int(top_k), max_new_tokens=max_new_tokens,
-                      min_new_tokens=max_new_tokens, num_return_sequences=n_candidates, pad_token_id=pad_id,
-                      logits_processor=logits_processor or LogitsProcessorList(), output_scores=True,
-                      return_dict_in_generate=True)
-    gen = out.sequences[:, longest:]
-    logp = lm.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).float().cpu()
+    check_context(model.backbone if is_metabolic(model) else model, prompt_ids, max_new_tokens)
+    call = prepare_generate(model, tokenizer, prompt_ids, max_new_tokens, do_sample=True, temperature=temperature,
+                            top_k=top_k, seed=seed)
+    out = call.generate(min_new_tokens=max_new_tokens, num_return_sequences=n_candidates,
+                        logits_processor=logits_processor or LogitsProcessorList(), output_scores=True,
+                        return_dict_in_generate=True)
+    gen = out.sequences[:, call.prompt_len:]
+    logp = call.lm.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).float().cpu()
     candidates = []
     for row in range(gen.shape[0]):
         ids = gen[row].tolist()
@@ -324,7 +311,7 @@ def search(candidates: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]],
 
 
 def _in_band(c: Candidate, budget: float, band: float) -> bool:
-    return any(math.isfinite(f) and abs(f - budget) <= band * budget * (1 + 1e-12) for f in c.labelled.values())
+    return any(bool(in_band(f, budget, band)) for f in c.labelled.values())
 
 
 def choose(group: Sequence[Candidate], budget: float, band: float) -> tuple[Candidate | None, int, float, str]:
@@ -341,10 +328,10 @@ def choose(group: Sequence[Candidate], budget: float, band: float) -> tuple[Cand
     if f < budget:
         # Unreachable when every candidate was labelled at its full length and still fell short.
         full = [c.labelled.get(int(c.stops[-1])) for c in labelled if c.stops.size]
-        unreachable = all(v is not None and math.isfinite(v) and v < budget * (1 - band) for v in full)
+        unreachable = all(v is not None and math.isfinite(v) and below_band(v, budget, band) for v in full)
         return c, k, f, "unreachable below" if unreachable else "closest below"
     first = [c.labelled.get(int(c.stops[0])) for c in labelled if c.stops.size]
-    unreachable = all(v is not None and math.isfinite(v) and v > budget * (1 + band) for v in first)
+    unreachable = all(v is not None and math.isfinite(v) and above_band(v, budget, band) for v in first)
     return c, k, f, "unreachable above" if unreachable else "closest above"
 
 
@@ -360,8 +347,7 @@ def verify(pool: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]], promp
     budgets = _validate(budget_csc, len(prompts), n, band, max_probes)
     if n > n_pool:
         raise ConfigError(f"n_candidates={n} but the pool holds {n_pool} per prompt: sample at least {n}")
-    if scale not in SCALES:
-        raise ConfigError(f"scale={scale!r} is invalid: choose one of {', '.join(SCALES)}")
+    check_scale(scale)
     candidates = [replace(c, labelled={}, searching=True) for c in pool if c.index < n]
     t0 = time.perf_counter()
     probes, texts, needed = search(candidates, prompt_ids, budgets, prefixes, band, rate_hint, max_probes, scale)
@@ -395,11 +381,7 @@ def steering(model, prompt_ids: Sequence[Sequence[int]], budgets_csc: np.ndarray
             raise ConfigError("steer=True on a plain language model needs token_costs and calibration")
         token_costs = model_token_costs(model) if token_costs is None else token_costs
         calibration = model.proxy_calibration() if calibration is None else calibration
-    budgets = np.asarray(budgets_csc, dtype=np.float64).reshape(-1)
-    proxy = np.array([calibration.to_proxy(float(b)) for b in budgets])
-    if np.any(proxy <= 0):
-        raise ConfigError(f"budget_csc={budgets.tolist()} maps to a proxy budget <= 0 through calibration "
-                          f"a={calibration.a:.4g}, b={calibration.b:.4g}: steer=False, or refit the calibration")
+    proxy = calibration.proxy_budgets(budgets_csc)
     return LogitsProcessorList([CostSteeringLogitsProcessor(token_costs, np.repeat(proxy, n_candidates),
                                                             max(len(p) for p in prompt_ids), max_new_tokens,
                                                             lambda_max=lambda_max)])

@@ -1,5 +1,8 @@
 """Online affine calibration from total proxy cost to total CSC (paper IV.E, eq. 19-21).
 
+The fitted map itself, `ProxyCalibration` (eq. 17), lives with the other budget rules in
+`metabolic.core.budget`.
+
     C_CSC(x) ~ a + b * C_proxy(x)
     b = (S_xy - n x_bar y_bar) / ((S_xx - n x_bar^2) + gamma),   a = y_bar - b x_bar
 
@@ -13,13 +16,12 @@ float64 numpy, so the fit equals a closed-form ridge regression to ~1e-12.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from metabolic.core.errors import ConfigError, DataError
+from metabolic.core.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -131,29 +133,3 @@ class OnlineAffine:
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"calibration state is invalid ({exc}): it was not written by OnlineAffine.state_dict") from None
         return out
-
-
-@dataclass(frozen=True)
-class ProxyCalibration:
-    """The proxy <-> CSC map of one sequence total: `csc = a + b * proxy` (eq. 17), b > 0 so budgets invert.
-
-    >>> ProxyCalibration(a=0.1, b=2.0).to_proxy(0.5)
-    0.2
-    """
-
-    a: float
-    b: float
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.a) and math.isfinite(self.b)):
-            raise ConfigError(f"calibration (a={self.a!r}, b={self.b!r}) is not finite: refit the calibration")
-        if self.b <= 0:
-            raise ConfigError(
-                f"calibration slope b={self.b!r} is invalid: proxy and CSC must rise together (b > 0); refit the calibration"
-            )
-
-    def to_proxy(self, csc: float) -> float:
-        return (csc - self.a) / self.b
-
-    def to_csc(self, proxy: float) -> float:
-        return self.a + self.b * proxy

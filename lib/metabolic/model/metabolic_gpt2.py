@@ -81,9 +81,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from metabolic.core.artefacts import atomic_write_bytes, atomic_write_json, read_json
+from metabolic.core.budget import ProxyCalibration
 from metabolic.core.errors import ConfigError, DataError
 from metabolic.model.backbone import load_backbone
-from metabolic.model.calibration import OnlineAffine, ProxyCalibration
+from metabolic.model.calibration import OnlineAffine
 
 SETTINGS_FILE = "metabolic_config.json"
 STATE_FILE = "metabolic.safetensors"

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
+from metabolic.core.budget import ProxyCalibration, in_band
 from metabolic.core.config import StudyConfig
-from metabolic.evaluate.scoring import choose_calibration
+from metabolic.evaluate.budgets import decoding_calibration
 from metabolic.generate.budgeted import Generation, generate_with_budget, is_metabolic, model_token_costs
 from metabolic.generate.verified import generate_verified
-from metabolic.model.calibration import ProxyCalibration
 from metabolic.pipeline import stages
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,13 @@ def tokens_html(prompt: str, tokens: list[str], costs: list[float], low: float, 
     return '<div style="font-family:monospace;white-space:pre-wrap;line-height:1.7">' + "".join(parts) + "</div>"
 
 
-def gauge_html(spent: float, budget: float) -> str:
-    """A horizontal bar: spent as a fraction of the budget (overspend shown in red beyond 100%)."""
-    frac = spent / budget if budget > 0 and math.isfinite(budget) and math.isfinite(spent) else 0.0
+def gauge_html(spent: float, budget: float, band: float = 0.10) -> str:
+    """A horizontal bar: spent as a fraction of the budget, green within `band` of it (the Hit@10 band,
+    `metabolic.core.budget.in_band`), orange below, red above (overspend shown beyond 100%)."""
+    valid = budget > 0 and math.isfinite(budget) and math.isfinite(spent)
+    frac = spent / budget if valid else 0.0
     width = max(0.0, min(frac, 1.5)) / 1.5 * 100
-    colour = "#3a7" if abs(frac - 1) <= 0.1 else ("#e93" if frac < 1 else "#d33")
+    colour = "#3a7" if valid and in_band(spent, budget, band) else ("#e93" if frac < 1 else "#d33")
     return (
         '<div style="width:320px;border:1px solid #999;height:16px;position:relative">'
         f'<div style="width:{width:.1f}%;height:100%;background:{colour}"></div>'
@@ -287,7 +289,7 @@ def study_explorer(cfg: StudyConfig, variant: str = "expected-cost") -> StudyExp
     csc = stages.csc_labels(cfg)
     levels = stages.budget_levels(cfg, csc)
     budgets = list(levels.budgets.values())
-    calibration, how = choose_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
+    calibration, how = decoding_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
                                           budgets)
     _, rate_hints = stages.verified_targets(csc, cfg, levels.budgets)
     explorer = BudgetExplorer(model, tokenizer, levels.budget_range, calibration=calibration, prompt=g.prompts[0],

@@ -141,6 +141,11 @@ def target_budgets(train: TrainConfig, stats: dict[str, Any], totals: np.ndarray
     return np.sort(values)
 
 
+def counted_from(train: TrainConfig, prompt_tokens: int) -> int:
+    """The first token position a training budget counts (`train.budget_span`): the generation prompt's length, or 0."""
+    return prompt_tokens if train.budget_span == "continuation" else 0
+
+
 def span_totals(csc_list: Sequence[np.ndarray], scale: str, counted_from: int) -> np.ndarray:
     """Total CSC per text of the tokens at positions >= `counted_from` on `scale` (T = the whole text's
     length, as for a generation); NaN for a text with no such token or no label there."""

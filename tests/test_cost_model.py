@@ -225,5 +225,34 @@ def test_budgets_reach_proxy_units_through_each_dimensions_calibration(backbone)
     budgets = torch.tensor([[0.5, 0.5, 0.5], [0.05, 0.05, 0.05]])
     torch.testing.assert_close(model.budget_in_proxy(budgets), budgets)  # identity before any fit
     model.set_calibration(np.array([0.1, 0.1, 0.1]), np.array([2.0, 0.0, -1.0]))
-    want = torch.tensor([[0.2, 0.5, 0.5], [0.0, 0.05, 0.05]])  # (B - a) / b, floored at 0; no positive slope: B
+    want = torch.tensor([[0.2, 0.5, 0.5], [0.0, 0.05, 0.05]])  # (B - a) / b, floored at 0; no positive slope, no points: B
     torch.testing.assert_close(model.budget_in_proxy(budgets), want)
+    # points whose proxy totals fall as CSC rises: the slope is negative, the ratio map (mean CSC / mean proxy = 0.25) holds
+    model.calibration.update(np.array([[1.0] * 3, [3.0] * 3]), np.array([1.0, 0.0]))
+    model.refit_calibration()
+    assert float(model.calib_b[0]) < 0
+    torch.testing.assert_close(model.budget_in_proxy(budgets), budgets / 0.25)
+
+
+def test_cost_warm_up_fits_the_labels_and_leaves_the_backbone_alone(backbone):
+    import dataclasses
+
+    from metabolic.core.config import TrainConfig
+    from metabolic.train.loop import head_input_statistics, warm_up_costs
+
+    gen = torch.Generator().manual_seed(5)
+    states = []
+    for _ in range(6):  # texts whose CSC follows one direction of the states
+        h = torch.randn(7, 16, generator=gen)
+        states.append((torch.randint(100, 140, (7,), generator=gen), h, 0.02 * torch.exp(h[:, 0])))
+    model = MetabolicGPT2(backbone, MetabolicSettings(token_cost_init=0.02, cost_scale=0.02, standardise_head=True))
+    model.set_head_standardisation(*head_input_statistics(states, torch.float32))
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    cfg = dataclasses.replace(TrainConfig(), batch_size=2, cost_warmup_epochs=20, cost_warmup_lr=0.05)
+    info = warm_up_costs(model, states, cfg)
+    assert info["epochs"] == 20 and info["loss_last_epoch"] < 0.2 * info["loss_first_epoch"]
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in before.items())
+    ids, h, labels = (torch.cat([s[k] for s in states]) for k in range(3))
+    fitted = model.proxy_total(model.mix_costs(model.token_cost_table()[ids], model.head_costs(h))).detach()
+    assert cost_fit.spearman(fitted.numpy(), labels.numpy()) > 0.9
+    assert warm_up_costs(model, states, dataclasses.replace(cfg, cost_warmup_epochs=0))["loss_first_epoch"] is None

@@ -213,7 +213,15 @@ class TrainConfig:
     # s the mean per-token training label, L_CSC in units of s^2, every cost starting at s, and the
     # cost head and token costs at `cost_lr` (absolute: the logits are O(1) at every CSC scale).
     cost_parameterisation: Literal["paper", "scaled"] = "scaled"
-    cost_lr: float = 0.03  # Adam step of the cost logits under "scaled" (~ relative change of a cost per step)
+    # Adam step of the cost logits in the Lagrangian training under "scaled" (~ relative change of a cost per
+    # step): small, because the warm-up below has fitted them already and the joint steps, on states the
+    # language model keeps moving, only perturbed that fit at larger steps (smoke: Spearman 0.54 -> 0.47 at 0.01).
+    cost_lr: float = 0.003
+    # Epochs of L_CSC alone on the cost parameters (backbone frozen) before the Lagrangian training
+    # (metabolic.train.loop.warm_up_costs), at `cost_warmup_lr` (the scaled parameterisation's Adam step):
+    # 0 = none, the paper.
+    cost_warmup_epochs: int = 20
+    cost_warmup_lr: float = 0.03
     # L_CSC (eq. 18): "mse" as the paper; "log-mse" the squared error of log(cost + 0.05 s) against
     # log(label + 0.05 s). CSC is heavy-tailed (sd/mean ~2.5 per token), so the plain squared error is
     # ruled by a few large labels: held-out Spearman 0.52 with "mse" vs 0.56 with "log-mse" (README).
@@ -227,12 +235,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _finite("train", self)
-        _positive("train", self, "K", "epochs", "batch_size", "lr", "cost_lr_multiplier", "cost_lr", "grad_clip",
+        _positive("train", self, "K", "epochs", "batch_size", "lr", "cost_lr_multiplier", "cost_lr", "cost_warmup_lr", "grad_clip",
                   "mu", "lambda_max", "calib_refit_every", "token_cost_init", "curriculum_start")
         for name in ("weight_decay", "beta_csc", "beta_constr", "entropy_reg", "repetition_penalty",
                      "vocab_aux_weight", "calib_ridge"):
             _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "use >= 0")
         _require(0 <= self.a_mix <= 1, "train.a_mix", self.a_mix, "use a value in [0, 1]")
+        _require(self.cost_warmup_epochs >= 0, "train.cost_warmup_epochs", self.cost_warmup_epochs, "use >= 0 (0 = none)")
         _require(math.isfinite(self.vocab_cost_min) and self.vocab_cost_min >= 0, "train.vocab_cost_min",
                  self.vocab_cost_min, "use a finite floor >= 0")
         if self.budgets:

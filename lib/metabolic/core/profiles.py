@@ -100,6 +100,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.cost_parameterisation": "paper",  # Softplus costs in CSC units, cost lr = 8e-6 x 100
         "train.csc_loss": "mse",
         "train.budget_span": "text",
+        "train.cost_warmup_epochs": 0,
         "train.K": 3,
         "train.budgets": (5.24, 7.48, 9.73),  # user budgets [100, 150, 200] mapped to CSC space
         "train.lr": 8e-6,

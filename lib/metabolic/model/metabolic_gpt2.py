@@ -181,6 +181,7 @@ class MetabolicGPT2(nn.Module):
         self.register_buffer("dual_lambda", torch.zeros(k, dtype=torch.float64, device=device))
         self.register_buffer("calib_a", torch.zeros(k, dtype=torch.float64, device=device))
         self.register_buffer("calib_b", torch.ones(k, dtype=torch.float64, device=device))
+        self.register_buffer("budget_ratio", torch.ones(k, dtype=torch.float64, device=device))  # mean CSC / mean proxy
         # The cost head's input standardisation for hidden states (identity until set; see module doc).
         self.register_buffer("head_in_mean", torch.zeros(hidden, dtype=dtype, device=device))
         self.register_buffer("head_in_std", torch.ones(hidden, dtype=dtype, device=device))
@@ -310,11 +311,16 @@ class MetabolicGPT2(nn.Module):
         return ProxyCalibration(a=float(self.calib_a.mean()), b=float(self.calib_b.mean()))
 
     def budget_in_proxy(self, budgets_csc: torch.Tensor) -> torch.Tensor:
-        """CSC budgets [b, K] in proxy units through each dimension's calibration, (B - a_k) / b_k, floored at 0;
-        a dimension whose slope is not positive (no fit yet, or proxy and CSC not rising together) keeps B."""
+        """CSC budgets [b, K] in proxy units through each dimension's calibration, (B - a_k) / b_k, floored at 0.
+
+        A dimension whose slope is not positive (proxy and CSC totals not rising together, as on the raw
+        scale of short texts) takes the ratio map B / r_k, r_k = mean CSC / mean proxy of the calibration's
+        points: without it a constant offset between the two is left for the constraint to push against.
+        Identity before any point."""
         a, b = self.calib_a.to(budgets_csc.dtype), self.calib_b.to(budgets_csc.dtype)
         ok = b > 0
-        mapped = (budgets_csc - torch.where(ok, a, torch.zeros_like(a))) / torch.where(ok, b, torch.ones_like(b))
+        slope = torch.where(ok, b, self.budget_ratio.to(budgets_csc.dtype))
+        mapped = (budgets_csc - torch.where(ok, a, torch.zeros_like(a))) / slope
         return mapped.clamp_min(0.0)
 
     def set_calibration(self, a: np.ndarray, b: np.ndarray) -> None:
@@ -325,6 +331,9 @@ class MetabolicGPT2(nn.Module):
         """Refit (a, b) from the running statistics (eq. 21); identity (0, 1) before any point."""
         fit = self.calibration.fit()
         self.set_calibration(fit.a, fit.b)
+        c = self.calibration
+        ratio = np.divide(c.mean_y, c.mean_x, out=np.ones(c.k), where=(c.mean_x > 0) & (c.mean_y > 0))
+        self.budget_ratio.copy_(torch.as_tensor(ratio, dtype=torch.float64))
 
     # --- forward -------------------------------------------------------------------------------
 

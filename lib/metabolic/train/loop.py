@@ -23,6 +23,11 @@ What each variant constrains (see `metabolic.model.metabolic_gpt2` for the archi
   same (E_i, B_i) pairs, the map leaves no average gap, so lambda stays near 0 by construction and the
   per-sequence squared gap teaches the budget pathway.
 
+Before the first epoch (a fresh run only), the cost head's input standardisation is measured on the
+training texts' states, and with `train.cost_warmup_epochs` the cost parameters are fitted to the CSC
+labels alone on those fixed states (`warm_up_costs`): the joint training then moves them at the small
+`train.cost_lr`. Both are part of the scaled parameterisation (metabolic.model.metabolic_gpt2).
+
 What a budget counts (`TrainingData.counted_from`, `train.budget_span`): every token of the text (the
 paper), or, as generation and Table I count, the continuation after the first `generation.prompt_tokens`
 tokens: then totals, targets, the budget scale, the realised or expected totals and the calibration
@@ -524,26 +529,58 @@ def backbone_val_ppl(model: MetabolicGPT2, data: TrainingData, batch_size: int) 
 
 
 @torch.no_grad()
-def head_input_statistics(model: MetabolicGPT2, data: TrainingData, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and sd [H] of the backbone's final hidden states over the training texts' tokens."""
-    device = model.device
+def training_states(model: MetabolicGPT2, data: TrainingData, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """Per training text: (token ids [T], the backbone's final hidden states [T, H], labels [T]), eval mode."""
     was = model.backbone.training
     model.backbone.eval()
-    total = total_sq = None
-    count = 0
+    out = []
     for start in range(0, len(data.train_ids), batch_size):
         batch = make_batch(data.train_ids[start:start + batch_size], data.train_labels[start:start + batch_size],
-                           data.train_totals[start:start + batch_size], device)
+                           data.train_totals[start:start + batch_size], model.device)
         h = model.backbone.transformer(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
-        h = h[batch.mask.bool()].double()
-        total = h.sum(0) if total is None else total + h.sum(0)
-        total_sq = (h**2).sum(0) if total_sq is None else total_sq + (h**2).sum(0)
-        count += h.shape[0]
+        for row in range(batch.ids.shape[0]):
+            real = batch.mask[row].bool()
+            out.append((batch.ids[row][real], h[row][real], batch.labels[row][real]))
     model.backbone.train(was)
-    mean = total / count
-    std = (total_sq / count - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
-    dtype = model.head_in_mean.dtype
+    return out
+
+
+def head_input_statistics(states: Sequence[tuple[torch.Tensor, ...]], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and sd [H] of the hidden states of `training_states` (float64 sums, then `dtype`)."""
+    h = torch.cat([s[1] for s in states]).double()
+    mean = h.mean(0)
+    std = h.std(0, unbiased=False).clamp_min(1e-6)
     return mean.to(dtype), std.to(dtype)
+
+
+def warm_up_costs(model: MetabolicGPT2, states: Sequence[tuple[torch.Tensor, ...]], cfg: TrainConfig) -> dict[str, Any]:
+    """`train.cost_warmup_epochs` epochs of L_CSC alone on the cost head and token costs, the backbone frozen.
+
+    The joint training gives the cost model a few steps only (smoke: 12) while it also moves the
+    language model under it; fitted first on the fixed states, like a probe (linear probing before
+    fine-tuning), it starts the Lagrangian training where a ridge probe ends (README, measured facts).
+    The states are the backbone's before training and the budget bias is still 0, so these are the
+    costs the first training step reads. Returns the warm-up's first and last epoch's mean loss.
+    """
+    params = [p for name, p in model.named_parameters() if name.startswith(COST_PREFIXES)]
+    lr = cfg.cost_warmup_lr if cfg.cost_parameterisation == "scaled" else cfg.lr * cfg.cost_lr_multiplier
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    loss_fn = losses.csc_log_mse if cfg.csc_loss == "log-mse" else losses.csc_mse
+    epoch_loss = []
+    for epoch in range(cfg.cost_warmup_epochs):
+        total = 0.0
+        batches = batch_order(len(states), cfg.batch_size, epoch, cfg.seed + 7919)
+        for idx in batches:
+            ids, h, labels = (torch.cat([states[i][k] for i in idx.tolist()]) for k in range(3))
+            costs = model.mix_costs(model.token_cost_table()[ids], model.head_costs(h))
+            loss = loss_fn(costs[None], labels[None], unit=model.settings.cost_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+        epoch_loss.append(total / max(len(batches), 1))
+    return {"epochs": cfg.cost_warmup_epochs, "loss_first_epoch": epoch_loss[0] if epoch_loss else None,
+            "loss_last_epoch": epoch_loss[-1] if epoch_loss else None}
 
 
 def balanced_score(val_ppl: float, reference_ppl: float, level_rel_err: float) -> float:
@@ -653,12 +690,18 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         resume.set_rng_state(state["rng"], device)
         metrics, points, best = state["metrics"], state["points"], state["best"]
+        model.training_info = state.get("training_info", model.training_info)
         epoch0, step, reference_ppl = state["epochs_done"], state["step"], state["reference_ppl"]
         log.info("resuming %s training after epoch %d of %d", variant, epoch0, cfg.epochs)
     else:
         reference_ppl = backbone_val_ppl(model, data, cfg.batch_size)
-        if settings.standardise_head:
-            model.set_head_standardisation(*head_input_statistics(model, data, cfg.batch_size))
+        if settings.standardise_head or cfg.cost_warmup_epochs:
+            states = training_states(model, data, cfg.batch_size)
+            if settings.standardise_head:
+                model.set_head_standardisation(*head_input_statistics(states, model.head_in_mean.dtype))
+            if cfg.cost_warmup_epochs:
+                model.training_info["cost_warmup"] = warm_up_costs(model, states, cfg)
+                log.info("%s cost warm-up: %s", variant, model.training_info["cost_warmup"])
         torch.manual_seed(cfg.seed)  # the reference evaluation must not shift the training RNG
     model.train()
     n_train = len(data.train_ids)
@@ -725,6 +768,7 @@ def train(
             "run_key": run_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "calibration": model.calibration.state_dict(), "rng": resume.rng_state(device), "metrics": metrics,
             "points": points, "best": best, "epochs_done": epoch + 1, "step": step, "reference_ppl": reference_ppl,
+            "training_info": model.training_info,
         })
         epochs_this_call += 1
         log.info("%s epoch %d: %.1f s training, %.1f s evaluating and saving", variant, epoch + 1, train_s,

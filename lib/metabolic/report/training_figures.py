@@ -152,5 +152,18 @@ def training_summary(label: str, results: Mapping[str, TrainResult]) -> str:
         f"Expected-cost: best epoch {e.best_epoch}, val perplexity {eb['val_ppl']:.1f}, level error "
         f"{eb['val_level_rel_err']:.3f}, lambda {eb['lambda']:.4f}. The calibration slope b after training is "
         f"{f.metrics[-1]['calib_b']:.3f} (faithful) and {e.metrics[-1]['calib_b']:.3f} (expected-cost). "
-        f"These are teacher-forced training diagnostics, not generation results (notebook 04)."
+        f"These are teacher-forced training diagnostics, not generation results (notebook 04).\n"
+        + " ".join(lambda_note(v, r) for v, r in results.items())
     )
+
+
+def lambda_note(variant: str, result: TrainResult) -> str:
+    """Whether the budget constraint bound for a variant (lambda > 0 at some epoch), from its metrics."""
+    peaks = [max(r["lambda_k"]) for r in result.metrics]
+    gaps = ", ".join(f"{r['err']:+.3g}" for r in result.metrics)
+    if max(peaks) > 0:
+        epoch = int(np.argmax(peaks)) + 1
+        return (f"{variant}: lambda rose to {max(peaks):.3g} (largest dimension, epoch {epoch}): its constrained totals "
+                f"exceeded their budgets on average in some steps (mean gap C - B per epoch {gaps}).")
+    return (f"{variant}: lambda stayed 0: the constraint never bound, its totals were at or below their budgets on "
+            f"average in every step (mean gap C - B per epoch {gaps}).")

@@ -71,8 +71,9 @@ def main() -> None:
     data = stages.corpus(cfg)
     tok = data.tokenizer
     if args.scratch:
+        # Scratch weights have no labels: the cost scale s (mean_label) only scales the costs, not the work.
         backbone = scratch_model(cfg.backbone, vocab_size=len(tok), n_positions=_context(cfg), eos_id=tok.eos_token_id)
-        model = MetabolicGPT2(backbone.to(device), model_settings(cfg.train, args.variant, 1.0)).eval()
+        model = MetabolicGPT2(backbone.to(device), model_settings(cfg.train, args.variant, 1.0, mean_label=1.0)).eval()
     else:
         model = MetabolicGPT2.from_pretrained(stages.train_metabolic(cfg, args.variant, progress=False).best_dir,
                                               device=device)

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab_ids = torch.as_tensor(vocab_ids, device=device)
         means = torch.as_tensor(means, dtype=torch.float32, device=device)
         for variant in variants:
-            model = MetabolicGPT2(fresh_backbone(), training.model_settings(cfg.train, variant, 1.0)).train()
+            model = MetabolicGPT2(fresh_backbone(), training.model_settings(cfg.train, variant, 1.0, mean_label=1.0 / t)).train()
             mopt = training.make_optimizer(model, cfg.train)
             budgets = training.step_budgets(model, batch, targets, 1.0)
             ledgers[variant] = (model, training.EpochLedger())

@@ -154,7 +154,9 @@ class BudgetExplorer:
         g = gens[0]
         costs = self.token_costs[g.generated_ids].tolist() if g.generated_ids else []
         pieces = [self.tokenizer.decode([t]) for t in g.generated_ids]
-        spent_csc = self.calibration.to_csc(g.spent_proxy) if g.generated_ids else 0.0
+        # The affine map reads a proxy total below its intercept as negative CSC; a text never costs less
+        # than nothing, so the estimate is floored at 0 (true CSC: the verified mode).
+        spent_csc = max(0.0, self.calibration.to_csc(g.spent_proxy)) if g.generated_ids else 0.0
         elapsed = time.perf_counter() - t0
         status = (f"seed {seed}: {len(pieces)} tokens, spent {spent_csc:.3f} of {g.budget_csc:.3f} CSC "
                   f"(proxy {g.spent_proxy:.3f} of {g.budget_proxy:.3f}); stopped by {g.stopped_by}; {elapsed:.2f} s")

@@ -49,37 +49,45 @@ def gpu_folders(part: str, root: Optional[Path] = None) -> list[Path]:
     return sorted(p.parent for p in base.glob(f"*/{SUMMARY}")) if base.is_dir() else []
 
 
-def committed(part: str, root: Optional[Path] = None) -> list[dict[str, Any]]:
-    """Each GPU folder's summary, with `gpu` (the folder's name) and `folder` added."""
-    return [{**read_json(f / SUMMARY), "gpu": f.name, "folder": str(f)} for f in gpu_folders(part, root)]
+def committed(part: str, root: Optional[Path] = None, profile: Optional[str] = None) -> list[dict[str, Any]]:
+    """Each GPU folder's summary, with `gpu` (the folder's name) and `folder` added; with `profile`, only the
+    runs of that profile (the `cpu` profile's committed CPU run, scripts/cpu_budgets.sh, sits beside them)."""
+    found = [{**read_json(f / SUMMARY), "gpu": f.name, "folder": str(f)} for f in gpu_folders(part, root)]
+    return [s for s in found if profile is None or s.get("profile") == profile]
 
 
 LEAD = ("gpu", "table", "variant", "method", "model", "mode")  # a row's naming fields first, the numbers after
 
 
-def rows(part: str, key: str, root: Optional[Path] = None) -> list[dict[str, Any]]:
+def rows(part: str, key: str, root: Optional[Path] = None, profile: Optional[str] = None) -> list[dict[str, Any]]:
     """The rows under `key` of every GPU folder's summary (e.g. `rows("budgets", "tables")`), each with its
-    `gpu`, naming fields first (`LEAD`)."""
-    out = [{"gpu": s["gpu"], **row} for s in committed(part, root) for row in s.get(key, [])]
+    `gpu`, naming fields first (`LEAD`); `profile` as in `committed`."""
+    out = [{"gpu": s["gpu"], **row} for s in committed(part, root, profile) for row in s.get(key, [])]
     return [{k: r[k] for k in LEAD if k in r} | {k: v for k, v in r.items() if k not in LEAD} for r in out]
 
 
-def missing(part: str) -> str:
-    """What a notebook prints when no GPU folder of `part` is committed."""
+CPU_COMMAND = "bash scripts/cpu_budgets.sh"  # the cpu profile's budget run, on any CPU
+
+
+def missing(part: str, profile: Optional[str] = None) -> str:
+    """What a notebook prints when no folder of `part` (of `profile`, if given) is committed."""
+    if profile == "cpu":
+        return f"no cpu-profile run committed yet under results/{part}/ (command: {CPU_COMMAND})"
     return (f"no GPU results committed yet under results/{part}/ (command: {COMMAND}; with the device tool "
             f"{DEVICE_CALL}; see results/{part}/README.md)")
 
 
-def overview(part: str, root: Optional[Path] = None) -> str:
+def overview(part: str, root: Optional[Path] = None, profile: Optional[str] = None) -> str:
     """What a notebook prints first about a part: one status line per committed GPU run, or `missing(part)`."""
-    found = committed(part, root)
-    return "\n".join(f"{part} on {status_line(s)}" for s in found) if found else missing(part)
+    found = committed(part, root, profile)
+    return "\n".join(f"{part} on {status_line(s)}" for s in found) if found else missing(part, profile)
 
 
 def status_line(summary: dict[str, Any]) -> str:
     """One line on a part's run: GPU, status, seconds against the cap, and the settings that differ."""
-    line = (f"{summary.get('device_name') or summary['gpu']}: {summary['status']} after {summary['elapsed_s']:.0f} s "
-            f"(cap {summary['cap_s']:.0f} s), profile {summary['profile']}")
+    cap = f" (cap {summary['cap_s']:.0f} s)" if summary["cap_s"] > 0 else ""
+    line = (f"{summary.get('device_name') or summary['gpu']}: {summary['status']} after {summary['elapsed_s']:.0f} s"
+            f"{cap}, profile {summary['profile']}")
     return line + (f" with {', '.join(summary['overrides'])}" if summary.get("overrides") else "")
 
 
@@ -155,6 +163,9 @@ def summarise_budgets(folder: Path) -> dict[str, Any]:
         out["tables"] = budget_table_rows(tables["tables"])
         out["cost_model"] = [{"variant": t["variant"], **t["cost_model"]} for key, t in tables["tables"].items()
                              if "cost_model" in t and t["decoding"] == "plain"]
+        ceiling = tables.get("cost_model_ceiling") or {}  # the simple predictors the learned costs are read against
+        out["cost_model_ceiling"] = [{"variant": name, **{k: v for k, v in fit.items() if isinstance(v, (int, float))}}
+                                     for name, fit in ceiling.items() if name != "ceiling"]
         out.update(budgets=tables["budgets"], verified_budgets=tables["verified_budgets"], n_prompts=len(tables["prompts"]))
     return out
 
@@ -201,11 +212,12 @@ SUMMARISERS = {"budgets": summarise_budgets, "csc_throughput": summarise_csc_thr
 
 
 def summarise(part: str, folder: Path, *, status: str, cap_s: float, elapsed_s: float, profile: str,
-              overrides: Sequence[str] = (), device_name: Optional[str] = None, notes: Sequence[str] = ()) -> dict[str, Any]:
-    """Write `folder/summary.json` for one part from the files in `folder`, and return it."""
+              overrides: Sequence[str] = (), device_name: Optional[str] = None, notes: Sequence[str] = (),
+              command: str = COMMAND) -> dict[str, Any]:
+    """Write `folder/summary.json` for one part from the files in `folder`, and return it (`cap_s` 0: no cap)."""
     folder = Path(folder)
     summary = {"part": part, "status": status, "cap_s": float(cap_s), "elapsed_s": float(elapsed_s), "profile": profile,
-               "overrides": list(overrides), "device_name": device_name, "command": COMMAND, "notes": list(notes),
+               "overrides": list(overrides), "device_name": device_name, "command": command, "notes": list(notes),
                **SUMMARISERS[part](folder)}
     atomic_write_json(folder / SUMMARY, summary)
     return summary
@@ -262,9 +274,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("--set", dest="overrides", action="append", default=[])
     s.add_argument("--device-name", default=None)
     s.add_argument("--note", dest="notes", action="append", default=[])
+    s.add_argument("--command", default=COMMAND, help="the command that made the folder's files")
     args = p.parse_args(argv)
     summary = summarise(args.part, Path(args.folder), status=args.status, cap_s=args.cap, elapsed_s=args.elapsed,
-                        profile=args.profile, overrides=args.overrides, device_name=args.device_name, notes=args.notes)
+                        profile=args.profile, overrides=args.overrides, device_name=args.device_name, notes=args.notes,
+                        command=args.command)
     print("\n".join(describe(summary)))
     return 0
 

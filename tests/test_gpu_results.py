@@ -179,6 +179,20 @@ def test_committed_gpu_folders_and_their_rows(tmp_path):
         gpu_results.gpu_folders("nope", root=tmp_path)
 
 
+def test_a_cpu_profile_run_sits_beside_the_gpu_runs_and_is_read_apart(tmp_path):
+    _summary(tmp_path / "budgets" / "nvidia-h200", tables=[{"table": "faithful_plain"}])
+    _summary(tmp_path / "budgets" / "cpu-amd-epyc", tables=[{"table": "verified_n8_length"}], profile="cpu", cap_s=0.0,
+             elapsed_s=923.0, device_name="AMD EPYC (2 cores, CPU)")
+    assert [r["gpu"] for r in gpu_results.rows("budgets", "tables", tmp_path)] == ["cpu-amd-epyc", "nvidia-h200"]
+    assert gpu_results.rows("budgets", "tables", tmp_path, profile="cpu") == [{"gpu": "cpu-amd-epyc",
+                                                                               "table": "verified_n8_length"}]
+    assert gpu_results.overview("budgets", tmp_path, profile="cpu") == (
+        "budgets on AMD EPYC (2 cores, CPU): complete after 923 s, profile cpu")  # no cap: none printed
+    assert gpu_results.overview("budgets", tmp_path, profile="paper") == gpu_results.missing("budgets")
+    assert gpu_results.missing("budgets", profile="cpu") == (
+        "no cpu-profile run committed yet under results/budgets/ (command: bash scripts/cpu_budgets.sh)")
+
+
 def test_budget_table_rows_flatten_hit10_per_level():
     table = {"variant": "verified", "decoding": "verified_n4", "csc_scale": "length", "n_candidates": 4, "n_prompts": 33,
              "rows": [{"level": lv, "csc": {"Hit@10": h}} for lv, h in (("low", 100.0), ("medium", 93.9), ("high", 87.9))],

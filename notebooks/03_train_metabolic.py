@@ -119,8 +119,8 @@ print(tf.calibration_text(results))
 import pandas as pd
 from metabolic.report import gpu_results
 
-print(gpu_results.overview("budgets"))
-if gpu_rows := gpu_results.rows("budgets", "training"):
+print(gpu_results.overview("budgets", profile="gpu"))
+if gpu_rows := gpu_results.rows("budgets", "training", profile="gpu"):
     print(pd.DataFrame(gpu_rows).to_string(index=False))
 
 # %% [markdown]

@@ -121,7 +121,9 @@ for key, table in verified.items():
 # `verified_steered_n<N>`: the same controller, but each level's candidates are sampled under
 # `CostSteeringLogitsProcessor` towards that level's budget through the learned costs (C_vocab of the
 # sampler, budget -> proxy through a continuation calibration per scale). Same prompts, seed and
-# budgets as the unsteered rows beside them.
+# budgets as the unsteered rows beside them. The smoke profile runs none
+# (`generation.verified_steered_candidates=()`: they would push `make study` past 8 minutes); the `cpu`
+# profile's committed run, read below, has them for N = 1, 2, 4 at 16 prompts per level.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -134,6 +136,9 @@ for key, t in verified.items():
                        "judge ppl change": t["fluency"]["judge_ppl_rel_change"]})
 steer_table = pd.DataFrame(steer_rows).sort_values(["scale", "N", "candidates"], kind="stable")
 print(steer_table.round(3).to_string(index=False))
+if not cfg.generation.verified_steered_candidates:
+    print(f"no steered rows on the {cfg.profile} profile: generation.verified_steered_candidates=() "
+          "(the cpu profile's committed run below has them)")
 
 # %%
 print("seconds per generation (not checked: wall time on this machine):",
@@ -314,10 +319,11 @@ pairs = [(t, verified.get(k.replace("verified_steered_", "verified_"))) for k, t
          if t["decoding"] == "verified_steered"]
 fewer = sum(s["labels_per_generation"] < u["labels_per_generation"] for s, u in pairs if u)
 better = sum(s["goal"]["hit_ok"] and not u["goal"]["hit_ok"] for s, u in pairs if u)
-print(
-    f"Steered candidates (learned costs in the sampler): fewer labels per generation than unsteered at the same N in "
-    f"{fewer} of {len(pairs)} rows; Hit@10 >= 90% on every level where unsteered missed it in {better} of {len(pairs)}."
-)
+if pairs:
+    print(
+        f"Steered candidates (learned costs in the sampler): fewer labels per generation than unsteered at the same N in "
+        f"{fewer} of {len(pairs)} rows; Hit@10 >= 90% on every level where unsteered missed it in {better} of {len(pairs)}."
+    )
 v_best = {k: t for k, t in verified.items() if t["goal"]["hit_ok"]}
 smallest = {s: min((t["n_candidates"] for t in v_best.values() if t["csc_scale"] == s), default=None)
             for s in combined["verified_budgets"]}
@@ -329,13 +335,38 @@ print(
     f"{len(combined['prompts'])} prompts per level."
 )
 
+# %% [markdown]
+# ## More prompts: the `cpu` profile's committed run
+# `scripts/cpu_budgets.sh` runs the `cpu` profile (smoke's model sizes, a backbone pretrained 150 steps,
+# 160 labelled training texts, 96 validation texts, 16 prompts per level) once on a CPU and commits
+# `results/budgets/cpu-<machine>/`; the rows below are read from there, not recomputed here.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from metabolic.report import gpu_results
+
+print(gpu_results.overview("budgets", profile="cpu"))
+keep = ["table", "n_prompts", "hit10_low", "hit10_medium", "hit10_high", "average_mae_csc", "labels_per_generation",
+        "judge_ppl_rel_change", "goal_met"]
+if cpu_rows := gpu_results.rows("budgets", "tables", profile="cpu"):
+    print(pd.DataFrame(cpu_rows)[keep].round(3).to_string(index=False))
+    fit_keep = ["variant", "token_spearman", "continuation_r2", "n_tokens", "n_continuations", "predicted_cost_cv"]
+    fits = gpu_results.rows("budgets", "cost_model", profile="cpu") + gpu_results.rows("budgets", "cost_model_ceiling", profile="cpu")
+    print("cost model on the held-out texts, learned (faithful, expected-cost) and the ceiling's predictors:")
+    print(pd.DataFrame(fits)[fit_keep].round(3).to_string(index=False))
+    by_table = {r["table"]: r for r in cpu_rows}
+    levels = ("low", "medium", "high")
+    pairs = [(r, by_table[k.replace("_steered", "")]) for k, r in by_table.items() if k.startswith("verified_steered_")]
+    fewer = sum(st["labels_per_generation"] < un["labels_per_generation"] for st, un in pairs)
+    no_worse = sum(all(st[f"hit10_{lv}"] >= un[f"hit10_{lv}"] for lv in levels) for st, un in pairs)
+    print(f"steered vs unsteered candidates at the same N and scale (cpu profile): fewer labels per generation in "
+          f"{fewer} of {len(pairs)} rows, Hit@10 at least as high on every level in {no_worse} of {len(pairs)}")
+
 # %%
 # NBVAL_CHECK_OUTPUT
 # GPU runs of scripts/gpu_results.sh committed under results/budgets/<gpu>/ and results/overhead/<gpu>/
-from metabolic.report import gpu_results
-
 for part, keys in {"budgets": ("tables", "cost_model"), "overhead": ("train", "generation", "verified")}.items():
-    print(gpu_results.overview(part))
+    print(gpu_results.overview(part, profile="gpu"))
     for key in keys:
-        if gpu_rows := gpu_results.rows(part, key):
+        if gpu_rows := gpu_results.rows(part, key, profile="gpu"):
             print(f"{part}, {key}:\n{pd.DataFrame(gpu_rows).round(3).to_string(index=False)}")

@@ -41,6 +41,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "generation.n_valid_prompts": 3,  # + the paper's prompt: 4 prompts per level keep notebook 04 short in CI
         "generation.max_new_tokens": 24,
         "generation.verified_max_new_tokens": 40,  # 16 prompt + 40 <= the 64-position smoke backbone
+        # Steered verified rows would add ~45% to notebook 04's labelling (make study past 8 minutes on 2
+        # cores): the cpu profile's committed run (results/budgets/cpu-*) has them for N = 1, 2, 4.
+        "generation.verified_steered_candidates": (),
         "energy.repeats": 1,  # CPU timings only on smoke: one repeat keeps the stage short
         "energy.batch_sizes": (1,),
         "energy.paths": ("default",),  # the static path is covered by tests; on CPU generate does not compile it
@@ -129,6 +132,7 @@ PROFILES["cpu"] = {
     "csc.max_sequences": 160,
     "csc.max_valid_sequences": 96,
     "generation.n_valid_prompts": 15,  # + the paper's prompt: 16 per level
+    "generation.verified_steered_candidates": (1, 2, 4),
 }
 
 # The paper's user-facing budgets before their mapping to CSC space (V.B), kept for the Table I notebook.

@@ -22,7 +22,7 @@
 # and seed boxes on Enter; "resample" draws the next seed. The same seed gives the same sample, so moving
 # one control shows that control's effect on the same random draw. Generated
 # tokens are coloured by their learned cost C_vocab (green = cheap, red = dear; hover for the value);
-# the gauge shows the calibrated spend against the budget (the black mark is 100%). Generation is
+# the gauge shows the proxy spend as its share of the budget, in CSC (the black mark is 100%). Generation is
 # `generate_with_budget` with steering and the budget stop, the same code notebook 04 evaluates.
 # Budgets outside the range the model was trained on are clamped to it (the status line says so);
 # an empty prompt or one longer than the context shows an error in the widget.
@@ -58,7 +58,7 @@ explorer.widget()
 print(f"variant {variant}; slider range {low:.4f} .. {high:.4f} CSC; levels {[round(t, 4) for t in levels]}; calibration: {how}")
 for name, budget in zip(("low", "medium", "high"), levels):
     view = explorer.render(cfg.generation.prompts[0], float(budget), cfg.generation.temperature, cfg.generation.max_new_tokens)
-    print(f"{name}: budget {view.budget_csc:.4f}, {view.n_tokens} tokens, calibrated spend {view.spent_csc:.4f} CSC")
+    print(f"{name}: budget {view.budget_csc:.4f}, {view.n_tokens} tokens, spend {view.spent_csc:.4f} CSC (its share of the budget)")
 for label, args in {"empty prompt": ("", 1.0, 1.0, 8), "budget 0": ("Hi", 0.0, 1.0, 8), "budget NaN": ("Hi", float("nan"), 1.0, 8),
                     "prompt beyond the context": ("word " * 2000, 1.0, 1.0, 8)}.items():
     print(f"{label}: {explorer.render(*args).error[:90]}")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from metabolic.core.budget import ProxyCalibration
-from metabolic.report.explorer import BudgetExplorer, cost_colour, gauge_html
+from metabolic.report.explorer import BudgetExplorer, cost_colour, gauge_html, spent_in_csc
 from tiny_lm import tiny_gpt2, token_costs
 
 
@@ -114,3 +116,14 @@ def test_verified_n_switches_to_the_verified_controller(tokenizer, assets_dir):
     assert explorer.renders == renders + 1 and explorer.last.error is None
     assert "true CSC" in explorer.last.status and "of 2, stop at" in explorer.last.status
     assert math.isfinite(explorer.last.spent_csc) and explorer.last.budget_csc == ws["budget"].value
+
+
+@given(share=st.floats(0.0, 1.0), budget_proxy=st.floats(1e-4, 10.0), budget_csc=st.floats(1e-3, 10.0))
+def test_spend_reads_as_its_share_of_the_budget_never_below_zero(share, budget_proxy, budget_csc):
+    spent = spent_in_csc(share * budget_proxy, budget_proxy, budget_csc)
+    assert 0.0 <= spent <= budget_csc * (1 + 1e-12)
+    assert spent == pytest.approx(share * budget_csc, rel=1e-9, abs=1e-15)
+
+
+def test_spend_under_an_unlimited_or_empty_budget_is_nan():
+    assert math.isnan(spent_in_csc(0.1, math.inf, math.inf)) and math.isnan(spent_in_csc(0.1, 0.0, 0.5))

@@ -66,6 +66,21 @@ def tokens_html(prompt: str, tokens: list[str], costs: list[float], low: float, 
     return '<div style="font-family:monospace;white-space:pre-wrap;line-height:1.7">' + "".join(parts) + "</div>"
 
 
+def spent_in_csc(spent_proxy: float, budget_proxy: float, budget_csc: float) -> float:
+    """The proxy spend read in CSC as the share of the budget it has used: `B x spent / B_proxy`.
+
+    Not the affine calibration of whole texts: with a negative intercept it reads a partial spend as
+    negative CSC (smoke: 15 tokens, proxy 0.039 of 0.264, read -0.26). The share is what the controller
+    steers and stops on; the true CSC of the text is the verified mode's.
+
+    >>> spent_in_csc(0.066, 0.264, 0.459)
+    0.11475
+    """
+    if not (math.isfinite(budget_proxy) and budget_proxy > 0):
+        return math.nan
+    return budget_csc * spent_proxy / budget_proxy
+
+
 def gauge_html(spent: float, budget: float, band: float = 0.10) -> str:
     """A horizontal bar: spent as a fraction of the budget, green within `band` of it (the Hit@10 band,
     `metabolic.core.budget.in_band`), orange below, red above (overspend shown beyond 100%)."""
@@ -154,9 +169,7 @@ class BudgetExplorer:
         g = gens[0]
         costs = self.token_costs[g.generated_ids].tolist() if g.generated_ids else []
         pieces = [self.tokenizer.decode([t]) for t in g.generated_ids]
-        # The affine map reads a proxy total below its intercept as negative CSC; a text never costs less
-        # than nothing, so the estimate is floored at 0 (true CSC: the verified mode).
-        spent_csc = max(0.0, self.calibration.to_csc(g.spent_proxy)) if g.generated_ids else 0.0
+        spent_csc = spent_in_csc(g.spent_proxy, g.budget_proxy, g.budget_csc) if g.generated_ids else 0.0
         elapsed = time.perf_counter() - t0
         status = (f"seed {seed}: {len(pieces)} tokens, spent {spent_csc:.3f} of {g.budget_csc:.3f} CSC "
                   f"(proxy {g.spent_proxy:.3f} of {g.budget_proxy:.3f}); stopped by {g.stopped_by}; {elapsed:.2f} s")

@@ -53,7 +53,8 @@ if [ "$DRY_RUN" = 1 ]; then
         backbone.n_head=2 backbone.block_size=32 backbone.batch_size=4 backbone.max_steps=2 backbone.warmup_steps=1
         backbone.eval_every=2 backbone.max_eval_blocks=2 backbone.checkpoint_every=2 train.batch_size=2"
   A_SET=${A_SET:-"$TINY csc.max_sequences=4 csc.max_valid_sequences=2 train.epochs=1 generation.n_valid_prompts=0
-        generation.max_new_tokens=4 generation.verified_max_new_tokens=8 generation.verified_candidates=1,2"}
+        generation.max_new_tokens=4 generation.verified_max_new_tokens=8 generation.verified_candidates=1,2
+        generation.verified_scales=raw,length"}
   B_SIZES=${B_SIZES:-"2"} B_TOKENS=16 B_START_S=5
   C_ONLY=${C_ONLY:-"cell-tiny-*-chat-b1"} C_START_S=5 C_CALIB_MIN_S=${C_CALIB_MIN_S:-0} C_REST_MIN_S=${C_REST_MIN_S:-0}
   D_SET=$TINY D_TRAIN="--steps 1 --warmup 1" D_GEN="--batch 2 --repeats 1 --candidates 2 --new-tokens 4"

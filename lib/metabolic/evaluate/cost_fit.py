@@ -30,10 +30,10 @@ import torch
 
 from metabolic.core.errors import DataError
 from metabolic.csc.dataset import scale_labels
+from metabolic.train.losses import LOG_FLOOR  # log(y + LOG_FLOOR x mean label), as L_CSC's log space
 
 PROBE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried, on standardised features
 PROBE_FOLDS = 4  # cross-validation folds over training texts (texts, not tokens, are held out)
-LOG_FLOOR = 0.05  # log(y + LOG_FLOOR x mean label): CSC labels can be 0 (or round to slightly below)
 
 
 def r_squared(x: Any, y: Any) -> float:

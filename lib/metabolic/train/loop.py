@@ -259,6 +259,11 @@ def step_budgets(model: MetabolicGPT2, batch: Batch, targets: np.ndarray, factor
     return own.float()[:, None].expand(b, k)
 
 
+def csc_loss_fn(cfg: TrainConfig):
+    """L_CSC as `train.csc_loss` names it: `losses.csc_log_mse` ("log-mse") or `losses.csc_mse`."""
+    return losses.csc_log_mse if cfg.csc_loss == "log-mse" else losses.csc_mse
+
+
 def compute_step(model: MetabolicGPT2, batch: Batch, budgets: torch.Tensor, cfg: TrainConfig,
                  vocab_ids: torch.Tensor, vocab_means: torch.Tensor) -> StepResult:
     """Forward and every eq. (22) term for one batch (no backward)."""
@@ -275,8 +280,7 @@ def compute_step(model: MetabolicGPT2, batch: Batch, budgets: torch.Tensor, cfg:
     # supervision and the vocab-aux loss move. With gradient, Adam turned the constraint's tiny pull on
     # every likely token into full-size steps on tokens no label ever reached (held-out Spearman 0.12).
     nt = losses.next_token_terms(logits.float(), at, batch.ids, batch.mask, c_vocab.detach() if expected else None)
-    csc_loss = losses.csc_log_mse if cfg.csc_loss == "log-mse" else losses.csc_mse
-    mse = csc_loss(token_costs, batch.labels, unit=model.settings.cost_scale)
+    mse = csc_loss_fn(cfg)(token_costs, batch.labels, unit=model.settings.cost_scale)
     if expected:
         totals = losses.sequence_expected_totals(nt.per_pos_cost, at, batch.ids, batch.mask, c_vocab, batch.counted_from)
     else:
@@ -565,7 +569,7 @@ def warm_up_costs(model: MetabolicGPT2, states: Sequence[tuple[torch.Tensor, ...
     params = [p for name, p in model.named_parameters() if name.startswith(COST_PREFIXES)]
     lr = cfg.cost_warmup_lr if cfg.cost_parameterisation == "scaled" else cfg.lr * cfg.cost_lr_multiplier
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    loss_fn = losses.csc_log_mse if cfg.csc_loss == "log-mse" else losses.csc_mse
+    loss_fn = csc_loss_fn(cfg)
     epoch_loss = []
     for epoch in range(cfg.cost_warmup_epochs):
         total = 0.0
@@ -609,11 +613,16 @@ class TrainResult:
         return MetabolicGPT2.from_pretrained(self.best_dir, device=device)
 
 
+def uses_mean_label(cfg: TrainConfig) -> bool:
+    """Whether the model's settings need the mean per-token training label (`model_settings`)."""
+    return cfg.cost_parameterisation == "scaled" or cfg.token_cost_init_from_csc
+
+
 def model_settings(cfg: TrainConfig, variant: str, budget_scale: float, mean_label: float | None = None) -> MetabolicSettings:
     """The model's cost settings for `cfg`; `mean_label` (the mean per-token training label) is needed by
     the scaled parameterisation (it is s, and every cost starts there) and by `token_cost_init_from_csc`."""
     scaled = cfg.cost_parameterisation == "scaled"
-    from_labels = scaled or cfg.token_cost_init_from_csc
+    from_labels = uses_mean_label(cfg)
     if from_labels and mean_label is None:
         raise ConfigError(f"train.cost_parameterisation={cfg.cost_parameterisation!r} needs the mean per-token CSC label")
     return MetabolicSettings(variant=variant, K=cfg.K, a_mix=cfg.a_mix, c_min=cfg.vocab_cost_min, budget_scale=budget_scale,
@@ -671,8 +680,7 @@ def train(
     _check_ids(data.valid_ids, vocab_size, "valid")
     if len(data.targets) != cfg.K:
         raise ConfigError(f"{len(data.targets)} target budgets for train.K={cfg.K}: give K budgets")
-    needs_mean = cfg.cost_parameterisation == "scaled" or cfg.token_cost_init_from_csc
-    settings = model_settings(cfg, variant, data.budget_scale, mean_label=mean_token_label(data) if needs_mean else None)
+    settings = model_settings(cfg, variant, data.budget_scale, mean_label=mean_token_label(data) if uses_mean_label(cfg) else None)
     model = MetabolicGPT2(backbone, settings, prior_cost=prior_cost)
     model.training_info = {"budget_range": list(data.budget_range), "targets": data.targets.tolist(), "variant": variant}
     optimizer = make_optimizer(model, cfg)

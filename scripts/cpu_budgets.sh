@@ -11,6 +11,7 @@
 # stage timings) and its summary.json (profile cpu) to results/budgets/cpu-<machine>/. Commit that
 # folder: notebook 04 shows it beside smoke (`metabolic.report.gpu_results.rows(..., profile="cpu")`).
 set -euo pipefail
+source "$(dirname "$0")/budget_files.sh"
 
 PROFILE=${PROFILE:-cpu}
 STAGES=${STAGES:-"corpus,pretrain,prior,csc,train,evaluate"}
@@ -26,15 +27,7 @@ print(cpu.strip())")
 dest="results/budgets/cpu-$(echo "$name" | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//' | tr 'A-Z' 'a-z')"
 mkdir -p "$dest"
 "$PY" -m metabolic config --profile "$PROFILE" > "$dest/study_config.json"
-cp "$run/run_timings.json" "$dest/run_timings.json"
-cp "$run/backbone/metrics.jsonl" "$dest/pretrain_metrics.jsonl"
-cp "$run/backbone/manifest.json" "$dest/backbone_manifest.json"
-cp "$run/csc/manifest.json" "$dest/csc_manifest.json"
-for v in faithful expected-cost; do
-  cp "$run/train/$v/metrics.jsonl" "$dest/train_${v}_metrics.jsonl"
-  cp "$run/train/$v/selection.json" "$dest/train_${v}_selection.json"
-done
-cp "$run/evaluation/tables.json" "$dest/tables.json"
+copy_budget_files "$run" "$dest"
 PYTHONPATH="$PWD/lib${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m metabolic.report.gpu_results summarise budgets "$dest" \
   --status complete --cap 0 --elapsed "$elapsed" --profile "$PROFILE" --device-name "$name ($(nproc) cores, CPU)" \
   --command "bash scripts/cpu_budgets.sh" --note "the $PROFILE profile on a CPU, $(( elapsed / 60 )) min wall"

@@ -37,6 +37,7 @@ set -uo pipefail  # not -e: a part that fails must not stop the next
 
 here=$(dirname "$0")
 source "$here/gpu_common.sh"
+source "$here/budget_files.sh"
 PARTS=${PARTS:-"budgets csc_throughput etokens overhead"}
 DATA=${METABOLIC_DATA:-data}
 export METABOLIC_DATA=$DATA
@@ -111,33 +112,17 @@ capped() {
   if [ "$l" -le 0 ]; then echo "!! $PART: no time left for: $*"; return 124; fi
   timeout -k 10 -s INT "$l" "$@"
 }
-# copy SRC... DEST_FILE: the first SRC that exists, when it is this run's (newer than the part's start) or the part ran to its end
-copy_first() {
-  local dest=${!#} src
-  for src in "${@:1:$#-1}"; do
-    if [ -f "$src" ] && { [ "$RC" -eq 0 ] || [ "$src" -nt "$MARK" ]; }; then cp "$src" "$dest"; return 0; fi
-  done
-  return 0
-}
 status_of() {
   case $1 in 0) echo complete ;; 124|130|137) echo "cut at its cap" ;; *) echo "failed (exit $1)" ;; esac
 }
 
 part_budgets() {
-  local run="$DATA/$PROFILE" v
+  local run="$DATA/$PROFILE"
   "$PY" -m metabolic config --profile "$PROFILE" "${A_ARGS[@]}" > "$DEST/study_config.json" || return $?
   capped "$PY" -m metabolic run --profile "$PROFILE" --stages corpus,pretrain,prior,csc,train,evaluate "${A_ARGS[@]}" \
     2>&1 | tee "$DEST/log.txt"
   RC=${PIPESTATUS[0]}
-  copy_first "$run/run_timings.json" "$DEST/run_timings.json"
-  copy_first "$run/backbone/metrics.jsonl" "$run/backbone.partial/metrics.jsonl" "$DEST/pretrain_metrics.jsonl"
-  copy_first "$run/backbone/manifest.json" "$DEST/backbone_manifest.json"
-  copy_first "$run/csc/manifest.json" "$DEST/csc_manifest.json"
-  for v in faithful expected-cost; do
-    copy_first "$run/train/$v/metrics.jsonl" "$run/train/$v.partial/metrics.jsonl" "$DEST/train_${v}_metrics.jsonl"
-    copy_first "$run/train/$v/selection.json" "$DEST/train_${v}_selection.json"
-  done
-  copy_first "$run/evaluation/tables.json" "$DEST/tables.json"
+  copy_budget_files "$run" "$DEST"
   return "$RC"
 }
 

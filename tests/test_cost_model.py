@@ -204,8 +204,12 @@ def test_cost_ceilings_report_each_predictor_and_the_best(backbone):
     prior = np.ones(backbone.config.vocab_size)
     prior[100:140] = np.linspace(0.5, 2.0, 40)
     labels = [0.01 * prior[np.asarray(t)] * (1 + 0.1 * gen.random(len(t))) for t in texts]  # CSC ~ a token property
-    out = cost_fit.cost_ceilings(backbone, texts[:6], labels[:6], texts[6:], labels[6:], prior, prompt_tokens=2)
-    assert set(out) == {"ridge_linear", "ridge_log", "token_mean", "ceiling"}
+    out = cost_fit.cost_ceilings(backbone, texts[:5], labels[:5], texts[5:], labels[5:], prior, prompt_tokens=2)
+    assert set(out) == {"ridge_linear", "ridge_log", "token_mean", "token_count", "ceiling"}
+    # the length-only reference: its continuation totals are the lengths, and it ranks no token
+    lengths, totals = [len(t) - 2 for t in texts[5:]], [float(y[2:].sum()) for y in labels[5:]]
+    assert out["token_count"]["continuation_r2"] == pytest.approx(cost_fit.r_squared(lengths, totals), rel=1e-5)  # labels held in float32
+    assert math.isnan(out["token_count"]["token_spearman"])
     assert out["token_mean"]["token_spearman"] > 0.9  # the per-token mean (with the prior's backoff) sees the rule
     best = max(out[k]["token_spearman"] for k in ("ridge_linear", "ridge_log", "token_mean"))
     assert out["ceiling"]["token_spearman"] == best

@@ -17,7 +17,10 @@ the backbone allow:
   strength chosen by cross-validation over training texts;
 - the per-token-id mean of the training labels, backed off to the synthetic prior (scaled to the
   labels' mean) with `pseudo_count` pseudo-observations, so a token never seen costs its prior.
-The ceiling of each metric is the best of these predictors.
+The ceiling of each metric is the best of these predictors. Beside them, as a reference and not
+part of the ceiling, `token_count`: one constant cost per token (the mean training label), whose
+continuation totals are the continuation's length. It has no Spearman; its continuation R² is what
+length alone explains, so a learned model whose R² sits near it adds nothing to a token counter there.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from metabolic.train.losses import LOG_FLOOR  # log(y + LOG_FLOOR x mean label),
 
 PROBE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried, on standardised features
 PROBE_FOLDS = 4  # cross-validation folds over training texts (texts, not tokens, are held out)
+CEILING_PREDICTORS = ("ridge_linear", "ridge_log", "token_mean")  # the ceiling; `token_count` is a reference
 
 
 def r_squared(x: Any, y: Any) -> float:
@@ -216,7 +220,8 @@ def cost_ceilings(backbone, train_ids: Sequence[Sequence[int]], train_csc: Seque
     """`fit_metrics` of the simple predictors (module doc) on the held-out texts, and the ceiling.
 
     Returns {"ridge_linear": {...metrics, "alpha"}, "ridge_log": {...}, "token_mean": {...},
-    "ceiling": {"token_spearman": best, "continuation_r2": best, "token_spearman_by": name, ...}}.
+    "token_count": {...}, "ceiling": {"token_spearman": best, "continuation_r2": best, "token_spearman_by": name, ...}}
+    (the ceiling over `CEILING_PREDICTORS`).
     """
     train_y, valid_y = scale_labels(train_csc, scale), scale_labels(valid_csc, scale)
     train_h, valid_h = hidden_states(backbone, train_ids), hidden_states(backbone, valid_ids)
@@ -226,9 +231,11 @@ def cost_ceilings(backbone, train_ids: Sequence[Sequence[int]], train_csc: Seque
         out[f"ridge_{target}"] = {**fit_metrics(valid_ids, valid_y, pred, prompt_tokens), "alpha": alpha}
     table = token_mean_costs(train_ids, train_y, prior)
     out["token_mean"] = fit_metrics(valid_ids, valid_y, [table[np.asarray(ids, np.int64)] for ids in valid_ids], prompt_tokens)
+    mean_label = float(np.nanmean(np.concatenate([np.asarray(y, np.float64) for y in train_y])))
+    out["token_count"] = fit_metrics(valid_ids, valid_y, [np.full(len(ids), mean_label) for ids in valid_ids], prompt_tokens)
     ceiling: dict[str, Any] = {}
     for metric in ("token_spearman", "continuation_r2"):
-        name = max(out, key=lambda k: -math.inf if math.isnan(out[k][metric]) else out[k][metric])
+        name = max(CEILING_PREDICTORS, key=lambda k: -math.inf if math.isnan(out[k][metric]) else out[k][metric])
         ceiling[metric], ceiling[f"{metric}_by"] = out[name][metric], name
     out["ceiling"] = ceiling
     return out

@@ -260,3 +260,48 @@ def test_cost_warm_up_fits_the_labels_and_leaves_the_backbone_alone(backbone):
     fitted = model.proxy_total(model.mix_costs(model.token_cost_table()[ids], model.head_costs(h))).detach()
     assert cost_fit.spearman(fitted.numpy(), labels.numpy()) > 0.9
     assert warm_up_costs(model, states, dataclasses.replace(cfg, cost_warmup_epochs=0))["loss_first_epoch"] is None
+
+
+@given(n=st.integers(0, 60), k=st.integers(1, 8))
+def test_contiguous_folds_partition_the_texts_in_order(n, k):
+    from metabolic.train.loop import contiguous_folds
+
+    folds = contiguous_folds(n, k)
+    assert [i for fold in folds for i in fold] == list(range(n))  # every text once, in corpus order
+    assert len(folds) == min(k, n) and all(folds)
+    assert max(map(len, folds), default=0) - min(map(len, folds), default=0) <= 1
+
+
+def _states(gen, n_texts, ids_for, labels_for):
+    out = []
+    for i in range(n_texts):
+        h = torch.randn(9, 16, generator=gen)
+        ids = ids_for(i)
+        out.append((ids, h, labels_for(ids, h)))
+    return out
+
+
+@pytest.mark.parametrize("rule", ["context", "token id"])
+def test_a_mix_cross_validation_picks_the_part_that_carries_the_labels(backbone, rule):
+    import dataclasses
+
+    from metabolic.core.config import TrainConfig
+    from metabolic.train.loop import COST_PREFIXES, choose_a_mix, head_input_statistics
+
+    gen = torch.Generator().manual_seed(11)
+    if rule == "context":  # CSC follows the states; each fold's texts use token ids no other fold uses
+        states = _states(gen, 8, lambda i: torch.randint(100 + 10 * (i // 2), 110 + 10 * (i // 2), (9,), generator=gen),
+                         lambda ids, h: 0.02 * torch.exp(h[:, 0]))
+        want = 0.0
+    else:  # CSC is a property of the token id, shared across folds; the states carry nothing
+        cost_of = torch.linspace(0.005, 0.05, 20)
+        states = _states(gen, 8, lambda i: torch.randint(100, 120, (9,), generator=gen), lambda ids, h: cost_of[ids - 100])
+        want = 1.0
+    model = MetabolicGPT2(backbone, MetabolicSettings(token_cost_init=0.02, cost_scale=0.02, standardise_head=True))
+    model.set_head_standardisation(*head_input_statistics(states, torch.float32))
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(COST_PREFIXES)}
+    cfg = dataclasses.replace(TrainConfig(), batch_size=2, cost_warmup_epochs=15, cost_warmup_lr=0.05, a_mix_choices=(0.0, 1.0))
+    info = choose_a_mix(model, states, cfg)
+    assert info["a_mix"] == want and model.settings.a_mix == want and info["folds"] == 4
+    assert info["cv_spearman"][str(want)] > 0.5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the cost parameters as found

@@ -225,6 +225,15 @@ def test_interrupted_after_epoch_1_of_3_resumes_to_identical_results(runs, backb
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_resumed_run_keeps_the_a_mix_its_cross_validation_chose(backbone_dir, data, tiny_cfg, tmp_path):
+    cfg = dataclasses.replace(train_cfg(tiny_cfg), epochs=2, a_mix=1.0, a_mix_choices=(0.0,))  # the config's a_mix loses
+    with pytest.raises(KeyboardInterrupt):
+        training.train(backbone_dir, data, cfg, "faithful", tmp_path, progress=False, stop_after_epochs=1, device="cpu")
+    resumed = training.train(backbone_dir, data, cfg, "faithful", tmp_path, progress=False, device="cpu")
+    model = MetabolicGPT2.from_pretrained(resumed.last_dir, device="cpu")
+    assert model.settings.a_mix == 0.0 and model.training_info["a_mix_cv"]["a_mix"] == 0.0
+
+
 def test_checkpoint_from_another_config_is_refused_untouched(backbone_dir, data, tiny_cfg, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         training.train(backbone_dir, data, train_cfg(tiny_cfg), "faithful", tmp_path, progress=False,

@@ -193,6 +193,10 @@ class TrainConfig:
     repetition_penalty: float = 0.5
     vocab_aux_weight: float = 0.5
     a_mix: float = 0.5  # mix of learnable token costs and head costs in C_vocab, eq. (14)
+    # The a_mix values the cost warm-up chooses from by cross-validation over training texts (held-out
+    # Spearman; metabolic.train.loop.choose_a_mix): few labelled texts cannot identify a free cost per
+    # token id, and how much of the table to use is a property of the data. Empty (or no warm-up): a_mix.
+    a_mix_choices: tuple[float, ...] = (0.0, 0.25, 0.5)
     token_cost_init: float = 0.05  # Softplus outputs of the learnable token costs at initialisation
     calib_ridge: float = 1e-3  # gamma in eq. (21)
     calib_refit_every: int = 10  # steps between refits of (a, b)
@@ -241,6 +245,8 @@ class TrainConfig:
                      "vocab_aux_weight", "calib_ridge"):
             _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "use >= 0")
         _require(0 <= self.a_mix <= 1, "train.a_mix", self.a_mix, "use a value in [0, 1]")
+        _require(all(0 <= a <= 1 for a in self.a_mix_choices), "train.a_mix_choices", self.a_mix_choices,
+                 "use values in [0, 1], or () to keep train.a_mix")
         _require(self.cost_warmup_epochs >= 0, "train.cost_warmup_epochs", self.cost_warmup_epochs, "use >= 0 (0 = none)")
         _require(math.isfinite(self.vocab_cost_min) and self.vocab_cost_min >= 0, "train.vocab_cost_min",
                  self.vocab_cost_min, "use a finite floor >= 0")

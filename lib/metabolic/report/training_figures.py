@@ -12,6 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
+from metabolic.model.metabolic_gpt2 import TRAINING_INFO_FILE
 from metabolic.train.loop import CALIBRATION_POINTS, TrainResult
 
 COLOURS = {"faithful": "#1f77b4", "expected-cost": "#d62728"}
@@ -154,7 +155,24 @@ def training_summary(label: str, results: Mapping[str, TrainResult]) -> str:
         f"{f.metrics[-1]['calib_b']:.3f} (faithful) and {e.metrics[-1]['calib_b']:.3f} (expected-cost). "
         f"These are teacher-forced training diagnostics, not generation results (notebook 04).\n"
         + " ".join(lambda_note(v, r) for v, r in results.items())
+        + "".join(f"\n{note}" for note in [a_mix_note(results)] if note)
     )
+
+
+def a_mix_note(results: Mapping[str, TrainResult]) -> str:
+    """Eq. (14)'s mix each variant's cost warm-up chose by cross-validation over training texts ("" when none ran)."""
+    chosen = {}
+    for variant, result in results.items():
+        info_file = result.best_dir / TRAINING_INFO_FILE
+        if cv := (json.loads(info_file.read_text()) if info_file.is_file() else {}).get("a_mix_cv"):
+            chosen[variant] = cv
+    if not chosen:
+        return ""
+    parts = [f"{variant} {cv['a_mix']:g} (mean held-out Spearman by a_mix: "
+             + ", ".join(f"{a} {r:.3f}" for a, r in cv["cv_spearman"].items()) + ")" for variant, cv in chosen.items()]
+    folds = next(iter(chosen.values()))["folds"]
+    return (f"a_mix (eq. 14's share of the per-token-id cost table) chosen by {folds}-fold cross-validation over "
+            f"contiguous blocks of training texts: " + "; ".join(parts) + ".")
 
 
 def lambda_note(variant: str, result: TrainResult) -> str:

@@ -59,7 +59,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -587,6 +587,74 @@ def warm_up_costs(model: MetabolicGPT2, states: Sequence[tuple[torch.Tensor, ...
             "loss_last_epoch": epoch_loss[-1] if epoch_loss else None}
 
 
+A_MIX_FOLDS = 4  # cross-validation folds over training texts for `choose_a_mix`
+
+
+def _rank_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman's rho of two 1-D tensors (ties get their average rank); NaN when undefined."""
+    from scipy.stats import spearmanr
+
+    a, b = x.detach().double().cpu().numpy(), y.detach().double().cpu().numpy()
+    if a.size < 3 or np.all(a == a[0]) or np.all(b == b[0]):
+        return math.nan
+    return float(spearmanr(a, b).statistic)
+
+
+def contiguous_folds(n_texts: int, k: int) -> list[list[int]]:
+    """`k` folds of consecutive text indices (sizes differ by at most one), so that texts next to each
+    other in the corpus, mostly lines of one article, stay in one fold.
+
+    >>> contiguous_folds(7, 3)
+    [[0, 1], [2, 3, 4], [5, 6]]
+    """
+    k = min(k, n_texts)
+    bounds = [round(i * n_texts / k) for i in range(k + 1)] if k else [0]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
+
+
+def choose_a_mix(model: MetabolicGPT2, states: Sequence[tuple[torch.Tensor, ...]], cfg: TrainConfig) -> dict[str, Any]:
+    """Eq. (14)'s mix a_mix chosen from `train.a_mix_choices` by cross-validation over training texts.
+
+    For each choice: the cost warm-up (`warm_up_costs`) on the texts outside a fold, then Spearman
+    between the in-context costs and the labels of the fold's texts; the best mean over
+    `A_MIX_FOLDS` folds wins (ties: the earlier choice), as a ridge probe's strength is chosen. Why:
+    the per-token-id table holds one free cost per vocabulary entry, which few labelled texts cannot
+    identify for the words of other articles, while the head reads the context; how much of each to
+    use is a property of the data. The folds are contiguous (`contiguous_folds`): the held-out split
+    holds out whole articles, and folds that interleave lines of one article would reward the table
+    for words it saw in the same article. Only training texts are read; the cost parameters are left as
+    found and `model.settings.a_mix` is set to the choice.
+    Returns {"a_mix": choice, "cv_spearman": {choice: mean held-out Spearman}, "folds": n}.
+    """
+    params = {name: p for name, p in model.named_parameters() if name.startswith(COST_PREFIXES)}
+    start = {name: p.detach().clone() for name, p in params.items()}
+    folds = contiguous_folds(len(states), A_MIX_FOLDS)
+
+    def restore() -> None:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(start[name])
+
+    scores: dict[float, float] = {}
+    for a in cfg.a_mix_choices:
+        model.settings = replace(model.settings, a_mix=float(a))
+        per_fold = []
+        for held in folds:
+            restore()
+            warm_up_costs(model, [st for i, st in enumerate(states) if not held[0] <= i <= held[-1]], cfg)
+            with torch.no_grad():
+                ids, h, labels = (torch.cat([states[i][k] for i in held]) for k in range(3))
+                pred = model.proxy_total(model.mix_costs(model.token_cost_table()[ids], model.head_costs(h)))
+            ok = torch.isfinite(labels)
+            per_fold.append(_rank_correlation(pred[ok], labels[ok]))
+        finite = [r for r in per_fold if math.isfinite(r)]
+        scores[float(a)] = float(np.mean(finite)) if finite else math.nan
+    restore()
+    best = max(scores, key=lambda a: -math.inf if math.isnan(scores[a]) else scores[a])
+    model.settings = replace(model.settings, a_mix=best)
+    return {"a_mix": best, "cv_spearman": {str(a): r for a, r in scores.items()}, "folds": len(folds)}
+
+
 def balanced_score(val_ppl: float, reference_ppl: float, level_rel_err: float) -> float:
     """The best-balanced rule (module doc): ln(ppl / reference) + mean relative budget error."""
     return math.log(val_ppl / reference_ppl) + level_rel_err
@@ -699,6 +767,8 @@ def train(
         resume.set_rng_state(state["rng"], device)
         metrics, points, best = state["metrics"], state["points"], state["best"]
         model.training_info = state.get("training_info", model.training_info)
+        if "a_mix_cv" in model.training_info:  # the mix the interrupted run chose, not the config's
+            model.settings = replace(model.settings, a_mix=model.training_info["a_mix_cv"]["a_mix"])
         epoch0, step, reference_ppl = state["epochs_done"], state["step"], state["reference_ppl"]
         log.info("resuming %s training after epoch %d of %d", variant, epoch0, cfg.epochs)
     else:
@@ -708,6 +778,9 @@ def train(
             if settings.standardise_head:
                 model.set_head_standardisation(*head_input_statistics(states, model.head_in_mean.dtype))
             if cfg.cost_warmup_epochs:
+                if cfg.a_mix_choices and len(states) >= 2:
+                    model.training_info["a_mix_cv"] = choose_a_mix(model, states, cfg)
+                    log.info("%s a_mix by cross-validation: %s", variant, model.training_info["a_mix_cv"])
                 model.training_info["cost_warmup"] = warm_up_costs(model, states, cfg)
                 log.info("%s cost warm-up: %s", variant, model.training_info["cost_warmup"])
         torch.manual_seed(cfg.seed)  # the reference evaluation must not shift the training RNG

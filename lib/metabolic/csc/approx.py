@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Sequence
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from metabolic.core.errors import DataError
+from metabolic.core.stats import spearman
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +118,13 @@ def gradient_csc(labeller, sequences: Sequence[Sequence[int]], probes: int = 16,
 
 def fidelity(exact: Sequence[np.ndarray], approx: Sequence[np.ndarray]) -> dict[str, float]:
     """Spearman rank correlation per sequence (mean, median) and MAE, on tokens labelled by both."""
-    from scipy.stats import spearmanr
-
     if len(exact) != len(approx):
         raise DataError(f"{len(exact)} exact and {len(approx)} approximate sequences: compare the same sequences")
     rhos, errors = [], []
     for e, a in zip(exact, approx):
         ok = np.isfinite(e) & np.isfinite(a)
-        if ok.sum() >= 3 and np.ptp(e[ok]) > 0 and np.ptp(a[ok]) > 0:
-            rhos.append(float(spearmanr(e[ok], a[ok]).statistic))
+        if math.isfinite(rho := spearman(e[ok], a[ok])):  # NaN: < 3 tokens or a constant side
+            rhos.append(rho)
         errors.append(np.abs(e[ok].astype(np.float64) - a[ok]))
     err = np.concatenate(errors) if errors else np.zeros(0)
     return {

@@ -32,38 +32,13 @@ import numpy as np
 import torch
 
 from metabolic.core.errors import DataError
+from metabolic.core.stats import r_squared, spearman
 from metabolic.csc.dataset import scale_labels
 from metabolic.train.losses import LOG_FLOOR  # log(y + LOG_FLOOR x mean label), as L_CSC's log space
 
 PROBE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried, on standardised features
 PROBE_FOLDS = 4  # cross-validation folds over training texts (texts, not tokens, are held out)
 CEILING_PREDICTORS = ("ridge_linear", "ridge_log", "token_mean")  # the ceiling; `token_count` is a reference
-
-
-def r_squared(x: Any, y: Any) -> float:
-    """R² of the least-squares line y ~ a + b x (the squared Pearson correlation); NaN if undefined.
-
-    >>> round(r_squared([1, 2, 3, 4], [2.0, 4.0, 6.0, 9.0]), 4)
-    0.9888
-    """
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.size < 3 or np.std(x) == 0 or np.std(y) == 0:
-        return math.nan
-    return float(np.corrcoef(x, y)[0, 1] ** 2)
-
-
-def spearman(x: Any, y: Any) -> float:
-    """Spearman's rank correlation (ties get their average rank); NaN if undefined.
-
-    >>> round(spearman([1, 2, 3, 4], [10, 20, 15, 40]), 6)
-    0.8
-    """
-    from scipy.stats import spearmanr
-
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.size < 3 or np.all(x == x[0]) or np.all(y == y[0]):
-        return math.nan
-    return float(spearmanr(x, y).statistic)
 
 
 def fit_metrics(ids_list: Sequence[Sequence[int]], labels: Sequence[np.ndarray], predicted: Sequence[np.ndarray],

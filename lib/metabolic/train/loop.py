@@ -71,6 +71,7 @@ from metabolic.core import artefacts, resume
 from metabolic.core.artefacts import atomic_torch_save, atomic_write_json, read_jsonl, write_jsonl
 from metabolic.core.config import TrainConfig
 from metabolic.core.errors import ConfigError, DataError, DivergedError
+from metabolic.core.stats import spearman
 from metabolic.csc.dataset import scale_labels, sequence_totals
 from metabolic.model.backbone import decay_split, default_device, load_backbone
 from metabolic.model.calibration import OnlineAffine
@@ -590,16 +591,6 @@ def warm_up_costs(model: MetabolicGPT2, states: Sequence[tuple[torch.Tensor, ...
 A_MIX_FOLDS = 4  # cross-validation folds over training texts for `choose_a_mix`
 
 
-def _rank_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman's rho of two 1-D tensors (ties get their average rank); NaN when undefined."""
-    from scipy.stats import spearmanr
-
-    a, b = x.detach().double().cpu().numpy(), y.detach().double().cpu().numpy()
-    if a.size < 3 or np.all(a == a[0]) or np.all(b == b[0]):
-        return math.nan
-    return float(spearmanr(a, b).statistic)
-
-
 def contiguous_folds(n_texts: int, k: int) -> list[list[int]]:
     """`k` folds of consecutive text indices (sizes differ by at most one), so that texts next to each
     other in the corpus, mostly lines of one article, stay in one fold.
@@ -646,7 +637,7 @@ def choose_a_mix(model: MetabolicGPT2, states: Sequence[tuple[torch.Tensor, ...]
                 ids, h, labels = (torch.cat([states[i][k] for i in held]) for k in range(3))
                 pred = model.proxy_total(model.mix_costs(model.token_cost_table()[ids], model.head_costs(h)))
             ok = torch.isfinite(labels)
-            per_fold.append(_rank_correlation(pred[ok], labels[ok]))
+            per_fold.append(spearman(pred[ok].double().cpu().numpy(), labels[ok].double().cpu().numpy()))
         finite = [r for r in per_fold if math.isfinite(r)]
         scores[float(a)] = float(np.mean(finite)) if finite else math.nan
     restore()

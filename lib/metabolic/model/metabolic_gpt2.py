@@ -291,6 +291,10 @@ class MetabolicGPT2(nn.Module):
         s = self.settings
         return torch.clamp_min(s.a_mix * c_token + (1.0 - s.a_mix) * c_head, s.c_min)
 
+    def costs_at(self, ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Per-token proxy costs [..., K] of tokens `ids` [...] read on hidden `states` [..., H] (module doc)."""
+        return self.mix_costs(self.token_cost_table()[ids], self.head_costs(states))
+
     def vocab_costs(self) -> torch.Tensor:
         """Eq. (14): C_vocab [V, K] in proxy units.
 
@@ -379,9 +383,7 @@ class MetabolicGPT2(nn.Module):
                 cost_states = self.backbone.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         else:
             cost_states = h_cost  # before the budget bias: the budget cannot change a token's cost
-        c_head = self.head_costs(cost_states)
-        c_token = self.token_cost_table()[input_ids]
-        token_costs = self.mix_costs(c_token, c_head)
+        token_costs = self.costs_at(input_ids, cost_states)
         return h_budget, token_costs, (out.past_key_values if use_cache else None)
 
     # --- save / load ---------------------------------------------------------------------------

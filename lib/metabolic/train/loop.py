@@ -577,7 +577,7 @@ def warm_up_costs(model: MetabolicGPT2, states: Sequence[tuple[torch.Tensor, ...
         batches = batch_order(len(states), cfg.batch_size, epoch, cfg.seed + 7919)
         for idx in batches:
             ids, h, labels = (torch.cat([states[i][k] for i in idx.tolist()]) for k in range(3))
-            costs = model.mix_costs(model.token_cost_table()[ids], model.head_costs(h))
+            costs = model.costs_at(ids, h)
             loss = loss_fn(costs[None], labels[None], unit=model.settings.cost_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -635,7 +635,7 @@ def choose_a_mix(model: MetabolicGPT2, states: Sequence[tuple[torch.Tensor, ...]
             warm_up_costs(model, [st for i, st in enumerate(states) if not held[0] <= i <= held[-1]], cfg)
             with torch.no_grad():
                 ids, h, labels = (torch.cat([states[i][k] for i in held]) for k in range(3))
-                pred = model.proxy_total(model.mix_costs(model.token_cost_table()[ids], model.head_costs(h)))
+                pred = model.proxy_total(model.costs_at(ids, h))
             ok = torch.isfinite(labels)
             per_fold.append(spearman(pred[ok].double().cpu().numpy(), labels[ok].double().cpu().numpy()))
         finite = [r for r in per_fold if math.isfinite(r)]

@@ -41,11 +41,12 @@ $(STAMP): pyproject.toml
 study: $(STAMP)
 	$(PY) -m metabolic study --profile $(PROFILE)
 
-# PYTEST_WORKERS=2: pytest on 2 xdist processes, the notebooks (nbval) as two ordered groups side by side,
-# the browser tests after them, the other tests spread over both (tests/conftest.py). Default 0, one
-# process: on 2 cores with the smoke profile's pinned 2-thread numerics, 2 workers were not faster on this
-# project's shared machine (README, Timings).
-PYTEST_WORKERS ?= 0
+# pytest on PYTEST_WORKERS xdist processes (default 2): the notebooks (nbval) as two ordered groups side by
+# side, the browser tests after them, the other tests spread over both (tests/conftest.py, which also makes
+# the workers' OpenMP threads sleep rather than spin while they wait: 2 workers x the smoke profile's 2
+# pinned threads share 2 cores). On this project's 2-core machine: 577 s of pytest against 770 s in one
+# process (README, Timings). PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check lib tests benchmarks scripts notebooks
 	$(PY) -m pytest $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS))

@@ -15,6 +15,13 @@ from metabolic.core import numerics
 # The tests and the nbval kernels (children of this process) run in the smoke profile's pinned CPU
 # numeric mode, before anything imports torch, so checked values do not depend on the CPU.
 numerics.pin("smoke")
+# On xdist workers (`make test`: 2 of them), each process keeps the pinned 2 OpenMP threads, so 2 workers run
+# 4 threads on 2 cores. OpenMP's default waiting spins a thread between parallel regions, burning the core
+# the other worker needs; passive waiting sleeps it instead. It changes scheduling, not the arithmetic
+# (benchmarks/omp_wait_policy.py measures both policies). Set here, before any worker loads torch; the nbval
+# kernels and the tests' subprocesses inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("METABOLIC_ASSETS", str((ROOT.parent / "shared" / "data").resolve()))

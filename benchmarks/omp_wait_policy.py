@@ -9,8 +9,9 @@ keeps 2 OpenMP threads (`metabolic.core.numerics`), so two workers run 4 threads
 The workload is one MiniLM-sized encoder block (384 -> 1536 -> 384 with GELU and LayerNorm, batch 64 x 40
 word pieces, the labeller's kind of work) for `--iterations` forwards, in a fresh process per run, in
 the profile's numeric mode. It is timed alone, then as two processes started together, with each
-policy. Prints seconds and the ratio of the pair's wall time to twice the time alone (1.0: the pair
-costs what running them one after the other costs; above 1: oversubscription loses time), and checks
+policy. Prints the timed seconds (process starts excluded) and the ratio of the pair's slower process
+to twice the time alone (1.0: the pair costs what running them one after the other costs; above 1:
+oversubscription loses time), and checks
 that both policies compute bit-identical results (the policy changes scheduling, not arithmetic).
 """
 
@@ -46,16 +47,15 @@ def worker(profile: str, iterations: int) -> dict:
     return {"seconds": seconds, "checksum": total.hex(), "threads": torch.get_num_threads()}
 
 
-def _run(profile: str, iterations: int, policy: str, copies: int) -> tuple[float, list[dict]]:
-    """Start `copies` worker processes together with OMP_WAIT_POLICY=`policy`; wall seconds and their reports."""
+def _run(profile: str, iterations: int, policy: str, copies: int) -> list[dict]:
+    """Start `copies` worker processes together with OMP_WAIT_POLICY=`policy`; their reports."""
     env = {**os.environ, "OMP_WAIT_POLICY": policy}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--profile", profile, "--iterations", str(iterations), "--worker"]
-    t0 = time.perf_counter()
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in range(copies)]
     outs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit(f"a worker failed (exit {[p.returncode for p in procs]})")
-    return time.perf_counter() - t0, [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    return [json.loads(o.strip().splitlines()[-1]) for o in outs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for policy in ("ACTIVE", "PASSIVE"):
-        alone_wall, (alone,) = _run(args.profile, args.iterations, policy, 1)
-        pair_wall, pair = _run(args.profile, args.iterations, policy, 2)
-        # compute seconds only (process start excluded): the pair's slower worker against twice the lone one
+        (alone,) = _run(args.profile, args.iterations, policy, 1)
+        pair = _run(args.profile, args.iterations, policy, 2)
         pair_s = max(r["seconds"] for r in pair)
         rows.append({"policy": policy, "threads_per_process": alone["threads"], "alone_s": round(alone["seconds"], 3),
                      "pair_s": round(pair_s, 3), "pair_vs_sequential": round(pair_s / (2 * alone["seconds"]), 3),

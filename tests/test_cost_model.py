@@ -257,7 +257,7 @@ def test_cost_warm_up_fits_the_labels_and_leaves_the_backbone_alone(backbone):
     assert info["epochs"] == 20 and info["loss_last_epoch"] < 0.2 * info["loss_first_epoch"]
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in before.items())
     ids, h, labels = (torch.cat([s[k] for s in states]) for k in range(3))
-    fitted = model.proxy_total(model.mix_costs(model.token_cost_table()[ids], model.head_costs(h))).detach()
+    fitted = model.proxy_total(model.costs_at(ids, h)).detach()
     assert cost_fit.spearman(fitted.numpy(), labels.numpy()) > 0.9
     assert warm_up_costs(model, states, dataclasses.replace(cfg, cost_warmup_epochs=0))["loss_first_epoch"] is None
 

@@ -432,9 +432,14 @@ class MetabolicGPT2(nn.Module):
         model.load_state_dict({**model.backbone.state_dict(prefix="backbone."), **state}, strict=True)
         if (folder / CALIBRATION_FILE).is_file():
             model.calibration = OnlineAffine.from_state_dict(read_json(folder / CALIBRATION_FILE))
-        if (folder / TRAINING_INFO_FILE).is_file():
-            model.training_info = read_json(folder / TRAINING_INFO_FILE)
+        model.training_info = read_training_info(folder)
         return model.eval()
+
+
+def read_training_info(folder: str | Path) -> dict[str, Any]:
+    """A saved model's `training_info` (budgets, the cost warm-up, the a_mix choice) without loading it; {} if none."""
+    path = Path(folder) / TRAINING_INFO_FILE
+    return read_json(path) if path.is_file() else {}
 
 
 def _rows_2d(values: torch.Tensor, n_rows: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from metabolic.model.metabolic_gpt2 import TRAINING_INFO_FILE
+from metabolic.model.metabolic_gpt2 import read_training_info
 from metabolic.train.loop import CALIBRATION_POINTS, TrainResult
 
 COLOURS = {"faithful": "#1f77b4", "expected-cost": "#d62728"}
@@ -161,11 +161,7 @@ def training_summary(label: str, results: Mapping[str, TrainResult]) -> str:
 
 def a_mix_note(results: Mapping[str, TrainResult]) -> str:
     """Eq. (14)'s mix each variant's cost warm-up chose by cross-validation over training texts ("" when none ran)."""
-    chosen = {}
-    for variant, result in results.items():
-        info_file = result.best_dir / TRAINING_INFO_FILE
-        if cv := (json.loads(info_file.read_text()) if info_file.is_file() else {}).get("a_mix_cv"):
-            chosen[variant] = cv
+    chosen = {v: cv for v, r in results.items() if (cv := read_training_info(r.best_dir).get("a_mix_cv"))}
     if not chosen:
         return ""
     parts = [f"{variant} {cv['a_mix']:g} (mean held-out Spearman by a_mix: "

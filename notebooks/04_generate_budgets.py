@@ -21,11 +21,16 @@
 # texts cut to `generation.prompt_tokens` tokens, plus the paper's prompt) is continued at the low,
 # medium and high CSC budgets:
 #
-# - **plain**: the budget enters only through the model's budget pathway (the paper's decoding);
+# - **plain**: the budget enters through the model's budget pathway (the paper's decoding), with budget
+#   forcing (EOS held back until the calibrated spend reaches the band's lower edge, as s1 forces token
+#   budgets) and `BudgetStoppingCriteria` (stop where the spend is closest to the budget, or at a sentence
+#   end within 10% of it), under a token cap of twice the tokens the budget needs at the average proxy
+#   rate (a level that needs more than the context leaves is reported as not reachable);
 # - **steered**: plus `CostSteeringLogitsProcessor` (lambda_t solved per step so the expected next-token
-#   cost keeps pace with the remaining budget; one-sided: it only brakes a row that spends too fast) and
-#   `BudgetStoppingCriteria` (stop where the spend is closest to the budget, or at a sentence end within
-#   10% of it).
+#   cost keeps pace with the remaining budget; one-sided: it only brakes a row that spends too fast).
+#
+# Both decode on the context-free C_vocab (what steering and stopping read); the in-context costs are
+# evaluated beside them (`contextual_proxy_mean`, and the cost-model section).
 #
 # Budgets: the training targets are quantiles of whole-text totals (every token counted), which a
 # continuation of at most `generation.max_new_tokens` tokens after a prompt cannot reach on the raw CSC
@@ -38,7 +43,16 @@
 #   samples per prompt; on each, the word- or sentence-end stop point whose *true* CSC is nearest the
 #   budget (a batched secant search that labels only plausible prefixes); band membership, then
 #   likelihood, picks the candidate; a budget no candidate can reach is reported as `unreachable`.
-#   Evaluated for N = 1, 2, 4, 8 on the raw and the length-aware CSC scale, from one pool of samples.
+#   Evaluated for N = 1, 2, 4, 8 on the CSC scales of `generation.verified_scales`, from one pool of samples,
+#   beside two baselines on the same pool's first sample that label nothing: **token_count** (stop at the
+#   word end nearest B / the true CSC per token of training continuations) and **random_cut** (a random
+#   word end).
+# - **stop rules on fixed text**: every rule applied to held-out WikiText-2 continuations whose every
+#   word-end prefix is labelled: the text is fixed, so this scores the rule, not the generator. The best
+#   single stop length fitted on training continuations is the **open-loop ceiling**: the most a rule
+#   that sees only the length reaches.
+#
+# Every Hit@10 carries a Wilson 95% interval; Spearman and R² a bootstrap interval over texts.
 #
 # Achieved cost counts the **generated tokens only**; the true CSC is measured by re-running the
 # labeller on prompt + generation. Table I is computed in CSC space (and in proxy space), side by side
@@ -67,16 +81,19 @@ print(f"wall time (not checked): {time.perf_counter() - t0:.1f} s")
 
 # %%
 # NBVAL_CHECK_OUTPUT
+from metabolic.report import table1
+
 print(f"budgets (CSC, scale={cfg.csc.scale}):", {k: round(v, 4) for k, v in combined["budgets"].items()})
 print("  from:", combined["budget_source"])
 cont = combined["continuation_csc"]
 print(f"training targets (whole texts, all tokens counted): {[round(x, 4) for x in combined['training_targets']]}; "
       f"true CSC of training-text continuations: min {cont['min']:.4f} median {cont['median']:.4f} max {cont['max']:.4f}")
 print("budget range accepted (CSC):", [round(x, 4) for x in combined["budget_range"]])
-print(f"{len(combined['prompts'])} prompts; {len(records)} generations")
-model_tables = {k: t for k, t in combined["tables"].items() if t["variant"] != "verified"}
-verified = {k: t for k, t in combined["tables"].items() if t["variant"] == "verified"}
-model_records = [r for r in records if r["variant"] != "verified"]
+print(f"{len(combined['prompts'])} prompts x {combined['samples_per_prompt']} samples = "
+      f"{len(combined['prompts']) * combined['samples_per_prompt']} generations per level and table; {len(records)} records")
+model_tables = table1.tables_of(combined, "model")
+verified = table1.tables_of(combined, "verified")
+model_records = [r for r in records if r["variant"] not in ("verified", "baseline")]
 
 # %% [markdown]
 # ## Table I, side by side with the paper
@@ -95,9 +112,8 @@ paper.insert(0, "level", ["low", "medium", "high"])
 print(f"paper (GPT-2 small, epoch 13): average MAE {PAPER_TABLE1['average_MAE']}")
 print(paper.to_string(index=False))
 for key, table in model_tables.items():
-    ours = pd.DataFrame([{"level": r["level"], **{c: r["csc"][c] for c in COLS}} for r in table["rows"]])
     print(f"\nours, {key} ({cfg.profile}), CSC space: average MAE {table['average_MAE_csc']:.3f}")
-    print(ours.round(3).to_string(index=False))
+    print(pd.DataFrame(table1.proxy_rows(table)).round(3).to_string(index=False))
 
 # %% [markdown]
 # ## The verified controller: Table I rows for N candidates, on both CSC scales
@@ -110,11 +126,24 @@ for key, table in model_tables.items():
 print("verified budgets per scale:", {s: {k: round(v, 4) for k, v in b.items()} for s, b in combined["verified_budgets"].items()})
 print("candidates sampled from:", combined["verified_model"])
 for key, table in verified.items():
-    ours = pd.DataFrame([{"level": r["level"], **{c: r["csc"][c] for c in COLS}, "tokens": r["mean_tokens"],
-                          "labels/gen": r["labels_per_generation"],
+    ours = pd.DataFrame([{"level": r["level"], **{c: r["csc"][c] for c in COLS}, "Hit@10 CI": table1.hit_with_interval(r["csc"]),
+                          "tokens": r["mean_tokens"], "labels/gen": r["labels_per_generation"],
                           "outcome": ", ".join(f"{k} {v}" for k, v in sorted(r["status"].items()))} for r in table["rows"]])
     print(f"\n{key}: N={table['n_candidates']}, scale {table['csc_scale']}, average MAE {table['average_MAE_csc']:.3f}")
     print(ours.round(3).to_string(index=False))
+
+# %% [markdown]
+# ### The controller against rules that label nothing, on its own candidates
+# Each baseline cuts the first sample of the same pool (same seed) where its rule says, so the only
+# difference from verified N=1 is the labels. `labels/gen` counts the encoder texts a rule needs at
+# decode time (the baselines' true CSC is labelled only to score them); `s/gen` is sampling plus labelling
+# at this run's rate (CPU); judge perplexity is the backbone's, beside plain samples cut to the same lengths.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for scale in combined["verified_budgets"]:
+    print(f"scale {scale}: smallest N with Hit@10 >= 95% at every level: {table1.smallest_hitting_n(combined, scale)}")
+    print(pd.DataFrame(table1.controller_rows(combined, scale)).round(3).to_string(index=False))
 
 # %% [markdown]
 # ### Steered candidates: does a cost model that tracks CSC make the controller cheaper?
@@ -154,6 +183,39 @@ for key, table in model_tables.items():
     print(f"\n{key}: proxy space (C_vocab spend vs calibrated budget), calibration a={table['calibration']['a']:.4f} "
           f"b={table['calibration']['b']:.4f}")
     print(rows.round(3).to_string(index=False))
+
+# %% [markdown]
+# ## Stop rules judged on language: fixed held-out text
+# Each rule only picks where to stop on held-out WikiText-2 continuations (every word-end prefix labelled),
+# so the generator's quality plays no part. `exact` is the labelled stop nearest the budget (its misses are
+# texts that cannot reach the budget at any stop), `length_fitted` the open-loop ceiling, `length_oracle`
+# the best single length chosen on these very texts (an upper bound for any length-only rule).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for scale, rules in combined["stop_rules"].items():
+    print(f"scale {scale}: {rules['n_held_out']} held-out continuations (lengths fitted on {rules['n_train']} training ones); "
+          f"fitted lengths {rules['length_fitted']}, oracle lengths {rules['length_oracle']}")
+    print(pd.DataFrame(table1.stop_rule_rows(rules)).round(1).to_string(index=False))
+if not combined["stop_rules"]:
+    print("no stop-rule table: generation.stop_rule_texts=0")
+ceiling_rows = table1.proxy_against_ceiling(combined)
+if ceiling_rows:
+    print("\nproxy decodings (generated text) against the open-loop ceiling on the same scale:")
+    print(pd.DataFrame(ceiling_rows).round(2).to_string(index=False))
+
+# %% [markdown]
+# ## Five generations per level
+# The texts behind the numbers: the verified controller (largest N, on the evaluation's CSC scale) and the
+# steered proxy decoding of the first variant, with budget, true CSC and length.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+shown = [f"verified_n{max(cfg.generation.verified_candidates)}_{s}" for s in cfg.generation.verified_scales]
+shown += [f"{next(iter(model_tables)).rsplit('_', 1)[0]}_steered"] if model_tables else []
+for decoding in shown:
+    print(f"{decoding}:")
+    print("\n".join(table1.examples(records, decoding, per_level=5)))
 
 # %% [markdown]
 # ## Fluency: budgeted vs unbudgeted generation
@@ -222,6 +284,10 @@ proxy_records = [{**r, "budget_csc": r["budget_proxy"], "proxy": r["spent_proxy"
 fig = bf.reliability_curve(proxy_records, "Reliability in proxy space: C_vocab spend vs calibrated budget", key="proxy")
 save_figure(fig, cfg, "04_reliability_proxy", NB)
 fig.show()
+for scale in sorted({t["csc_scale"] for t in combined["tables"].values()}):
+    fig = table1.hit_bars(combined, scale, f"Hit@10 per budget level, CSC scale '{scale}' ({profile_label(cfg)})")
+    save_figure(fig, cfg, f"04_hit10_{scale}", NB)
+    fig.show()
 fig = bf.lambda_curve({v: r.metrics for v, r in results.items()}, "Dual variable lambda over training")
 save_figure(fig, cfg, "04_lambda", NB)
 fig.show()
@@ -253,10 +319,18 @@ display(HTML(page))
 # %%
 # NBVAL_CHECK_OUTPUT
 ceil = combined["cost_model_ceiling"]
-fit_rows = [{"model": f"learned, {k.rsplit('_', 1)[0]}", **{m: t["cost_model"][m] for m in ("token_spearman", "continuation_r2")},
-             "sd/mean": t["cost_model"]["predicted_cost_cv"]} for k, t in model_tables.items() if k.endswith("_plain")]
-fit_rows += [{"model": name, **{m: ceil[name][m] for m in ("token_spearman", "continuation_r2")},
-              "sd/mean": ceil[name]["predicted_cost_cv"]} for name in ("ridge_linear", "ridge_log", "token_mean", "token_count")]
+METRICS = ("token_spearman", "continuation_r2")
+
+
+def with_ci(fit):
+    return {**{m: fit[m] for m in METRICS},
+            **{f"{m} 95% CI": "[{:.2f}, {:.2f}]".format(*fit.get(f"{m}_ci", (float("nan"),) * 2)) for m in METRICS},
+            "sd/mean": fit["predicted_cost_cv"]}
+
+
+fit_rows = [{"model": f"learned, {k.rsplit('_', 1)[0]}", **with_ci(t["cost_model"])}
+            for k, t in model_tables.items() if k.endswith("_plain")]
+fit_rows += [{"model": name, **with_ci(ceil[name])} for name in ("ridge_linear", "ridge_log", "token_mean", "token_count")]
 print(f"held-out: {ceil['token_mean']['n_tokens']} tokens of {len(stages.csc_labels(cfg).valid_ids)} validation texts, "
       f"{ceil['token_mean']['n_continuations']} continuations; true CSC sd/mean {ceil['token_mean']['true_csc_cv']:.2f}")
 print(pd.DataFrame(fit_rows).round(3).to_string(index=False))
@@ -273,70 +347,7 @@ for k, t in model_tables.items():
 
 # %%
 # NBVAL_CHECK_OUTPUT
-lines = []
-for key, t in combined["tables"].items():
-    g = t["goal"]
-    hits = ", ".join(f"{r['level']} {g['hit10_per_level'][r['level']]:.0f}%" for r in t["rows"])
-    lines.append(f"- {key}: Hit@10 (true CSC) {hits}; judge perplexity {100 * g['judge_ppl_rel_change']:+.0f}% vs "
-                 f"unbudgeted; goal {'MET' if g['met'] else 'NOT met'}.")
-met = [k for k, t in combined["tables"].items() if t["goal"]["met"]]
-best = min(((k, t) for k, t in combined["tables"].items() if t["csc_scale"] == cfg.csc.scale),
-           key=lambda kv: kv[1]["average_MAE_csc"])
-print(
-    f"Measured on the {profile_label(cfg)}, CPU, {len(combined['prompts'])} prompts x 3 budgets per table, "
-    f"CSC scale '{cfg.csc.scale}'. Goal: Hit@10% >= 90% on each of low/medium/high in true CSC space with the "
-    f"judge perplexity at most 10% above unbudgeted generation (one-sided).\n" + "\n".join(lines) + "\n"
-    f"Goal met by: {', '.join(met) if met else 'none'}. Lowest average CSC MAE: {best[0]} "
-    f"({best[1]['average_MAE_csc']:.3f}; the paper: {PAPER_TABLE1['average_MAE']} at GPT-2 small scale, not comparable units)."
-)
-cal_notes = sorted({t["calibration"]["how"] for t in model_tables.values()})
-steer_rows = [r for k, t in combined["tables"].items() if k.endswith("steered") for r in t["rows"]]
-budget_stops = sum(r["stopped_by"].get("budget", 0) + r["stopped_by"].get("sentence", 0) for r in steer_rows)
-under = sum(r["proxy"]["Achieved"] < r["proxy"]["Target"] for r in steer_rows)
-print(
-    f"Steered decoding ended {budget_stops} of {sum(r['csc']['n'] for r in steer_rows)} generations at the budget; in "
-    f"{under} of {len(steer_rows)} steered (variant, level) cells the mean proxy spend of a whole "
-    f"{cfg.generation.max_new_tokens}-token continuation stayed below the proxy budget, so the one-sided brake and the "
-    "stop had nothing to do and steered equals plain there."
-)
-print(
-    "What limits it here: steering and stopping control the proxy spend (sum of C_vocab), mapped to CSC through a "
-    f"calibration fitted on training continuations ({'; '.join(cal_notes)}). Spending the proxy budget exactly pins "
-    "the true CSC only as far as the proxy tracks it, and the true CSC of a continuation also depends on the prompt "
-    "(raw scale: per-token CSC falls like 1/T). Compare the proxy-space table with the CSC one; the verified "
-    "controller below checks the true CSC with the labeller instead."
-)
-vs = {k.rsplit("_", 1)[0]: t["cost_model_vs_ceiling"] for k, t in model_tables.items() if k.endswith("_plain")}
-print(
-    "The learned cost model on held-out validation text, against the best simple predictor fitted on the same labels "
-    "(the ceiling): "
-    + "; ".join(f"{v}: Spearman {c['token_spearman']['learned']:.2f} ({100 * c['token_spearman']['ratio']:.0f}% of "
-                f"{c['token_spearman']['ceiling']:.2f}), continuation R^2 {c['continuation_r2']['learned']:.2f} (ceiling "
-                f"{c['continuation_r2']['ceiling']:.2f}); goal {'met' if all(m['met'] for m in c.values()) else 'NOT met'}"
-                for v, c in vs.items())
-    + f". Length alone (a constant cost per token) explains continuation R^2 {ceil['token_count']['continuation_r2']:.2f} "
-    f"over these {ceil['token_count']['n_continuations']} held-out continuations: no per-token predictor, learned or "
-    "simple, explains much of a continuation's total beyond it on this profile."
-)
-pairs = [(t, verified.get(k.replace("verified_steered_", "verified_"))) for k, t in verified.items()
-         if t["decoding"] == "verified_steered"]
-fewer = sum(s["labels_per_generation"] < u["labels_per_generation"] for s, u in pairs if u)
-better = sum(s["goal"]["hit_ok"] and not u["goal"]["hit_ok"] for s, u in pairs if u)
-if pairs:
-    print(
-        f"Steered candidates (learned costs in the sampler): fewer labels per generation than unsteered at the same N in "
-        f"{fewer} of {len(pairs)} rows; Hit@10 >= 90% on every level where unsteered missed it in {better} of {len(pairs)}."
-    )
-v_best = {k: t for k, t in verified.items() if t["goal"]["hit_ok"]}
-smallest = {s: min((t["n_candidates"] for t in v_best.values() if t["csc_scale"] == s), default=None)
-            for s in combined["verified_budgets"]}
-print(
-    "Verified controller: Hit@10 >= 90% on every level first reached with N = "
-    + ", ".join(f"{n if n else 'none of ' + str(list(cfg.generation.verified_candidates))} ({s} scale)" for s, n in smallest.items())
-    + " candidates; the fluency criterion is one-sided (judge perplexity at most 10% above same-length unbudgeted "
-    f"samples: choosing the likeliest in-band candidate lowers it). Measured on the {profile_label(cfg)}, "
-    f"{len(combined['prompts'])} prompts per level."
-)
+print("\n".join(table1.conclusion(combined, profile_label(cfg)) + table1.cost_model_conclusion(combined)))
 
 # %% [markdown]
 # ## More prompts: the `cpu` profile's committed run

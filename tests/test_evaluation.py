@@ -77,7 +77,8 @@ def test_exact_values_and_boundaries():
     row = table_row(a, 10.0, 10.0)
     assert row == {"Budget": 10.0, "MAE": pytest.approx(3.0), "MAPE": pytest.approx(30.0), "Hit@10": pytest.approx(100 / 3),
                    "Hit@20": pytest.approx(200 / 3), "Hit@50": pytest.approx(200 / 3), "Achieved": pytest.approx(13.0),
-                   "Target": 10.0, "n": 3}
+                   "Target": 10.0, "n": 3, "Hit@10_ci": pytest.approx([6.15, 79.23], abs=0.01),
+                   "Hit@20_ci": pytest.approx([20.77, 93.85], abs=0.01), "Hit@50_ci": pytest.approx([20.77, 93.85], abs=0.01)}
 
 
 def test_paper_table_reproduces_its_own_average():
@@ -184,3 +185,50 @@ def test_judge_scores_each_distinct_text_once_with_the_direct_numbers(tokenizer)
     assert len(forwards) == 2  # a and b; the repeat and the empty generation cost nothing
     again, _ = judge_nll(judge, [b, a])  # a Judge passed to judge_nll shares its memo
     assert again.tolist() == [nll[1], nll[0]] and len(forwards) == 2
+
+
+# --- intervals -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 500), st.data())
+def test_wilson_interval_is_inside_0_1_and_holds_the_rate(n, data):
+    from metabolic.core.stats import wilson_interval
+
+    hits = data.draw(st.integers(0, n))
+    lo, hi = wilson_interval(hits, n)
+    assert 0.0 <= lo <= hits / n <= hi <= 1.0
+    assert (lo == 0.0) == (hits == 0) and (hi == 1.0) == (hits == n)
+    if n >= 2 and 0 < hits < n:  # more trials at the same rate give a narrower interval
+        lo2, hi2 = wilson_interval(2 * hits, 2 * n)
+        assert hi2 - lo2 < hi - lo
+
+
+def test_wilson_interval_known_values_and_bad_input():
+    from metabolic.core.stats import wilson_interval
+
+    assert [round(v, 4) for v in wilson_interval(16, 16)] == [0.8064, 1.0]  # the 81% lower bound
+    assert [round(v, 4) for v in wilson_interval(5, 10)] == [0.2366, 0.7634]
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    with pytest.raises(ValueError, match="hits=11"):
+        wilson_interval(11, 10)
+
+
+def test_table_row_carries_wilson_intervals():
+    row = table_row([9.5, 11.5, 10.0, 20.0], 10.0, 10.0)
+    assert row["Hit@10"] == 50.0 and row["Hit@50"] == 75.0
+    assert row["Hit@10_ci"] == pytest.approx([15.0, 85.0], abs=0.01)
+    assert row["Hit@50_ci"][0] < 75.0 < row["Hit@50_ci"][1]
+
+
+def test_bootstrap_interval_resamples_groups_and_is_seeded():
+    from metabolic.core.stats import bootstrap_interval, spearman
+
+    rng = np.random.default_rng(0)
+    groups = [(x, x + rng.normal(0, 0.5, x.size)) for x in (rng.normal(size=20) for _ in range(30))]
+    stat = lambda g: spearman(np.concatenate([a for a, _ in g]), np.concatenate([b for _, b in g]))  # noqa: E731
+    lo, hi = bootstrap_interval(stat, groups, n_boot=200)
+    assert lo < stat(groups) < hi and 0.0 < hi - lo < 0.3
+    assert bootstrap_interval(stat, groups, n_boot=200) == (lo, hi)  # seeded
+    assert all(math.isnan(v) for v in bootstrap_interval(stat, groups[:2]))  # < 3 groups
+    assert all(math.isnan(v) for v in bootstrap_interval(lambda g: math.nan, groups))  # undefined everywhere

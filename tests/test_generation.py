@@ -311,3 +311,59 @@ def test_one_sided_shortcut_is_exact(costs):
     assert fast.lambdas(ids, scores).tolist() == [0.0, 0.0]
     assert (full.lambdas(ids, scores) < 0).all()  # two-sided would push towards dearer tokens
     assert torch.equal(fast(ids, scores), scores)
+
+
+# --- budget forcing and the budget-sized cap ------------------------------------------------------
+
+
+def test_forcing_holds_eos_back_only_below_the_floor(costs, tokenizer):
+    from metabolic.generate.budgeted import EosForcingLogitsProcessor
+
+    eos = tokenizer.eos_token_id
+    ids = torch.tensor([[1, 2, 3], [1, 2, 3]])  # prompt [1], generated [2, 3]
+    spent = float(costs[[2, 3]].double().sum())  # the processor sums in float64
+    proc = EosForcingLogitsProcessor(costs, [spent + 1e-3, spent], prompt_len=1, eos_token_id=eos)
+    scores = torch.zeros(2, costs.numel())
+    out = proc(ids, scores)
+    assert out[0, eos] == -math.inf and out[1, eos] == 0.0  # a spend exactly at the floor releases EOS
+    assert torch.equal(out[0, :eos], scores[0, :eos]) and torch.equal(scores, torch.zeros_like(scores))
+    with pytest.raises(ConfigError, match="floor_proxy"):
+        EosForcingLogitsProcessor(costs, [-1.0], prompt_len=1, eos_token_id=eos)
+    with pytest.raises(ConfigError, match="eos_token_id"):
+        EosForcingLogitsProcessor(costs, [0.1], prompt_len=1, eos_token_id=costs.numel())
+
+
+@pytest.fixture(scope="module")
+def eos_model(tokenizer):
+    """A tiny GPT-2 whose every next-token distribution puts almost all mass on EOS."""
+    m = tiny_gpt2(tokenizer, n_positions=64)
+    with torch.no_grad():
+        m.transformer.ln_f.weight.zero_()
+        m.transformer.ln_f.bias.copy_(torch.linspace(-1, 1, m.config.n_embd))
+        m.transformer.wte.weight[tokenizer.eos_token_id] = 30.0 * m.transformer.ln_f.bias
+    return m
+
+
+def test_forcing_makes_the_budget_end_the_text(eos_model, tokenizer, costs):
+    kw = dict(token_costs=costs, calibration=IDENTITY, steer=False, stop=True, seed=0, max_new_tokens=40)
+    free = generate_with_budget(eos_model, tokenizer, PROMPTS, 1.0, force=False, **kw)
+    assert all(g.stopped_by == "eos" and len(g.generated_ids) == 0 for g in free)
+    forced = generate_with_budget(eos_model, tokenizer, PROMPTS, 1.0, force=True, band=0.1, **kw)
+    for g in forced:
+        assert g.floor_proxy == pytest.approx(0.9)
+        assert g.spent_proxy >= 0.9  # EOS came only once the band's lower edge was spent
+        assert g.stopped_by in ("eos", "budget", "sentence")
+
+
+def test_cap_is_sized_from_the_budget_and_reports_reach(model, tokenizer, costs):
+    kw = dict(token_costs=costs, calibration=IDENTITY, steer=True, stop=True, seed=0, max_new_tokens=None)
+    (g,) = generate_with_budget(model, tokenizer, PROMPTS[:1], 1.0, proxy_rate=0.1, **kw)
+    assert g.tokens_needed == pytest.approx(10.0) and g.max_new_tokens == 20 and g.reachable
+    assert len(g.generated_ids) <= 20
+    (far,) = generate_with_budget(model, tokenizer, PROMPTS[:1], 100.0, proxy_rate=0.1, **kw)
+    room = model.config.n_positions - len(far.prompt_ids)
+    assert far.max_new_tokens == room and not far.reachable and far.tokens_needed == pytest.approx(1000.0)
+    with pytest.raises(ConfigError, match="proxy_rate"):
+        generate_with_budget(model, tokenizer, PROMPTS[:1], 1.0, **kw)
+    with pytest.raises(ConfigError, match="band=1.5"):
+        generate_with_budget(model, tokenizer, PROMPTS[:1], 1.0, proxy_rate=0.1, band=1.5, **kw)

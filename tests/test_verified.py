@@ -219,18 +219,29 @@ def test_verified_tables_have_every_row(model, tokenizer, labeller):
     prefixes = PrefixLabeller(labeller)
     tables, records = verified_tables(model, tokenizer, model, prefixes, PROMPTS, budgets, {"raw": 0.02, "length": 0.3},
                                       (1, 2), **kw)
-    assert set(tables) == {"verified_n1_raw", "verified_n2_raw", "verified_n1_length", "verified_n2_length"}
+    baselines = {f"baseline_{rule}_{scale}" for rule in ("token_count", "random_cut") for scale in budgets}
+    assert set(tables) == {"verified_n1_raw", "verified_n2_raw", "verified_n1_length", "verified_n2_length"} | baselines
     for key, t in tables.items():
         assert [r["level"] for r in t["rows"]] == ["low", "high"] and t["n_prompts"] == 2
         for r in t["rows"]:
-            assert set(r["csc"]) >= {"Hit@10", "Hit@20", "Hit@50", "MAE", "MAPE", "Achieved", "Target"}
-            assert sum(r["status"].values()) == 2 and r["labels_per_generation"] > 0 and r["seconds_per_generation"] > 0
+            assert set(r["csc"]) >= {"Hit@10", "Hit@10_ci", "Hit@20", "Hit@50", "MAE", "MAPE", "Achieved", "Target"}
+            assert sum(r["status"].values()) == 2 and r["seconds_per_generation"] > 0
+            # the controller labels at decode time, a baseline never does
+            assert (r["labels_per_generation"] > 0) == key.startswith("verified")
         assert math.isfinite(t["fluency"]["judge_ppl"]) and "met" in t["goal"]
+    # a baseline cuts the pool's first sample where its rule says, and reports the labeller's CSC of that cut
+    ids_by_prompt = {r["prompt"]: r for r in records if r["decoding"] == "baseline_token_count_raw" and r["level"] == "low"}
+    for prompt, r in ids_by_prompt.items():
+        truth = labeller.label_generated([tokenizer(prompt)["input_ids"]], [r["generated_ids"]])[0].astype(np.float64).sum()
+        assert r["csc"] == pytest.approx(truth, abs=1e-6) and r["variant"] == "baseline"
+        assert abs(len(r["generated_ids"]) - 0.08 / 0.02) <= 3  # the word end nearest budget / rate = 4 tokens
     # N=2 searches a superset of N=1's candidates: it can only do as well or better in band membership
     for scale in budgets:
         for r1, r2 in zip(tables[f"verified_n1_{scale}"]["rows"], tables[f"verified_n2_{scale}"]["rows"]):
             assert r2["status"].get("in band", 0) >= r1["status"].get("in band", 0)
-    assert len(records) == 2 * 2 * 2  # the largest N: prompts x levels x scales
+    # the largest N, and each baseline: prompts x levels x scales
+    assert sum(r["variant"] == "verified" for r in records) == 2 * 2 * 2
+    assert sum(r["variant"] == "baseline" for r in records) == 2 * 2 * 2 * 2
     # sampling and search are deterministic (the labels, read from the same memo here, are tested exact elsewhere)
     again, _ = verified_tables(model, tokenizer, model, prefixes, PROMPTS, budgets, {"raw": 0.02, "length": 0.3}, (1, 2), **kw)
     assert [[r["csc"] for r in t["rows"]] for t in again.values()] == [[r["csc"] for r in t["rows"]] for t in tables.values()]

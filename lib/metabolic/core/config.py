@@ -100,6 +100,10 @@ class BackboneConfig:
     n_embd: int = 128
     n_head: int = 2
     block_size: int = 64  # pretraining packs texts (joined by <|endoftext|>) into blocks of this many tokens
+    # What pretraining reads: "profile" = the profile's training texts (corpus.max_train_texts, capped at
+    # corpus.seq_len); "all" = every WikiText-2 training text, whole (the CSC and Lagrangian stages still
+    # use the profile's texts).
+    corpus: Literal["profile", "all"] = "profile"
     batch_size: int = 8  # blocks per optimiser step
     epochs: int = 1
     max_steps: Optional[int] = None  # cap on optimiser steps (None = epochs decide)
@@ -118,6 +122,7 @@ class BackboneConfig:
         _require(bool(self.source.strip()), "backbone.source", self.source, 'use "pretrain", a Hub id or a folder')
         _positive("backbone", self, "n_layer", "n_embd", "n_head", "block_size", "batch_size", "epochs", "lr",
                   "eval_every", "max_eval_blocks", "checkpoint_every", "grad_clip")
+        _require(self.corpus in ("profile", "all"), "backbone.corpus", self.corpus, 'use "profile" or "all"')
         _require(self.n_embd % self.n_head == 0, "backbone.n_embd", self.n_embd, f"must be divisible by backbone.n_head={self.n_head}")
         _require(self.max_steps is None or self.max_steps > 0, "backbone.max_steps", self.max_steps, "use None or > 0")
         _require(self.warmup_steps >= 0, "backbone.warmup_steps", self.warmup_steps, "use >= 0")
@@ -267,6 +272,12 @@ class GenerationConfig:
     budgets: tuple[float, ...] = ()
     prompts: tuple[str, ...] = ("The future of artificial intelligence",)
     n_valid_prompts: int = 32  # prompts taken from the validation split, seeded
+    # Independent samples per prompt at every level (rows of one generate() call): Table I's n per level is
+    # prompts x samples_per_prompt.
+    samples_per_prompt: int = 1
+    # Labelled continuations per split (training, held-out validation) on which the stop rules are judged on
+    # fixed text (metabolic.evaluate.stop_rules): every word-end prefix of each is labelled; 0 = none.
+    stop_rule_texts: int = 100
     prompt_tokens: int = 16  # tokens of each validation text used as its prompt
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -297,6 +308,10 @@ class GenerationConfig:
         _positive("generation", self, "prompt_tokens", "max_new_tokens", "temperature", "verified_max_new_tokens",
                   "verified_max_probes")
         _require(self.n_valid_prompts >= 0, "generation.n_valid_prompts", self.n_valid_prompts, "use >= 0")
+        _require(isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 1, "generation.samples_per_prompt",
+                 self.samples_per_prompt, "use an int >= 1")
+        _require(isinstance(self.stop_rule_texts, int) and self.stop_rule_texts >= 0, "generation.stop_rule_texts",
+                 self.stop_rule_texts, "use an int >= 0 (0 = no stop-rule table)")
         _require(self.top_k >= 0, "generation.top_k", self.top_k, "use >= 0 (0 = off)")
         _require(len(self.verified_candidates) > 0 and all(isinstance(n, int) and n >= 1 for n in self.verified_candidates),
                  "generation.verified_candidates", self.verified_candidates, "give candidate counts >= 1, e.g. (1, 2, 4, 8)")

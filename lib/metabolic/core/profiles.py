@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from metabolic.core.budget import SCALES
 from metabolic.core.config import StudyConfig, apply_overrides
 from metabolic.core.errors import ConfigError
 
@@ -43,7 +42,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.batch_size": 8,
         "train.lr": 1e-4,
         "generation.n_valid_prompts": 3,  # + the paper's prompt: 4 prompts per level keep notebook 04 short in CI
-        "generation.max_new_tokens": 24,
+        # Every continuation of a 48-token text after its 16-token prompt (<= 32 tokens) counts towards the budgets
+        # and the calibration: lengths that match what the budget-forced decodings generate.
+        "generation.max_new_tokens": 32,
+        # Stop rules on fixed text: each 32-token continuation labels every word-end prefix, ~430 encoder texts
+        # (~7 s pinned on 2 cores): 3 per split show the table; the cpu profile's 100 per split are the evidence.
+        "generation.stop_rule_texts": 3,
         "generation.verified_max_new_tokens": 40,  # 16 prompt + 40 <= the 64-position smoke backbone
         # Steered verified rows would add ~45% to notebook 04's labelling (make study past 8 minutes on 2
         # cores): the cpu profile's committed run (results/budgets/cpu-*) has them for N = 1, 2, 4.
@@ -139,13 +143,27 @@ PROFILES: dict[str, dict[str, Any]] = {
 # shows it beside smoke. Not pinned (numerics.REPRODUCIBLE_PROFILES): its numbers are a record, not a check.
 PROFILES["cpu"] = {
     **PROFILES["smoke"],
-    "backbone.epochs": 3,
-    "backbone.max_steps": 150,
-    "csc.max_sequences": 160,
+    # A backbone worth reading: one epoch of every WikiText-2 training text (2.4M tokens, 2,345 steps of 16 x 64
+    # tokens, ~20 min on 2 cores at ~2,000 tokens/s), where smoke sees 30 steps of its 600 texts.
+    "backbone.corpus": "all",
+    "backbone.batch_size": 16,
+    "backbone.epochs": 1,
+    "backbone.max_steps": None,
+    "backbone.warmup_steps": 100,
+    "backbone.eval_every": 250,
+    "backbone.max_eval_blocks": 64,
+    "backbone.checkpoint_every": 250,
+    "csc.max_sequences": 200,  # >= 100 of them continue past the 16-token prompt: budgets and calibration
     "csc.max_valid_sequences": 96,
-    "generation.n_valid_prompts": 15,  # + the paper's prompt: 16 per level
-    "generation.verified_steered_candidates": (1, 2, 4),
-    "generation.verified_scales": SCALES,
+    "generation.n_valid_prompts": 63,  # + the paper's prompt: 64 per level
+    "generation.samples_per_prompt": 3,  # 192 generations per level and table
+    "generation.stop_rule_texts": 60,  # per split: ~26k encoder texts each, ~4.5 min at ~97 texts/s
+    # Rows at full size within scripts/cpu_budgets.sh's 90 minutes: the verified controller on the length-aware
+    # scale only (the raw scale's totals are nearly flat in length: the committed 16-prompt run's raw rows
+    # never passed 88% at the high level, and each scale costs ~10 min of labels here); no steered verified
+    # rows (at 16 prompts they took fewer labels in 4 of 6 rows and hit no level unsteered missed).
+    "generation.verified_steered_candidates": (),
+    "generation.verified_scales": ("length",),
 }
 
 # The paper's user-facing budgets before their mapping to CSC space (V.B), kept for the Table I notebook.

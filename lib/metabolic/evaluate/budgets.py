@@ -57,13 +57,13 @@ def budget_levels(csc: CSCData, g: GenerationConfig, train: TrainConfig, scale: 
 
 
 def verified_targets(csc: CSCData, g: GenerationConfig, budget_quantiles: Sequence[float], scale: str,
-                     budgets: dict[str, float]) -> tuple[dict, dict[str, float]]:
-    """Budgets per CSC scale for the verified rows, and each scale's CSC per generated token (the
-    controller's first probe). The configured `scale` keeps the evaluation's budgets; the other is
-    given the same quantiles of its own continuation totals."""
+                     budgets: dict[str, float], scales: Sequence[str] | None = None) -> tuple[dict, dict[str, float]]:
+    """Budgets per CSC scale (`scales`, default `g.verified_scales`) for the verified rows, and each scale's
+    CSC per generated token (the controller's first probe, the token-count rule's rate). The configured
+    `scale` keeps the evaluation's budgets; the other is given the same quantiles of its own continuation totals."""
     by_scale, hints = {}, {}
     ones = np.ones(1 + max(max(ids) for ids in csc.train_ids))
-    for other in g.verified_scales:
+    for other in (g.verified_scales if scales is None else scales):
         lengths, totals = continuation_points(csc.train_ids, csc.train_csc, ones, g.prompt_tokens, other,
                                               max_tokens=g.max_new_tokens)
         if totals.size < 3:
@@ -137,6 +137,20 @@ def fit_continuation_calibration(x: np.ndarray, y: np.ndarray, ridge: float = 1e
             return calibration, "ridge"
         return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (a budget is below the ridge intercept {a:.4g})"
     return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (ridge slope {b:.4g} <= 0)"
+
+
+def proxy_rate(model, g: GenerationConfig, train_ids, train_csc) -> float:
+    """Mean proxy cost (C_vocab) per continuation token of the training texts: what sizes a budgeted
+    decoding's token cap and paces its steering (`metabolic.generate.budgeted.token_cap`)."""
+    costs = model_token_costs(model).numpy()
+    spent, tokens = 0.0, 0
+    for ids in train_ids:
+        if len(ids) > g.prompt_tokens:
+            spent += float(costs[np.asarray(ids[g.prompt_tokens:], dtype=np.int64)].sum())
+            tokens += len(ids) - g.prompt_tokens
+    if tokens == 0 or spent <= 0:
+        raise DataError(f"no training text is longer than generation.prompt_tokens={g.prompt_tokens}: label longer texts")
+    return spent / tokens
 
 
 def decoding_calibration(model, g: GenerationConfig, scale: str, ridge: float, train_ids, train_csc, budgets: Sequence[float]):

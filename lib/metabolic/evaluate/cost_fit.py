@@ -32,12 +32,13 @@ import numpy as np
 import torch
 
 from metabolic.core.errors import DataError
-from metabolic.core.stats import r_squared, spearman
+from metabolic.core.stats import bootstrap_interval, r_squared, spearman
 from metabolic.csc.dataset import scale_labels
 from metabolic.train.losses import LOG_FLOOR  # log(y + LOG_FLOOR x mean label), as L_CSC's log space
 
 PROBE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried, on standardised features
 PROBE_FOLDS = 4  # cross-validation folds over training texts (texts, not tokens, are held out)
+BOOTSTRAP_RESAMPLES = 400  # text-level resamples behind each interval (seeded: the same on every run)
 CEILING_PREDICTORS = ("ridge_linear", "ridge_log", "token_mean")  # the ceiling; `token_count` is a reference
 
 
@@ -65,10 +66,18 @@ def fit_metrics(ids_list: Sequence[Sequence[int]], labels: Sequence[np.ndarray],
             cont_true.append(lab[tail].sum())
             cont_len.append(len(ids) - prompt_tokens)
     p, t = np.concatenate(tok_pred), np.concatenate(tok_true)
+    # 95% intervals by resampling texts (a text's tokens are not independent draws)
+    texts = list(zip(tok_pred, tok_true))
+    pairs = list(zip(cont_pred, cont_true))
+    spearman_ci = bootstrap_interval(lambda g: spearman(np.concatenate([x for x, _ in g]), np.concatenate([y for _, y in g])),
+                                     texts, n_boot=BOOTSTRAP_RESAMPLES)
+    r2_ci = bootstrap_interval(lambda g: r_squared([x for x, _ in g], [y for _, y in g]), pairs, n_boot=BOOTSTRAP_RESAMPLES)
     return {
         "n_tokens": int(p.size), "n_continuations": len(cont_true),
         "token_spearman": spearman(p, t),
+        "token_spearman_ci": list(spearman_ci),
         "continuation_r2": r_squared(cont_pred, cont_true),
+        "continuation_r2_ci": list(r2_ci),
         "predicted_cost_cv": float(np.std(p) / np.mean(p)) if p.size and np.mean(p) > 0 else math.nan,
         "true_csc_cv": float(np.std(t) / np.mean(t)) if t.size and np.mean(t) > 0 else math.nan,
         "continuation_r2_vs_token_count": r_squared(cont_len, cont_pred),
@@ -212,6 +221,7 @@ def cost_ceilings(backbone, train_ids: Sequence[Sequence[int]], train_csc: Seque
     for metric in ("token_spearman", "continuation_r2"):
         name = max(CEILING_PREDICTORS, key=lambda k: -math.inf if math.isnan(out[k][metric]) else out[k][metric])
         ceiling[metric], ceiling[f"{metric}_by"] = out[name][metric], name
+        ceiling[f"{metric}_ci"] = out[name].get(f"{metric}_ci", [math.nan, math.nan])
     out["ceiling"] = ceiling
     return out
 

@@ -20,6 +20,7 @@ import numpy as np
 from metabolic.core.budget import in_band, length_factor
 from metabolic.core.config import GenerationConfig
 from metabolic.core.errors import DataError
+from metabolic.core.stats import wilson_interval
 from metabolic.csc.dataset import sequence_totals
 from metabolic.generate.budgeted import generate_with_budget, model_token_costs
 from metabolic.generate.verified import PrefixLabeller
@@ -85,12 +86,20 @@ def hit_rate(achieved: Any, target: Any, delta_pct: float) -> float:
     return 100.0 * hit_fraction(achieved, target, delta_pct)
 
 
-def table_row(achieved: Any, target: Any, budget: float) -> dict[str, float]:
-    """One Table I row: Budget, MAE, MAPE (%), Hit@10/20/50 (%), mean Achieved and mean Target, n."""
+def table_row(achieved: Any, target: Any, budget: float) -> dict[str, Any]:
+    """One Table I row: Budget, MAE, MAPE (%), Hit@10/20/50 (%) each with its Wilson 95% interval
+    (`Hit@10_ci`, percent), mean Achieved and mean Target, n.
+
+    >>> row = table_row([9.5, 11.5, 10.0, 20.0], 10.0, 10.0)
+    >>> row["Hit@10"], [round(x, 1) for x in row["Hit@10_ci"]]
+    (50.0, [15.0, 85.0])
+    """
     a, t = _pair(achieved, target)
-    row = {"Budget": float(budget), "MAE": mae(a, t), "MAPE": mape(a, t)}
+    row: dict[str, Any] = {"Budget": float(budget), "MAE": mae(a, t), "MAPE": mape(a, t)}
     for d in HIT_DELTAS_PCT:
         row[f"Hit@{d}"] = hit_rate(a, t, d)
+        hits = int(np.sum(in_band(a, t, d / 100.0)))
+        row[f"Hit@{d}_ci"] = [100.0 * v for v in wilson_interval(hits, int(a.size))]
     row.update({"Achieved": float(a.mean()), "Target": float(t.mean()), "n": int(a.size)})
     return row
 
@@ -231,8 +240,10 @@ def goal_status(table: dict[str, Any], fluency_tolerance: float = 0.10, hit_goal
 # --- the `evaluate` stage -----------------------------------------------------------------------
 
 # Bumped when what the stage computes changes, so an artefact from older code is rebuilt.
-EVALUATION_VERSION = 5  # 3: verified-controller rows and the cost-model fit; 4: one-sided fluency goal; 5: ceilings, steered verified rows
-DECODINGS = ("plain", "steered")  # plain: budget pathway only (the paper); steered: + steering + budget stop
+EVALUATION_VERSION = 6  # 3: verified-controller rows and the cost-model fit; 4: one-sided fluency goal; 5: ceilings, steered verified rows; 6: budget forcing, baselines, stop rules on real text, intervals
+# plain: the budget pathway (the paper) + budget forcing and the budget stop; steered: + the steering processor
+DECODINGS = ("plain", "steered")
+BUDGET_STOPS = ("budget", "sentence")  # stop reasons that mean the budget, not EOS or the cap, ended the text
 TABLES_FILE = "tables.json"
 GENERATIONS_FILE = "generations.jsonl"
 
@@ -259,13 +270,18 @@ def _record(g, variant: str, decoding: str, level: str, **extra) -> dict[str, An
 
 def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts: list[str], budgets: dict[str, float],
                      g: GenerationConfig, scale: str, budget_range: tuple[float, float], variant: str, calibration,
-                     calibration_note: str, progress: bool = False) -> tuple[dict, list[dict]]:
-    """Generate at every budget level with each decoding, measure achieved costs and fluency; tables + records."""
+                     calibration_note: str, proxy_rate: float, progress: bool = False) -> tuple[dict, list[dict]]:
+    """Generate at every budget level with each decoding, measure achieved costs and fluency; tables + records.
+
+    Both decodings hold EOS back until the band's lower edge and stop on the budget, under a token cap
+    sized from the budget at `proxy_rate` (`generate_with_budget`); only `steered` also steers.
+    """
     costs = model_token_costs(model)
     cal = calibration
-    common = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, seed=g.seed,
+    common = dict(temperature=g.temperature, top_k=g.top_k, seed=g.seed,
                   do_sample=True, budget_range=budget_range, calibration=cal, lambda_max=g.lambda_max)
-    reference = generate_with_budget(model, tokenizer, prompts, math.inf, steer=False, stop=False, **common)
+    reference = generate_with_budget(model, tokenizer, prompts, math.inf, steer=False, stop=False, force=False,
+                                     max_new_tokens=g.max_new_tokens, **common)
     ref_fluency = fluency(judge, reference)
     records = [_record(r, variant, "unbudgeted", "none", token_costs=costs[r.generated_ids].tolist()) for r in reference]
     tables: dict[str, Any] = {}
@@ -273,7 +289,8 @@ def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts:
         rows, all_gens = [], []
         for level, budget in budgets.items():
             steered = decoding == "steered"
-            gens = generate_with_budget(model, tokenizer, prompts, budget, steer=steered, stop=steered, **common)
+            gens = generate_with_budget(model, tokenizer, prompts, budget, steer=steered, stop=True, force=True,
+                                        band=g.verified_band, max_new_tokens=None, proxy_rate=proxy_rate, **common)
             csc_tot, csc_tok = csc_of_generations(prefixes, gens, scale)
             proxy = np.array([x.spent_proxy for x in gens])
             calibrated = np.array([cal.to_csc(p) for p in proxy])
@@ -288,7 +305,10 @@ def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts:
                 "calibrated": table_row(calibrated, target_csc, float(budget)),
                 "contextual_proxy_mean": float(context.mean()),
                 "mean_tokens": float(np.mean([len(x.generated_ids) for x in gens])),
+                "tokens_needed": float(gens[0].tokens_needed), "max_new_tokens": int(gens[0].max_new_tokens),
+                "reachable": bool(all(x.reachable for x in gens)),
                 "stopped_by": dict(Counter(x.stopped_by for x in gens)),
+                "stopped_on_budget_pct": 100.0 * float(np.mean([x.stopped_by in BUDGET_STOPS for x in gens])),
                 "unscored": int((~ok).sum()),
             })
             for x, c, cc, ctx, lab in zip(gens, csc_tot, calibrated, context, csc_tok):

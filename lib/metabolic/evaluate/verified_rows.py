@@ -26,8 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from metabolic.evaluate.scoring import distinct_n, goal_status, judge_nll, perplexity, relative_change, table_row
-from metabolic.generate.verified import PrefixLabeller, VerifiedGeneration, sample_candidates, steering, verify
-from metabolic.core.budget import ProxyCalibration
+from metabolic.core.budget import ProxyCalibration, in_band
+from metabolic.generate.verified import Candidate, PrefixLabeller, VerifiedGeneration, sample_candidates, steering, verify
 
 
 def _fluency(judge, gens: Sequence[VerifiedGeneration], reference_ids: Sequence[Sequence[int]]) -> dict[str, Any]:
@@ -67,8 +67,8 @@ def _row(level: str, budget: float, gens: Sequence[VerifiedGeneration]) -> dict[
     }
 
 
-def _records(decoding: str, level: str, gens: Sequence[VerifiedGeneration]) -> list[dict]:
-    return [{"variant": "verified", "decoding": decoding, "level": level, "prompt": g.prompt, "text": g.text,
+def _records(decoding: str, level: str, gens: Sequence[VerifiedGeneration], variant: str = "verified") -> list[dict]:
+    return [{"variant": variant, "decoding": decoding, "level": level, "prompt": g.prompt, "text": g.text,
              "generated_ids": g.generated_ids, "budget_csc": g.budget_csc, "csc": g.achieved_csc, "status": g.status,
              "candidate": g.candidate, "stop_kind": g.stop_kind, "labels": g.labels_needed} for g in gens]
 
@@ -88,6 +88,50 @@ def _table(judge, decoding: str, scale: str, n: int, per_level: dict[str, list[V
              "sampling_seconds_per_generation": sampling_s, "fluency": flu}
     table["goal"] = goal_status(table)
     return table
+
+
+BASELINE_RULES = ("token_count", "random_cut")  # stop rules without labels, on the controller's own candidates
+
+
+def nearest_stop(stops: np.ndarray, n: float) -> int:
+    """The allowed stop point nearest `n` tokens (the shorter one on a tie).
+
+    >>> nearest_stop(np.array([2, 5, 9]), 7.0)
+    5
+    """
+    return int(stops[np.argmin(np.abs(stops - n))])
+
+
+def baseline_cut(rule: str, candidate: Candidate, budget: float, rate: float, rng: np.random.Generator) -> int:
+    """Where a stop rule without labels cuts `candidate`: `token_count` at the stop point nearest
+    `budget / rate` tokens (rate = true CSC per token of training continuations), `random_cut` at a
+    uniformly random stop point."""
+    if rule == "token_count":
+        return nearest_stop(candidate.stops, budget / rate)
+    if rule == "random_cut":
+        return int(rng.choice(candidate.stops))
+    raise ValueError(f"rule={rule!r} is unknown: choose one of {', '.join(BASELINE_RULES)}")
+
+
+def baseline_generations(rule: str, pool: Sequence[Candidate], prompt_ids: Sequence[Sequence[int]], prompts: Sequence[str],
+                         tokenizer, budget: float, prefixes: PrefixLabeller, scale: str, rate: float, band: float,
+                         seed: int) -> list[VerifiedGeneration]:
+    """Baseline `rule` on each prompt's first candidate (the verified rows' pool, same seed), scored in true
+    CSC; it labels nothing at decode time (`labels_needed` 0: the labels here only score it)."""
+    rng = np.random.default_rng([seed, int(round(budget * 1e6)), BASELINE_RULES.index(rule)])
+    first = {c.prompt_index: c for c in pool if c.index == 0}
+    cuts = [baseline_cut(rule, first[p], budget, rate, rng) if first[p].stops.size else 0 for p in range(len(prompts))]
+    totals, _ = prefixes.totals([(prompt_ids[p], first[p].ids[:k]) for p, k in enumerate(cuts)], scale)
+    out = []
+    for p, (k, total) in enumerate(zip(cuts, totals)):
+        c = first[p]
+        status = "in band" if in_band(total, budget, band) else ("below band" if total < budget else "above band")
+        out.append(VerifiedGeneration(
+            prompt=prompts[p], prompt_ids=list(prompt_ids[p]), generated_ids=c.ids[:k], text=tokenizer.decode(c.ids[:k]),
+            budget_csc=float(budget), achieved_csc=float(total), scale=scale, in_band=status == "in band", status=status,
+            candidate=0, n_candidates=1, stop_kind="sentence" if k in c.sentence_stops else ("end" if k == len(c.ids) else "word"),
+            mean_logprob=c.mean_logprob, probes=0, labels=0, labels_needed=0, seconds=0.0))
+    return out
 
 
 def verified_tables(model, tokenizer, judge, prefixes: PrefixLabeller, prompts: list[str], budgets_by_scale: dict[str, dict[str, float]],
@@ -119,6 +163,14 @@ def verified_tables(model, tokenizer, judge, prefixes: PrefixLabeller, prompts: 
                                                       len(prompts), band, max_new_tokens, sampling_s * n / n_max)
             if n == n_max:
                 records.extend(r for level, gens in per_level.items() for r in _records(f"verified_n{n}_{scale}", level, gens))
+        for rule in BASELINE_RULES:  # the same pool's first sample, cut without labels
+            per_level = {level: baseline_generations(rule, pool, prompt_ids, prompts, tokenizer, budget, prefixes, scale,
+                                                     rate_hints[scale], band, seed) for level, budget in budgets.items()}
+            key = f"baseline_{rule}_{scale}"
+            table = _table(judge, rule, scale, 1, per_level, budgets, reference, len(prompts), band, max_new_tokens,
+                           sampling_s / n_max)
+            tables[key] = {**table, "variant": "baseline", "rate_csc_per_token": rate_hints[scale]}
+            records.extend(r for level, gens in per_level.items() for r in _records(key, level, gens, "baseline"))
         if steered is None or scale not in steered.calibrations:
             continue
         s_max = max(steered.candidate_counts)

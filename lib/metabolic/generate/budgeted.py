@@ -12,6 +12,9 @@ Two small parts with the standard contracts, composable with any other processor
 - `BudgetStoppingCriteria` ends a row when its spend is as close to the budget as it is going to get
   (`spent >= B - r/2`, with `r` the row's average cost per generated token), or earlier at a sentence
   end once `spent >= (1 - sentence_slack) * B`.
+- `EosForcingLogitsProcessor` holds EOS back in a row until its spend reaches the budget band's lower
+  edge (budget forcing, as s1 forces a token budget): without it a small model ends most texts by
+  EOS long before any budget, and the budget stop never decides anything.
 
 Spend is measured in proxy units: the sum of `C_vocab[v]` over the *generated* tokens (never the
 prompt). Budgets are given in CSC units and mapped to proxy units through the model's affine
@@ -26,6 +29,9 @@ Documented behaviour on edge cases:
 - A finite budget outside `budget_range` (the range the model was trained on) is clamped to it with
   a warning; the `Generation` records both the requested and the used budget.
 - A prompt that leaves no room for `max_new_tokens` in the model's context raises `DataError`.
+- `max_new_tokens=None` sizes the token cap from the budget: `TOKEN_CAP_HEADROOM` x the tokens the
+  proxy budget needs at `proxy_rate` (proxy per generated token), at most what the context leaves. A
+  budget that needs more tokens than the context leaves is not reachable; `Generation.reachable` says so.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ log = logging.getLogger(__name__)
 
 # Characters that end a sentence when a token's decoded text ends with one of them.
 SENTENCE_END_CHARS = (".", "!", "?")
+# A budget-sized token cap allows this many times the tokens the budget needs at the average proxy rate:
+# a text dearer per token than average stops on its budget earlier, a cheaper one has room to reach it.
+TOKEN_CAP_HEADROOM = 2.0
 
 
 def _as_cost_vector(token_costs: Any, name: str = "token_costs") -> torch.Tensor:
@@ -279,6 +288,57 @@ class BudgetStoppingCriteria(StoppingCriteria):
         return stop_rule(spent, n_gen, budget, at_end, self.sentence_slack)
 
 
+class EosForcingLogitsProcessor(LogitsProcessor):
+    """Budget forcing: EOS cannot be sampled in a row until its proxy spend reaches `floor_proxy`.
+
+    Args:
+        token_costs: `C_vocab` as a [V] tensor of proxy costs (>= 0).
+        floor_proxy: proxy spend per prompt (or one for all) below which EOS is held back; 0 = never held.
+        prompt_len: length of the (left-padded) prompt.
+        eos_token_id: the token that ends a text.
+    """
+
+    def __init__(self, token_costs: Any, floor_proxy: Any, prompt_len: int, eos_token_id: int) -> None:
+        self.token_costs = _as_cost_vector(token_costs)
+        floor = torch.as_tensor(floor_proxy, dtype=torch.float64).reshape(-1)
+        if floor.numel() == 0 or not torch.isfinite(floor).all() or (floor < 0).any():
+            raise ConfigError(f"floor_proxy={floor.tolist()} is invalid: give finite proxy spends >= 0, one or one per prompt")
+        if not isinstance(eos_token_id, int) or not 0 <= eos_token_id < self.token_costs.numel():
+            raise ConfigError(f"eos_token_id={eos_token_id!r} is invalid: give the tokenizer's EOS id (< {self.token_costs.numel()})")
+        self.floor = floor
+        self.prompt_len = prompt_len
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        costs = self.token_costs.to(input_ids.device)
+        spent = generated_spend(input_ids, costs, self.prompt_len)
+        hold = spent < _rows(self.floor.to(input_ids.device), input_ids.shape[0], "floor_proxy")
+        scores = scores.clone()  # never edited in place: other processors may hold the original
+        eos = scores[:, self.eos_token_id]
+        scores[:, self.eos_token_id] = torch.where(hold, torch.full_like(eos, -math.inf), eos)
+        return scores
+
+
+def token_cap(budgets_proxy: Any, proxy_rate: float, room: int | None) -> tuple[int, list[float]]:
+    """(max_new_tokens, tokens each budget needs): `TOKEN_CAP_HEADROOM` x the most any finite budget
+    needs at `proxy_rate` proxy per token, at least 1, at most `room` (the context left; None = no limit).
+    An unlimited budget needs `room` tokens.
+
+    >>> token_cap([0.1, 0.2], 0.01, room=48)
+    (40, [10.0, 20.0])
+    >>> token_cap([0.5], 0.01, room=48)
+    (48, [50.0])
+    """
+    if not (isinstance(proxy_rate, (int, float)) and math.isfinite(proxy_rate) and proxy_rate > 0):
+        raise ConfigError(f"proxy_rate={proxy_rate!r} is invalid: give the mean proxy cost per generated token (> 0)")
+    values = torch.as_tensor(budgets_proxy, dtype=torch.float64).reshape(-1).tolist()
+    needed = [v / proxy_rate if math.isfinite(v) else float(room if room is not None else math.inf) for v in values]
+    cap = max(1, math.ceil(TOKEN_CAP_HEADROOM * max(needed))) if all(math.isfinite(n) for n in needed) else room
+    if cap is None:
+        raise ConfigError("an unlimited budget needs a token limit: pass max_new_tokens or use a model with a known context")
+    return (min(cap, room) if room is not None else cap), needed
+
+
 def kept_lengths(gen_ids: torch.Tensor, token_costs: torch.Tensor, budgets_proxy: torch.Tensor,
                  sentence_end: torch.Tensor | None, sentence_slack: float, eos_token_id: int | None,
                  budget_stop: bool = True) -> list[tuple[int, str]]:
@@ -329,6 +389,10 @@ class Generation:
     spent_proxy: float  # sum of C_vocab over the generated tokens
     stopped_by: str
     lambdas: list[float] = field(default_factory=list)  # lambda_t per step (steering only)
+    floor_proxy: float = 0.0  # spend below which EOS was held back (budget forcing; 0 = not forced)
+    tokens_needed: float = math.nan  # tokens the proxy budget needs at the average proxy rate (NaN: no rate given)
+    max_new_tokens: int = 0  # the token cap this generation ran under
+    reachable: bool = True  # False when the budget needs more tokens than the context leaves
 
 
 def _context_size(model) -> int | None:
@@ -468,9 +532,12 @@ def generate_with_budget(
     token_costs: Any = None,
     calibration: ProxyCalibration | None = None,
     condition: bool = True,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = 64,
     steer: bool = True,
     stop: bool = True,
+    force: bool = True,
+    band: float = 0.1,
+    proxy_rate: float | None = None,
     do_sample: bool = True,
     temperature: float = 1.0,
     top_k: int = 50,
@@ -488,6 +555,12 @@ def generate_with_budget(
     (a `GPT2LMHeadModel`), or a `MetabolicGPT2`: then `token_costs` and `calibration` default to the
     model's own, and (if `condition`) its backbone generates under the budget pathway for each row's
     (finite) CSC budget, see `MetabolicGPT2.conditioned_on`. `token_costs` is `C_vocab` [V] in proxy units.
+
+    With `force` (budget forcing), EOS is held back in a row until its spend reaches the proxy image of
+    the band's lower edge, `(1 - band) x budget_csc`, so that the budget, not an early EOS, ends the
+    text. `proxy_rate` (mean proxy cost per generated token, e.g. on training continuations) paces the
+    steering over the tokens the budget needs and, with `max_new_tokens=None`, sizes the token cap
+    (`token_cap`); the `Generation` records the tokens needed, the cap and whether the budget was reachable.
     """
     metabolic = is_metabolic(model)
     if token_costs is None:
@@ -500,16 +573,36 @@ def generate_with_budget(
         calibration = model.proxy_calibration()
     prompt_ids = encode_prompts(tokenizer, prompts)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid: use an int >= 1")
+    if max_new_tokens is None and proxy_rate is None:
+        raise ConfigError("max_new_tokens=None sizes the cap from the budget: pass proxy_rate (proxy per generated token)")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid: use an int >= 1, or None to size it from the budget")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"temperature={temperature!r} is invalid: use a finite value > 0")
+    if not (isinstance(band, (int, float)) and 0 <= band < 1):
+        raise ConfigError(f"band={band!r} is invalid: use a relative tolerance in [0, 1), e.g. 0.1 for ±10%")
     requested = _as_budgets(budget_csc, "budget_csc")
     requested = _rows(requested, len(prompts), "budget_csc").clone()
     used = _clamp_budgets(requested, budget_range)
     budgets_proxy = torch.from_numpy(calibration.proxy_budgets(used.numpy()))
-    check_context(model.backbone if metabolic else model, prompt_ids, max_new_tokens)
+    lm = model.backbone if metabolic else model
+    context = _context_size(lm)
+    room = None if context is None else context - max(len(p) for p in prompt_ids)
+    needed = [math.nan] * len(prompts)
+    if proxy_rate is not None:
+        cap, needed = token_cap(budgets_proxy, proxy_rate, room)
+        max_new_tokens = cap if max_new_tokens is None else max_new_tokens
+    check_context(lm, prompt_ids, max_new_tokens)
     costs = _as_cost_vector(token_costs)
+    # Budget forcing: the proxy image of the band's lower edge; 0 (never held) where that edge is below the
+    # calibration's intercept or the budget is unlimited.
+    floors = torch.tensor([max(calibration.to_proxy((1 - band) * float(b)), 0.0) if math.isfinite(b) else 0.0
+                           for b in used.tolist()], dtype=torch.float64)
+    # Steering keeps pace over the tokens the budget needs, not the cap (a cap with headroom would brake early).
+    pace_tokens = max_new_tokens
+    if proxy_rate is not None and all(math.isfinite(n) for n in needed):
+        pace_tokens = max(1, min(max_new_tokens, math.ceil(max(needed))))
     call = prepare_generate(model, tokenizer, prompt_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
                             top_k=top_k, seed=seed, generate_kwargs=generate_kwargs)
     prompt_len = call.prompt_len
@@ -517,10 +610,13 @@ def generate_with_budget(
     processors = LogitsProcessorList()
     recorder = None
     if steer:
-        steering = CostSteeringLogitsProcessor(costs, budgets_proxy, prompt_len, max_new_tokens, lambda_max=lambda_max,
+        steering = CostSteeringLogitsProcessor(costs, budgets_proxy, prompt_len, pace_tokens, lambda_max=lambda_max,
                                                two_sided=two_sided)
         recorder = _LambdaRecorder(steering)
         processors.extend([steering, recorder])
+    forced = force and tokenizer.eos_token_id is not None and bool((floors > 0).any())
+    if forced:
+        processors.append(EosForcingLogitsProcessor(costs, floors, prompt_len, int(tokenizer.eos_token_id)))
     criteria = StoppingCriteriaList()
     if stop:
         criteria.append(BudgetStoppingCriteria(costs, budgets_proxy, prompt_len, sentence_end, sentence_slack))
@@ -541,6 +637,8 @@ def generate_with_budget(
             text=tokenizer.decode(ids), budget_requested_csc=float(requested[row]), budget_csc=float(used[row]),
             budget_proxy=float(budgets_proxy[row]), spent_proxy=float(costs[ids].double().sum()) if ids else 0.0,
             stopped_by=why, lambdas=history[row, :kept].tolist() if history is not None else [],
+            floor_proxy=float(floors[row]) if forced else 0.0, tokens_needed=float(needed[row]),
+            max_new_tokens=int(max_new_tokens), reachable=not (room is not None and needed[row] > room),
         ))
     return results
 

@@ -85,6 +85,15 @@ def train_sequences(cfg: StudyConfig, data: CorpusData) -> list[list[int]]:
     return select_sequences(data.train_ids, c.max_train_texts, c.seq_len, c.min_tokens, c.seed)
 
 
+def pretrain_sequences(cfg: StudyConfig, data: CorpusData) -> list[list[int]]:
+    """What the backbone pretrains on: the profile's training texts, or every training text whole
+    (`backbone.corpus = "all"`)."""
+    if cfg.backbone.corpus == "all":
+        return select_sequences(data.train_ids, None, max(len(x) for x in data.train_ids), cfg.corpus.min_tokens,
+                                cfg.corpus.seed)
+    return train_sequences(cfg, data)
+
+
 def valid_sequences(cfg: StudyConfig, data: CorpusData) -> list[list[int]]:
     """The profile's validation texts: seeded subsample (seed + 1), capped at `corpus.seq_len` tokens."""
     c = cfg.corpus

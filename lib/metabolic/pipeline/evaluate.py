@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from metabolic.core import artefacts
+from metabolic.core.budget import SCALES
 from metabolic.core.config import StudyConfig
 from metabolic.core.errors import DataError
 from metabolic.csc.dataset import CSCData
 from metabolic.evaluate import budgets as budget_derivation
-from metabolic.evaluate.budgets import BudgetLevels, decoding_calibration
+from metabolic.evaluate.budgets import BudgetLevels, decoding_calibration, proxy_rate
 from metabolic.evaluate.cost_fit import against_ceiling, cost_ceilings, cost_model_fit
 from metabolic.evaluate.scoring import (
     EVALUATION_VERSION,
@@ -25,6 +26,7 @@ from metabolic.evaluate.scoring import (
     evaluate_variant,
     select_prompts,
 )
+from metabolic.evaluate.stop_rules import judge_stop_rules, label_continuations
 from metabolic.evaluate.verified_rows import SteeredRows, verified_tables
 from metabolic.generate.budgeted import model_token_costs
 from metabolic.generate.verified import PrefixLabeller
@@ -51,17 +53,22 @@ def evaluate_budgets(cfg, progress: bool = True):
     levels = budget_levels(cfg, csc)
     budgets, budget_range, cont = levels.budgets, levels.budget_range, levels.continuation
     verified_budgets, rate_hints = verified_targets(csc, cfg, budgets)
+    # The stop rules on fixed text are judged on every scale (their labels are raw; the length scale is a
+    # product), so the proxy decodings, on the evaluation's scale, always have their open-loop ceiling.
+    rule_budgets, rule_rates = verified_targets(csc, cfg, budgets, SCALES)
     description = {
         "stage": "evaluate", "version": EVALUATION_VERSION, "generation": cfg.generation.__dict__, "csc": csc.fingerprint, "csc_scale": cfg.csc.scale,
         "backbone": backbone.fingerprint, "train": {v: r.fingerprint for v, r in results.items()},
         "encoder": cfg.assets.encoder, "budgets": budgets, "budget_range": budget_range,
-        "verified_budgets": verified_budgets, "verified_model": cfg.train.variant,
+        "verified_budgets": verified_budgets, "verified_model": cfg.train.variant, "stop_rule_budgets": rule_budgets,
     }
     folder = artefacts.run_dir(cfg.profile) / "evaluation"
 
     def build(work):
         torch.manual_seed(cfg.generation.seed)
-        prompts = select_prompts(g, tok, csc.valid_ids)
+        distinct = select_prompts(g, tok, csc.valid_ids)
+        # samples_per_prompt independent rows per prompt: Table I's n per level is their product
+        prompts = [p for p in distinct for _ in range(g.samples_per_prompt)]
         judge = Judge(load_backbone(backbone.path))  # one memo: texts several tables judge are scored once
         prefixes = PrefixLabeller(csc_labeller(cfg))  # one memo: texts several decodings produce are labelled once
         tables, records = {}, []
@@ -74,7 +81,7 @@ def evaluate_budgets(cfg, progress: bool = True):
             cal, note = decoding_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
                                            list(budgets.values()))
             t, r = evaluate_variant(model, tok, judge, prefixes, prompts, budgets, g, cfg.csc.scale, budget_range, variant,
-                                    cal, note, progress)
+                                    cal, note, proxy_rate(model, g, csc.train_ids, csc.train_csc), progress)
             fit = cost_model_fit(model, csc.valid_ids, csc.valid_csc, g.prompt_tokens, cfg.csc.scale)
             for table in t.values():
                 best = result.metrics[result.best_epoch - 1] if 0 < result.best_epoch <= len(result.metrics) else {}
@@ -83,17 +90,25 @@ def evaluate_budgets(cfg, progress: bool = True):
             tables.update(t)
             records.extend(r)
         sampler = models.get(cfg.train.variant) or next(iter(models.values()))
+        scale_cal = {scale: decoding_calibration(sampler, g, scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
+                                                 list(b.values()))[0] for scale, b in rule_budgets.items()}
         steered = None
         if g.verified_steered_candidates:
-            steer_cal = {scale: decoding_calibration(sampler, g, scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
-                                                     list(b.values()))[0] for scale, b in verified_budgets.items()}
-            steered = SteeredRows(g.verified_steered_candidates, model_token_costs(sampler), steer_cal, g.lambda_max)
+            steered = SteeredRows(g.verified_steered_candidates, model_token_costs(sampler), scale_cal, g.lambda_max)
         t, r = verified_tables(sampler, tok, judge, prefixes, prompts, verified_budgets, rate_hints, g.verified_candidates,
                                max_new_tokens=g.verified_max_new_tokens, band=g.verified_band,
                                max_probes=g.verified_max_probes, temperature=g.temperature, top_k=g.top_k, seed=g.seed,
                                steered=steered)
         tables.update(t)
         records.extend(r)
+        rules = {}
+        if g.stop_rule_texts:  # the stop rules on fixed held-out text (labels every word-end prefix of each)
+            fixed = {split: label_continuations(ids, tok, prefixes, g.prompt_tokens, g.max_new_tokens, g.stop_rule_texts)
+                     for split, ids in (("train", csc.train_ids), ("held_out", csc.valid_ids))}
+            rules = {scale: judge_stop_rules(fixed["train"], fixed["held_out"], b, scale, rule_rates[scale],
+                                             model_token_costs(sampler).numpy(), scale_cal[scale], tok, g.verified_band,
+                                             g.max_new_tokens, g.seed)
+                     for scale, b in rule_budgets.items()}
         combined = {"profile": cfg.profile, "budgets": budgets, "budget_source": levels.source,
                     "budget_range": list(budget_range), "training_targets": levels.training_targets,
                     "continuation_csc": {"n": int(cont.size), "min": float(cont.min()), "median": float(np.median(cont)),
@@ -101,7 +116,8 @@ def evaluate_budgets(cfg, progress: bool = True):
                     "verified_budgets": verified_budgets, "verified_rate_hints": rate_hints,
                     "verified_model": f"{cfg.train.variant} (best checkpoint; budget pathway off)",
                     "cost_model_ceiling": ceilings,
-                    "prompts": prompts, "tables": tables, "paper": PAPER_TABLE1}
+                    "prompts": distinct, "samples_per_prompt": g.samples_per_prompt, "stop_rules": rules,
+                    "tables": tables, "paper": PAPER_TABLE1}
         artefacts.atomic_write_json(work / TABLES_FILE, combined)
         artefacts.atomic_write_text(work / GENERATIONS_FILE, "".join(json.dumps(r) + "\n" for r in records))
         return {"n_generations": len(records)}
@@ -122,9 +138,12 @@ def budget_levels(cfg: StudyConfig, csc: CSCData) -> BudgetLevels:
                                            vocab_size=len(corpus(cfg).tokenizer))
 
 
-def verified_targets(csc: CSCData, cfg: StudyConfig, budgets: dict[str, float]) -> tuple[dict, dict[str, float]]:
-    """The verified rows' budgets per scale and rate hints (`metabolic.evaluate.budgets.verified_targets`)."""
-    return budget_derivation.verified_targets(csc, cfg.generation, cfg.train.budget_quantiles, cfg.csc.scale, budgets)
+def verified_targets(csc: CSCData, cfg: StudyConfig, budgets: dict[str, float],
+                     scales: tuple[str, ...] | None = None) -> tuple[dict, dict[str, float]]:
+    """The verified rows' budgets per scale and rate hints (`metabolic.evaluate.budgets.verified_targets`);
+    `scales` defaults to `generation.verified_scales`."""
+    return budget_derivation.verified_targets(csc, cfg.generation, cfg.train.budget_quantiles, cfg.csc.scale, budgets,
+                                              scales)
 
 
 def read_generations(cfg) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from metabolic.core import artefacts
 from metabolic.core.config import StudyConfig
 from metabolic.data.corpus import pack_blocks
 from metabolic.model.backbone import scratch_model
-from metabolic.pipeline.corpus import CorpusData, corpus, train_sequences, valid_sequences
+from metabolic.pipeline.corpus import CorpusData, corpus, pretrain_sequences, valid_sequences
 from metabolic.pipeline.stage import realise
 from metabolic.train.loop import read_metrics
 from metabolic.train.pretrain import METRICS as PRETRAIN_METRICS
@@ -48,7 +48,7 @@ class PretrainStage:
     def build(self, work: Path) -> dict[str, Any]:
         cfg, data, b = self.cfg, self.data, self.cfg.backbone
         eos = data.tokenizer.eos_token_id
-        train_blocks = pack_blocks(train_sequences(cfg, data), b.block_size, eos)
+        train_blocks = pack_blocks(pretrain_sequences(cfg, data), b.block_size, eos)
         valid_blocks = pack_blocks(valid_sequences(cfg, data), b.block_size, eos)
         model = scratch_model(b, vocab_size=len(data.tokenizer), n_positions=max(b.block_size, cfg.corpus.seq_len), eos_id=eos)
         t0 = time.perf_counter()

@@ -1,0 +1,218 @@
+"""Notebook 04's tables and conclusions, read from the evaluate stage's `tables.json` (`combined`).
+
+Every number printed comes from the combined dict; nothing here recomputes an evaluation. Tables
+are grouped by kind: the proxy decodings of the trained variants (`model_tables`), the verified
+controller (`verified`), the label-free baselines on its candidates (`baselines`), and the stop rules
+on fixed held-out text (`combined["stop_rules"]`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from metabolic.evaluate.scoring import BUDGET_STOPS
+
+STOP_REASONS = ("budget", "sentence", "eos", "max_new_tokens")  # why a proxy decoding ended, in that order
+
+
+def tables_of(combined: dict[str, Any], variant: str) -> dict[str, dict[str, Any]]:
+    """The tables of one kind: "verified", "baseline", or "model" (both trained variants' proxy decodings)."""
+    if variant == "model":
+        return {k: t for k, t in combined["tables"].items() if t["variant"] not in ("verified", "baseline")}
+    return {k: t for k, t in combined["tables"].items() if t["variant"] == variant}
+
+
+def hit_with_interval(csc: dict[str, Any], delta: int = 10) -> str:
+    """'Hit@10 [lo, hi]' in percent, from a Table I row's `csc` entry."""
+    lo, hi = csc.get(f"Hit@{delta}_ci", (math.nan, math.nan))
+    return f"{csc[f'Hit@{delta}']:.0f} [{lo:.0f}, {hi:.0f}]"
+
+
+def proxy_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per level of a proxy decoding: Table I in true CSC with its interval, and how the texts ended."""
+    out = []
+    for r in table["rows"]:
+        stops = r["stopped_by"]
+        n = sum(stops.values())
+        out.append({"level": r["level"], "Budget": r["csc"]["Budget"], "MAE": r["csc"]["MAE"],
+                    "Hit@10 [95% CI]": hit_with_interval(r["csc"]), "Achieved": r["csc"]["Achieved"],
+                    "tokens": r["mean_tokens"], "needed": r.get("tokens_needed", math.nan), "cap": r.get("max_new_tokens"),
+                    "reachable": r.get("reachable", True),
+                    "stops budget/sentence/eos/cap": "/".join(str(stops.get(k, 0)) for k in STOP_REASONS),
+                    "on budget %": 100.0 * sum(stops.get(k, 0) for k in BUDGET_STOPS) / n if n else math.nan})
+    return out
+
+
+def controller_rows(combined: dict[str, Any], scale: str) -> list[dict[str, Any]]:
+    """The verified controller beside the label-free baselines on its own candidates, one scale: Hit@10 per level
+    with intervals, labels and seconds per generation, judge perplexity against same-length plain samples."""
+    keyed = {**tables_of(combined, "verified"), **tables_of(combined, "baseline")}
+    out = []
+    for key, t in keyed.items():
+        if t["csc_scale"] != scale or t["decoding"] == "verified_steered":
+            continue
+        name = f"verified N={t['n_candidates']}" if t["variant"] == "verified" else f"baseline: {t['decoding']}"
+        row = {"rule": name, **{f"Hit@10 {r['level']}": hit_with_interval(r["csc"]) for r in t["rows"]},
+               "labels/gen": t["labels_per_generation"], "s/gen": t.get("seconds_per_generation", math.nan),
+               "judge ppl": t["fluency"]["judge_ppl"],
+               "same-length plain ppl": t["fluency"]["judge_ppl_same_length_unbudgeted"]}
+        out.append(row)
+    return out
+
+
+def smallest_hitting_n(combined: dict[str, Any], scale: str, goal_pct: float = 95.0) -> int | None:
+    """The smallest N whose verified table (unsteered, on `scale`) hits >= `goal_pct` at every level; None if none."""
+    ns = [t["n_candidates"] for t in tables_of(combined, "verified").values()
+          if t["csc_scale"] == scale and t["decoding"] != "verified_steered"
+          and all(r["csc"]["Hit@10"] >= goal_pct for r in t["rows"])]
+    return min(ns) if ns else None
+
+
+def stop_rule_rows(rules: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stop rules on fixed held-out text, one scale: Hit@10 [95% CI] and mean tokens per level and rule."""
+    out = []
+    for rule, levels in rules["rules"].items():
+        row: dict[str, Any] = {"rule": rule}
+        for level, v in levels.items():
+            row[f"Hit@10 {level}"] = hit_with_interval(v)
+            row[f"tokens {level}"] = v["mean_tokens"]
+        out.append(row)
+    return out
+
+
+def proxy_against_ceiling(combined: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each proxy decoding's Hit@10 per level beside the open-loop ceiling on the same scale (the best single
+    length fitted on training text, scored on held-out text) and its share of it."""
+    out = []
+    for key, t in tables_of(combined, "model").items():
+        rules = combined.get("stop_rules", {}).get(t["csc_scale"])
+        if not rules:
+            continue
+        for r in t["rows"]:
+            ceiling = rules["rules"]["length_fitted"][r["level"]]["Hit@10"]
+            out.append({"table": key, "level": r["level"], "Hit@10": r["csc"]["Hit@10"],
+                        "open-loop ceiling": ceiling,
+                        "share of ceiling": r["csc"]["Hit@10"] / ceiling if ceiling > 0 else math.nan})
+    return out
+
+
+def examples(records: list[dict[str, Any]], table: str, per_level: int = 5) -> list[str]:
+    """Up to `per_level` generated texts per level of one table (`<variant>_<decoding>`, or a verified or
+    baseline table's key), each with its budget, true CSC and length."""
+    lines, seen = [], {}
+    for r in records:
+        if table not in (r["decoding"], f"{r['variant']}_{r['decoding']}") or seen.get(r["level"], 0) >= per_level:
+            continue
+        seen[r["level"]] = seen.get(r["level"], 0) + 1
+        lines.append(f"[{r['level']}] budget {r['budget_csc']:.3f}, true CSC {r['csc']:.3f}, "
+                     f"{len(r['generated_ids'])} tokens: {r['prompt']!r} -> {r['text']!r}")
+    return lines
+
+
+def hit_bars(combined: dict[str, Any], scale: str, title: str):
+    """Hit@10 per level with Wilson 95% error bars: the proxy decodings, the verified controller, its baselines."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for key, t in combined["tables"].items():
+        if t["csc_scale"] != scale:
+            continue
+        levels = [r["level"] for r in t["rows"]]
+        hits = np.array([r["csc"]["Hit@10"] for r in t["rows"]])
+        ci = np.array([r["csc"].get("Hit@10_ci", [math.nan, math.nan]) for r in t["rows"]])
+        fig.add_bar(name=key, x=levels, y=hits,
+                    error_y=dict(type="data", symmetric=False, array=ci[:, 1] - hits, arrayminus=hits - ci[:, 0]))
+    fig.update_layout(title=f"{title}<br><sup>bars: Hit@10 in true CSC; whiskers: Wilson 95% intervals</sup>",
+                      xaxis_title="budget level", yaxis_title="Hit@10 (%)", yaxis_range=[0, 105], barmode="group")
+    return fig
+
+
+def _levels(values: dict[str, float], fmt: str = "{:.0f}") -> str:
+    return ", ".join(f"{level} {fmt.format(v)}" for level, v in values.items())
+
+
+def conclusion(combined: dict[str, Any], run_label: str) -> list[str]:
+    """The paragraphs of notebook 04's "What this run shows", each number read from `combined`."""
+    n_prompts, samples = len(combined["prompts"]), combined.get("samples_per_prompt", 1)
+    out = [f"Measured on the {run_label}, CPU: {n_prompts} prompts x {samples} samples = {n_prompts * samples} generations "
+           "per level and table; Hit@10 in true CSC, [Wilson 95% interval]. Goal: Hit@10 >= 90% at every level with "
+           "the judge perplexity at most 10% above unbudgeted text (one-sided)."]
+    proxy = tables_of(combined, "model")
+    rows = [r for t in proxy.values() for r in t["rows"]]
+    if rows:
+        total = sum(sum(r["stopped_by"].values()) for r in rows)
+        on_budget = sum(r["stopped_by"].get(k, 0) for r in rows for k in BUDGET_STOPS)
+        lengths = {level: float(np.mean([r["mean_tokens"] for r in rows if r["level"] == level]))
+                   for level in dict.fromkeys(r["level"] for r in rows)}
+        unreachable = sorted({r["level"] for r in rows if not r.get("reachable", True)})
+        rising = all(a < b for a, b in zip(list(lengths.values()), list(lengths.values())[1:]))
+        out.append(f"Proxy decodings (budget forcing + budget stop on C_vocab): {on_budget} of {total} generations "
+                   f"({100 * on_budget / total:.0f}%) ended on the budget or a sentence end; mean tokens per level "
+                   f"{_levels(lengths, '{:.1f}')} ({'rising' if rising else 'NOT rising'} with the budget); "
+                   f"levels not reachable within the context: {', '.join(unreachable) if unreachable else 'none'}.")
+        for key, t in proxy.items():
+            out.append(f"- {key}: Hit@10 " + ", ".join(f"{r['level']} {hit_with_interval(r['csc'])}" for r in t["rows"])
+                       + f"; judge perplexity {100 * t['goal']['judge_ppl_rel_change']:+.0f}% vs unbudgeted.")
+        ceiling = proxy_against_ceiling(combined)
+        if ceiling:
+            best = max(ceiling, key=lambda r: r["Hit@10"])
+            out.append(f"The open-loop ceiling (one stop length per level fitted on training text, scored on held-out "
+                       f"text) is Hit@10 {_levels({r['level']: r['open-loop ceiling'] for r in ceiling})} on the "
+                       f"{next(iter(proxy.values()))['csc_scale']} scale; the best proxy cell reaches {best['Hit@10']:.0f} "
+                       f"({best['table']}, {best['level']}).")
+    for scale in combined["verified_budgets"]:
+        tables = {**tables_of(combined, "verified"), **tables_of(combined, "baseline")}
+        n = smallest_hitting_n(combined, scale)
+        baseline = tables.get(f"baseline_token_count_{scale}")
+        line = f"Verified controller, {scale} scale: Hit@10 >= 95% at every level first with N = {n if n else 'none'}"
+        if n:
+            t = tables[f"verified_n{n}_{scale}"]
+            line += (f" ({_levels({r['level']: r['csc']['Hit@10'] for r in t['rows']})}; "
+                     f"{t['labels_per_generation']:.0f} labels and {t['seconds_per_generation']:.2f} s per generation)")
+        if baseline:
+            line += ("; the token-count rule on the same candidates, without labels: "
+                     + ", ".join(f"{r['level']} {hit_with_interval(r['csc'])}" for r in baseline["rows"])
+                     + f" ({baseline['seconds_per_generation']:.2f} s per generation)")
+        out.append(line + ".")
+    for scale, rules in combined.get("stop_rules", {}).items():
+        r = rules["rules"]
+        picks = [k for k in ("exact", "length_fitted", "token_count", "proxy") if k in r]
+        out.append(f"On fixed held-out text ({rules['n_held_out']} continuations, {scale} scale), Hit@10 per rule: "
+                   + "; ".join(f"{k} {_levels({lv: v['Hit@10'] for lv, v in r[k].items()})}" for k in picks)
+                   + ". `exact` falls short only where a text cannot reach the budget at any word end.")
+    return out
+
+
+def cost_model_conclusion(combined: dict[str, Any]) -> list[str]:
+    """The learned cost model against its ceiling, and whether steered candidates made the controller cheaper."""
+    ceil = combined["cost_model_ceiling"]
+    fits = {k.rsplit("_", 1)[0]: t for k, t in tables_of(combined, "model").items() if k.endswith("_plain")}
+    out = []
+    if fits:
+        def one(v: str, t: dict[str, Any]) -> str:
+            c, fit = t["cost_model_vs_ceiling"], t["cost_model"]
+            lo, hi = fit.get("token_spearman_ci", (math.nan, math.nan))
+            return (f"{v}: Spearman {c['token_spearman']['learned']:.2f} [{lo:.2f}, {hi:.2f}] "
+                    f"({100 * c['token_spearman']['ratio']:.0f}% of {c['token_spearman']['ceiling']:.2f}), continuation "
+                    f"R^2 {c['continuation_r2']['learned']:.2f} (ceiling {c['continuation_r2']['ceiling']:.2f}); goal "
+                    f"{'met' if all(m['met'] for m in c.values()) else 'NOT met'}")
+        lo, hi = ceil["token_count"].get("continuation_r2_ci", (math.nan, math.nan))
+        out.append("The learned cost model on held-out validation text, against the best simple predictor fitted on the "
+                   "same labels (the ceiling): " + "; ".join(one(v, t) for v, t in fits.items())
+                   + f". Length alone (a constant cost per token) explains continuation R^2 "
+                   f"{ceil['token_count']['continuation_r2']:.2f} [{lo:.2f}, {hi:.2f}] over these "
+                   f"{ceil['token_count']['n_continuations']} held-out continuations.")
+    verified = tables_of(combined, "verified")
+    pairs = [(t, verified.get(k.replace("verified_steered_", "verified_"))) for k, t in verified.items()
+             if t["decoding"] == "verified_steered"]
+    pairs = [(s, u) for s, u in pairs if u]
+    if pairs:
+        fewer = sum(s["labels_per_generation"] < u["labels_per_generation"] for s, u in pairs)
+        better = sum(s["goal"]["hit_ok"] and not u["goal"]["hit_ok"] for s, u in pairs)
+        out.append(f"Steered candidates (learned costs in the sampler): fewer labels per generation than unsteered at the "
+                   f"same N in {fewer} of {len(pairs)} rows; Hit@10 >= 90% on every level where unsteered missed it in "
+                   f"{better} of {len(pairs)}.")
+    return out

@@ -351,9 +351,10 @@ print("\n".join(table1.conclusion(combined, profile_label(cfg)) + table1.cost_mo
 
 # %% [markdown]
 # ## More prompts: the `cpu` profile's committed run
-# `scripts/cpu_budgets.sh` runs the `cpu` profile (smoke's model sizes, a backbone pretrained 150 steps,
-# 160 labelled training texts, 96 validation texts, 16 prompts per level) once on a CPU and commits
-# `results/budgets/cpu-<machine>/`; the rows below are read from there, not recomputed here.
+# `scripts/cpu_budgets.sh` runs the `cpu` profile (smoke's model sizes, its backbone pretrained on all of
+# WikiText-2's training split, more labelled texts and prompts: `python -m metabolic config --profile cpu`)
+# once on a CPU and commits `results/budgets/cpu-<machine>/`; the rows below are read from there, not
+# recomputed here, and the README's results block is written from the same files.
 
 # %%
 # NBVAL_CHECK_OUTPUT

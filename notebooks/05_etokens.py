@@ -143,7 +143,9 @@ fig.show()
 # %% [markdown]
 # ## J per output token against batch size
 #
-# Batching shares each decode step's weight reads across queries, so J/token falls several fold.
+# Batching shares each decode step's weight reads across queries, so J/token is expected to fall with it; the
+# figure shows only the batch sizes this profile measured (`energy.batch_sizes`), and no energy where no
+# counter could be read.
 
 # %%
 fig = ef.batch_size_figure(table, has_energy)

@@ -17,15 +17,25 @@
 # %% [markdown]
 # # 06 · Live budget explorer
 #
-# Ask for a semantic budget (CSC units), watch the text that spends it. Every control regenerates once
-# per committed change: the sliders (budget, temperature, max tokens, verified N) on release, the prompt
-# and seed boxes on Enter; "resample" draws the next seed. The same seed gives the same sample, so moving
-# one control shows that control's effect on the same random draw. Generated
-# tokens are coloured by their learned cost C_vocab (green = cheap, red = dear; hover for the value);
-# the gauge shows the proxy spend as its share of the budget, in CSC (the black mark is 100%). Generation is
-# `generate_with_budget` with steering and the budget stop, the same code notebook 04 evaluates.
-# Budgets outside the range the model was trained on are clamped to it (the status line says so);
-# an empty prompt or one longer than the context shows an error in the widget.
+# Ask for a semantic budget (CSC units), watch the text that spends it. Run All, then move the **budget**
+# slider: the text grows with the budget.
+#
+# - **Modes.** `verified N` = 0 is the **proxy** mode: the learned costs decide, for free. EOS is held back
+#   until the calibrated learned spend reaches the band's lower edge (budget forcing), steering keeps the
+#   pace, and the budget stop ends the text. The shown text is then labelled once, so the gauge shows its
+#   **true CSC**, with the labels and seconds that took. `verified N` >= 1 is the **verified** mode: N
+#   samples, each cut where the exact labeller says the budget is met, the best in-band one shown.
+# - **Gauge.** The bar is what was spent against the budget (the black mark is 100%, the pale green band
+#   ±10%, the Hit@10 band); green inside the band, orange below it, red above it.
+# - **Stop reasons.** the budget, a sentence end within the band, EOS, or the token cap; a warning when EOS
+#   or the cap ended the text before the budget. In verified mode, the outcome (`in band`, `closest`,
+#   `unreachable`: no candidate can reach the budget within the context).
+# - **Colours.** Tokens are coloured by their learned cost or by their labelled CSC (`colour by`); hover
+#   shows both. **low / medium / high** renders the study's three budget levels side by side.
+#
+# Every control regenerates once per committed change (sliders on release, the prompt and seed boxes on
+# Enter); "resample" draws the next seed, and the same seed gives the same sample. Budgets outside the
+# trained range are clamped (the status line says so); bad input shows a one-line error in the widget.
 
 # %% tags=["parameters"]
 profile = "smoke"
@@ -41,31 +51,41 @@ print("profile:", profile_label(cfg))
 # %%
 from metabolic.report.explorer import study_explorer
 
-# The same model, budgets, budget range and budget -> proxy map as notebook 04; "verified N" >= 1
-# labels candidates with the exact CSC labeller.
+# The same model, budgets, budget range and budget -> proxy map as notebook 04; labels by the exact CSC labeller.
 study = study_explorer(cfg, variant)
-explorer, levels, how = study.explorer, list(study.levels.values()), study.calibration_note
+explorer, levels, how = study.explorer, study.levels, study.calibration_note
 low, high = explorer.budget_range
+print(f"explorer: the {variant} model of the {cfg.profile} run; budget levels "
+      + ", ".join(f"{k} {v:.4f}" for k, v in levels.items()) + " CSC")
 
 # %%
 explorer.widget()
 
 # %% [markdown]
-# The same handler without the browser: each budget level, then the bad inputs the widget must survive.
+# The three budget levels side by side (one seed, the proxy mode), as the **low / medium / high** button shows them:
+
+# %%
+from IPython.display import HTML, display
+
+views = explorer.render_levels(cfg.generation.prompts[0], cfg.generation.temperature, explorer.max_new_tokens)
+display(HTML(explorer.levels_html(views)))
+
+# %% [markdown]
+# The same handler without the browser: each budget level in both modes, then the bad inputs the widget must survive.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"variant {variant}; slider range {low:.4f} .. {high:.4f} CSC; levels {[round(t, 4) for t in levels]}; calibration: {how}")
-for name, budget in zip(("low", "medium", "high"), levels):
-    view = explorer.render(cfg.generation.prompts[0], float(budget), cfg.generation.temperature, cfg.generation.max_new_tokens)
-    print(f"{name}: budget {view.budget_csc:.4f}, {view.n_tokens} tokens, spend {view.spent_csc:.4f} CSC (its share of the budget)")
+print(f"variant {variant}; slider range {low:.4f} .. {high:.4f} CSC; calibration: {how}")
+for name, view in views.items():
+    print(f"proxy, {name}: {view.n_tokens} tokens, true CSC {view.true_csc:.4f} of {view.budget_csc:.4f}, "
+          f"stopped by {view.stopped_by}{'; ' + view.warning if view.warning else ''}: {view.text_html.count('<span title')} "
+          "tokens coloured")
 for label, args in {"empty prompt": ("", 1.0, 1.0, 8), "budget 0": ("Hi", 0.0, 1.0, 8), "budget NaN": ("Hi", float("nan"), 1.0, 8),
                     "prompt beyond the context": ("word " * 2000, 1.0, 1.0, 8)}.items():
     print(f"{label}: {explorer.render(*args).error[:90]}")
 print(f"far above the range: {explorer.render('Hi', high * 100, 1.0, 8).status.split('; ')[-1]}")
-for name, budget in zip(("low", "medium", "high"), levels):
-    view = explorer.render(cfg.generation.prompts[0], float(budget), cfg.generation.temperature,
-                           cfg.generation.verified_max_new_tokens, candidates=4)
+for name, view in explorer.render_levels(cfg.generation.prompts[0], cfg.generation.temperature,
+                                         cfg.generation.verified_max_new_tokens, candidates=4).items():
     print(f"verified N=4, {name}: " + view.status.rsplit("; ", 1)[0])
 
 # %% [markdown]
@@ -73,7 +93,13 @@ for name, budget in zip(("low", "medium", "high"), levels):
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"On the {profile_label(cfg)}: the explorer's handler regenerated for each budget level and turned every bad input "
-      f"above into a one-line error in the widget instead of an exception. That the widget regenerates in a real browser "
-      f"when the budget, temperature, max tokens, seed or prompt change is checked by tests/test_explorer_browser.py "
-      f"(JupyterLab in headless Chromium).")
+from metabolic.core.budget import in_band
+
+tokens = [v.n_tokens for v in views.values()]
+rising = all(a < b for a, b in zip(tokens, tokens[1:]))
+hits = sum(bool(in_band(v.true_csc, v.budget_csc, cfg.generation.verified_band)) for v in views.values())
+print(f"On the {profile_label(cfg)}, proxy mode, one seed: {tokens} tokens from low to high budget "
+      f"({'rising' if rising else 'NOT strictly rising'}); {sum(v.warning is not None for v in views.values())} of "
+      f"{len(views)} texts ended by EOS or the cap before the budget; {hits} of {len(views)} in the ±10% band of true CSC. "
+      "Every bad input above became a one-line error in the widget instead of an exception; "
+      "tests/test_explorer_browser.py drives the widget in JupyterLab in headless Chromium.")

@@ -111,10 +111,10 @@ def test_verified_n_switches_to_the_verified_controller(tokenizer, assets_dir):
                               calibration=ProxyCalibration(0.1, 1.0), max_new_tokens=8, labeller=labeller, rate_hint=0.02)
     explorer.widget()
     ws, renders = explorer._widgets, explorer.renders
-    assert not ws["candidates"].disabled and "true CSC" not in explorer.last.status
+    assert not ws["candidates"].disabled and "candidate" not in explorer.last.status
     ws["candidates"].value = 2
     assert explorer.renders == renders + 1 and explorer.last.error is None
-    assert "true CSC" in explorer.last.status and "of 2, stop at" in explorer.last.status
+    assert "true CSC" in explorer.last.status and "of 2, stopped at" in explorer.last.status
     assert math.isfinite(explorer.last.spent_csc) and explorer.last.budget_csc == ws["budget"].value
 
 
@@ -127,3 +127,59 @@ def test_spend_reads_as_its_share_of_the_budget_never_below_zero(share, budget_p
 
 def test_spend_under_an_unlimited_or_empty_budget_is_nan():
     assert math.isnan(spent_in_csc(0.1, math.inf, math.inf)) and math.isnan(spent_in_csc(0.1, 0.0, 0.5))
+
+
+@pytest.fixture(scope="module")
+def labelled(tokenizer, assets_dir):
+    """An explorer with a labeller and three budget levels (the study's setting, on a tiny model)."""
+    from metabolic.core.assets import load_encoder
+    from metabolic.csc.labeller import CSCLabeller
+
+    labeller = CSCLabeller(load_encoder("sentence-transformers/all-MiniLM-L6-v2").value, tokenizer, batch_size=64)
+    costs = token_costs(len(tokenizer))
+    explorer = BudgetExplorer(tiny_gpt2(tokenizer, n_positions=64), tokenizer, (0.5, 4.0), token_costs=costs,
+                              calibration=ProxyCalibration(0.0, 1.0), labeller=labeller, rate_hint=0.02,
+                              proxy_rate=float(costs.mean()), levels={"low": 1.0, "medium": 2.0, "high": 3.0})
+    return explorer, labeller
+
+
+def test_proxy_mode_shows_the_labellers_true_csc(labelled):
+    explorer, labeller = labelled
+    view = explorer.render("The history of the city", 2.0, 1.0, 40)
+    assert view.error is None and view.n_tokens == len(view.generated_ids) > 0
+    truth = labeller.label_generated([list(view.prompt_ids)], [list(view.generated_ids)])[0].astype("float64").sum()
+    assert view.true_csc == pytest.approx(truth, abs=1e-6) and view.spent_csc == view.true_csc
+    assert view.labels == view.n_tokens + 1  # the text and one counterfactual per generated token
+    assert "CSC (true)" in view.gauge_html and f"true CSC {view.true_csc:.3f} of 2.000" in view.status
+    assert view.stopped_by in ("budget", "sentence", "eos", "max_new_tokens")
+    assert view.text_html.count("; CSC ") == view.n_tokens  # hover shows the learned cost and the CSC
+    again = explorer.render("The history of the city", 2.0, 1.0, 40)
+    assert again.generated_ids == view.generated_ids and again.labels == 0  # the same text is not labelled twice
+
+
+def test_levels_side_by_side_grow_with_the_budget(labelled):
+    explorer, _ = labelled
+    views = explorer.render_levels("The history of the city", 1.0, 56, seed=3)
+    tokens = [v.n_tokens for v in views.values()]
+    assert list(views) == ["low", "medium", "high"] and tokens[0] < tokens[1] < tokens[2], tokens
+    # budget forcing: no text ends by EOS before the calibrated spend reaches the band's lower edge
+    assert all(v.warning is None or "cap" in v.warning for v in views.values()), [v.status for v in views.values()]
+    page = explorer.levels_html(views)
+    assert page.count("<b>") == 3 and all(f"{n} tokens)" in page for n in tokens)
+    verified = explorer.render_levels("The history of the city", 1.0, 56, candidates=4, seed=3)
+    assert all(v.error is None and v.stopped_by in ("in band", "closest below", "closest above", "unreachable below",
+                                                     "unreachable above") for v in verified.values())
+
+
+def test_colour_by_csc_colours_by_the_labels(labelled):
+    explorer, _ = labelled
+    explorer.colour_by = "csc"
+    try:
+        by_csc = explorer.render("The history of the city", 2.0, 1.0, 40)
+    finally:
+        explorer.colour_by = "learned"
+    by_cost = explorer.render("The history of the city", 2.0, 1.0, 40)
+    assert by_csc.generated_ids == by_cost.generated_ids and by_csc.text_html != by_cost.text_html
+    with pytest.raises(ValueError, match="colour_by"):
+        BudgetExplorer(explorer.model, explorer.tokenizer, (0.5, 4.0), token_costs=explorer.token_costs,
+                       calibration=explorer.calibration, colour_by="rainbow")

@@ -76,7 +76,7 @@ class Page:
 
     def state(self) -> dict[str, object]:
         status = self.page.locator(".metabolic-status").inner_text()
-        match = re.search(r"seed (-?\d+): (\d+) tokens, spent ([\d.]+) of ([\d.]+) CSC", status)
+        match = re.search(r"seed (-?\d+): (\d+) tokens, true CSC ([\d.]+) of ([\d.]+)", status)
         assert match, f"unexpected status line: {status!r}"
         return {"text": self.page.locator(".metabolic-output").inner_text(), "gauge": self.page.locator(".metabolic-gauge").inner_text(),
                 "seed": int(match[1]), "tokens": int(match[2]), "spent": float(match[3]), "budget": float(match[4]),
@@ -160,12 +160,19 @@ def test_every_control_regenerates_the_text_in_jupyterlab(tmp_path):
             labels = page.evaluate("() => [...document.querySelectorAll('[class*=metabolic-] .widget-label')]"
                                    ".filter(l => l.textContent).map(l => [l.textContent, l.scrollWidth <= l.clientWidth])")
             assert sorted(labels) == sorted([name, True] for name in ("prompt", "budget (CSC)", "temperature", "max tokens",
-                                                                       "verified N", "seed")), f"labels cut off or missing: {labels}"
+                                                                       "verified N", "seed", "colour by")), \
+                f"labels cut off or missing: {labels}"
 
-            # budget, dragged to the top of its range: the smoke model, conditioned on a small budget,
-            # mostly ends at once (EOS); near the top it writes sentences.
+            # budget, dragged to the top of its range: budget forcing holds EOS back, so the text grows with it
             top = ui.drag_slider("budget", 1.0)
-            assert top["budget"] > first["budget"], (first["status"], top["status"])
+            assert top["budget"] > first["budget"] and top["tokens"] > first["tokens"], (first["status"], top["status"])
+
+            # low / medium / high side by side: three texts, longer with each level
+            page.locator("button.metabolic-compare").click()
+            page.wait_for_selector(".metabolic-levels-view", timeout=STEP_S * 1000)
+            columns = page.locator(".metabolic-levels-view > div").all_inner_texts()
+            lengths = [int(re.search(r"(\d+) tokens\)", c)[1]) for c in columns]
+            assert len(columns) == 3 and lengths[0] < lengths[1] < lengths[2], columns
 
             # "resample": the next seed on each click, until a sample is long enough to be cut short.
             state = top
@@ -215,6 +222,7 @@ def test_every_control_regenerates_the_text_in_jupyterlab(tmp_path):
             low = ui.drag_slider("budget", 0.0)
             _changed(prompt, low, "budget")
             assert low["budget"] < prompt["budget"] and low["spent"] < prompt["spent"], (prompt["status"], low["status"])
+            assert low["tokens"] < prompt["tokens"], (prompt["status"], low["status"])
 
             browser.close()
     finally:

@@ -1,8 +1,15 @@
 """The live budget explorer (notebook 06): sliders for the budget, temperature, max tokens and the number
 of verified candidates N, a seed box with a "resample" button, a prompt box, the generation with every
-token coloured by its cost, and a gauge of spent vs budget. Each render is seeded by the seed control,
-so moving any other control shows its effect on the same random draw. N = 0 runs steered generation (the learned proxy, calibrated
-spend); N >= 1 runs the verified controller (`metabolic.generate.verified`: the true CSC, labelled).
+token coloured by its cost, and a gauge of what was spent against the budget. Each render is seeded by
+the seed control, so moving any other control shows its effect on the same random draw.
+
+Two modes. N = 0, **proxy**: budget-forced, steered generation on the learned costs (EOS held back until
+the calibrated spend reaches the band's lower edge, then the budget stop), free of labels; when the
+explorer has a labeller the shown text is then labelled once, so the gauge shows its *true* CSC (with
+the labels and seconds that cost), never the proxy's share dressed as CSC. N >= 1, **verified**: the
+verified controller (`metabolic.generate.verified`), exact by construction. Tokens are coloured by the
+learned cost or by their labelled CSC (`colour_by`); hovering shows both. `render_levels` renders the
+study's low / medium / high budgets side by side for one seed.
 
 The logic is plain Python, testable without a browser: `BudgetExplorer.render(...)` returns an
 `ExplorerView` (HTML strings and numbers) and `BudgetExplorer.refresh()` is the handler every widget
@@ -23,9 +30,9 @@ import torch
 
 from metabolic.core.budget import ProxyCalibration, in_band
 from metabolic.core.config import StudyConfig
-from metabolic.evaluate.budgets import decoding_calibration
+from metabolic.evaluate.budgets import decoding_calibration, proxy_rate
 from metabolic.generate.budgeted import Generation, generate_with_budget, is_metabolic, model_token_costs
-from metabolic.generate.verified import generate_verified
+from metabolic.generate.verified import PrefixLabeller, generate_verified
 from metabolic.pipeline import stages
 
 log = logging.getLogger(__name__)
@@ -38,10 +45,23 @@ class ExplorerView:
     text_html: str  # prompt (grey) + generated tokens coloured by cost
     gauge_html: str  # spent vs budget bar
     status: str  # one line: tokens, spend, why it stopped, time; or the error
-    spent_csc: float  # calibrated spend (CSC units); NaN on error
+    spent_csc: float  # the true CSC of the shown text when labelled, else the proxy's share of the budget; NaN on error
     budget_csc: float  # the budget used (after clamping); NaN on error
     n_tokens: int
     error: str | None = None
+    true_csc: float = math.nan  # the labeller's total for the shown text (NaN: not labelled)
+    stopped_by: str = ""  # budget, sentence, eos, max_new_tokens (proxy); the verified outcome (verified)
+    warning: str | None = None  # e.g. the text ended by EOS or the cap before the budget
+    labels: int = 0  # encoder texts labelled for this view
+    label_seconds: float = 0.0
+    prompt_ids: tuple[int, ...] = ()
+    generated_ids: tuple[int, ...] = ()
+
+
+# What each stop reason means to a reader (proxy mode) and each stop kind of the verified controller.
+STOP_WORDS = {"budget": "the budget", "sentence": "a sentence end within the band", "eos": "EOS",
+              "max_new_tokens": "the token cap"}
+STOP_KINDS = {"sentence": "a sentence end", "word": "a word end", "end": "the candidate's last token"}
 
 
 def cost_colour(cost: float, low: float, high: float) -> str:
@@ -55,12 +75,18 @@ def cost_colour(cost: float, low: float, high: float) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
-def tokens_html(prompt: str, tokens: list[str], costs: list[float], low: float, high: float) -> str:
-    """The prompt in grey, then one span per generated token, coloured by cost, its cost as a tooltip."""
+def tokens_html(prompt: str, tokens: list[str], costs: list[float], low: float, high: float,
+                csc: list[float] | None = None, colour_by: str = "learned", csc_high: float | None = None) -> str:
+    """The prompt in grey, then one span per generated token coloured by its learned cost (or, with
+    `colour_by="csc"` and labels, by its CSC on a 0..`csc_high` scale), both values in its tooltip."""
     parts = [f'<span style="color:#888">{html.escape(prompt)}</span>']
-    for tok, c in zip(tokens, costs):
+    by_csc = colour_by == "csc" and csc is not None
+    top = csc_high if csc_high is not None else (max(csc) if csc else 1.0)
+    for i, (tok, c) in enumerate(zip(tokens, costs)):
+        title = f"cost {c:.4f}" + (f"; CSC {csc[i]:.4f}" if csc is not None else "")
+        colour = cost_colour(csc[i], 0.0, top) if by_csc else cost_colour(c, low, high)
         parts.append(
-            f'<span title="cost {c:.4f}" style="background:{cost_colour(c, low, high)};'
+            f'<span title="{title}" style="background:{colour};'
             f'border-radius:3px;padding:0 1px">{html.escape(tok)}</span>'
         )
     return '<div style="font-family:monospace;white-space:pre-wrap;line-height:1.7">' + "".join(parts) + "</div>"
@@ -81,19 +107,31 @@ def spent_in_csc(spent_proxy: float, budget_proxy: float, budget_csc: float) -> 
     return budget_csc * spent_proxy / budget_proxy
 
 
-def gauge_html(spent: float, budget: float, band: float = 0.10) -> str:
+def gauge_html(spent: float, budget: float, band: float = 0.10, what: str = "CSC") -> str:
     """A horizontal bar: spent as a fraction of the budget, green within `band` of it (the Hit@10 band,
-    `metabolic.core.budget.in_band`), orange below, red above (overspend shown beyond 100%)."""
+    `metabolic.core.budget.in_band`), orange below, red above (overspend shown beyond 100%); the band is
+    shaded around the black 100% mark. `what` names what was spent (true CSC, or the proxy's share)."""
     valid = budget > 0 and math.isfinite(budget) and math.isfinite(spent)
     frac = spent / budget if valid else 0.0
     width = max(0.0, min(frac, 1.5)) / 1.5 * 100
-    colour = "#3a7" if valid and in_band(spent, budget, band) else ("#e93" if frac < 1 else "#d33")
+    inside = bool(valid and in_band(spent, budget, band))
+    colour = "#3a7" if inside else ("#e93" if frac < 1 else "#d33")
+    verdict = "in band" if inside else ("below the band" if frac < 1 else "above the band")
     return (
         '<div style="width:320px;border:1px solid #999;height:16px;position:relative">'
-        f'<div style="width:{width:.1f}%;height:100%;background:{colour}"></div>'
+        f'<div style="position:absolute;left:{100 * (1 - band) / 1.5:.1f}%;width:{100 * 2 * band / 1.5:.1f}%;height:100%;'
+        'background:#cfe8d6"></div>'
+        f'<div style="position:absolute;width:{width:.1f}%;height:100%;background:{colour};opacity:0.85"></div>'
         f'<div style="position:absolute;left:{100 / 1.5:.1f}%;top:-2px;height:20px;border-left:2px solid #000"></div>'
-        f'</div><div style="font-size:12px">spent {spent:.3f} of {budget:.3f} CSC ({100 * frac:.0f}%)</div>'
+        f'</div><div style="font-size:12px">spent {spent:.3f} of {budget:.3f} {what} ({100 * frac:.0f}%): {verdict} '
+        f'(±{100 * band:.0f}%: {budget * (1 - band):.3f} .. {budget * (1 + band):.3f})</div>'
     )
+
+
+def _first_line(exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    log.info("explorer input rejected: %s", first)
+    return first
 
 
 def error_view(message: str) -> ExplorerView:
@@ -109,15 +147,21 @@ class BudgetExplorer:
         model: a MetabolicGPT2 (its C_vocab and calibration are used) or a plain LM with `token_costs`
             and `calibration` given.
         budget_range: (low, high) CSC budgets the slider spans (the trained range); others are clamped.
-        labeller: a `CSCLabeller`, needed for the verified mode (`candidates >= 1`); `rate_hint` places
-            its first probe (CSC per generated token).
+        labeller: a `CSCLabeller`, needed for the verified mode (`candidates >= 1`) and for the true CSC of
+            proxy-mode texts; `rate_hint` places the verified search's first probe (CSC per generated token).
+        max_new_tokens: the token cap (default: what the context leaves after a short prompt); budget forcing
+            and the budget stop decide where a text ends below it.
+        proxy_rate: mean learned cost per generated token: paces steering over the tokens the budget needs.
+        levels: the study's budget levels (name -> CSC), rendered side by side by `render_levels`.
+        colour_by: "learned" (C_vocab) or "csc" (the labelled CSC of each token, when labelled).
     """
 
     def __init__(self, model, tokenizer, budget_range: tuple[float, float], *, token_costs: Any = None,
                  calibration: ProxyCalibration | None = None, prompt: str = "The future of artificial intelligence",
-                 budget: float | None = None, temperature: float = 1.0, max_new_tokens: int = 48, top_k: int = 50,
-                 steer: bool = True, seed: int = 0, labeller=None, candidates: int = 0,
-                 rate_hint: float | None = None) -> None:
+                 budget: float | None = None, temperature: float = 1.0, max_new_tokens: int | None = None,
+                 top_k: int = 50, steer: bool = True, seed: int = 0, labeller=None, candidates: int = 0,
+                 rate_hint: float | None = None, proxy_rate: float | None = None,
+                 levels: dict[str, float] | None = None, colour_by: str = "learned", band: float = 0.10) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.token_costs = torch.as_tensor(token_costs, dtype=torch.float32) if token_costs is not None else model_token_costs(model)
@@ -129,13 +173,20 @@ class BudgetExplorer:
         self.prompt = prompt
         self.budget = float(budget) if budget is not None else (lo + hi) / 2
         self.temperature = float(temperature)
-        self.max_new_tokens = int(max_new_tokens)
+        self.max_new_tokens = int(max_new_tokens) if max_new_tokens is not None else self._max_tokens_limit()
         self.top_k = top_k
         self.steer = steer
         self.seed = seed
         self.labeller = labeller
         self.candidates = int(candidates)
         self.rate_hint = rate_hint
+        self.proxy_rate = proxy_rate
+        self.levels = dict(levels or {})
+        if colour_by not in ("learned", "csc"):
+            raise ValueError(f"colour_by={colour_by!r} is invalid: choose 'learned' or 'csc'")
+        self.colour_by = colour_by
+        self.band = float(band)
+        self._prefixes = PrefixLabeller(labeller) if labeller is not None else None  # one memo: a re-render labels nothing
         # Colour scale: the 5% and 95% quantiles of C_vocab, so typical tokens span the palette.
         q = torch.quantile(self.token_costs.double(), torch.tensor([0.05, 0.95], dtype=torch.float64))
         self.colour_low, self.colour_high = float(q[0]), float(q[1])
@@ -159,27 +210,57 @@ class BudgetExplorer:
             gens: list[Generation] = generate_with_budget(
                 self.model, self.tokenizer, [prompt], float(budget), token_costs=self.token_costs,
                 calibration=self.calibration, max_new_tokens=int(max_new_tokens), steer=self.steer, stop=True,
-                do_sample=True, temperature=float(temperature), top_k=self.top_k, seed=seed,
-                budget_range=self.budget_range,
+                force=True, band=self.band, proxy_rate=self.proxy_rate, do_sample=True, temperature=float(temperature),
+                top_k=self.top_k, seed=seed, budget_range=self.budget_range,
             )
         except Exception as exc:  # noqa: BLE001 - the widget shows every failure as one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            log.info("explorer input rejected: %s", first)
-            return error_view(first)
+            return error_view(_first_line(exc))
         g = gens[0]
+        generated = time.perf_counter() - t0
         costs = self.token_costs[g.generated_ids].tolist() if g.generated_ids else []
         pieces = [self.tokenizer.decode([t]) for t in g.generated_ids]
-        spent_csc = spent_in_csc(g.spent_proxy, g.budget_proxy, g.budget_csc) if g.generated_ids else 0.0
-        elapsed = time.perf_counter() - t0
-        status = (f"seed {seed}: {len(pieces)} tokens, spent {spent_csc:.3f} of {g.budget_csc:.3f} CSC "
-                  f"(proxy {g.spent_proxy:.3f} of {g.budget_proxy:.3f}); stopped by {g.stopped_by}; {elapsed:.2f} s")
+        share = spent_in_csc(g.spent_proxy, g.budget_proxy, g.budget_csc) if g.generated_ids else 0.0
+        per_token, true_csc, labels, label_s = self._label(g.prompt_ids, g.generated_ids)
+        measured = math.isfinite(true_csc)
+        spent = true_csc if measured else share
+        inside = measured and bool(in_band(true_csc, g.budget_csc, self.band))
+        warning = None
+        if g.stopped_by in ("eos", "max_new_tokens") and not inside and (not measured or true_csc < g.budget_csc):
+            warning = f"{STOP_WORDS[g.stopped_by]} ended the text before the budget was spent"
+        measure = (f"true CSC {true_csc:.3f} of {g.budget_csc:.3f} ({'in band' if inside else 'outside the band'}; "
+                   f"{labels} labels, {label_s:.2f} s)" if measured else f"budget {g.budget_csc:.3f} CSC (not labelled)")
+        status = (f"seed {seed}: {len(pieces)} tokens, {measure}; learned spend {g.spent_proxy:.4f} of "
+                  f"{g.budget_proxy:.4f} proxy units; stopped by {STOP_WORDS.get(g.stopped_by, g.stopped_by)}; "
+                  f"{generated:.2f} s to generate")
+        if warning:
+            status += f"; warning: {warning}"
         if g.budget_csc != g.budget_requested_csc:
             status += f"; budget {g.budget_requested_csc:g} clamped to the trained range"
+        gauge = gauge_html(spent, g.budget_csc, self.band, "CSC (true)" if measured else "CSC (the learned spend's share)")
         return ExplorerView(
-            text_html=tokens_html(prompt, pieces, costs, self.colour_low, self.colour_high),
-            gauge_html=gauge_html(spent_csc, g.budget_csc), status=status, spent_csc=spent_csc,
-            budget_csc=g.budget_csc, n_tokens=len(pieces),
+            text_html=self._tokens(prompt, pieces, costs, per_token, g.budget_csc), gauge_html=gauge, status=status,
+            spent_csc=spent, budget_csc=g.budget_csc, n_tokens=len(pieces), true_csc=true_csc, stopped_by=g.stopped_by,
+            warning=warning, labels=labels, label_seconds=label_s, prompt_ids=tuple(g.prompt_ids),
+            generated_ids=tuple(g.generated_ids),
         )
+
+    def _label(self, prompt_ids: list[int], generated_ids: list[int]) -> tuple[list[float] | None, float, int, float]:
+        """(per-token CSC, total, encoder texts, seconds) of a shown text; (None, NaN, 0, 0) without a labeller."""
+        if self._prefixes is None:
+            return None, math.nan, 0, 0.0
+        if not generated_ids:
+            return [], 0.0, 0, 0.0
+        t0 = time.perf_counter()
+        (lab,), (spent,) = self._prefixes.labels([(prompt_ids, generated_ids)])
+        values = [float(v) for v in lab]
+        total = float(sum(values)) if all(math.isfinite(v) for v in values) else math.nan
+        return values, total, spent, time.perf_counter() - t0
+
+    def _tokens(self, prompt: str, pieces: list[str], costs: list[float], per_token: list[float] | None,
+                budget: float) -> str:
+        # CSC colours run from 0 to twice the budget's average per token, so an even spend sits mid-scale
+        top = 2 * budget / max(len(pieces), 1)
+        return tokens_html(prompt, pieces, costs, self.colour_low, self.colour_high, per_token, self.colour_by, top)
 
     def _render_verified(self, prompt: str, budget: float, temperature: float, max_new_tokens: int, candidates: int,
                          seed: int) -> ExplorerView:
@@ -189,21 +270,37 @@ class BudgetExplorer:
                 raise ValueError("the verified mode needs a labeller: BudgetExplorer(..., labeller=stages.csc_labeller(cfg))")
             (g,) = generate_verified(self.model, self.tokenizer, self.labeller, [prompt], float(budget),
                                      n_candidates=candidates, max_new_tokens=int(max_new_tokens),
-                                     temperature=float(temperature), top_k=self.top_k, seed=seed, rate_hint=self.rate_hint)
+                                     temperature=float(temperature), top_k=self.top_k, seed=seed, rate_hint=self.rate_hint,
+                                     band=self.band, prefixes=self._prefixes)
         except Exception as exc:  # noqa: BLE001 - the widget shows every failure as one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            log.info("explorer input rejected: %s", first)
-            return error_view(first)
+            return error_view(_first_line(exc))
         costs = self.token_costs[g.generated_ids].tolist() if g.generated_ids else []
         pieces = [self.tokenizer.decode([t]) for t in g.generated_ids]
+        per_token, _, _, _ = self._label(g.prompt_ids, g.generated_ids)  # from the memo: the search labelled it
         status = (f"seed {seed}: {len(pieces)} tokens, true CSC {g.achieved_csc:.3f} of {g.budget_csc:.3f} ({g.status}); "
-                  f"candidate {g.candidate + 1} of {candidates}, stop at a {g.stop_kind} end, "
+                  f"candidate {g.candidate + 1} of {candidates}, stopped at {STOP_KINDS.get(g.stop_kind, g.stop_kind)}, "
                   f"{g.labels} labels; {time.perf_counter() - t0:.2f} s")
         return ExplorerView(
-            text_html=tokens_html(prompt, pieces, costs, self.colour_low, self.colour_high),
-            gauge_html=gauge_html(g.achieved_csc, g.budget_csc), status=status, spent_csc=g.achieved_csc,
-            budget_csc=g.budget_csc, n_tokens=len(pieces),
+            text_html=self._tokens(prompt, pieces, costs, per_token, g.budget_csc),
+            gauge_html=gauge_html(g.achieved_csc, g.budget_csc, self.band, "CSC (true)"), status=status,
+            spent_csc=g.achieved_csc, budget_csc=g.budget_csc, n_tokens=len(pieces), true_csc=g.achieved_csc,
+            stopped_by=g.status, labels=g.labels, prompt_ids=tuple(g.prompt_ids), generated_ids=tuple(g.generated_ids),
         )
+
+    def render_levels(self, prompt: str, temperature: float, max_new_tokens: int, *, candidates: int | None = None,
+                      seed: int | None = None) -> dict[str, ExplorerView]:
+        """One view per budget level of the study (`levels`), same prompt, seed and mode."""
+        return {name: self.render(prompt, budget, temperature, max_new_tokens, candidates=candidates, seed=seed)
+                for name, budget in self.levels.items()}
+
+    def levels_html(self, views: dict[str, ExplorerView]) -> str:
+        """The level views side by side: budget, text, gauge and status of each."""
+        columns = "".join(
+            f'<div style="flex:1;min-width:0;border:1px solid #ddd;padding:4px">'
+            f"<b>{html.escape(name)}</b> (budget {v.budget_csc:.3f} CSC, {v.n_tokens} tokens)"
+            f"{v.text_html}{v.gauge_html}<div style='font-size:11px;color:#555'>{html.escape(v.status)}</div></div>"
+            for name, v in views.items())
+        return f'<div class="metabolic-levels-view" style="display:flex;gap:6px">{columns}</div>'
 
     # --- widgets -------------------------------------------------------------------------------
 
@@ -238,20 +335,36 @@ class BudgetExplorer:
             "seed": w.IntText(value=self.seed, description="seed", continuous_update=False, style=style,
                               layout=w.Layout(width="230px")),
         }
+        controls["colour_by"] = w.Dropdown(options=[("learned cost", "learned"), ("true CSC (labelled)", "csc")],
+                                           value=self.colour_by, description="colour by", style=style,
+                                           disabled=self.labeller is None, layout=w.Layout(width="300px"))
         resample = w.Button(description="resample", tooltip="next seed: a new sample with the same settings",
                             layout=w.Layout(width="120px"))
         resample.on_click(self._on_resample)
-        gauge, output, status = w.HTML(), w.HTML(), w.HTML()
-        for name, widget in {**controls, "resample": resample, "gauge": gauge, "output": output, "status": status}.items():
+        compare = w.Button(description="low / medium / high", tooltip="the study's three budget levels side by side",
+                           disabled=not self.levels, layout=w.Layout(width="180px"))
+        compare.on_click(self._on_compare)
+        gauge, output, status, levels_view = w.HTML(), w.HTML(), w.HTML(), w.HTML()
+        parts = {**controls, "resample": resample, "compare": compare, "gauge": gauge, "output": output,
+                 "status": status, "levels": levels_view}
+        for name, widget in parts.items():
             widget.add_class(f"metabolic-{name}")
-        self._widgets = {**controls, "resample": resample, "gauge": gauge, "output": output, "status": status}
+        self._widgets = parts
         for control in controls.values():
             control.observe(self._on_change, names="value")
         self.refresh()
         row = w.Layout(width="100%")
         return w.VBox([controls["prompt"], w.HBox([controls["budget"], controls["temperature"]], layout=row),
                        w.HBox([controls["max_new_tokens"], controls["candidates"]], layout=row),
-                       w.HBox([controls["seed"], resample]), gauge, output, status], layout=w.Layout(width="100%", max_width="1000px"))
+                       w.HBox([controls["seed"], resample, controls["colour_by"], compare]), gauge, output, status,
+                       levels_view], layout=w.Layout(width="100%", max_width="1000px"))
+
+    def _on_compare(self, _button) -> None:
+        ws = self._widgets
+        ws["levels"].value = '<span style="font-size:12px">generating the three levels…</span>'
+        views = self.render_levels(ws["prompt"].value, ws["temperature"].value, ws["max_new_tokens"].value,
+                                   candidates=ws["candidates"].value, seed=ws["seed"].value)
+        ws["levels"].value = self.levels_html(views)
 
     def _on_resample(self, _button) -> None:
         self._widgets["seed"].value = int(self._widgets["seed"].value) + 1  # observed: regenerates once
@@ -274,6 +387,10 @@ class BudgetExplorer:
             self.max_new_tokens = ws["max_new_tokens"].value
             self.candidates = ws["candidates"].value
             self.seed = ws["seed"].value
+            self.colour_by = ws["colour_by"].value
+            # a busy sign while it works (the verified mode labels for seconds)
+            mode = f"verified N={self.candidates}: sampling and labelling" if self.candidates else "generating"
+            ws["status"].value = f'<span style="font-size:12px;color:#777">{mode}…</span>'
         view = self.render(self.prompt, self.budget, self.temperature, self.max_new_tokens)
         self.renders += 1
         self.last = view
@@ -306,9 +423,10 @@ def study_explorer(cfg: StudyConfig, variant: str = "expected-cost") -> StudyExp
     budgets = list(levels.budgets.values())
     calibration, how = decoding_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
                                           budgets)
-    _, rate_hints = stages.verified_targets(csc, cfg, levels.budgets)
+    _, rate_hints = stages.verified_targets(csc, cfg, levels.budgets, (cfg.csc.scale,))
     explorer = BudgetExplorer(model, tokenizer, levels.budget_range, calibration=calibration, prompt=g.prompts[0],
-                              budget=budgets[len(budgets) // 2], temperature=g.temperature, max_new_tokens=g.max_new_tokens,
-                              top_k=g.top_k, seed=g.seed, labeller=stages.csc_labeller(cfg),
-                              rate_hint=rate_hints.get(cfg.csc.scale))
+                              budget=budgets[len(budgets) // 2], temperature=g.temperature, top_k=g.top_k, seed=g.seed,
+                              labeller=stages.csc_labeller(cfg), rate_hint=rate_hints[cfg.csc.scale],
+                              proxy_rate=proxy_rate(model, g, csc.train_ids, csc.train_csc), levels=levels.budgets,
+                              band=g.verified_band)
     return StudyExplorer(explorer, dict(levels.budgets), how)

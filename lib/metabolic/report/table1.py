@@ -199,12 +199,14 @@ def cost_model_conclusion(combined: dict[str, Any]) -> list[str]:
                     f"({100 * c['token_spearman']['ratio']:.0f}% of {c['token_spearman']['ceiling']:.2f}), continuation "
                     f"R^2 {c['continuation_r2']['learned']:.2f} (ceiling {c['continuation_r2']['ceiling']:.2f}); goal "
                     f"{'met' if all(m['met'] for m in c.values()) else 'NOT met'}")
-        lo, hi = ceil["token_count"].get("continuation_r2_ci", (math.nan, math.nan))
-        out.append("The learned cost model on held-out validation text, against the best simple predictor fitted on the "
-                   "same labels (the ceiling): " + "; ".join(one(v, t) for v, t in fits.items())
-                   + f". Length alone (a constant cost per token) explains continuation R^2 "
-                   f"{ceil['token_count']['continuation_r2']:.2f} [{lo:.2f}, {hi:.2f}] over these "
-                   f"{ceil['token_count']['n_continuations']} held-out continuations.")
+        line = ("The learned cost model on held-out validation text, against the best simple predictor fitted on the "
+                "same labels (the ceiling): " + "; ".join(one(v, t) for v, t in fits.items()) + ".")
+        if "token_count" in ceil:  # runs before the length-only reference have none
+            lo, hi = ceil["token_count"].get("continuation_r2_ci", (math.nan, math.nan))
+            line += (f" Length alone (a constant cost per token) explains continuation R^2 "
+                     f"{ceil['token_count']['continuation_r2']:.2f} [{lo:.2f}, {hi:.2f}] over these "
+                     f"{ceil['token_count']['n_continuations']} held-out continuations.")
+        out.append(line)
     verified = tables_of(combined, "verified")
     pairs = [(t, verified.get(k.replace("verified_steered_", "verified_"))) for k, t in verified.items()
              if t["decoding"] == "verified_steered"]

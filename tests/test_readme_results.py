@@ -1,0 +1,41 @@
+"""The README's results block is generated from committed result files and kept current (`metabolic.report.readme`)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from metabolic.core.artefacts import read_json
+from metabolic.report import readme
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_results_block_matches_the_committed_results():
+    assert readme.main(["--check", "--root", str(ROOT)]) == 0, "run: python -m metabolic.report.readme"
+
+
+def test_a_changed_result_makes_the_block_stale(tmp_path):
+    (tmp_path / "results" / "budgets").mkdir(parents=True)
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    for folder in (ROOT / "results" / "budgets").glob("cpu-*"):
+        shutil.copytree(folder, tmp_path / "results" / "budgets" / folder.name)
+    assert readme.main(["--check", "--root", str(tmp_path)]) == 0
+    summary = next((tmp_path / "results" / "budgets").glob("cpu-*/summary.json"))
+    text = summary.read_text(encoding="utf-8")
+    data = read_json(summary)
+    summary.write_text(text.replace(f'"elapsed_s": {data["elapsed_s"]}', f'"elapsed_s": {data["elapsed_s"] + 3600}'),
+                       encoding="utf-8")
+    assert readme.main(["--check", "--root", str(tmp_path)]) == 1
+    assert readme.main(["--root", str(tmp_path)]) == 0  # rewrites the block
+    assert readme.main(["--check", "--root", str(tmp_path)]) == 0
+    block = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert f"{(data['elapsed_s'] + 3600) / 60:.0f} min" in block
+
+
+def test_a_readme_without_markers_is_a_clear_error():
+    with pytest.raises(ValueError, match="no results block"):
+        readme.replace_block("# title\n", "block")
+    assert re.search(r"python -m metabolic.report.readme", readme.BEGIN)

@@ -45,7 +45,7 @@ study: $(STAMP)
 # side, the browser tests after them, the other tests spread over both (tests/conftest.py, which also makes
 # the workers' OpenMP threads sleep rather than spin while they wait: 2 workers x the smoke profile's 2
 # pinned threads share 2 cores). On this project's 2-core machine: 577 s of pytest against 770 s in one
-# process (README, Timings). PYTEST_WORKERS=0: one process.
+# process (DEVELOPMENT.md, Timings). PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check lib tests benchmarks scripts notebooks

@@ -54,6 +54,13 @@ def test_saved_html_figures_draw_with_the_network_cut(tmp_path, monkeypatch):
         assert _drawn(page, written["html"], 20_000), "the saved figure drew no plot offline"
         assert page.locator(".js-plotly-plot .bars path").count() == 40  # one bar per bin
         assert not _drawn(page, cdn, 3_000), "the CDN control drew a plot: the network was not cut"
+        assert page.locator("#needs-plotly-js").count() == 0  # beside plotly.min.js: no note
+        # copied alone, without plotly.min.js: no plot, and a note saying what the figure needs
+        alone = tmp_path / "alone" / written["html"].name
+        alone.parent.mkdir()
+        alone.write_text(html, encoding="utf-8")
+        assert not _drawn(page, alone, 3_000)
+        assert "needs plotly.min.js in the same folder" in page.locator("#needs-plotly-js").inner_text()
         browser.close()
 
 

@@ -39,3 +39,19 @@ def test_a_readme_without_markers_is_a_clear_error():
     with pytest.raises(ValueError, match="no results block"):
         readme.replace_block("# title\n", "block")
     assert re.search(r"python -m metabolic.report.readme", readme.BEGIN)
+
+
+def test_the_readme_opens_with_the_two_commands_and_the_explorer():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    first_screen = text[:text.index("## Results")]
+    for needed in ("make study", "make test", "make lab", "06_budget_explorer", "Run All", "unreachable", "Gauge"):
+        assert needed in first_screen, f"the README's first screen lacks {needed!r}"
+    assert len(first_screen.splitlines()) <= 60
+
+
+def test_the_readme_holds_no_internal_history():
+    """Issue numbers, remote-call syntax and paths outside the clone belong in DEVELOPMENT.md, not the README."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert not re.search(r"\bissues? \d+", text, re.IGNORECASE)
+    assert "run(command=" not in text and "../shared" not in text and "carry=" not in text
+    assert (ROOT / "DEVELOPMENT.md").is_file() and "DEVELOPMENT.md" in text

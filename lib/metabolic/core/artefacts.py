@@ -45,6 +45,16 @@ def project_root() -> Path:
     return here
 
 
+def shown(path: Path | str) -> str:
+    """`path` as logs show it: relative to the project root when under it (`data/smoke/backbone`), so stored
+    notebook outputs carry no machine path; else as given."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(project_root().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def run_dir(profile: str) -> Path:
     """`data/<run>/` under the project root (or under $METABOLIC_DATA when set).
 
@@ -240,7 +250,7 @@ def build_artefact(
     description = {**description, "library_version": __version__}
     key = fingerprint(description)
     if not force and is_fresh(folder, key, required):
-        log.info("reusing %s (fingerprint %s)", folder, key[:12])
+        log.info("reusing %s (fingerprint %s)", shown(folder), key[:12])
         shutil.rmtree(_trash_name(folder), ignore_errors=True)  # left by a kill just after a commit
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +282,7 @@ def _build_locked(folder: Path, key: str, description: dict[str, Any], build, co
     """
     _recover_swap(folder)
     if folder.exists():
-        log.warning("%s is %s: rebuilding it", folder, staleness(folder, key, required))
+        log.warning("%s is %s: rebuilding it", shown(folder), staleness(folder, key, required))
     work = folder.with_name(folder.name + ".partial")
     work_key = work / PARTIAL_KEY
     if work.exists() and (not work_key.exists() or work_key.read_text().strip() != key):
@@ -280,7 +290,7 @@ def _build_locked(folder: Path, key: str, description: dict[str, Any], build, co
     done = read_manifest(work)
     finished = done is not None and done.get("fingerprint") == key and content_problem(work, done) is None
     if finished:
-        log.info("adopting %s: it was finished before an interrupted commit", work)
+        log.info("adopting %s: it was finished before an interrupted commit", shown(work))
     else:
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_text(work_key, key)
@@ -313,7 +323,7 @@ def _recover_swap(dst: Path) -> None:
         return
     if not dst.exists() and not (dst.with_name(dst.name + ".partial") / MANIFEST).exists():
         os.replace(trash, dst)
-        log.info("restored %s from an interrupted commit", dst)
+        log.info("restored %s from an interrupted commit", shown(dst))
     else:
         shutil.rmtree(trash, ignore_errors=True)
 

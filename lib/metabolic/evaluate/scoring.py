@@ -168,7 +168,7 @@ class Judge:
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             ids = torch.tensor([list(prompt_ids) + list(generated_ids)], device=device)
-            logp = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1].float(), dim=-1)
             targets = ids[0, 1:]
             start = len(prompt_ids) - 1
             picked = logp[start:].gather(1, targets[start:, None])[:, 0]

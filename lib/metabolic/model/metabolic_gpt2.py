@@ -70,6 +70,7 @@ Public API used by generation (all tensors on the model's device):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -97,6 +98,15 @@ def inverse_softplus(y: torch.Tensor | float) -> torch.Tensor:
     """x with Softplus(x) = y, for y > 0 (stable for small and large y)."""
     y = torch.as_tensor(y, dtype=torch.float64)
     return torch.where(y > 20, y, torch.log(torch.expm1(y)))
+
+
+def _cache_argument() -> str:
+    from transformers import GPT2Model
+
+    return "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
+
+
+CACHE_ARG = _cache_argument()
 
 
 @dataclass(frozen=True)
@@ -368,9 +378,10 @@ class MetabolicGPT2(nn.Module):
             raise DataError(f"input_ids has shape {tuple(input_ids.shape)}: give [batch, T] token ids")
         u, self._layer_bias = self.budget_inputs(budget, input_ids.shape[0])
         try:
-            out = self.backbone.transformer(
-                input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, use_cache=use_cache
-            )
+            # the cache under the name this transformers release takes (`cache` since 5.2x, which warns on
+            # `past_key_values`; the GPU image's 5.17 knows only `past_key_values`), and only when there is one
+            cache = {CACHE_ARG: past_key_values} if past_key_values is not None else {}
+            out = self.backbone.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **cache)
         finally:
             self._layer_bias = None
         h = out.last_hidden_state

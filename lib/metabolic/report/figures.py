@@ -95,6 +95,23 @@ def binned_histogram(values, nbins: int = 80, name: str = "", unit: str = "value
                   hovertemplate=f"%{{customdata[0]:.4g}} .. %{{customdata[1]:.4g}}: %{{y}} {unit}<extra>{name}</extra>")
 
 
+# The HTML loads plotly.min.js from its own folder (one copy per folder, not 3.5 MB per figure): a figure
+# copied alone says what it needs instead of opening blank (the script tag's onerror adds the note).
+MISSING_JS_NOTE = ('<p id="needs-plotly-js" style="font-family:sans-serif;color:#b00">This figure needs '
+                   '<code>plotly.min.js</code> in the same folder (it lies beside every figure in figures/&lt;profile&gt;/): '
+                   'copy both files, or open the PNG.</p>')
+
+
+def _with_missing_js_note(page: str) -> str:
+    """`page` with a note shown when plotly.min.js fails to load (the figure was copied without it)."""
+    import html as html_lib
+    import json
+
+    tag = '<script charset="utf-8" src="plotly.min.js"></script>'
+    handler = html_lib.escape(f"document.body.insertAdjacentHTML('afterbegin', {json.dumps(MISSING_JS_NOTE)})", quote=True)
+    return page.replace(tag, f'<script charset="utf-8" src="plotly.min.js" onerror="{handler}"></script>', 1)
+
+
 def save_figure(fig, cfg: StudyConfig, name: str, notebook: str) -> dict[str, Path]:
     """Write `figures/<profile>/<name>.html` (with `plotly.min.js` beside it) and, if possible, `.png`;
     return the paths written."""
@@ -104,7 +121,7 @@ def save_figure(fig, cfg: StudyConfig, name: str, notebook: str) -> dict[str, Pa
     stamp(fig, cfg, notebook)
     written = {"plotly.js": ship_plotlyjs(folder)}
     html = folder / f"{name}.html"
-    artefacts.atomic_write_text(html, fig.to_html(include_plotlyjs="directory", full_html=True))
+    artefacts.atomic_write_text(html, _with_missing_js_note(fig.to_html(include_plotlyjs="directory", full_html=True)))
     written["html"] = html
     if png_backend_available():
         try:

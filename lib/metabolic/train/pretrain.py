@@ -53,7 +53,7 @@ def evaluate_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
     total, count = 0.0, 0
     for start in range(0, blocks.shape[0], batch_size):
         x = blocks[start : start + batch_size].to(device)
-        logits = model(input_ids=x).logits[:, :-1].float()
+        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
         )
@@ -120,7 +120,8 @@ def pretrain(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
         with resume.autocast(device):
-            loss = model(input_ids=batch, labels=batch).loss
+            # an explicit all-ones mask: the blocks hold <|endoftext|> separators, which GPT-2 also uses as padding
+            loss = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -183,3 +183,21 @@ def test_colour_by_csc_colours_by_the_labels(labelled):
     with pytest.raises(ValueError, match="colour_by"):
         BudgetExplorer(explorer.model, explorer.tokenizer, (0.5, 4.0), token_costs=explorer.token_costs,
                        calibration=explorer.calibration, colour_by="rainbow")
+
+
+@pytest.mark.parametrize("budget_range", [(0.0, 0.0), (float("nan"), 1.0), (2.0, 1.0)])
+def test_a_bad_budget_range_is_a_config_error(tokenizer, budget_range):
+    from metabolic.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="budget_range=.* is invalid: give \\(low, high\\)"):
+        BudgetExplorer(tiny_gpt2(tokenizer), tokenizer, budget_range, token_costs=token_costs(len(tokenizer)),
+                       calibration=ProxyCalibration(0.1, 1.0))
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(seed="x"), "seed='x'"), (dict(candidates=1.5), "candidates=1.5"),
+                                             (dict(temperature=0.0), "temperature=0.0")])
+def test_render_never_raises(explorer, kwargs, message):
+    args = dict(prompt="Hi", budget=1.0, temperature=1.0, max_new_tokens=4)
+    args.update(kwargs)
+    view = explorer.render(**args)
+    assert view.error is not None and message in view.error and view.n_tokens == 0

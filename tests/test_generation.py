@@ -367,3 +367,29 @@ def test_cap_is_sized_from_the_budget_and_reports_reach(model, tokenizer, costs)
         generate_with_budget(model, tokenizer, PROMPTS[:1], 1.0, **kw)
     with pytest.raises(ConfigError, match="band=1.5"):
         generate_with_budget(model, tokenizer, PROMPTS[:1], 1.0, proxy_rate=0.1, band=1.5, **kw)
+
+
+# --- one validator for every generation function -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(temperature=0.0), ConfigError, "temperature=0.0 is invalid: use a number in"),
+    (dict(temperature=-1.0), ConfigError, "temperature=-1.0"),
+    (dict(temperature=math.nan), ConfigError, "temperature=nan"),
+    (dict(temperature=1e-300), ConfigError, "temperature=1e-300"),
+    (dict(temperature=1e300), ConfigError, "temperature=1e"),
+    (dict(top_k=-1), ConfigError, "top_k=-1"),
+    (dict(max_new_tokens=10**9), ConfigError, "not below the model's context of 48 tokens: use at most"),
+    (dict(max_new_tokens=0), ConfigError, "max_new_tokens=0"),
+    (dict(prompts=["The river \ud800 flows"]), DataError, "lone surrogate"),
+])
+@pytest.mark.parametrize("function", ["generate_with_budget", "plain_generate"])
+def test_every_generation_function_checks_its_arguments_the_same_way(model, tokenizer, costs, kwargs, error, match,
+                                                                       function):
+    args = dict(prompts=PROMPTS, max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        if function == "generate_with_budget":
+            generate_with_budget(model, tokenizer, budget_csc=1.0, token_costs=costs, calibration=IDENTITY, **args)
+        else:
+            plain_generate(model, tokenizer, **args)

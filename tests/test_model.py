@@ -114,7 +114,14 @@ def test_calibration_maps_both_ways(backbone_dir):
     cal = model.proxy_calibration()  # the mean of the K pairs: a = 0.2, b = 2
     assert cal.to_csc(1.0) == pytest.approx(0.2 + 2.0)
     assert cal.to_proxy(cal.to_csc(1.5)) == pytest.approx(1.5)
-    model.set_calibration(np.zeros(3), np.zeros(3))
+    # a slope <= 0 cannot map a budget: the ratio map (mean CSC / proxy ratio), as budget_in_proxy per dimension
+    model.set_calibration(np.array([0.5, 0.5, 0.5]), np.array([-0.4, -0.4, -0.4]))
+    model.budget_ratio.copy_(torch.tensor([1.5, 2.0, 2.5], dtype=torch.float64))
+    cal = model.proxy_calibration()
+    assert (cal.a, cal.b) == (0.0, pytest.approx(2.0))
+    budgets = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)
+    assert cal.to_proxy(1.0) == pytest.approx(float(model.budget_in_proxy(budgets).mean()), rel=0.1)
+    model.budget_ratio.zero_()  # no ratio either: nothing can map a budget, said as such
     with pytest.raises(ConfigError, match="slope b=0.0 is invalid"):
         model.proxy_calibration()
 

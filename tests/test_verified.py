@@ -187,6 +187,11 @@ def test_a_budget_out_of_reach_is_reported(model, tokenizer, labeller):
     (dict(prompts=[""]), DataError, "empty"),
     (dict(prompts=[]), DataError, "no prompts"),
     (dict(budget_csc=[0.1, 0.2, 0.3]), ConfigError, "3 budgets for 2 prompts"),
+    (dict(budget_csc="abc"), ConfigError, "budget_csc='abc' is not a number"),
+    (dict(temperature=0.0), ConfigError, "temperature=0.0 is invalid"),
+    (dict(temperature=math.nan), ConfigError, "temperature=nan"),
+    (dict(max_new_tokens=10**9), ConfigError, "not below the model's context"),
+    (dict(prompts=["The river \ud800"]), DataError, "lone surrogate"),
 ])
 def test_bad_input_is_a_clear_error(model, tokenizer, labeller, kwargs, error, match):
     args = dict(prompts=PROMPTS, budget_csc=0.1, n_candidates=2, max_new_tokens=4)

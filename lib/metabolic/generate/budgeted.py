@@ -404,10 +404,34 @@ def _context_size(model) -> int | None:
     return None
 
 
+# Sampling temperatures outside this range overflow or underflow the softmax of float32 scores (1e-300 and
+# 1e300 gave "probability tensor contains inf/nan"), so they are refused with the range in the message.
+TEMPERATURE_RANGE = (1e-2, 1e2)
+
+
+def check_sampling(temperature: Any, top_k: Any, max_new_tokens: Any, *, tokens_may_be_none: bool = False) -> None:
+    """The one check of the sampling arguments every public generation function takes: a `ConfigError`
+    naming the value, the rule and the fix."""
+    lo, hi = TEMPERATURE_RANGE
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not lo <= temperature <= hi:
+        raise ConfigError(f"temperature={temperature!r} is invalid: use a number in [{lo:g}, {hi:g}] (1.0 samples the "
+                          f"model as it is)")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ConfigError(f"top_k={top_k!r} is invalid: use an int >= 0 (0 = off)")
+    if max_new_tokens is None and tokens_may_be_none:
+        return
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid: use an int >= 1"
+                          + (", or None to size it from the budget" if tokens_may_be_none else ""))
+
+
 def check_context(lm, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     """`DataError` when the longest prompt plus `max_new_tokens` exceeds the model's context."""
     context = _context_size(lm)
     longest = max(len(p) for p in prompt_ids)
+    if context is not None and max_new_tokens >= context:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} is not below the model's context of {context} tokens: "
+                          f"use at most {context - longest} for this prompt")
     if context is not None and longest + max_new_tokens > context:
         raise DataError(
             f"a prompt has {longest} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
@@ -455,6 +479,11 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
             raise DataError(f"prompt {i} ({p!r}) is empty: give some text to continue")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"prompt {i} holds {p[exc.start:exc.end]!r} at character {exc.start}, which is not text "
+                            f"(a lone surrogate): remove it or decode the input as UTF-8") from None
         ids.append(tokenizer(p, add_special_tokens=False)["input_ids"])
     return ids
 
@@ -573,13 +602,9 @@ def generate_with_budget(
         calibration = model.proxy_calibration()
     prompt_ids = encode_prompts(tokenizer, prompts)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    check_sampling(temperature, top_k, max_new_tokens, tokens_may_be_none=True)
     if max_new_tokens is None and proxy_rate is None:
         raise ConfigError("max_new_tokens=None sizes the cap from the budget: pass proxy_rate (proxy per generated token)")
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                                       or max_new_tokens < 1):
-        raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid: use an int >= 1, or None to size it from the budget")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ConfigError(f"temperature={temperature!r} is invalid: use a finite value > 0")
     if not (isinstance(band, (int, float)) and 0 <= band < 1):
         raise ConfigError(f"band={band!r} is invalid: use a relative tolerance in [0, 1), e.g. 0.1 for ±10%")
     requested = _as_budgets(budget_csc, "budget_csc")
@@ -650,7 +675,10 @@ def plain_generate(model, tokenizer, prompts: Sequence[str] | str, *, max_new_to
 
     For a MetabolicGPT-2 this is its backbone without any budget input (unbudgeted generation).
     """
-    call = prepare_generate(model, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens, do_sample=do_sample,
+    check_sampling(temperature, top_k, max_new_tokens)
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    check_context(model.backbone if is_metabolic(model) else model, prompt_ids, max_new_tokens)
+    call = prepare_generate(model, tokenizer, prompt_ids, max_new_tokens, do_sample=do_sample,
                             temperature=temperature, top_k=top_k, seed=seed, generate_kwargs=generate_kwargs)
     with torch.inference_mode():
         return call.generate().cpu()

@@ -50,6 +50,7 @@ from metabolic.generate.budgeted import (
     SENTENCE_END_CHARS,
     CostSteeringLogitsProcessor,
     check_context,
+    check_sampling,
     encode_prompts,
     is_metabolic,
     model_token_costs,
@@ -207,10 +208,13 @@ def _best_point(c: Candidate, budget: float) -> tuple[int, float]:
     return min(finite, key=lambda kf: (abs(kf[1] - budget), kf[0] not in c.sentence_stops, kf[0]))
 
 
-def _validate(budgets: Any, n_prompts: int, n_candidates: Any, band: Any, max_probes: Any,
-              max_new_tokens: Any = None) -> np.ndarray:
-    """Budgets as one float per prompt, after checking every setting (max_new_tokens when sampling)."""
-    values = np.asarray(budgets, dtype=np.float64).reshape(-1)
+def _validate(budgets: Any, n_prompts: int, n_candidates: Any, band: Any, max_probes: Any) -> np.ndarray:
+    """Budgets as one float per prompt, after checking the controller's settings."""
+    try:
+        values = np.asarray(budgets, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ConfigError(f"budget_csc={budgets!r} is not a number: give finite budgets > 0 in CSC units, one or one "
+                          f"per prompt") from None
     if values.size == 1:
         values = np.full(n_prompts, values.item())
     if values.size != n_prompts:
@@ -222,9 +226,6 @@ def _validate(budgets: Any, n_prompts: int, n_candidates: Any, band: Any, max_pr
         raise ConfigError(f"n_candidates={n_candidates!r} is invalid: use an int >= 1")
     if not (isinstance(band, (int, float)) and 0 < band < 1):
         raise ConfigError(f"band={band!r} is invalid: use a relative tolerance in (0, 1), e.g. 0.1 for ±10%")
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                                       or max_new_tokens < 1):
-        raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid: use an int >= 1")
     if isinstance(max_probes, bool) or not isinstance(max_probes, int) or max_probes < 1:
         raise ConfigError(f"max_probes={max_probes!r} is invalid: use an int >= 1")
     return values
@@ -239,6 +240,7 @@ def sample_candidates(model, tokenizer, prompts: Sequence[str], n_candidates: in
     One `generate()` call: the prompts left-padded, `num_return_sequences=n_candidates`. A
     MetabolicGPT-2 samples through its backbone (the budget pathway off).
     """
+    check_sampling(temperature, top_k, max_new_tokens)
     prompt_ids = encode_prompts(tokenizer, prompts)
     check_context(model.backbone if is_metabolic(model) else model, prompt_ids, max_new_tokens)
     call = prepare_generate(model, tokenizer, prompt_ids, max_new_tokens, do_sample=True, temperature=temperature,
@@ -405,8 +407,9 @@ def generate_verified(model, tokenizer, labeller, prompts: Sequence[str] | str, 
     >>> gens[0].in_band, gens[0].achieved_csc, gens[0].status  # doctest: +SKIP
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    check_sampling(temperature, top_k, max_new_tokens)  # before any work, as every generation function
     prompt_ids = encode_prompts(tokenizer, prompts)  # empty prompts are a DataError before any work
-    budgets = _validate(budget_csc, len(prompts), n_candidates, band, max_probes, max_new_tokens)
+    budgets = _validate(budget_csc, len(prompts), n_candidates, band, max_probes)
     processors = (steering(model, prompt_ids, budgets, n_candidates, max_new_tokens, token_costs=token_costs,
                            calibration=calibration, lambda_max=lambda_max) if steer else LogitsProcessorList())
     t0 = time.perf_counter()

@@ -321,8 +321,13 @@ class MetabolicGPT2(nn.Module):
         return costs.mean(dim=-1)
 
     def proxy_calibration(self) -> ProxyCalibration:
-        """The calibration as one affine map on sequence totals: the mean of the K (a, b) pairs."""
-        return ProxyCalibration(a=float(self.calib_a.mean()), b=float(self.calib_b.mean()))
+        """The calibration as one affine map on sequence totals: the mean of the K (a, b) pairs; where their
+        mean slope is not positive, the ratio map (a = 0, b = the mean CSC / proxy ratio), the rule
+        `budget_in_proxy` applies per dimension (a slope <= 0 cannot map a budget to a spend)."""
+        a, b = float(self.calib_a.mean()), float(self.calib_b.mean())
+        if b > 0:
+            return ProxyCalibration(a=a, b=b)
+        return ProxyCalibration(a=0.0, b=float(self.budget_ratio.mean()))
 
     def budget_in_proxy(self, budgets_csc: torch.Tensor) -> torch.Tensor:
         """CSC budgets [b, K] in proxy units through each dimension's calibration, (B - a_k) / b_k, floored at 0.

@@ -30,6 +30,7 @@ import torch
 
 from metabolic.core.budget import ProxyCalibration, in_band
 from metabolic.core.config import StudyConfig
+from metabolic.core.errors import ConfigError
 from metabolic.evaluate.budgets import decoding_calibration, proxy_rate
 from metabolic.generate.budgeted import Generation, generate_with_budget, is_metabolic, model_token_costs
 from metabolic.generate.verified import PrefixLabeller, generate_verified
@@ -128,6 +129,13 @@ def gauge_html(spent: float, budget: float, band: float = 0.10, what: str = "CSC
     )
 
 
+def _whole(value: Any, name: str) -> int:
+    """`value` as an int when it is one (or a float without a fraction), else a `ConfigError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or int(value) != value:
+        raise ConfigError(f"{name}={value!r} is invalid: use a whole number")
+    return int(value)
+
+
 def _first_line(exc: Exception) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     log.info("explorer input rejected: %s", first)
@@ -168,7 +176,7 @@ class BudgetExplorer:
         self.calibration = calibration if calibration is not None else model.proxy_calibration()
         lo, hi = float(budget_range[0]), float(budget_range[1])
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
-            raise ValueError(f"budget_range={budget_range!r} is invalid: give (low, high) with 0 < low < high")
+            raise ConfigError(f"budget_range={budget_range!r} is invalid: give (low, high) with 0 < low < high")
         self.budget_range = (lo, hi)
         self.prompt = prompt
         self.budget = float(budget) if budget is not None else (lo + hi) / 2
@@ -183,7 +191,7 @@ class BudgetExplorer:
         self.proxy_rate = proxy_rate
         self.levels = dict(levels or {})
         if colour_by not in ("learned", "csc"):
-            raise ValueError(f"colour_by={colour_by!r} is invalid: choose 'learned' or 'csc'")
+            raise ConfigError(f"colour_by={colour_by!r} is invalid: choose 'learned' or 'csc'")
         self.colour_by = colour_by
         self.band = float(band)
         self._prefixes = PrefixLabeller(labeller) if labeller is not None else None  # one memo: a re-render labels nothing
@@ -201,8 +209,12 @@ class BudgetExplorer:
         `candidates` (default: the explorer's) >= 1 selects the verified controller; `seed` (default:
         the explorer's) seeds the sampling.
         """
-        candidates = self.candidates if candidates is None else int(candidates)
-        seed = self.seed if seed is None else int(seed)
+        try:
+            candidates = self.candidates if candidates is None else _whole(candidates, "candidates")
+            seed = self.seed if seed is None else _whole(seed, "seed")
+            max_new_tokens = _whole(max_new_tokens, "max_new_tokens")
+        except ConfigError as exc:
+            return error_view(_first_line(exc))
         if candidates >= 1:
             return self._render_verified(prompt, budget, temperature, max_new_tokens, candidates, seed)
         t0 = time.perf_counter()

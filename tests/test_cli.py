@@ -26,6 +26,12 @@ def _run(args, tmp_path, **env):
         (["config", "--set", "train.epochs"], {}, "write it as section.key=value"),
         (["run", "--stages", "corpus"], {"METABOLIC_ASSETS": "/no/such/folder"}, "METABOLIC_ASSETS='/no/such/folder' is not a folder"),
         (["run", "--stages", "nope"], {}, "unknown stage 'nope'"),
+        (["run", "--stages", ","], {}, "--stages ',' names no stage"),
+        (["config", "--set", "prior.alpha=1e300"], {}, "prior.alpha=1e+300"),
+        (["config", "--set", "prior.beta=1e308"], {}, "prior.beta=1e+308"),
+        (["config", "--set", "backbone.n_embd=131072", "--set", "backbone.n_head=1"], {}, "backbone.n_embd=131072"),
+        (["config", "--set", "generation.prompts=()"], {}, "give at least one non-empty prompt"),
+        (["config", "--set", "generation.prompts=('',)"], {}, "give at least one non-empty prompt"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, env, message):
@@ -55,3 +61,17 @@ def test_config_prints_the_resolved_profile(tmp_path):
     assert proc.returncode == 0
     cfg = json.loads(proc.stdout)
     assert cfg["profile"] == "gpu" and cfg["train"]["epochs"] == 2 and cfg["backbone"]["n_embd"] == 384
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_data_folder_that_cannot_be_one_is_one_line(tmp_path, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    target = blocker if where == "a file" else blocker / "data"
+    proc = subprocess.run([sys.executable, "-m", "metabolic", "run", "--profile", "smoke", "--stages", "corpus"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "METABOLIC_DATA": str(target), "METABOLIC_FIGURES": str(tmp_path / "fig")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-500:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"METABOLIC_DATA={target} cannot be a folder: {blocker} is a file" in lines[0]
+    assert blocker.read_text() == "not a folder"

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             from metabolic.pipeline import stages
 
             names = [s.strip() for s in args.stages.split(",") if s.strip()]
+            if args.stages.strip() and not names:  # "," names no stage: never read as "all of them"
+                raise ConfigError(f"--stages {args.stages!r} names no stage: give stage names separated by commas, "
+                                  f"or leave --stages out for all of them")
             rank, world = shard_from_env()
             if world > 1 and names != ["csc"]:
                 raise ConfigError(f"--stages {args.stages or '<all>'} under torchrun (WORLD_SIZE={world}): only the csc "

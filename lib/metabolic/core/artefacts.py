@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from metabolic import __version__
-from metabolic.core.errors import DivergedError
+from metabolic.core.errors import ConfigError, DivergedError
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +55,35 @@ def shown(path: Path | str) -> str:
         return str(path)
 
 
+def output_root(variable: str, default: str) -> Path:
+    """The folder `$variable` names (else `project_root()/default`), checked before anything is written: a
+    `ConfigError` naming the variable when it is a file or lies under one, or cannot be written."""
+    value = os.environ.get(variable)
+    base = Path(value) if value else project_root() / default
+    existing = next((p for p in (base, *base.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"{variable}={base} cannot be a folder: {existing} is a file; point {variable} at a folder "
+                          f"(it is created if missing)")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{variable}={base} cannot be written: {existing} is not writable; point {variable} at a "
+                          f"folder you can write")
+    return base
+
+
 def run_dir(profile: str) -> Path:
     """`data/<run>/` under the project root (or under $METABOLIC_DATA when set).
 
     The run is the profile's name, or `$METABOLIC_RUN` when that names a run of this profile
     (`<profile>+<hash>`: a run with overrides, see `metabolic.pipeline.study.run_name`).
     """
-    base = Path(os.environ["METABOLIC_DATA"]) if os.environ.get("METABOLIC_DATA") else project_root() / "data"
+    base = output_root("METABOLIC_DATA", "data")
     run = os.environ.get("METABOLIC_RUN", "")
     return base / (run if run.startswith(f"{profile}+") else profile)
 
 
 def figures_dir(profile: str) -> Path:
     """`figures/<run>/` under the project root (or under $METABOLIC_FIGURES when set); the run as in `run_dir`."""
-    base = Path(os.environ["METABOLIC_FIGURES"]) if os.environ.get("METABOLIC_FIGURES") else project_root() / "figures"
+    base = output_root("METABOLIC_FIGURES", "figures")
     run = os.environ.get("METABOLIC_RUN", "")
     return base / (run if run.startswith(f"{profile}+") else profile)
 

@@ -123,6 +123,10 @@ class BackboneConfig:
         _positive("backbone", self, "n_layer", "n_embd", "n_head", "block_size", "batch_size", "epochs", "lr",
                   "eval_every", "max_eval_blocks", "checkpoint_every", "grad_clip")
         _require(self.corpus in ("profile", "all"), "backbone.corpus", self.corpus, 'use "profile" or "all"')
+        # sizes no machine of this study could train (GPT-2 XL is 48 x 1600): n_embd = 131072 asked for 26 GB at once
+        _require(self.n_embd <= 8192, "backbone.n_embd", self.n_embd, "use <= 8192 (GPT-2 small is 768, XL 1600)")
+        _require(self.n_layer <= 96, "backbone.n_layer", self.n_layer, "use <= 96 (GPT-2 small has 12, XL 48)")
+        _require(self.block_size <= 8192, "backbone.block_size", self.block_size, "use <= 8192 tokens (GPT-2 has 1024)")
         _require(self.n_embd % self.n_head == 0, "backbone.n_embd", self.n_embd, f"must be divisible by backbone.n_head={self.n_head}")
         _require(self.max_steps is None or self.max_steps > 0, "backbone.max_steps", self.max_steps, "use None or > 0")
         _require(self.warmup_steps >= 0, "backbone.warmup_steps", self.warmup_steps, "use >= 0")
@@ -147,7 +151,10 @@ class PriorConfig:
     def __post_init__(self) -> None:
         _finite("prior", self)
         _positive("prior", self, "alpha", "eps", "unseen_pseudo_count")
-        _require(self.beta >= 0, "prior.beta", self.beta, "use >= 0")
+        # alpha / f(v) with f down to ~1e-7 and beta x a token's length are summed in float64 and normalised:
+        # beyond ~1e3 the normalisation cannot converge (alpha = 1e300 overflowed it)
+        _require(self.alpha <= 1e3, "prior.alpha", self.alpha, "use a weight in (0, 1e3]; the default 1e-6 weighs a hapax ~1")
+        _require(0 <= self.beta <= 1e3, "prior.beta", self.beta, "use a weight in [0, 1e3] per character")
         _require(0 <= self.c_min < 1, "prior.c_min", self.c_min, "use a floor in [0, 1): the mean is normalised to 1")
         _require(self.heading_penalty >= 0, "prior.heading_penalty", self.heading_penalty, "use >= 0")
 
@@ -308,6 +315,9 @@ class GenerationConfig:
         _positive("generation", self, "prompt_tokens", "max_new_tokens", "temperature", "verified_max_new_tokens",
                   "verified_max_probes")
         _require(self.n_valid_prompts >= 0, "generation.n_valid_prompts", self.n_valid_prompts, "use >= 0")
+        # the explorer and the paper's examples continue prompts[0]: at least one, none empty
+        _require(len(self.prompts) > 0 and all(isinstance(p, str) and p.strip() for p in self.prompts),
+                 "generation.prompts", self.prompts, 'give at least one non-empty prompt, e.g. ("The river",)')
         _require(isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 1, "generation.samples_per_prompt",
                  self.samples_per_prompt, "use an int >= 1")
         _require(isinstance(self.stop_rule_texts, int) and self.stop_rule_texts >= 0, "generation.stop_rule_texts",

@@ -77,8 +77,9 @@ def test_bad_overrides_name_the_value_and_the_fix(overrides, message):
 
 
 def test_unknown_profile():
-    with pytest.raises(ConfigError, match="unknown profile 'nope': choose one of smoke, gpu, paper"):
+    with pytest.raises(ConfigError) as info:
         load_config("nope")
+    assert str(info.value) == "unknown profile 'nope': choose one of smoke, gpu, paper, cpu"
 
 
 def test_override_strings_need_an_equals_sign():

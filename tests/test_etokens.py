@@ -76,10 +76,20 @@ def test_spread_median_and_quartiles():
         spread([1.0, float("nan")])
 
 
-@given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=40))
-def test_spread_is_ordered(values):
-    s = spread(values)
-    assert s.minimum <= s.q25 <= s.median <= s.q75 <= s.maximum
+def test_spread_known_values_and_undefined_repeats():
+    # linear interpolation between order statistics: q25 of (1, 2, 4, 8, 16) is the 2nd value, q75 the 4th
+    s = spread([16.0, 1.0, None, 4.0, 8.0, 2.0])
+    assert (s.minimum, s.q25, s.median, s.q75, s.maximum) == (1.0, 2.0, 4.0, 8.0, 16.0)
+    assert (s.n, s.n_undefined) == (5, 1)
+    s = spread([0.0, 10.0])  # between two values: interpolated, not rounded to one of them
+    assert (s.q25, s.median, s.q75) == (2.5, 5.0, 7.5)
+    assert spread([None, None]) is None
+
+
+@given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=40), st.permutations(range(40)))
+def test_spread_ignores_the_order_of_the_repeats(values, order):
+    shuffled = [values[i] for i in order if i < len(values)]
+    assert spread(values) == spread(shuffled)
 
 
 def test_check_rows_detects_edited_row():
@@ -88,7 +98,9 @@ def test_check_rows_detects_edited_row():
     bad = {**good, "e_in_wh": good["e_in_wh"] * 1.01}
     with pytest.raises(DataError, match="row 1"):
         check_rows([good, bad])
-    assert math.isclose(good["e_in_wh"] / good["e_out_wh"], 2.0)
+    # 50 J = 50 / 3600 Wh over 20 input and 40 output tokens, per 1,000 tokens
+    assert good["e_in_wh"] == pytest.approx(50 / 3600 / 20 * 1000, rel=1e-12)
+    assert good["e_out_wh"] == pytest.approx(50 / 3600 / 40 * 1000, rel=1e-12)
 
 
 def test_numpy_scalars_are_numbers():

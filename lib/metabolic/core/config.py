@@ -1,7 +1,7 @@
 """Study configuration: one frozen, validated dataclass per stage, composed into `StudyConfig`.
 
 Every value a stage reads lives here, with its unit and a why-comment where the choice matters.
-Named profiles (`smoke`, `gpu`, `paper`) are in `metabolic.core.profiles`; overrides use dotted keys,
+Named profiles (`smoke`, `cpu`, `gpu`, `paper`) are in `metabolic.core.profiles`; overrides use dotted keys,
 `"train.epochs=3"` on the CLI or `{"train.epochs": 3}` from a papermill parameter.
 """
 

@@ -166,8 +166,6 @@ PROFILES["cpu"] = {
     "generation.verified_scales": ("length",),
 }
 
-# The paper's user-facing budgets before their mapping to CSC space (V.B), kept for the Table I notebook.
-PAPER_USER_BUDGETS = (100.0, 150.0, 200.0)
 
 
 def load_config(profile: str = "smoke", overrides: Mapping[str, Any] | None = None) -> StudyConfig:

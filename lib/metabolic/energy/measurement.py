@@ -53,9 +53,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from metabolic.core import artefacts
+from metabolic.core.budget import in_band
 from metabolic.core.config import EnergyConfig
 from metabolic.core.errors import DataError
 from metabolic.energy.etokens import check_rows, etokens, spread
@@ -63,7 +65,6 @@ from metabolic.energy.joules import JouleBudgetStopping, cost_predictor, fit_lin
 from metabolic.energy.meter import EnergyMeter, Measurement, active_energy_j, idle_energy_j
 from metabolic.energy.plan import joule_fit_requests
 from metabolic.energy.workloads import SCRATCH_SHAPES, ModelSpec, Task, load_model, pick_prompts
-from metabolic.evaluate.scoring import hit_fraction
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +335,7 @@ def run_joule_fit(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, val
                 measured.append(m.energy_j / n)
                 lengths.append(out.shape[1] - e.input_tokens)
             budgets.append({"predictor": predictor, "fraction": frac, "budget_j": budget_j, "measured_j": measured,
-                            "output_tokens": lengths, "hit10": hit_fraction(measured, [budget_j] * len(measured), 10),
+                            "output_tokens": lengths, "hit10": float(np.mean(in_band(measured, budget_j, 0.10))),
                             "batch_size": 1, "min_window_s": e.min_window_s})
     return {"model": spec.name, "points": points, "semantic_cost": "synthetic prior (sum over input and output tokens)",
             "fit_tokens": fit_tokens.__dict__, "fit_cost": fit_cost.__dict__, "budgets": budgets,

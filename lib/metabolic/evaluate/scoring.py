@@ -69,8 +69,8 @@ def mape(achieved: Any, target: Any) -> float:
 def hit_fraction(achieved: Any, target: Any, delta_pct: float) -> float:
     """The fraction (0..1) of items with |achieved - target| <= delta% of the target (inclusive).
 
-    The one Hit@delta rule (`metabolic.core.budget.in_band` with band = delta / 100): Table I reports
-    it in percent (`hit_rate`), the joule-budget check of the e-token stage as a fraction.
+    The Hit@delta rule (`metabolic.core.budget.in_band` with band = delta / 100, the band test the e-token
+    stage's joule budgets also use); Table I reports it in percent (`hit_rate`).
 
     >>> hit_fraction([9.5, 11.5, 10.0, 20.0], [10.0] * 4, 10)
     0.5

@@ -38,7 +38,7 @@ __all__ = [
     "budget_levels", "verified_targets", "EtokenResults", "measure_etokens", "etokens_plan", "tokenizer_fingerprint",
 ]
 
-# Registered in pipeline order; later issues add their stages here.
+# The stages in pipeline order: each reads only the artefacts of the stages above it.
 STAGES: dict[str, Callable[[StudyConfig], Any]] = {
     "corpus": corpus,
     "pretrain": pretrain_backbone,

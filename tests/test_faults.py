@@ -143,25 +143,40 @@ class _Killed(BaseException):
     """Stands for a kill -9: nothing after it runs."""
 
 
-def test_an_unreadable_checkpoint_is_deleted_and_pretraining_restarts(tmp_path, caplog):
+@pytest.mark.parametrize("damage, why", [(_flip, "its bytes do not match their recorded hash"),
+                                         (_truncate, "its bytes do not match their recorded hash")])
+def test_a_damaged_checkpoint_is_never_loaded_and_pretraining_resumes_from_the_one_before(tmp_path, caplog, damage, why):
     train, valid = _blocks(0, 10), _blocks(1, 4)
     full = pretrain(scratch_model(TINY, 100, 8, 0), train, valid, TINY, tmp_path / "a", progress=False)
     (tmp_path / "b").mkdir()
     with pytest.raises(KeyboardInterrupt):
-        pretrain(scratch_model(TINY, 100, 8, 0), train, valid, TINY, tmp_path / "b", progress=False, stop_after_steps=3)
-    _truncate(tmp_path / "b" / "checkpoint.pt")
+        pretrain(scratch_model(TINY, 100, 8, 0), train, valid, TINY, tmp_path / "b", progress=False, stop_after_steps=4)
+    newest = tmp_path / "b" / "checkpoint.pt"
+    assert (tmp_path / "b" / "checkpoint.prev.pt").is_file()
+    damage(newest)  # flipped bytes load without error: only the hash tells
     with caplog.at_level(logging.WARNING, logger="metabolic.core.resume"):
         resumed = pretrain(scratch_model(TINY, 100, 8, 0), train, valid, TINY, tmp_path / "b", progress=False)
     lines = [r.getMessage() for r in caplog.records if r.name == "metabolic.core.resume"]
-    assert len(lines) == 1 and lines[0].startswith(f"checkpoint {tmp_path / 'b' / 'checkpoint.pt'} is unreadable (")
-    assert lines[0].endswith("): deleted it, starting again from the beginning")
-    assert resumed.metrics == full.metrics
+    assert lines[0] == f"checkpoint {newest} is damaged ({why}): discarded, never loaded"
+    assert lines[1].startswith("resuming from the checkpoint before it") and len(lines) == 2
+    assert resumed.metrics == full.metrics  # the uninterrupted run's numbers, from the last good state
 
 
-def test_load_checkpoint_reads_a_good_one_and_none_when_absent(tmp_path):
-    assert resume.load_checkpoint(tmp_path / "none.pt") is None
-    artefacts.atomic_torch_save(tmp_path / "ok.pt", {"step": 3})
-    assert resume.load_checkpoint(tmp_path / "ok.pt") == {"step": 3}
+def test_checkpoints_verify_their_bytes_and_fall_back_in_order(tmp_path, caplog):
+    path = tmp_path / "c.pt"
+    assert resume.load_checkpoint(path) is None
+    resume.save_checkpoint(path, {"step": 1})
+    resume.save_checkpoint(path, {"step": 2})
+    assert resume.load_checkpoint(path) == {"step": 2}
+    (tmp_path / "c.pt.sha256").unlink()  # a checkpoint without its hash is not trusted either
+    with caplog.at_level(logging.WARNING, logger="metabolic.core.resume"):
+        assert resume.load_checkpoint(path) == {"step": 1}
+    assert "it has no recorded hash" in caplog.records[0].getMessage() and not path.exists()
+    _flip(tmp_path / "c.prev.pt", 4)
+    assert resume.load_checkpoint(path) is None and not any(tmp_path.iterdir())  # nothing good: from the beginning
+    resume.save_checkpoint(path, {"step": 3})
+    resume.remove_checkpoint(path)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("stage, overrides, message", [

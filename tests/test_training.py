@@ -225,6 +225,31 @@ def test_interrupted_after_epoch_1_of_3_resumes_to_identical_results(runs, backb
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_flipped_checkpoint_resumes_from_the_last_good_epoch(runs, backbone_dir, data, tiny_cfg, tmp_path, caplog):
+    """kill -9 after epoch 2 of 3, 16 bytes flipped in the newest checkpoint: the rerun discards it, resumes
+    from epoch 1's and ends with the uninterrupted run's metrics and weights (the damaged one once gave
+    perplexity 5e21 and was committed)."""
+    import logging
+
+    cfg = train_cfg(tiny_cfg)
+    assert cfg.epochs == 3
+    with pytest.raises(KeyboardInterrupt):
+        training.train(backbone_dir, data, cfg, "expected-cost", tmp_path, progress=False, stop_after_epochs=2, device="cpu")
+    ckpt = tmp_path / training.CHECKPOINT
+    data_bytes = bytearray(ckpt.read_bytes())
+    for i in range(len(data_bytes) // 2, len(data_bytes) // 2 + 16):
+        data_bytes[i] ^= 0xFF
+    ckpt.write_bytes(bytes(data_bytes))
+    with caplog.at_level(logging.WARNING, logger="metabolic.core.resume"):
+        resumed = training.train(backbone_dir, data, cfg, "expected-cost", tmp_path, progress=False, device="cpu")
+    assert any("is damaged (its bytes do not match their recorded hash)" in r.getMessage() for r in caplog.records)
+    reference = runs["expected-cost"]
+    assert json.dumps(resumed.metrics, sort_keys=True) == json.dumps(reference.metrics, sort_keys=True)
+    a = MetabolicGPT2.from_pretrained(resumed.last_dir, device="cpu").state_dict()
+    b = MetabolicGPT2.from_pretrained(reference.last_dir, device="cpu").state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in b)
+
+
 def test_a_resumed_run_keeps_the_a_mix_its_cross_validation_chose(backbone_dir, data, tiny_cfg, tmp_path):
     cfg = dataclasses.replace(train_cfg(tiny_cfg), epochs=2, a_mix=1.0, a_mix_choices=(0.0,))  # the config's a_mix loses
     with pytest.raises(KeyboardInterrupt):

@@ -8,36 +8,88 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import io
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from metabolic.core.artefacts import atomic_write_bytes, atomic_write_text, shown
 from metabolic.core.errors import DivergedError
 
 log = logging.getLogger(__name__)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at `path`, or None when there is none or it cannot be read.
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
-    An unreadable checkpoint (damaged on disk: every write here is atomic) is deleted with one
-    warning, and the run starts again from the beginning rather than trusting or crashing on it.
-    """
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write `state` to `path` with its SHA-256 beside it (`<name>.sha256`), keeping the checkpoint it replaces
+    as `<stem>.prev<suffix>`: a damaged newest checkpoint falls back to the one before, not to the beginning."""
     path = Path(path)
-    if not path.exists():
-        return None
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    if path.exists():
+        os.replace(path, _previous(path))
+        if _digest_path(path).exists():
+            os.replace(_digest_path(path), _digest_path(_previous(path)))
+    # the bytes first, then their hash: a crash between the two leaves a checkpoint that fails its hash
+    atomic_write_bytes(path, data)
+    atomic_write_text(_digest_path(path), hashlib.sha256(data).hexdigest() + "\n")
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete the checkpoint at `path`, the one before it and their hashes (a finished run supersedes them)."""
+    for p in (Path(path), _previous(Path(path))):
+        p.unlink(missing_ok=True)
+        _digest_path(p).unlink(missing_ok=True)
+
+
+def _verified(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at `path` when its bytes match its recorded SHA-256 and load; else None, after deleting it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        data = path.read_bytes()
+        expected = _digest_path(path).read_text(encoding="utf-8").strip() if _digest_path(path).exists() else None
+        if expected != hashlib.sha256(data).hexdigest():
+            why = "it has no recorded hash" if expected is None else "its bytes do not match their recorded hash"
+        else:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any damage (truncation, flipped bytes) means "not usable"
         if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EIO):
             raise  # the disk or its permissions failed, not the file: keep it
-        path.unlink(missing_ok=True)
-        log.warning("checkpoint %s is unreadable (%s): deleted it, starting again from the beginning", path,
-                    type(exc).__name__)
-        return None
+        why = f"it cannot be read ({type(exc).__name__})"
+    path.unlink(missing_ok=True)
+    _digest_path(path).unlink(missing_ok=True)
+    log.warning("checkpoint %s is damaged (%s): discarded, never loaded", shown(path), why)
+    return None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The newest checkpoint at `path` whose bytes match their SHA-256 (`save_checkpoint`), else the one
+    before it, else None (start from the beginning).
+
+    A damaged checkpoint (flipped bytes, a truncation, a missing hash) is deleted with one warning and
+    never loaded: the run resumes from the last good state instead of trusting it.
+    """
+    path = Path(path)
+    for candidate in (path, _previous(path)):
+        if candidate.exists():
+            state = _verified(candidate)
+            if state is not None:
+                if candidate != path:
+                    log.warning("resuming from the checkpoint before it (%s)", shown(candidate))
+                return state
+    return None
 
 
 def stop_if_diverged(model: torch.nn.Module, losses: dict[str, float], where: str, fix: str) -> None:

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metabolic.core import artefacts
+from metabolic.core import artefacts, resume
 from metabolic.core.config import StudyConfig
 from metabolic.data.corpus import pack_blocks
 from metabolic.model.backbone import scratch_model
 from metabolic.pipeline.corpus import CorpusData, corpus, pretrain_sequences, valid_sequences
 from metabolic.pipeline.stage import realise
 from metabolic.train.loop import read_metrics
+from metabolic.train.pretrain import CHECKPOINT
 from metabolic.train.pretrain import METRICS as PRETRAIN_METRICS
 from metabolic.train.pretrain import pretrain
 
@@ -55,7 +56,7 @@ class PretrainStage:
         result = pretrain(model, train_blocks, valid_blocks, b, work, progress=self.progress)
         model.save_pretrained(work)
         data.tokenizer.save_pretrained(work)
-        (work / "checkpoint.pt").unlink(missing_ok=True)  # the saved model supersedes it
+        resume.remove_checkpoint(work / CHECKPOINT)  # the saved model supersedes it
         return {
             "steps": result.steps,
             "final_val_ppl": result.final_val_ppl,

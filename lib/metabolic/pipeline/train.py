@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from metabolic.core import artefacts
+from metabolic.core import artefacts, resume
 from metabolic.core.config import StudyConfig
 from metabolic.core.errors import ConfigError, DataError
 from metabolic.csc.dataset import CSCData
@@ -84,7 +84,7 @@ class TrainStage:
         inputs = self.inputs
         result = train(inputs.backbone.path, inputs.data, self.tcfg, self.variant, work, prior_cost=inputs.prior,
                        progress=self.progress)
-        (work / CHECKPOINT).unlink(missing_ok=True)  # best/ and last/ supersede it
+        resume.remove_checkpoint(work / CHECKPOINT)  # best/ and last/ supersede it
         return {"best_epoch": result.best_epoch, "reference_ppl": result.reference_ppl, "epochs": len(result.metrics)}
 
     def load(self, folder: Path) -> TrainResult:

@@ -68,7 +68,7 @@ import torch
 from torch.nn import functional as F
 
 from metabolic.core import artefacts, resume
-from metabolic.core.artefacts import atomic_torch_save, atomic_write_json, read_jsonl, write_jsonl
+from metabolic.core.artefacts import atomic_write_json, read_jsonl, write_jsonl
 from metabolic.core.config import TrainConfig
 from metabolic.core.errors import ConfigError, DataError, DivergedError
 from metabolic.core.stats import spearman
@@ -836,7 +836,7 @@ def train(
             model.save_pretrained(work_dir / BEST_DIR)
         write_jsonl(work_dir / METRICS, metrics)
         atomic_write_json(work_dir / CALIBRATION_POINTS, points)
-        atomic_torch_save(ckpt_path, {
+        resume.save_checkpoint(ckpt_path, {
             "run_key": run_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "calibration": model.calibration.state_dict(), "rng": resume.rng_state(device), "metrics": metrics,
             "points": points, "best": best, "epochs_done": epoch + 1, "step": step, "reference_ppl": reference_ppl,

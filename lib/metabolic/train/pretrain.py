@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from metabolic.core import resume
-from metabolic.core.artefacts import atomic_torch_save, write_jsonl
+from metabolic.core.artefacts import write_jsonl
 from metabolic.core.config import BackboneConfig
 from metabolic.model.backbone import decay_split, default_device
 
@@ -155,7 +155,7 @@ def pretrain(
         if step % cfg.checkpoint_every == 0 or step == total_steps:
             resume.stop_if_diverged(model, {}, f"pretraining at step {step}",
                                     f"lower backbone.lr (now {cfg.lr:g}) or raise backbone.warmup_steps")
-            atomic_torch_save(
+            resume.save_checkpoint(
                 ckpt_path,
                 {
                     "model": model.state_dict(),

@@ -275,3 +275,27 @@ def test_os_errors_that_are_not_disk_faults_keep_their_traceback():
     assert os_fault_message(OSError(errno.ENOSPC, "No space left on device", "/d/f")) == (
         "cannot write /d/f: No space left on device (ENOSPC): the disk is full: free space or point METABOLIC_DATA "
         "at a larger disk, then rerun (finished work is kept)")
+
+
+def test_a_kill_between_the_csc_merge_and_its_commit_keeps_the_merged_labels(tiny_cfg, run_copy, monkeypatch):
+    """SIGKILL after the chunks are merged into csc.npz (and deleted) and before the manifest: the rerun
+    reuses the merged labels instead of labelling every text again, and commits the same cache."""
+    from metabolic.pipeline import csc as csc_stage
+
+    clean = _sha(run_copy / "csc" / "csc.npz")
+    shutil.rmtree(run_copy / "csc")
+    real_stats, calls = csc_stage.csc_stats, []
+
+    def killed_after_merge(*args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(csc_stage, "csc_stats", killed_after_merge)
+    with pytest.raises(_Killed):
+        stages.csc_labels(tiny_cfg, progress=False)
+    partial = run_copy / "csc.partial"
+    assert (partial / "csc.npz").is_file() and not (partial / "chunks").exists()  # merged, chunks gone
+    monkeypatch.setattr(csc_stage, "csc_stats", real_stats)
+    real_label = csc_stage.label_split
+    monkeypatch.setattr(csc_stage, "label_split", lambda *a, **k: calls.append(1) or real_label(*a, **k))
+    stages.csc_labels(tiny_cfg, progress=False)
+    assert calls == [] and _sha(run_copy / "csc" / "csc.npz") == clean  # nothing relabelled, the same labels

@@ -3,6 +3,7 @@ shared by torchrun ranks (the rank protocol: `metabolic.csc.sharding`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -12,12 +13,15 @@ import torch
 
 from metabolic.core import artefacts
 from metabolic.core.config import StudyConfig
+from metabolic.core.errors import DataError
 from metabolic.csc.dataset import DATA_FILE, CSCData, csc_stats, label_shard, label_split, load_data, save_data
 from metabolic.csc.labeller import CSCLabeller
 from metabolic.csc.sharding import build_sharded, shard_group
 from metabolic.data.corpus import subsample_indices
 from metabolic.pipeline.corpus import CorpusData, corpus, train_sequences, valid_sequences
 from metabolic.pipeline.stage import encoder, encoder_sha256, stage_folder, tokenizer, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
 
 
 def csc_labeller(cfg: StudyConfig, device: str | None = None) -> CSCLabeller:
@@ -77,15 +81,33 @@ class CSCStage:
             label_shard(self.labeller, name, split, seqs, self.cfg.csc, work, self.shard, self.progress)
 
     def build(self, work: Path) -> dict[str, Any]:
-        """Merge the chunks (labelling any still missing) into `csc.npz` (rank 0)."""
+        """Merge the chunks (labelling any still missing) into `csc.npz` (rank 0).
+
+        A `csc.npz` already merged in `work` (a kill between the merge and the commit) is reused when it
+        holds labels of exactly these sequences: the chunks it was merged from may already be gone."""
         cfg = self.cfg
-        train_csc, valid_csc = [label_split(self.labeller, name, split, seqs, cfg.csc, work, self.progress)
-                                for name, split, seqs in self.splits]
-        save_data(work / DATA_FILE, self.train, train_csc, self.valid, valid_csc)
+        merged = self._merged(work)
+        if merged is not None:
+            train_csc, valid_csc = merged
+            log.info("CSC: reusing the labels merged before an interrupted commit (%s)", DATA_FILE)
+        else:
+            train_csc, valid_csc = [label_split(self.labeller, name, split, seqs, cfg.csc, work, self.progress)
+                                    for name, split, seqs in self.splits]
+            save_data(work / DATA_FILE, self.train, train_csc, self.valid, valid_csc)
         shutil.rmtree(work / "chunks", ignore_errors=True)  # merged into csc.npz
         raw = csc_stats(train_csc, "raw", cfg.train.budget_quantiles)
         return {"n_train": len(self.train), "n_valid": len(self.valid), "raw_total_mean": raw["mean"],
                 "token_mean": raw["token_mean"], "n_labels": raw["n_labels"]}
+
+    def _merged(self, work: Path) -> tuple[list, list] | None:
+        """The labels of a `csc.npz` merged in `work` for these sequences, or None (none, or not these)."""
+        if not (work / DATA_FILE).is_file():
+            return None
+        try:
+            return load_data(work, self.train, self.valid)
+        except DataError as exc:
+            log.warning("CSC: the merged %s in the partial build is not usable (%s): merging again", DATA_FILE, exc)
+            return None
 
     def load(self, folder: Path) -> CSCData:
         return self.labelled(folder, self.read_labels(folder))

@@ -97,6 +97,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.lr": 1e-4,
         "generation.n_valid_prompts": 64,
         "generation.max_new_tokens": 64,
+        # the stop rules on fixed text label every word-end prefix of 64-token continuations (~1,600 encoder texts
+        # each): 50 per split keep them within part a's time cap (scripts/gpu_results.sh)
+        "generation.stop_rule_texts": 50,
         # The e-token grid planned for one H100 (metabolic.energy.plan): 3 random-weight GPT-2 shapes (and
         # MetabolicGPT-2 when trained here) x 4 tasks x batch 1/8/32 x both serving paths, 3 repeats of
         # >= 1 s windows, plus the joule calibration: about 20 minutes, run in parts of <= 8 minutes

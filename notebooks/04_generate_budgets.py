@@ -358,24 +358,40 @@ print("\n".join(table1.conclusion(combined, profile_label(cfg)) + table1.cost_mo
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from metabolic.report import gpu_results
+from pathlib import Path
+
+from metabolic.core.artefacts import read_json
+from metabolic.report import gpu_results, readme
 
 print(gpu_results.overview("budgets", profile="cpu"))
-keep = ["table", "n_prompts", "hit10_low", "hit10_medium", "hit10_high", "average_mae_csc", "labels_per_generation",
-        "judge_ppl_rel_change", "goal_met"]
-if cpu_rows := gpu_results.rows("budgets", "tables", profile="cpu"):
-    print(pd.DataFrame(cpu_rows)[keep].round(3).to_string(index=False))
-    fit_keep = ["variant", "token_spearman", "continuation_r2", "n_tokens", "n_continuations", "predicted_cost_cv"]
-    fits = gpu_results.rows("budgets", "cost_model", profile="cpu") + gpu_results.rows("budgets", "cost_model_ceiling", profile="cpu")
-    print("cost model on the held-out texts, learned (faithful, expected-cost) and the ceiling's predictors:")
-    print(pd.DataFrame(fits)[fit_keep].round(3).to_string(index=False))
-    by_table = {r["table"]: r for r in cpu_rows}
-    levels = ("low", "medium", "high")
-    pairs = [(r, by_table[k.replace("_steered", "")]) for k, r in by_table.items() if k.startswith("verified_steered_")]
-    fewer = sum(st["labels_per_generation"] < un["labels_per_generation"] for st, un in pairs)
-    no_worse = sum(all(st[f"hit10_{lv}"] >= un[f"hit10_{lv}"] for lv in levels) for st, un in pairs)
-    print(f"steered vs unsteered candidates at the same N and scale (cpu profile): fewer labels per generation in "
-          f"{fewer} of {len(pairs)} rows, Hit@10 at least as high on every level in {no_worse} of {len(pairs)}")
+cpu_runs = [Path(s["folder"]) for s in gpu_results.committed("budgets", profile="cpu")]
+for folder in cpu_runs:
+    print("\n".join(readme.cpu_block(folder)))
+
+# %% [markdown]
+# Five generations per level of the cpu run, for the steered proxy decoding and the verified controller
+# (`examples.jsonl`, the first five per table and level of its `generations.jsonl`):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for folder in cpu_runs:
+    combined_cpu = read_json(folder / "tables.json")
+    shown = [k for k in combined_cpu["tables"] if k.endswith("_steered")][:1]
+    shown += [k for k in combined_cpu["tables"] if k.startswith("verified_n8_")]
+    for table in shown:
+        rows = gpu_results.committed_examples("budgets", profile="cpu", table=table)
+        print(f"{table}:" if rows else f"{table}: no examples committed (runs before examples.jsonl)")
+        for r in rows:
+            print(f"  [{r['level']}] budget {r['budget_csc']:.3f}, true CSC {r['csc']:.3f}, {r['n_tokens']} tokens: "
+                  f"{r['prompt']!r} -> {r['text']!r}")
+
+# %%
+for folder in cpu_runs:
+    combined_cpu = read_json(folder / "tables.json")
+    for scale in sorted({t["csc_scale"] for t in combined_cpu["tables"].values()}):
+        fig = table1.hit_bars(combined_cpu, scale, f"Hit@10 per budget level, cpu profile ({folder.name}), scale '{scale}'")
+        save_figure(fig, cfg, f"04_hit10_cpu_{scale}", NB)
+        fig.show()
 
 # %%
 # NBVAL_CHECK_OUTPUT

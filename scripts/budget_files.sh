@@ -24,4 +24,9 @@ copy_budget_files() {
     copy_first "$run/train/$v/selection.json" "$dest/train_${v}_selection.json"
   done
   copy_first "$run/evaluation/tables.json" "$dest/tables.json"
+  # five generations per table and level: the texts behind the numbers (the whole generations.jsonl is MBs)
+  if [ -f "$run/evaluation/generations.jsonl" ] && { [ "${RC:-0}" -eq 0 ] || [ "$run/evaluation/generations.jsonl" -nt "$MARK" ]; }; then
+    PYTHONPATH="$PWD/lib${PYTHONPATH:+:$PYTHONPATH}" "${PY:-python3}" -m metabolic.report.gpu_results examples \
+      "$run/evaluation/generations.jsonl" "$dest/examples.jsonl"
+  fi
 }

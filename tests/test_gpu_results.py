@@ -203,3 +203,25 @@ def test_budget_table_rows_flatten_hit10_per_level():
         "n_candidates": 4, "n_prompts": 33, "hit10_low": 100.0, "hit10_medium": 93.9, "hit10_high": 87.9,
         "average_mae_csc": 0.05, "judge_ppl_rel_change": -0.04, "labels_per_generation": 120.5,
         "seconds_per_generation": 0.31, "goal_met": False}]
+
+
+def test_example_records_keep_five_per_table_and_level(tmp_path):
+    records = [{"variant": "expected-cost", "decoding": "steered", "level": lv, "prompt": "p", "text": f"t{i}",
+                "generated_ids": [1] * i, "budget_csc": 0.2, "csc": 0.1 * i, "stopped_by": "budget", "lambdas": [0.0]}
+               for lv in ("low", "high") for i in range(7)]
+    records += [{"variant": "verified", "decoding": "verified_n8_length", "level": "low", "prompt": "p", "text": "v",
+                 "generated_ids": [1, 2], "budget_csc": 5.0, "csc": 5.1, "status": "in band"}]
+    records += [{"variant": "expected-cost", "decoding": "unbudgeted", "level": "none", "prompt": "p", "text": "u",
+                 "generated_ids": [3]}]
+    rows = gpu_results.example_records(records)
+    assert [(r["table"], r["level"], r["n_tokens"]) for r in rows] == \
+        [("expected-cost_steered", lv, i) for lv in ("low", "high") for i in range(5)] + [("verified_n8_length", "low", 2)]
+    assert "lambdas" not in rows[0] and "generated_ids" not in rows[0] and rows[-1]["status"] == "in band"
+    folder = tmp_path / "budgets" / "cpu-x"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"profile": "cpu"}))
+    gen = tmp_path / "generations.jsonl"
+    gen.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert gpu_results.main(["examples", str(gen), str(folder / gpu_results.EXAMPLES)]) == 0
+    shown = gpu_results.committed_examples("budgets", tmp_path, profile="cpu", table="verified_n8_length")
+    assert [(r["gpu"], r["text"]) for r in shown] == [("cpu-x", "v")]

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from metabolic.core.artefacts import atomic_write_json, project_root, read_json
+from metabolic.core.artefacts import atomic_write_json, atomic_write_text, project_root, read_json
 
 PARTS = ("budgets", "csc_throughput", "etokens", "overhead")
 SUMMARY = "summary.json"
@@ -253,6 +253,35 @@ def describe(summary: dict[str, Any]) -> list[str]:
     return [status_line({**summary, "gpu": summary.get("device_name") or "?"})] + lines
 
 
+EXAMPLES = "examples.jsonl"
+EXAMPLE_KEYS = ("table", "level", "prompt", "text", "budget_csc", "csc", "stopped_by", "status", "n_tokens")
+
+
+def example_records(records: Sequence[dict[str, Any]], per_level: int = 5) -> list[dict[str, Any]]:
+    """The first `per_level` generations of every table and level of an evaluation's `generations.jsonl`
+    records, each cut to what a reader needs (`EXAMPLE_KEYS`): the texts behind a committed run's numbers."""
+    out, seen = [], {}
+    for r in records:
+        table = r["decoding"] if r["variant"] in ("verified", "baseline") else f"{r['variant']}_{r['decoding']}"
+        key = (table, r["level"])
+        if r["level"] == "none" or seen.get(key, 0) >= per_level:
+            continue
+        seen[key] = seen.get(key, 0) + 1
+        row = {**r, "table": table, "n_tokens": len(r.get("generated_ids", []))}
+        out.append({k: row[k] for k in EXAMPLE_KEYS if k in row})
+    return out
+
+
+def committed_examples(part: str = "budgets", root: Optional[Path] = None, profile: Optional[str] = None,
+                       table: Optional[str] = None) -> list[dict[str, Any]]:
+    """The example generations (`EXAMPLES`) of every committed run of `part` (of `profile`), each with its
+    `gpu`; only `table`'s when given."""
+    out = []
+    for s in committed(part, root, profile):
+        out += [{"gpu": s["gpu"], **r} for r in _jsonl(Path(s["folder"]) / EXAMPLES) if table in (None, r["table"])]
+    return out
+
+
 def _num(x: Any, digits: int) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -275,7 +304,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("--device-name", default=None)
     s.add_argument("--note", dest="notes", action="append", default=[])
     s.add_argument("--command", default=COMMAND, help="the command that made the folder's files")
+    e = sub.add_parser("examples", help=f"write {EXAMPLES}: the first generations per table and level of a run")
+    e.add_argument("generations", help="the evaluation's generations.jsonl")
+    e.add_argument("dest", help=f"where to write {EXAMPLES}")
+    e.add_argument("--per-level", type=int, default=5)
     args = p.parse_args(argv)
+    if args.command == "examples":
+        rows = example_records(_jsonl(Path(args.generations)), args.per_level)
+        atomic_write_text(Path(args.dest), "".join(json.dumps(r) + "\n" for r in rows))
+        print(f"{args.dest}: {len(rows)} example generations")
+        return 0
     summary = summarise(args.part, Path(args.folder), status=args.status, cap_s=args.cap, elapsed_s=args.elapsed,
                         profile=args.profile, overrides=args.overrides, device_name=args.device_name, notes=args.notes,
                         command=args.command)

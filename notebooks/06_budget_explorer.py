@@ -20,7 +20,7 @@
 # Ask for a semantic budget (CSC units), watch the text that spends it. Run All, then move the **budget**
 # slider: the text grows with the budget.
 #
-# - **Modes.** `verified N` = 0 is the **proxy** mode: the learned costs decide, for free. EOS is held back
+# - **Modes** (the `mode` switch, or the `verified N` slider). `verified N` = 0 is the **proxy** mode: the learned costs decide, for free. EOS is held back
 #   until the calibrated learned spend reaches the band's lower edge (budget forcing), steering keeps the
 #   pace, and the budget stop ends the text. The shown text is then labelled once, so the gauge shows its
 #   **true CSC**, with the labels and seconds that took. `verified N` >= 1 is the **verified** mode: N

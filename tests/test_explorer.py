@@ -201,3 +201,15 @@ def test_render_never_raises(explorer, kwargs, message):
     args.update(kwargs)
     view = explorer.render(**args)
     assert view.error is not None and message in view.error and view.n_tokens == 0
+
+
+def test_the_mode_switch_moves_n_and_follows_it(labelled):
+    pytest.importorskip("ipywidgets")
+    explorer, _ = labelled
+    explorer.widget()
+    ws, renders = explorer._widgets, explorer.renders
+    assert ws["mode"].value == "proxy" and ws["candidates"].value == 0
+    ws["mode"].value = "verified"  # one click: verified with N = 4, one regeneration
+    assert ws["candidates"].value == 4 and explorer.renders == renders + 1 and "of 4, stopped at" in explorer.last.status
+    ws["candidates"].value = 0  # the slider back to 0: the switch follows, still one regeneration
+    assert ws["mode"].value == "proxy" and explorer.renders == renders + 2 and "candidate" not in explorer.last.status

@@ -160,7 +160,7 @@ def test_every_control_regenerates_the_text_in_jupyterlab(tmp_path):
             labels = page.evaluate("() => [...document.querySelectorAll('[class*=metabolic-] .widget-label')]"
                                    ".filter(l => l.textContent).map(l => [l.textContent, l.scrollWidth <= l.clientWidth])")
             assert sorted(labels) == sorted([name, True] for name in ("prompt", "budget (CSC)", "temperature", "max tokens",
-                                                                       "verified N", "seed", "colour by")), \
+                                                                       "verified N", "seed", "mode", "colour by")), \
                 f"labels cut off or missing: {labels}"
 
             # budget, dragged to the top of its range: budget forcing holds EOS back, so the text grows with it

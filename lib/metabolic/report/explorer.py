@@ -347,6 +347,11 @@ class BudgetExplorer:
             "seed": w.IntText(value=self.seed, description="seed", continuous_update=False, style=style,
                               layout=w.Layout(width="230px")),
         }
+        # proxy (free, learned) or verified (labels, exact): a view of the N slider (0 = proxy), kept in step with it
+        mode = w.ToggleButtons(options=[("proxy", "proxy"), ("verified", "verified")],
+                               value="verified" if self.candidates else "proxy", description="mode", style=style,
+                               tooltips=["the learned costs decide (free)", "N samples checked by the exact labeller"],
+                               disabled=self.labeller is None, layout=w.Layout(width="330px"))
         controls["colour_by"] = w.Dropdown(options=[("learned cost", "learned"), ("true CSC (labelled)", "csc")],
                                            value=self.colour_by, description="colour by", style=style,
                                            disabled=self.labeller is None, layout=w.Layout(width="300px"))
@@ -357,18 +362,19 @@ class BudgetExplorer:
                            disabled=not self.levels, layout=w.Layout(width="180px"))
         compare.on_click(self._on_compare)
         gauge, output, status, levels_view = w.HTML(), w.HTML(), w.HTML(), w.HTML()
-        parts = {**controls, "resample": resample, "compare": compare, "gauge": gauge, "output": output,
+        parts = {**controls, "mode": mode, "resample": resample, "compare": compare, "gauge": gauge, "output": output,
                  "status": status, "levels": levels_view}
         for name, widget in parts.items():
             widget.add_class(f"metabolic-{name}")
         self._widgets = parts
         for control in controls.values():
             control.observe(self._on_change, names="value")
+        mode.observe(self._on_mode, names="value")
         self.refresh()
         row = w.Layout(width="100%")
         return w.VBox([controls["prompt"], w.HBox([controls["budget"], controls["temperature"]], layout=row),
                        w.HBox([controls["max_new_tokens"], controls["candidates"]], layout=row),
-                       w.HBox([controls["seed"], resample, controls["colour_by"], compare]), gauge, output, status,
+                       w.HBox([controls["seed"], resample, mode]), w.HBox([controls["colour_by"], compare]), gauge, output, status,
                        levels_view], layout=w.Layout(width="100%", max_width="1000px"))
 
     def _on_compare(self, _button) -> None:
@@ -377,6 +383,14 @@ class BudgetExplorer:
         views = self.render_levels(ws["prompt"].value, ws["temperature"].value, ws["max_new_tokens"].value,
                                    candidates=ws["candidates"].value, seed=ws["seed"].value)
         ws["levels"].value = self.levels_html(views)
+
+    def _on_mode(self, change) -> None:
+        """The mode switch moves the N slider (which regenerates once): verified starts at N = 4."""
+        n = self._widgets["candidates"]
+        if change["new"] == "verified" and n.value == 0:
+            n.value = 4
+        elif change["new"] == "proxy" and n.value != 0:
+            n.value = 0
 
     def _on_resample(self, _button) -> None:
         self._widgets["seed"].value = int(self._widgets["seed"].value) + 1  # observed: regenerates once
@@ -400,6 +414,9 @@ class BudgetExplorer:
             self.candidates = ws["candidates"].value
             self.seed = ws["seed"].value
             self.colour_by = ws["colour_by"].value
+            wanted = "verified" if self.candidates else "proxy"
+            if ws["mode"].value != wanted:
+                ws["mode"].value = wanted  # the N slider moved past 0: the switch follows (no second render)
             # a busy sign while it works (the verified mode labels for seconds)
             mode = f"verified N={self.candidates}: sampling and labelling" if self.candidates else "generating"
             ws["status"].value = f'<span style="font-size:12px;color:#777">{mode}…</span>'

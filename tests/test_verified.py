@@ -301,3 +301,20 @@ def test_explorer_verified_mode_reflects_candidates_and_seed(model, tokenizer, l
     no_labeller = BudgetExplorer(model, tokenizer, (0.05, 0.5), token_costs=token_costs(len(tokenizer)),
                                  calibration=ProxyCalibration(0.0, 1.0))
     assert "needs a labeller" in no_labeller.render("Hi", 0.1, 1.0, 4, candidates=1).error
+
+
+def test_candidates_are_sampled_in_bounded_calls(model, tokenizer, monkeypatch):
+    """Many prompts are sampled in calls of at most MAX_SAMPLING_ROWS rows (generate keeps [rows, V] scores per
+    step); a pool that fits in one call is sampled exactly as before."""
+    from metabolic.generate import verified
+
+    prompts = [f"The river {i}" for i in range(5)]
+    one_ids, one_call = sample_candidates(model, tokenizer, prompts, 2, 6, seed=3)
+    monkeypatch.setattr(verified, "MAX_SAMPLING_ROWS", 4)  # 2 prompts x 2 candidates per call: 3 calls
+    calls = []
+    real = verified.prepare_generate
+    monkeypatch.setattr(verified, "prepare_generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    ids, chunked = sample_candidates(model, tokenizer, prompts, 2, 6, seed=3)
+    assert calls == [2, 2, 1] and ids == one_ids
+    assert [(c.prompt_index, c.index) for c in chunked] == [(c.prompt_index, c.index) for c in one_call]
+    assert all(len(c.ids) == 6 and math.isfinite(c.mean_logprob) for c in chunked)

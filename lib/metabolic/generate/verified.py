@@ -57,6 +57,9 @@ from metabolic.generate.budgeted import (
     prepare_generate,
 )
 
+# Rows (prompts x candidates) per generate() call when sampling candidates: generate keeps every step's
+# scores, [rows, V] floats each (the cpu profile's 192 x 8 rows x 50,257 x 40 steps asked for 12 GB).
+MAX_SAMPLING_ROWS = 128
 STATUSES = ("in band", "closest below", "closest above", "unreachable below", "unreachable above")
 
 
@@ -237,27 +240,32 @@ def sample_candidates(model, tokenizer, prompts: Sequence[str], n_candidates: in
                       logits_processor: LogitsProcessorList | None = None) -> tuple[list[list[int]], list[Candidate]]:
     """`n_candidates` sampled continuations per prompt (EOS held back), with their mean token log-probs.
 
-    One `generate()` call: the prompts left-padded, `num_return_sequences=n_candidates`. A
-    MetabolicGPT-2 samples through its backbone (the budget pathway off).
+    The prompts left-padded, `num_return_sequences=n_candidates`, in `generate()` calls of at most
+    `MAX_SAMPLING_ROWS` rows (chunk k seeded `seed + k`; one call, as before, when the prompts fit, or
+    with a `logits_processor`, which is built for all rows). A MetabolicGPT-2 samples through its
+    backbone (the budget pathway off).
     """
     check_sampling(temperature, top_k, max_new_tokens)
     prompt_ids = encode_prompts(tokenizer, prompts)
     check_context(model.backbone if is_metabolic(model) else model, prompt_ids, max_new_tokens)
-    call = prepare_generate(model, tokenizer, prompt_ids, max_new_tokens, do_sample=True, temperature=temperature,
-                            top_k=top_k, seed=seed)
-    out = call.generate(min_new_tokens=max_new_tokens, num_return_sequences=n_candidates,
-                        logits_processor=logits_processor or LogitsProcessorList(), output_scores=True,
-                        return_dict_in_generate=True)
-    gen = out.sequences[:, call.prompt_len:]
-    logp = call.lm.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).float().cpu()
+    per_call = len(prompt_ids) if logits_processor is not None else max(1, MAX_SAMPLING_ROWS // n_candidates)
     candidates = []
-    for row in range(gen.shape[0]):
-        ids = gen[row].tolist()
-        stops, sentence = stop_points(tokenizer, ids)
-        finite = logp[row][torch.isfinite(logp[row])]
-        candidates.append(Candidate(prompt_index=row // n_candidates, index=row % n_candidates, ids=ids,
-                                    mean_logprob=float(finite.mean()) if finite.numel() else -math.inf,
-                                    stops=stops, sentence_stops=sentence))
+    for k, first in enumerate(range(0, len(prompt_ids), per_call)):
+        call = prepare_generate(model, tokenizer, prompt_ids[first:first + per_call], max_new_tokens, do_sample=True,
+                                temperature=temperature, top_k=top_k, seed=None if seed is None else seed + k)
+        out = call.generate(min_new_tokens=max_new_tokens, num_return_sequences=n_candidates,
+                            logits_processor=logits_processor or LogitsProcessorList(), output_scores=True,
+                            return_dict_in_generate=True)
+        gen = out.sequences[:, call.prompt_len:]
+        logp = call.lm.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).float().cpu()
+        del out  # the scores: [rows, V] per step
+        for row in range(gen.shape[0]):
+            ids = gen[row].tolist()
+            stops, sentence = stop_points(tokenizer, ids)
+            finite = logp[row][torch.isfinite(logp[row])]
+            candidates.append(Candidate(prompt_index=first + row // n_candidates, index=row % n_candidates, ids=ids,
+                                        mean_logprob=float(finite.mean()) if finite.numel() else -math.inf,
+                                        stops=stops, sentence_stops=sentence))
     return prompt_ids, candidates
 
 

@@ -133,3 +133,31 @@ def _killing_rmtree(real, kill_at, seen):
             raise _Killed
         return real(path, *args, **kwargs)
     return rmtree
+
+
+def test_waiting_on_a_lock_says_so(tmp_path, caplog):
+    import fcntl
+    import logging
+
+    from metabolic.core import artefacts as art
+
+    lock = tmp_path / ".stage.lock"
+    with open(lock, "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        import threading
+
+        def release():
+            fcntl.flock(holder, fcntl.LOCK_UN)
+
+        timer = threading.Timer(0.3, release)
+        timer.start()
+        with caplog.at_level(logging.INFO, logger="metabolic.core.artefacts"):
+            with art._exclusive(lock):
+                pass
+        timer.join()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"waiting for another process building {tmp_path / 'stage'} (lock {lock})"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="metabolic.core.artefacts"), art._exclusive(lock):
+        pass
+    assert caplog.records == []  # a free lock is taken without a word

@@ -281,7 +281,12 @@ def _exclusive(lock_path: Path):
     import fcntl
 
     with open(lock_path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process builds the same artefact: say so, then wait for it
+            log.info("waiting for another process building %s (lock %s)", shown(lock_path.with_name(
+                lock_path.name[1:].removesuffix(".lock"))), shown(lock_path))
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:

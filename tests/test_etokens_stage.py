@@ -316,3 +316,19 @@ def test_retraining_measures_the_model_again(small_cfg, session_data_dir, tmp_pa
     artefacts.atomic_write_json(variant / "manifest.json", {"fingerprint": "trained-again"})
     second = measure_etokens(cfg, progress=False)
     assert second.folder != first.folder and second.measured_here
+
+
+def test_the_stage_key_holds_content_not_the_data_folders_path(tmp_path):
+    """Moving the data folder (the same trained model elsewhere) keeps the e-token stage's key."""
+    from metabolic.core import artefacts
+    from metabolic.energy.measurement import measured_model_keys
+    from metabolic.energy.workloads import ModelSpec
+
+    keys = []
+    for where in ("a", "b"):
+        folder = tmp_path / where / "train" / "expected-cost"
+        (folder / "best").mkdir(parents=True)
+        artefacts.atomic_write_json(folder / artefacts.MANIFEST, {"fingerprint": "f00d"})
+        keys.append(measured_model_keys([ModelSpec("metabolic", "metabolic", str(folder / "best")),
+                                         ModelSpec("gpt2", "hub", "gpt2")]))
+    assert keys[0] == keys[1] == [("metabolic", "metabolic", "f00d"), ("gpt2", "gpt2", None)]

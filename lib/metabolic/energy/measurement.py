@@ -352,9 +352,11 @@ def joule_fits(root: Path) -> list[dict]:
 
 def measured_model_keys(specs: Sequence[ModelSpec]) -> list[tuple[str, str, str | None]]:
     """(name, source, training fingerprint) per model: a retrained MetabolicGPT-2 changes its
-    training folder's manifest fingerprint, and so the e-token stage's key."""
-    return [(s.name, s.source, (artefacts.read_manifest(Path(s.source).parent) or {}).get("fingerprint")
-             if s.kind == "metabolic" else None) for s in specs]
+    training folder's manifest fingerprint, and so the e-token stage's key. A MetabolicGPT-2 is known by
+    that fingerprint, not by its folder's path: moving the data folder measures nothing again."""
+    return [(s.name, s.source, None) if s.kind != "metabolic" else
+            (s.name, "metabolic", (artefacts.read_manifest(Path(s.source).parent) or {}).get("fingerprint"))
+            for s in specs]
 
 
 # Bumped when what is measured changes (2: MetabolicGPT-2 decodes through generate(), not a hand loop;

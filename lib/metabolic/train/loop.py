@@ -724,8 +724,10 @@ def train(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else default_device()
+    # the backbone by its artefact's fingerprint where it has one (not its path: a moved data folder resumes)
+    backbone_key = (artefacts.read_manifest(Path(backbone_path)) or {}).get("fingerprint") or str(backbone_path)
     run_key = artefacts.fingerprint({"train": asdict(cfg), "variant": variant, "data": data.fingerprint,
-                                     "backbone": str(backbone_path), "prior": prior_cost is not None})
+                                     "backbone": backbone_key, "prior": prior_cost is not None})
     ckpt_path = work_dir / CHECKPOINT
     state = resume.load_checkpoint(ckpt_path)
     if state is not None and state.get("run_key") != run_key:

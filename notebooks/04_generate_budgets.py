@@ -143,7 +143,7 @@ for key, table in verified.items():
 # NBVAL_CHECK_OUTPUT
 for scale in combined["verified_budgets"]:
     print(f"scale {scale}: smallest N with Hit@10 >= 95% at every level: {table1.smallest_hitting_n(combined, scale)}")
-    print(pd.DataFrame(table1.controller_rows(combined, scale)).round(3).to_string(index=False))
+    print(pd.DataFrame(table1.controller_rows(combined, scale, seconds=False)).round(3).to_string(index=False))
 
 # %% [markdown]
 # ### Steered candidates: does a cost model that tracks CSC make the controller cheaper?

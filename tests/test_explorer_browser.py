@@ -108,6 +108,9 @@ class Page:
     def drag_slider(self, name: str, fraction: float) -> dict[str, object]:
         """Drag a slider's handle with the mouse to `fraction` of its track, then release."""
         before = self.renders()
+        # the mouse acts where the page shows the slider: bring it into the viewport first (the notebook's
+        # legend above the widget is taller than the window)
+        self.page.locator(f".metabolic-{name} .noUi-target").scroll_into_view_if_needed()
         handle = self.page.locator(f".metabolic-{name} .noUi-handle").bounding_box()
         track = self.page.locator(f".metabolic-{name} .noUi-target").bounding_box()
         y = handle["y"] + handle["height"] / 2
@@ -221,8 +224,9 @@ def test_every_control_regenerates_the_text_in_jupyterlab(tmp_path):
             # budget, dragged to the bottom of its range: a smaller budget ends the text sooner
             low = ui.drag_slider("budget", 0.0)
             _changed(prompt, low, "budget")
-            assert low["budget"] < prompt["budget"] and low["spent"] < prompt["spent"], (prompt["status"], low["status"])
-            assert low["tokens"] < prompt["tokens"], (prompt["status"], low["status"])
+            # the learned spend, and so the length, follows the budget; the true raw CSC of the smoke model's text need
+            # not (raw totals are nearly flat in length: README, measured facts), so it is shown, not asserted
+            assert low["budget"] < prompt["budget"] and low["tokens"] < prompt["tokens"], (prompt["status"], low["status"])
 
             browser.close()
     finally:

@@ -74,4 +74,4 @@ def test_saved_html_loads_plotly_from_beside_it(tmp_path, monkeypatch):
     second = save_figure(go.Figure(go.Bar(x=[1], y=[2])), cfg, "b", "test")
     assert second["plotly.js"].stat().st_mtime_ns == mtime  # written once per folder, not per figure
     html = second["html"].read_text(encoding="utf-8")
-    assert f'<script charset="utf-8" src="{PLOTLY_JS}"></script>' in html and "cdn.plot.ly" not in html
+    assert f'<script charset="utf-8" src="{PLOTLY_JS}" onerror=' in html and "cdn.plot.ly" not in html

@@ -60,7 +60,8 @@ def test_dry_run_runs_every_part_and_saves_each(corpus_folder, tmp_path):
     assert set(budgets["stages_s"]) == {"corpus", "pretrain", "prior", "csc", "train", "evaluate"}
     tables = {t["table"]: t for t in budgets["tables"]}
     assert sorted(tables) == sorted([f"{v}_{d}" for v in ("faithful", "expected-cost") for d in ("plain", "steered")]
-                                    + [f"verified_n{n}_{s}" for n in (1, 2) for s in ("raw", "length")])
+                                    + [f"verified_n{n}_{s}" for n in (1, 2) for s in ("raw", "length")]
+                                    + [f"baseline_{r}_{s}" for r in ("token_count", "random_cut") for s in ("raw", "length")])
     for t in tables.values():
         assert all(0 <= t[f"hit10_{level}"] <= 100 for level in ("low", "medium", "high"))
     assert all(t["labels_per_generation"] > 0 for k, t in tables.items() if k.startswith("verified"))

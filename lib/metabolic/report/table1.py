@@ -46,9 +46,10 @@ def proxy_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def controller_rows(combined: dict[str, Any], scale: str) -> list[dict[str, Any]]:
+def controller_rows(combined: dict[str, Any], scale: str, seconds: bool = True) -> list[dict[str, Any]]:
     """The verified controller beside the label-free baselines on its own candidates, one scale: Hit@10 per level
-    with intervals, labels and seconds per generation, judge perplexity against same-length plain samples."""
+    with intervals, labels (and, with `seconds`, seconds: wall time of the machine that ran it) per generation,
+    judge perplexity against same-length plain samples."""
     keyed = {**tables_of(combined, "verified"), **tables_of(combined, "baseline")}
     out = []
     for key, t in keyed.items():
@@ -56,7 +57,8 @@ def controller_rows(combined: dict[str, Any], scale: str) -> list[dict[str, Any]
             continue
         name = f"verified N={t['n_candidates']}" if t["variant"] == "verified" else f"baseline: {t['decoding']}"
         row = {"rule": name, **{f"Hit@10 {r['level']}": hit_with_interval(r["csc"]) for r in t["rows"]},
-               "labels/gen": t["labels_per_generation"], "s/gen": t.get("seconds_per_generation", math.nan),
+               "labels/gen": t["labels_per_generation"],
+               **({"s/gen": t.get("seconds_per_generation", math.nan)} if seconds else {}),
                "judge ppl": t["fluency"]["judge_ppl"],
                "same-length plain ppl": t["fluency"]["judge_ppl_same_length_unbudgeted"]}
         out.append(row)
@@ -134,8 +136,9 @@ def _levels(values: dict[str, float], fmt: str = "{:.0f}") -> str:
     return ", ".join(f"{level} {fmt.format(v)}" for level, v in values.items())
 
 
-def conclusion(combined: dict[str, Any], run_label: str) -> list[str]:
-    """The paragraphs of notebook 04's "What this run shows", each number read from `combined`."""
+def conclusion(combined: dict[str, Any], run_label: str, seconds: bool = False) -> list[str]:
+    """The paragraphs of notebook 04's "What this run shows", each number read from `combined` (wall times
+    only with `seconds`: they depend on the machine, and the notebook's outputs are checked)."""
     n_prompts, samples = len(combined["prompts"]), combined.get("samples_per_prompt", 1)
     out = [f"Measured on the {run_label}, CPU: {n_prompts} prompts x {samples} samples = {n_prompts * samples} generations "
            "per level and table; Hit@10 in true CSC, [Wilson 95% interval]. Goal: Hit@10 >= 90% at every level with "
@@ -170,12 +173,13 @@ def conclusion(combined: dict[str, Any], run_label: str) -> list[str]:
         line = f"Verified controller, {scale} scale: Hit@10 >= 95% at every level first with N = {n if n else 'none'}"
         if n:
             t = tables[f"verified_n{n}_{scale}"]
+            wall = f" and {t['seconds_per_generation']:.2f} s" if seconds else ""
             line += (f" ({_levels({r['level']: r['csc']['Hit@10'] for r in t['rows']})}; "
-                     f"{t['labels_per_generation']:.0f} labels and {t['seconds_per_generation']:.2f} s per generation)")
+                     f"{t['labels_per_generation']:.0f} labels{wall} per generation)")
         if baseline:
             line += ("; the token-count rule on the same candidates, without labels: "
                      + ", ".join(f"{r['level']} {hit_with_interval(r['csc'])}" for r in baseline["rows"])
-                     + f" ({baseline['seconds_per_generation']:.2f} s per generation)")
+                     + (f" ({baseline['seconds_per_generation']:.2f} s per generation)" if seconds else ""))
         out.append(line + ".")
     for scale, rules in combined.get("stop_rules", {}).items():
         r = rules["rules"]

@@ -77,14 +77,12 @@ def _at_length(text: LabelledContinuation, n: float) -> int:
 def _proxy_stop(text: LabelledContinuation, costs: np.ndarray, budget_proxy: float, sentence_end: np.ndarray,
                 slack: float) -> int:
     """Index of the first stop point where the budget stop fires on the learned spend; the last if none."""
-    spent = np.cumsum(costs[np.asarray(text.ids, dtype=np.int64)])
-    for i, k in enumerate(text.stops):
-        fired = stop_rule(torch.tensor([spent[k - 1]], dtype=torch.float64), int(k),
-                          torch.tensor([budget_proxy], dtype=torch.float64),
-                          torch.tensor([bool(sentence_end[text.ids[k - 1]])]), slack)
-        if bool(fired):
-            return i
-    return text.stops.size - 1
+    ids = np.asarray(text.ids, dtype=np.int64)
+    last = text.stops - 1  # the last kept token of each stop point
+    spent = torch.from_numpy(np.cumsum(costs[ids])[last])
+    fired = stop_rule(spent, torch.from_numpy(text.stops), torch.tensor(budget_proxy, dtype=torch.float64),
+                      torch.from_numpy(sentence_end[ids[last]]), slack).numpy()  # every stop point at once
+    return int(np.argmax(fired)) if fired.any() else text.stops.size - 1
 
 
 def _length_hits(texts: Sequence[LabelledContinuation], budget: float, scale: str, band: float, n: int) -> float:

@@ -52,10 +52,12 @@ def evaluate_budgets(cfg, progress: bool = True):
     g = cfg.generation
     levels = budget_levels(cfg, csc)
     budgets, budget_range, cont = levels.budgets, levels.budget_range, levels.continuation
-    verified_budgets, rate_hints = verified_targets(csc, cfg, budgets)
     # The stop rules on fixed text are judged on every scale (their labels are raw; the length scale is a
-    # product), so the proxy decodings, on the evaluation's scale, always have their open-loop ceiling.
+    # product), so the proxy decodings, on the evaluation's scale, always have their open-loop ceiling; the
+    # verified rows use the configured scales of the same targets.
     rule_budgets, rule_rates = verified_targets(csc, cfg, budgets, SCALES)
+    verified_budgets = {s: rule_budgets[s] for s in g.verified_scales}
+    rate_hints = {s: rule_rates[s] for s in g.verified_scales}
     description = {
         "stage": "evaluate", "version": EVALUATION_VERSION, "generation": cfg.generation.__dict__, "csc": csc.fingerprint, "csc_scale": cfg.csc.scale,
         "backbone": backbone.fingerprint, "train": {v: r.fingerprint for v, r in results.items()},
@@ -92,9 +94,10 @@ def evaluate_budgets(cfg, progress: bool = True):
         sampler = models.get(cfg.train.variant) or next(iter(models.values()))
         scale_cal = {scale: decoding_calibration(sampler, g, scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
                                                  list(b.values()))[0] for scale, b in rule_budgets.items()}
+        sampler_costs = model_token_costs(sampler)
         steered = None
         if g.verified_steered_candidates:
-            steered = SteeredRows(g.verified_steered_candidates, model_token_costs(sampler), scale_cal, g.lambda_max)
+            steered = SteeredRows(g.verified_steered_candidates, sampler_costs, scale_cal, g.lambda_max)
         t, r = verified_tables(sampler, tok, judge, prefixes, prompts, verified_budgets, rate_hints, g.verified_candidates,
                                max_new_tokens=g.verified_max_new_tokens, band=g.verified_band,
                                max_probes=g.verified_max_probes, temperature=g.temperature, top_k=g.top_k, seed=g.seed,
@@ -106,7 +109,7 @@ def evaluate_budgets(cfg, progress: bool = True):
             fixed = {split: label_continuations(ids, tok, prefixes, g.prompt_tokens, g.max_new_tokens, g.stop_rule_texts)
                      for split, ids in (("train", csc.train_ids), ("held_out", csc.valid_ids))}
             rules = {scale: judge_stop_rules(fixed["train"], fixed["held_out"], b, scale, rule_rates[scale],
-                                             model_token_costs(sampler).numpy(), scale_cal[scale], tok, g.verified_band,
+                                             sampler_costs.numpy(), scale_cal[scale], tok, g.verified_band,
                                              g.max_new_tokens, g.seed)
                      for scale, b in rule_budgets.items()}
         combined = {"profile": cfg.profile, "budgets": budgets, "budget_source": levels.source,

@@ -257,12 +257,18 @@ EXAMPLES = "examples.jsonl"
 EXAMPLE_KEYS = ("table", "level", "prompt", "text", "budget_csc", "csc", "stopped_by", "status", "n_tokens")
 
 
+def table_key(record: dict[str, Any]) -> str:
+    """The Table I table a generation record belongs to: `<variant>_<decoding>` for the trained variants'
+    decodings, the decoding itself (`verified_n8_length`, `baseline_token_count_raw`) for the others."""
+    return record["decoding"] if record["variant"] in ("verified", "baseline") else f"{record['variant']}_{record['decoding']}"
+
+
 def example_records(records: Sequence[dict[str, Any]], per_level: int = 5) -> list[dict[str, Any]]:
     """The first `per_level` generations of every table and level of an evaluation's `generations.jsonl`
     records, each cut to what a reader needs (`EXAMPLE_KEYS`): the texts behind a committed run's numbers."""
     out, seen = [], {}
     for r in records:
-        table = r["decoding"] if r["variant"] in ("verified", "baseline") else f"{r['variant']}_{r['decoding']}"
+        table = table_key(r)
         key = (table, r["level"])
         if r["level"] == "none" or seen.get(key, 0) >= per_level:
             continue

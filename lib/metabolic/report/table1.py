@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from metabolic.evaluate.scoring import BUDGET_STOPS
+from metabolic.report import gpu_results
 
 STOP_REASONS = ("budget", "sentence", "eos", "max_new_tokens")  # why a proxy decoding ended, in that order
 
@@ -106,7 +107,7 @@ def examples(records: list[dict[str, Any]], table: str, per_level: int = 5) -> l
     baseline table's key), each with its budget, true CSC and length."""
     lines, seen = [], {}
     for r in records:
-        if table not in (r["decoding"], f"{r['variant']}_{r['decoding']}") or seen.get(r["level"], 0) >= per_level:
+        if gpu_results.table_key(r) != table or seen.get(r["level"], 0) >= per_level:
             continue
         seen[r["level"]] = seen.get(r["level"], 0) + 1
         lines.append(f"[{r['level']}] budget {r['budget_csc']:.3f}, true CSC {r['csc']:.3f}, "

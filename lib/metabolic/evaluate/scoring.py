@@ -22,6 +22,7 @@ from metabolic.core.config import GenerationConfig
 from metabolic.core.errors import DataError
 from metabolic.core.stats import wilson_interval
 from metabolic.csc.dataset import sequence_totals
+from metabolic.evaluate.budgets import sampled_proxy_rate
 from metabolic.generate.budgeted import generate_with_budget, model_token_costs
 from metabolic.generate.verified import PrefixLabeller
 
@@ -240,7 +241,7 @@ def goal_status(table: dict[str, Any], fluency_tolerance: float = 0.10, hit_goal
 # --- the `evaluate` stage -----------------------------------------------------------------------
 
 # Bumped when what the stage computes changes, so an artefact from older code is rebuilt.
-EVALUATION_VERSION = 6  # 3: verified-controller rows and the cost-model fit; 4: one-sided fluency goal; 5: ceilings, steered verified rows; 6: budget forcing, baselines, stop rules on real text, intervals
+EVALUATION_VERSION = 7  # 3: verified-controller rows and the cost-model fit; 4: one-sided fluency goal; 5: ceilings, steered verified rows; 6: budget forcing, baselines, stop rules on real text, intervals; 7: token caps from the generator's own proxy rate
 # plain: the budget pathway (the paper) + budget forcing and the budget stop; steered: + the steering processor
 DECODINGS = ("plain", "steered")
 BUDGET_STOPS = ("budget", "sentence")  # stop reasons that mean the budget, not EOS or the cap, ended the text
@@ -270,11 +271,12 @@ def _record(g, variant: str, decoding: str, level: str, **extra) -> dict[str, An
 
 def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts: list[str], budgets: dict[str, float],
                      g: GenerationConfig, scale: str, budget_range: tuple[float, float], variant: str, calibration,
-                     calibration_note: str, proxy_rate: float, progress: bool = False) -> tuple[dict, list[dict]]:
+                     calibration_note: str, progress: bool = False) -> tuple[dict, list[dict]]:
     """Generate at every budget level with each decoding, measure achieved costs and fluency; tables + records.
 
     Both decodings hold EOS back until the band's lower edge and stop on the budget, under a token cap
-    sized from the budget at `proxy_rate` (`generate_with_budget`); only `steered` also steers.
+    sized from the budget at the proxy rate of the model's own unbudgeted samples of the same prompts
+    (`sampled_proxy_rate`, `generate_with_budget`); only `steered` also steers.
     """
     costs = model_token_costs(model)
     cal = calibration
@@ -283,6 +285,7 @@ def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts:
     reference = generate_with_budget(model, tokenizer, prompts, math.inf, steer=False, stop=False, force=False,
                                      max_new_tokens=g.max_new_tokens, **common)
     ref_fluency = fluency(judge, reference)
+    proxy_rate = sampled_proxy_rate(reference)
     records = [_record(r, variant, "unbudgeted", "none", token_costs=costs[r.generated_ids].tolist()) for r in reference]
     tables: dict[str, Any] = {}
     for decoding in DECODINGS:
@@ -332,6 +335,8 @@ def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts:
                         "judge_ppl_rel_change": relative_change(flu["judge_ppl"], ref_fluency["judge_ppl"])},
             "calibration": {"a": cal.a, "b": cal.b, "how": calibration_note,
                             "model_a": float(model.calib_a.mean()), "model_b": float(model.calib_b.mean())},
+            "proxy_rate": {"per_token": proxy_rate, "tokens": sum(len(r.generated_ids) for r in reference),
+                           "how": f"the model's unbudgeted samples of the same prompts (<= {g.max_new_tokens} tokens)"},
         }
         table["goal"] = goal_status(table)
         tables[f"{variant}_{decoding}"] = table

@@ -587,8 +587,9 @@ def generate_with_budget(
 
     With `force` (budget forcing), EOS is held back in a row until its spend reaches the proxy image of
     the band's lower edge, `(1 - band) x budget_csc`, so that the budget, not an early EOS, ends the
-    text. `proxy_rate` (mean proxy cost per generated token, e.g. on training continuations) paces the
-    steering over the tokens the budget needs and, with `max_new_tokens=None`, sizes the token cap
+    text. `proxy_rate` (mean proxy cost per generated token, e.g. `evaluate.budgets.sampled_proxy_rate` of the
+    model's unbudgeted samples) paces the steering over the tokens the budget needs and, with
+    `max_new_tokens=None`, sizes the token cap
     (`token_cap`); the `Generation` records the tokens needed, the cap and whether the budget was reachable.
     """
     metabolic = is_metabolic(model)

@@ -15,7 +15,7 @@ from metabolic.core.config import StudyConfig
 from metabolic.core.errors import DataError
 from metabolic.csc.dataset import CSCData
 from metabolic.evaluate import budgets as budget_derivation
-from metabolic.evaluate.budgets import BudgetLevels, decoding_calibration, proxy_rate
+from metabolic.evaluate.budgets import BudgetLevels, decoding_calibration
 from metabolic.evaluate.cost_fit import against_ceiling, cost_ceilings, cost_model_fit
 from metabolic.evaluate.scoring import (
     EVALUATION_VERSION,
@@ -83,7 +83,7 @@ def evaluate_budgets(cfg, progress: bool = True):
             cal, note = decoding_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
                                            list(budgets.values()))
             t, r = evaluate_variant(model, tok, judge, prefixes, prompts, budgets, g, cfg.csc.scale, budget_range, variant,
-                                    cal, note, proxy_rate(model, g, csc.train_ids, csc.train_csc), progress)
+                                    cal, note, progress)
             fit = cost_model_fit(model, csc.valid_ids, csc.valid_csc, g.prompt_tokens, cfg.csc.scale)
             for table in t.values():
                 best = result.metrics[result.best_epoch - 1] if 0 < result.best_epoch <= len(result.metrics) else {}

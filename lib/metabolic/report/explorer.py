@@ -31,7 +31,8 @@ import torch
 from metabolic.core.budget import ProxyCalibration, in_band
 from metabolic.core.config import StudyConfig
 from metabolic.core.errors import ConfigError
-from metabolic.evaluate.budgets import decoding_calibration, proxy_rate
+from metabolic.evaluate.budgets import decoding_calibration, sampled_proxy_rate
+from metabolic.evaluate.scoring import select_prompts
 from metabolic.generate.budgeted import Generation, generate_with_budget, is_metabolic, model_token_costs
 from metabolic.generate.verified import PrefixLabeller, generate_verified
 from metabolic.pipeline import stages
@@ -453,9 +454,13 @@ def study_explorer(cfg: StudyConfig, variant: str = "expected-cost") -> StudyExp
     calibration, how = decoding_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
                                           budgets)
     _, rate_hints = stages.verified_targets(csc, cfg, levels.budgets, (cfg.csc.scale,))
+    # the token cap's proxy rate: the model's own unbudgeted samples of the evaluation's prompts, as notebook 04's
+    unbudgeted = generate_with_budget(model, tokenizer, select_prompts(g, tokenizer, csc.valid_ids), math.inf, steer=False,
+                                      stop=False, force=False, max_new_tokens=g.max_new_tokens, calibration=calibration,
+                                      temperature=g.temperature, top_k=g.top_k, seed=g.seed)
     explorer = BudgetExplorer(model, tokenizer, levels.budget_range, calibration=calibration, prompt=g.prompts[0],
                               budget=budgets[len(budgets) // 2], temperature=g.temperature, top_k=g.top_k, seed=g.seed,
                               labeller=stages.csc_labeller(cfg), rate_hint=rate_hints[cfg.csc.scale],
-                              proxy_rate=proxy_rate(model, g, csc.train_ids, csc.train_csc), levels=levels.budgets,
+                              proxy_rate=sampled_proxy_rate(unbudgeted), levels=levels.budgets,
                               band=g.verified_band)
     return StudyExplorer(explorer, dict(levels.budgets), how)

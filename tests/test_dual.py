@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from metabolic.core.errors import ConfigError
-from metabolic.train.dual import curriculum_budgets, curriculum_factor, dual_update
+from metabolic.train.dual import curriculum_factor, dual_update
 
 value = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False)
 
@@ -65,11 +65,9 @@ def test_curriculum_runs_from_start_to_targets(epochs, start):
         assert np.all(steps <= 1e-12) if start >= 1 else np.all(steps >= -1e-12)  # monotone towards 1
 
 
-def test_curriculum_budgets_loose_to_target():
-    targets = np.array([0.4, 0.5, 0.7])
-    np.testing.assert_allclose(curriculum_budgets(targets, 0, 3, 1.5), 1.5 * targets)
-    np.testing.assert_allclose(curriculum_budgets(targets, 1, 3, 1.5), 1.25 * targets)
-    np.testing.assert_allclose(curriculum_budgets(targets, 2, 3, 1.5), targets)
+def test_curriculum_factor_loose_to_target():
+    assert [curriculum_factor(e, 3, 1.5) for e in range(3)] == [1.5, 1.25, 1.0]
+    assert curriculum_factor(0, 1, 1.5) == 1.0  # one epoch: the targets themselves
 
 
 @pytest.mark.parametrize("epoch, epochs, start", [(3, 3, 1.5), (-1, 3, 1.5), (0, 0, 1.5), (0, 3, 0.0)])

@@ -105,11 +105,6 @@ class Spread:
     def iqr(self) -> float:
         return self.q75 - self.q25
 
-    @property
-    def rel_iqr(self) -> float:
-        """Inter-quartile range relative to the median (NaN when the median is 0)."""
-        return self.iqr / self.median if self.median else float("nan")
-
 
 def spread(values: Iterable[Optional[float]]) -> Optional[Spread]:
     """Median, quartiles and range of the defined values; None when no value is defined. NaN is an error."""

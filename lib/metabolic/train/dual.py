@@ -52,7 +52,3 @@ def curriculum_factor(epoch: int, epochs: int, start: float) -> float:
         return 1.0
     return float(start + (1.0 - start) * epoch / (epochs - 1))
 
-
-def curriculum_budgets(targets: np.ndarray, epoch: int, epochs: int, start: float) -> np.ndarray:
-    """The budgets of one epoch: targets x `curriculum_factor` (float64 [K])."""
-    return np.asarray(targets, dtype=np.float64) * curriculum_factor(epoch, epochs, start)

@@ -161,3 +161,22 @@ def test_waiting_on_a_lock_says_so(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="metabolic.core.artefacts"), art._exclusive(lock):
         pass
     assert caplog.records == []  # a free lock is taken without a word
+
+
+def test_reuse_only_reads_a_fresh_artefact_and_refuses_to_build(tmp_path):
+    from metabolic.core.errors import StaleArtefactError
+
+    built = []
+    build = _builder(built, "1")
+    folder = tmp_path / "stage"
+    with artefacts.reuse_only(), pytest.raises(StaleArtefactError, match=r"stage is absent.*rerun the stages"):
+        artefacts.build_artefact(folder, {"a": 1}, build)
+    assert not built and not folder.exists() and not (tmp_path / "stage.partial").exists()
+    artefacts.build_artefact(folder, {"a": 1}, build)
+    with artefacts.reuse_only():
+        assert artefacts.build_artefact(folder, {"a": 1}, build) == folder  # fresh: read, not built
+        with pytest.raises(StaleArtefactError, match=r"stale \(made from other inputs\)"):
+            artefacts.build_artefact(folder, {"a": 2}, build)
+    assert len(built) == 1 and (folder / "payload.txt").read_text() == "1"
+    artefacts.build_artefact(folder, {"a": 2}, build)  # outside the block, a stale artefact is rebuilt as ever
+    assert len(built) == 2

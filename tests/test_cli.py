@@ -54,6 +54,22 @@ def test_empty_corpus_is_one_line_and_writes_nothing(tmp_path, assets_dir):
     assert not data.exists() or not any(p.is_file() for p in data.rglob("*"))
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00 not a corpus", "is not UTF-8 text (byte 0: invalid start byte)"),
+    (b"= Title =\n\x00\x00\x00\x00\n", "holds a NUL byte at character 10: it is binary, not text"),
+])
+def test_a_corpus_that_is_not_text_is_one_line_and_writes_nothing(tmp_path, assets_dir, content, message):
+    folder = tmp_path / "assets"
+    shutil.copytree(assets_dir / "gpt2-tokenizer", folder / "gpt2-tokenizer")
+    shutil.copytree(assets_dir / "wikitext-2", folder / "wikitext-2")
+    (folder / "wikitext-2" / "train.txt").write_bytes(content)
+    proc, data = _run(["run", "--stages", "corpus"], tmp_path, METABOLIC_ASSETS=str(folder))
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{folder / 'wikitext-2' / 'train.txt'} {message}" in lines[0] and "raw text files" in lines[0]
+    assert not data.exists() or not any(p.is_file() for p in data.rglob("*"))
+
+
 def test_config_prints_the_resolved_profile(tmp_path):
     import json
 

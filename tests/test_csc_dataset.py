@@ -34,7 +34,7 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_and_gives_the_same_labels(fresh_data, monkeypatch):
+def test_interrupted_run_resumes_and_gives_the_same_labels(fresh_data, monkeypatch, caplog):
     from metabolic.core import artefacts
     from metabolic.csc.labeller import CSCLabeller
     from metabolic.pipeline.stages import csc_labels
@@ -57,8 +57,10 @@ def test_interrupted_run_resumes_and_gives_the_same_labels(fresh_data, monkeypat
     assert not folder.exists()  # nothing half-written where readers look
     partial = folder.with_name("csc.partial")
     saved = sorted((partial / "chunks").glob("*.npz"))
-    assert len(saved) == 2
-    saved[1].write_bytes(saved[1].read_bytes()[:50])  # a damaged chunk is relabelled, not trusted
+    assert len(saved) == 2 and all(artefacts.hash_path(p).exists() for p in saved)
+    data = bytearray(saved[1].read_bytes())
+    data[-40] ^= 0xFF  # one flipped byte in the labels: it still loads, but fails its SHA-256
+    saved[1].write_bytes(bytes(data))
 
     resumed_chunks = []
 
@@ -70,6 +72,7 @@ def test_interrupted_run_resumes_and_gives_the_same_labels(fresh_data, monkeypat
     monkeypatch.setattr(CSCLabeller, "label_groups", counting)
     resumed = csc_labels(cfg, progress=False)
     assert len(resumed_chunks) == 4  # 5 chunks: 1 reused, 1 damaged and 3 missing relabelled
+    assert any("chunk" in r.message and "do not match their recorded hash" in r.message for r in caplog.records)
     assert not partial.exists() and (folder / "csc.npz").exists()
 
     shutil.rmtree(folder)  # an uninterrupted run from scratch gives the same labels

@@ -299,3 +299,118 @@ def test_a_kill_between_the_csc_merge_and_its_commit_keeps_the_merged_labels(tin
     monkeypatch.setattr(csc_stage, "label_split", lambda *a, **k: calls.append(1) or real_label(*a, **k))
     stages.csc_labels(tiny_cfg, progress=False)
     assert calls == [] and _sha(run_copy / "csc" / "csc.npz") == clean  # nothing relabelled, the same labels
+
+
+# The evaluate stage at its smallest: one validation prompt, short texts, one stop-rule text per split.
+EVALUATE_OVERRIDES = {"generation.n_valid_prompts": 1, "generation.max_new_tokens": 6, "generation.stop_rule_texts": 1,
+                      "generation.verified_candidates": (1,), "generation.verified_max_new_tokens": 8,
+                      "generation.verified_scales": ("length",), "generation.verified_steered_candidates": ()}
+
+
+# A real kill -9 of `evaluate_budgets` in its own process, the moment the verified rows begin (both variants'
+# tables saved): no handler, no `finally`, as the kernel's OOM killer or a pulled plug would end it.
+_KILL_AT_VERIFIED = textwrap.dedent("""
+    import ast, os, signal, sys
+    from metabolic.pipeline import evaluate as stage
+    real = stage.resumable
+    def kill_at_verified(work, name, compute):
+        if name == "verified":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(work, name, compute)
+    stage.resumable = kill_at_verified
+    from metabolic.core.profiles import load_config
+    from metabolic.pipeline import stages
+    stages.evaluate_budgets(load_config("smoke", ast.literal_eval(sys.argv[1])), progress=False)
+""")
+
+
+def test_a_killed_evaluation_resumes_per_table_and_ends_as_an_uninterrupted_one(clean_run, monkeypatch):
+    from metabolic.pipeline import evaluate as evaluate_stage
+
+    overrides = {**TINY_OVERRIDES, **EVALUATE_OVERRIDES}
+    cfg = load_config("smoke", overrides)
+    uninterrupted = stages.evaluate_budgets(cfg, progress=False)
+    folder = artefacts.run_dir(cfg.profile) / "evaluation"
+    shutil.rmtree(folder)
+
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_VERIFIED, repr(overrides)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    parts = folder.with_name("evaluation.partial") / evaluate_stage.PARTS
+    saved = sorted(p.name for p in parts.glob("*.pt"))
+    assert saved == ["table1_expected-cost.pt", "table1_faithful.pt"] and not folder.exists()
+    _flip(parts / "table1_faithful.pt", 4)  # a damaged part is recomputed, never loaded
+
+    calls = []
+    monkeypatch.setattr(evaluate_stage, "evaluate_variant", _counting(evaluate_stage.evaluate_variant, calls))
+    resumed = stages.evaluate_budgets(cfg, progress=False)
+    assert calls == ["faithful"]  # the intact table was reused, the damaged one and the rest were computed
+    assert not folder.with_name("evaluation.partial").exists() and not (folder / evaluate_stage.PARTS).exists()
+    assert _without_timings(resumed) == _without_timings(uninterrupted)
+
+
+def _counting(function, calls):
+    def counted(*args, **kwargs):
+        calls.append(args[9])  # the variant
+        return function(*args, **kwargs)
+
+    return counted
+
+
+def _without_timings(combined):
+    """Tables minus what measures this machine's speed (seconds, labelling rates)."""
+    import json
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if "seconds" not in k and "rate_texts" not in k}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return json.loads(json.dumps(strip(combined)))
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs: a real full disk for the library writers (needs root and mount; skipped elsewhere)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip() or proc.returncode}); the test below covers "
+                    "the same conversion with safetensors' own exception")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "numpy"])
+def test_a_library_writer_on_a_full_disk_names_the_folder(full_disk, writer):
+    import numpy as np
+    from metabolic.core.errors import os_fault_message
+
+    def build(work):
+        if writer == "safetensors":  # transformers' save_pretrained raises SafetensorError, naming no file
+            scratch_model(TINY, vocab_size=2000, n_positions=32, eos_id=0).save_pretrained(work)
+        else:  # numpy's write raises OSError(28) without a file name
+            with open(work / "prior.npz", "wb") as fh:
+                np.savez(fh, cost=np.zeros(100_000))
+
+    with pytest.raises(OSError) as info:
+        artefacts.build_artefact(full_disk / "stage", {"writer": writer}, build)
+    where = str(full_disk / "stage.partial")
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, where)
+    assert os_fault_message(info.value).startswith(f"cannot write {where}: No space left on device (ENOSPC): the disk is full")
+
+
+def test_safetensors_disk_errors_name_the_folder_and_others_pass_through(tmp_path):
+    from safetensors import SafetensorError
+
+    with pytest.raises(OSError) as info, artefacts.naming_faults(tmp_path):
+        raise SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
+    assert (info.value.errno, info.value.filename) == (errno.EROFS, str(tmp_path))
+    with pytest.raises(SafetensorError, match="os error 2\\)"), artefacts.naming_faults(tmp_path):
+        raise SafetensorError("Error while deserializing: No such file or directory (os error 2)")  # not a disk fault
+    with pytest.raises(OSError) as info, artefacts.naming_faults(tmp_path):
+        raise OSError(errno.ENOSPC, "No space left on device", "/named/already")
+    assert info.value.filename == "/named/already"

@@ -369,6 +369,23 @@ def test_cap_is_sized_from_the_budget_and_reports_reach(model, tokenizer, costs)
         generate_with_budget(model, tokenizer, PROMPTS[:1], 1.0, proxy_rate=0.1, band=1.5, **kw)
 
 
+def test_sampled_proxy_rate_is_the_spend_per_token_of_unbudgeted_samples(model, tokenizer, costs):
+    from metabolic.evaluate.budgets import sampled_proxy_rate
+
+    samples = generate_with_budget(model, tokenizer, PROMPTS, math.inf, token_costs=costs, calibration=IDENTITY,
+                                   steer=False, stop=False, force=False, seed=0, max_new_tokens=12)
+    ids = [i for g in samples for i in g.generated_ids]
+    assert sampled_proxy_rate(samples) == pytest.approx(float(costs[ids].double().sum()) / len(ids), rel=1e-9)
+    # a cap sized from that rate gives the samples' own mean spend the tokens they took, on average
+    needed = [generate_with_budget(model, tokenizer, [g.prompt], g.spent_proxy, token_costs=costs, calibration=IDENTITY,
+                                   proxy_rate=sampled_proxy_rate(samples), max_new_tokens=None, seed=0)[0].tokens_needed
+              for g in samples]
+    assert sum(needed) == pytest.approx(len(ids), rel=1e-9)
+    empty = [g.__class__(**{**g.__dict__, "generated_ids": [], "spent_proxy": 0.0}) for g in samples]
+    with pytest.raises(DataError, match="no rate to size the token cap"):
+        sampled_proxy_rate(empty)
+
+
 # --- one validator for every generation function -------------------------------------------------------
 
 

@@ -9,10 +9,13 @@ into place with a rename only when complete: a reader never sees a half-written 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,13 +24,14 @@ from typing import Any, Callable
 import numpy as np
 
 from metabolic import __version__
-from metabolic.core.errors import ConfigError, DivergedError
+from metabolic.core.errors import ConfigError, DivergedError, StaleArtefactError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CONFIG_FILE = "study_config.json"
 PARTIAL_KEY = ".fingerprint"  # a partial's fingerprint: its work can be resumed only with the same inputs
+_REUSE_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("reuse_only", default=False)
 
 
 def project_root() -> Path:
@@ -124,6 +128,31 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def hash_path(path: Path) -> Path:
+    """Where `write_hashed` records the SHA-256 of `path`: `<name>.sha256` beside it."""
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def write_hashed(path: Path, data: bytes) -> None:
+    """`data` to `path` (atomic), then its SHA-256 beside it: a crash between the two leaves a file that fails
+    its hash, never one that passes with the wrong bytes. For work a later run resumes from (checkpoints, chunks)."""
+    atomic_write_bytes(path, data)
+    atomic_write_text(hash_path(path), hashlib.sha256(data).hexdigest() + "\n")
+
+
+def read_hashed(path: Path) -> tuple[bytes | None, str]:
+    """(the bytes of `path`, "") when they match the SHA-256 `write_hashed` recorded, else (None, why)."""
+    path = Path(path)
+    data = path.read_bytes()
+    digest = hash_path(path)
+    expected = digest.read_text(encoding="utf-8").strip() if digest.exists() else None
+    if expected is None:
+        return None, "it has no recorded hash"
+    if expected != hashlib.sha256(data).hexdigest():
+        return None, "its bytes do not match their recorded hash"
+    return data, ""
 
 
 def _json_default(obj: Any) -> Any:
@@ -268,12 +297,49 @@ def build_artefact(
         log.info("reusing %s (fingerprint %s)", shown(folder), key[:12])
         shutil.rmtree(_trash_name(folder), ignore_errors=True)  # left by a kill just after a commit
         return folder
+    if _REUSE_ONLY.get():
+        raise StaleArtefactError(f"{shown(folder)} is {staleness(folder, key, required)}: rerun the stages that make it "
+                                 "(python -m metabolic run --profile <profile>)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     # One builder at a time per artefact (two notebooks or processes may ask for the same stage).
     with _exclusive(folder.with_name(f".{folder.name}.lock")):
         if not force and is_fresh(folder, key, required):
             return folder
         return _build_locked(folder, key, description, build, config_json, required)
+
+
+# Disk faults a library writer can hit; their own exceptions (safetensors' SafetensorError: "... No space left on
+# device (os error 28)") and numpy's OSError(28) name no path, so the CLI could not say where the disk is full.
+_DISK_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+@contextlib.contextmanager
+def naming_faults(path: Path):
+    """Within: a disk fault that names no file (a library's write into `path`) is re-raised as an `OSError`
+    naming `path`, so the one-line error says where (`metabolic.core.errors.os_fault_message`)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno in _DISK_FAULTS:
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
+        raise
+    except Exception as exc:
+        match = re.search(r"\(os error (\d+)\)", str(exc))
+        if match is None or int(match[1]) not in _DISK_FAULTS:
+            raise
+        code = int(match[1])
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+@contextlib.contextmanager
+def reuse_only():
+    """Within this block, an artefact that is not fresh raises `StaleArtefactError` instead of being built:
+    for readers that must show what is on disk, not start a long build (the explorer's strongest run)."""
+    token = _REUSE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _REUSE_ONLY.reset(token)
 
 
 @contextlib.contextmanager
@@ -315,7 +381,8 @@ def _build_locked(folder: Path, key: str, description: dict[str, Any], build, co
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_text(work_key, key)
         try:
-            extra = build(work) or {}
+            with naming_faults(work):
+                extra = build(work) or {}
         except DivergedError:
             shutil.rmtree(work, ignore_errors=True)  # its checkpoints would only diverge again
             raise

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
-from metabolic.core.errors import AssetError
+from metabolic.core.errors import AssetError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,8 @@ def resolve(kind: str, spec: str, load: Callable[[Candidate], T], cands: list[Ca
             continue
         try:
             value = load(cand)
+        except DataError:
+            raise  # found, but its content is wrong (e.g. a corpus that is not text): say so, never fall through
         except Exception as exc:  # noqa: BLE001 - every failure is reported in the final error
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             tried.append(f"{cand.source} {cand.location} ({first_line[:160]})")

@@ -23,6 +23,10 @@ class DataError(MetabolicError, ValueError):
     """Input data is empty, inconsistent or made for another configuration."""
 
 
+class StaleArtefactError(DataError):
+    """An artefact a reader needs is missing or made from other inputs, and building it was not asked for."""
+
+
 class DivergedError(MetabolicError, FloatingPointError):
     """A training run's loss or weights went non-finite; nothing of it is kept."""
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import logging
 import math
@@ -18,14 +17,10 @@ from typing import Any
 
 import torch
 
-from metabolic.core.artefacts import atomic_write_bytes, atomic_write_text, shown
+from metabolic.core.artefacts import hash_path, read_hashed, shown, write_hashed
 from metabolic.core.errors import DivergedError
 
 log = logging.getLogger(__name__)
-
-
-def _digest_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
 
 
 def _previous(path: Path) -> Path:
@@ -33,43 +28,37 @@ def _previous(path: Path) -> Path:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write `state` to `path` with its SHA-256 beside it (`<name>.sha256`), keeping the checkpoint it replaces
-    as `<stem>.prev<suffix>`: a damaged newest checkpoint falls back to the one before, not to the beginning."""
+    """Write `state` to `path` with its SHA-256 beside it (`artefacts.write_hashed`), keeping the checkpoint it
+    replaces as `<stem>.prev<suffix>`: a damaged newest checkpoint falls back to the one before, not to the beginning."""
     path = Path(path)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    data = buffer.getvalue()
     if path.exists():
         os.replace(path, _previous(path))
-        if _digest_path(path).exists():
-            os.replace(_digest_path(path), _digest_path(_previous(path)))
-    # the bytes first, then their hash: a crash between the two leaves a checkpoint that fails its hash
-    atomic_write_bytes(path, data)
-    atomic_write_text(_digest_path(path), hashlib.sha256(data).hexdigest() + "\n")
+        if hash_path(path).exists():
+            os.replace(hash_path(path), hash_path(_previous(path)))
+    write_hashed(path, buffer.getvalue())
 
 
 def remove_checkpoint(path: Path) -> None:
     """Delete the checkpoint at `path`, the one before it and their hashes (a finished run supersedes them)."""
     for p in (Path(path), _previous(Path(path))):
         p.unlink(missing_ok=True)
-        _digest_path(p).unlink(missing_ok=True)
+        hash_path(p).unlink(missing_ok=True)
 
 
 def _verified(path: Path) -> dict[str, Any] | None:
     """The checkpoint at `path` when its bytes match its recorded SHA-256 and load; else None, after deleting it."""
     try:
-        data = path.read_bytes()
-        expected = _digest_path(path).read_text(encoding="utf-8").strip() if _digest_path(path).exists() else None
-        if expected != hashlib.sha256(data).hexdigest():
-            why = "it has no recorded hash" if expected is None else "its bytes do not match their recorded hash"
-        else:
+        data, why = read_hashed(path)
+        if data is not None:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any damage (truncation, flipped bytes) means "not usable"
         if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EIO):
             raise  # the disk or its permissions failed, not the file: keep it
         why = f"it cannot be read ({type(exc).__name__})"
     path.unlink(missing_ok=True)
-    _digest_path(path).unlink(missing_ok=True)
+    hash_path(path).unlink(missing_ok=True)
     log.warning("checkpoint %s is damaged (%s): discarded, never loaded", shown(path), why)
     return None
 

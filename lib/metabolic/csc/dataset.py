@@ -152,18 +152,23 @@ def encoder_weights_sha256(encoder) -> str:
 # --- the artefact ----------------------------------------------------------------------------
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    artefacts.atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def _load_chunk(path: Path, expected: list[int]) -> list[np.ndarray] | None:
-    """A finished chunk's labels, or None when missing or corrupt (it is then relabelled)."""
+    """A finished chunk's labels, or None when missing, without its recorded SHA-256 or not matching it
+    (`artefacts.write_hashed`): a damaged chunk is relabelled, never loaded."""
     if not path.exists():
         return None
     try:
-        with np.load(path) as z:
+        data, why = artefacts.read_hashed(path)
+        if data is None:
+            log.warning("chunk %s: %s: relabelling it", path.name, why)
+            return None
+        with np.load(io.BytesIO(data)) as z:
             labels = unpack_ragged(z["csc"], z["offsets"])
     except Exception as exc:  # noqa: BLE001 - a damaged chunk is relabelled, not trusted
         log.warning("chunk %s is unreadable (%s): relabelling it", path.name, exc)
@@ -200,7 +205,7 @@ def _label_chunks(labeller, name: str, split: int, sequences: list[list[int]], c
     for j, labels in labeller.label_groups(sequences, positions, [groups[k] for k in todo], progress=progress):
         k = todo[j]
         flat, offsets = pack_ragged(labels, np.float32)
-        _save_npz(paths[k], csc=flat, offsets=offsets)
+        artefacts.write_hashed(paths[k], _npz_bytes(csc=flat, offsets=offsets))
         done[k] = labels
     return done, todo
 
@@ -233,7 +238,7 @@ def save_data(path: Path, train: Sequence[Sequence[int]], train_csc: Sequence[np
     for name, ids, labels in (("train", train, train_csc), ("valid", valid, valid_csc)):
         arrays[f"{name}_ids"], arrays[f"{name}_offsets"] = pack_ragged(ids, np.int32)
         arrays[f"{name}_csc"], _ = pack_ragged(labels, np.float32)
-    _save_npz(path, **arrays)
+    artefacts.atomic_write_bytes(path, _npz_bytes(**arrays))
 
 
 def load_data(folder: Path, train: list[list[int]], valid: list[list[int]]) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -45,8 +45,20 @@ def _load_from_assets(folder: Path) -> dict[str, list[str]]:
         path = folder / _ASSET_FILES[split]
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing")
-        out[split] = non_empty_texts(path.read_text(encoding="utf-8").splitlines())
+        out[split] = non_empty_texts(_text(path).splitlines())
     return out
+
+
+def _text(path: Path) -> str:
+    """The file's UTF-8 text; a `DataError` naming the file when it is not text (binary, another encoding)."""
+    fix = "give WikiText-2's raw text files (train.txt, valid.txt, test.txt: one paragraph per line, UTF-8)"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}): {fix}") from None
+    if "\x00" in text:  # decodes, but no text holds NUL: a binary file
+        raise DataError(f"{path} holds a NUL byte at character {text.index(chr(0))}: it is binary, not text: {fix}")
+    return text
 
 
 def _load_from_datasets(dataset: str, config_name: str) -> dict[str, list[str]]:

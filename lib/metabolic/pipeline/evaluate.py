@@ -3,8 +3,12 @@ rows (N x scale), from the trained models, the CSC cache and the budgets of `met
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -13,6 +17,7 @@ from metabolic.core import artefacts
 from metabolic.core.budget import SCALES
 from metabolic.core.config import StudyConfig
 from metabolic.core.errors import DataError
+from metabolic.core.resume import load_checkpoint, save_checkpoint
 from metabolic.csc.dataset import CSCData
 from metabolic.evaluate import budgets as budget_derivation
 from metabolic.evaluate.budgets import BudgetLevels, decoding_calibration
@@ -36,6 +41,9 @@ from metabolic.pipeline.csc import csc_labeller, csc_labels
 from metabolic.pipeline.pretrain import pretrain_backbone
 from metabolic.pipeline.prior import energy_prior
 from metabolic.pipeline.train import train_variants
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def evaluate_budgets(cfg, progress: bool = True):
@@ -73,22 +81,27 @@ def evaluate_budgets(cfg, progress: bool = True):
         prompts = [p for p in distinct for _ in range(g.samples_per_prompt)]
         judge = Judge(load_backbone(backbone.path))  # one memo: texts several tables judge are scored once
         prefixes = PrefixLabeller(csc_labeller(cfg))  # one memo: texts several decodings produce are labelled once
-        tables, records = {}, []
-        models = {}
+        models = {variant: result.load_best() for variant, result in results.items()}
         # What simple predictors fitted on the same labels reach on the same held-out texts (cost_fit).
         ceilings = cost_ceilings(load_backbone(backbone.path), csc.train_ids, csc.train_csc, csc.valid_ids, csc.valid_csc,
                                  energy_prior(cfg).prior.cost, g.prompt_tokens, cfg.csc.scale)
-        for variant, result in results.items():
-            model = models[variant] = result.load_best()
+
+        def variant_tables(variant):
+            model, result = models[variant], results[variant]
             cal, note = decoding_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
-                                           list(budgets.values()))
+                                             list(budgets.values()))
             t, r = evaluate_variant(model, tok, judge, prefixes, prompts, budgets, g, cfg.csc.scale, budget_range, variant,
                                     cal, note, progress)
             fit = cost_model_fit(model, csc.valid_ids, csc.valid_csc, g.prompt_tokens, cfg.csc.scale)
+            best = result.metrics[result.best_epoch - 1] if 0 < result.best_epoch <= len(result.metrics) else {}
             for table in t.values():
-                best = result.metrics[result.best_epoch - 1] if 0 < result.best_epoch <= len(result.metrics) else {}
                 table.update(best_epoch=result.best_epoch, val_ppl=best.get("val_ppl"), backbone_val_ppl=result.reference_ppl,
                              cost_model=fit, cost_model_vs_ceiling=against_ceiling(fit, ceilings))
+            return t, r
+
+        tables, records = {}, []
+        for variant in results:
+            t, r = resumable(work, f"table1_{variant}", functools.partial(variant_tables, variant))
             tables.update(t)
             records.extend(r)
         sampler = models.get(cfg.train.variant) or next(iter(models.values()))
@@ -98,20 +111,24 @@ def evaluate_budgets(cfg, progress: bool = True):
         steered = None
         if g.verified_steered_candidates:
             steered = SteeredRows(g.verified_steered_candidates, sampler_costs, scale_cal, g.lambda_max)
-        t, r = verified_tables(sampler, tok, judge, prefixes, prompts, verified_budgets, rate_hints, g.verified_candidates,
-                               max_new_tokens=g.verified_max_new_tokens, band=g.verified_band,
-                               max_probes=g.verified_max_probes, temperature=g.temperature, top_k=g.top_k, seed=g.seed,
-                               steered=steered)
+        t, r = resumable(work, "verified", lambda: verified_tables(
+            sampler, tok, judge, prefixes, prompts, verified_budgets, rate_hints, g.verified_candidates,
+            max_new_tokens=g.verified_max_new_tokens, band=g.verified_band, max_probes=g.verified_max_probes,
+            temperature=g.temperature, top_k=g.top_k, seed=g.seed, steered=steered))
         tables.update(t)
         records.extend(r)
-        rules = {}
-        if g.stop_rule_texts:  # the stop rules on fixed held-out text (labels every word-end prefix of each)
+
+        def stop_rules():  # the stop rules on fixed held-out text (labels every word-end prefix of each)
+            if not g.stop_rule_texts:
+                return {}
             fixed = {split: label_continuations(ids, tok, prefixes, g.prompt_tokens, g.max_new_tokens, g.stop_rule_texts)
                      for split, ids in (("train", csc.train_ids), ("held_out", csc.valid_ids))}
-            rules = {scale: judge_stop_rules(fixed["train"], fixed["held_out"], b, scale, rule_rates[scale],
-                                             sampler_costs.numpy(), scale_cal[scale], tok, g.verified_band,
-                                             g.max_new_tokens, g.seed)
-                     for scale, b in rule_budgets.items()}
+            return {scale: judge_stop_rules(fixed["train"], fixed["held_out"], b, scale, rule_rates[scale],
+                                            sampler_costs.numpy(), scale_cal[scale], tok, g.verified_band,
+                                            g.max_new_tokens, g.seed)
+                    for scale, b in rule_budgets.items()}
+
+        rules = resumable(work, "stop_rules", stop_rules)
         combined = {"profile": cfg.profile, "budgets": budgets, "budget_source": levels.source,
                     "budget_range": list(budget_range), "training_targets": levels.training_targets,
                     "continuation_csc": {"n": int(cont.size), "min": float(cont.min()), "median": float(np.median(cont)),
@@ -123,6 +140,7 @@ def evaluate_budgets(cfg, progress: bool = True):
                     "tables": tables, "paper": PAPER_TABLE1}
         artefacts.atomic_write_json(work / TABLES_FILE, combined)
         artefacts.atomic_write_text(work / GENERATIONS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+        shutil.rmtree(work / PARTS, ignore_errors=True)  # superseded by the two files above
         return {"n_generations": len(records)}
 
     artefacts.build_artefact(folder, description, build, cfg.to_json(), required=(TABLES_FILE, GENERATIONS_FILE))
@@ -135,9 +153,28 @@ def evaluate_budgets(cfg, progress: bool = True):
     return combined
 
 
-def budget_levels(cfg: StudyConfig, csc: CSCData) -> BudgetLevels:
-    """The profile's generation budgets (`metabolic.evaluate.budgets.budget_levels` on its config)."""
-    return budget_derivation.budget_levels(csc, cfg.generation, cfg.train, cfg.csc.scale,
+PARTS = "parts"  # an unfinished evaluation's finished tables, in its .partial folder
+
+
+def resumable(work: Path, name: str, compute: Callable[[], T]) -> T:
+    """`compute()`, saved in `work/parts/<name>.pt` (SHA-256 checked, `core.resume`) as soon as it is done: a
+    rerun after an interruption reuses every finished part (each is seeded on its own, so the result is the
+    uninterrupted run's) and computes only the rest."""
+    path = work / PARTS / f"{name}.pt"
+    saved = load_checkpoint(path)
+    if saved is not None:
+        log.info("evaluate: %s finished before an interruption: reused (%s)", name, artefacts.shown(path))
+        return saved["value"]
+    value = compute()
+    path.parent.mkdir(exist_ok=True)
+    save_checkpoint(path, {"value": value})
+    return value
+
+
+def budget_levels(cfg: StudyConfig, csc: CSCData, scale: str | None = None) -> BudgetLevels:
+    """The profile's generation budgets (`metabolic.evaluate.budgets.budget_levels` on its config), on `scale`
+    (default `csc.scale`)."""
+    return budget_derivation.budget_levels(csc, cfg.generation, cfg.train, scale or cfg.csc.scale,
                                            vocab_size=len(corpus(cfg).tokenizer))
 
 

@@ -18,8 +18,11 @@
 # # 06 · Live budget explorer
 #
 # Ask for a semantic budget (CSC units), watch the text that spends it. Run All, then move the **budget**
-# slider: the text grows with the budget.
+# slider: the text grows with the budget. The first line of the widget names the model and run it shows: the
+# strongest finished run on disk (the cpu run's when `scripts/cpu_budgets.sh` has made one here, else smoke).
 #
+# - **Scale.** Budgets and true CSC are on the length-aware scale (T x mean CSC per token, Table I's verified
+#   rows), where a larger budget buys more text; set `scale = "raw"` below for the scale the model was trained on.
 # - **Modes** (the `mode` switch, or the `verified N` slider). `verified N` = 0 is the **proxy** mode: the learned costs decide, for free. EOS is held back
 #   until the calibrated learned spend reaches the band's lower edge (budget forcing), steering keeps the
 #   pace, and the budget stop ends the text. The shown text is then labelled once, so the gauge shows its
@@ -35,28 +38,34 @@
 #
 # Every control regenerates once per committed change (sliders on release, the prompt and seed boxes on
 # Enter); "resample" draws the next seed, and the same seed gives the same sample. Budgets outside the
-# trained range are clamped (the status line says so); bad input shows a one-line error in the widget.
+# slider's range are clamped (the status line says so); bad input shows a one-line error in the widget.
 
 # %% tags=["parameters"]
-profile = "smoke"
+profile = "strongest"  # the strongest finished run on disk (the cpu run's, else smoke), or a profile's name
 overrides = {}
 variant = "expected-cost"
+# "length": budgets and true CSC as T x mean CSC per token, where a larger budget buys more text (Table I's verified
+# rows); "raw": the scale the model was trained on, whose totals are nearly flat in length (README, measured facts)
+scale = "length"
 
 # %%
-from metabolic.report.notebook import profile_label, setup
+from metabolic.report.notebook import STRONGEST, profile_label, setup, strongest_profile
 
+requested = profile
+profile, chosen = strongest_profile(profile)
 cfg = setup(profile, overrides)
 print("profile:", profile_label(cfg))
+print("run:", chosen)
 
 # %%
 from metabolic.report.explorer import study_explorer
 
-# The same model, budgets, budget range and budget -> proxy map as notebook 04; labels by the exact CSC labeller.
-study = study_explorer(cfg, variant)
+# The same model and budget levels as notebook 04 (on the length scale: its verified rows' targets); labels by the
+# exact CSC labeller. A run found on disk is shown as it is: a stale one is an error, never an hour of rebuilding.
+study = study_explorer(cfg, variant, reuse_only=requested == STRONGEST and profile != "smoke", scale=scale)
 explorer, levels, how = study.explorer, study.levels, study.calibration_note
 low, high = explorer.budget_range
-print(f"explorer: the {variant} model of the {cfg.profile} run; budget levels "
-      + ", ".join(f"{k} {v:.4f}" for k, v in levels.items()) + " CSC")
+print(f"explorer: {explorer.source}; budget levels " + ", ".join(f"{k} {v:.4f}" for k, v in levels.items()) + " CSC")
 
 # %%
 explorer.widget()
@@ -84,9 +93,10 @@ for label, args in {"empty prompt": ("", 1.0, 1.0, 8), "budget 0": ("Hi", 0.0, 1
                     "prompt beyond the context": ("word " * 2000, 1.0, 1.0, 8)}.items():
     print(f"{label}: {explorer.render(*args).error[:90]}")
 print(f"far above the range: {explorer.render('Hi', high * 100, 1.0, 8).status.split('; ')[-1]}")
-for name, view in explorer.render_levels(cfg.generation.prompts[0], cfg.generation.temperature,
-                                         cfg.generation.verified_max_new_tokens, candidates=4).items():
-    print(f"verified N=4, {name}: " + view.status.rsplit("; ", 1)[0])
+verified = explorer.render_levels(cfg.generation.prompts[0], cfg.generation.temperature, explorer.max_new_tokens,
+                                  candidates=explorer.VERIFIED_N)
+for name, view in verified.items():
+    print(f"verified N={explorer.VERIFIED_N}, {name}: " + view.status.rsplit("; ", 1)[0])
 
 # %% [markdown]
 # ## What this run shows
@@ -95,11 +105,18 @@ for name, view in explorer.render_levels(cfg.generation.prompts[0], cfg.generati
 # NBVAL_CHECK_OUTPUT
 from metabolic.core.budget import in_band
 
-tokens = [v.n_tokens for v in views.values()]
-rising = all(a < b for a, b in zip(tokens, tokens[1:]))
-hits = sum(bool(in_band(v.true_csc, v.budget_csc, cfg.generation.verified_band)) for v in views.values())
-print(f"On the {profile_label(cfg)}, proxy mode, one seed: {tokens} tokens from low to high budget "
-      f"({'rising' if rising else 'NOT strictly rising'}); {sum(v.warning is not None for v in views.values())} of "
-      f"{len(views)} texts ended by EOS or the cap before the budget; {hits} of {len(views)} in the ±10% band of true CSC. "
-      "Every bad input above became a one-line error in the widget instead of an exception; "
-      "tests/test_explorer_browser.py drives the widget in JupyterLab in headless Chromium.")
+
+
+def summary(mode: str, shown: dict) -> str:
+    tokens = [v.n_tokens for v in shown.values()]
+    rising = all(a < b for a, b in zip(tokens, tokens[1:]))
+    hits = sum(bool(in_band(v.true_csc, v.budget_csc, cfg.generation.verified_band)) for v in shown.values())
+    return (f"{mode}: {tokens} tokens from low to high budget ({'rising' if rising else 'NOT strictly rising'}), "
+            f"{hits} of {len(shown)} in the ±10% band of true CSC")
+
+
+print(f"On the {profile_label(cfg)}, {scale} scale, one seed. " + summary("Proxy mode", views)
+      + f" ({sum(v.warning is not None for v in views.values())} of {len(views)} ended by EOS or the cap before the "
+      f"budget). " + summary(f"Verified mode (N = {explorer.VERIFIED_N})", verified) + ". Every bad input above became "
+      "a one-line error in the widget instead of an exception; tests/test_explorer_browser.py drives the widget in "
+      "JupyterLab in headless Chromium.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -209,7 +210,35 @@ def test_the_mode_switch_moves_n_and_follows_it(labelled):
     explorer.widget()
     ws, renders = explorer._widgets, explorer.renders
     assert ws["mode"].value == "proxy" and ws["candidates"].value == 0
-    ws["mode"].value = "verified"  # one click: verified with N = 4, one regeneration
-    assert ws["candidates"].value == 4 and explorer.renders == renders + 1 and "of 4, stopped at" in explorer.last.status
+    ws["mode"].value = "verified"  # one click: verified with N = 8 (Table I's), one regeneration
+    assert explorer.VERIFIED_N == 8
+    assert ws["candidates"].value == 8 and explorer.renders == renders + 1 and "of 8, stopped at" in explorer.last.status
     ws["candidates"].value = 0  # the slider back to 0: the switch follows, still one regeneration
     assert ws["mode"].value == "proxy" and explorer.renders == renders + 2 and "candidate" not in explorer.last.status
+
+
+def test_the_strongest_run_is_a_finished_cpu_run_made_by_this_code(tmp_path, monkeypatch):
+    from metabolic import __version__
+    from metabolic.core import artefacts
+    from metabolic.core.profiles import load_config
+    from metabolic.report.notebook import strongest_profile
+
+    monkeypatch.setenv("METABOLIC_DATA", str(tmp_path))
+    monkeypatch.delenv("METABOLIC_RUN", raising=False)
+    assert strongest_profile("cpu") == ("cpu", "as asked")
+    profile, why = strongest_profile("strongest")
+    assert profile == "smoke" and "no finished cpu run" in why
+    folder = tmp_path / "cpu" / "evaluation"
+
+    def write(work):
+        (work / "tables.json").write_text("{}")
+
+    artefacts.build_artefact(folder, {"stage": "evaluate"}, write, load_config("cpu", {"train.epochs": 7}).to_json())
+    profile, why = strongest_profile("strongest")
+    assert profile == "smoke" and "made by other code or settings" in why  # the cpu profile's settings changed
+    artefacts.build_artefact(folder, {"stage": "evaluate", "again": 1}, write, load_config("cpu").to_json())
+    assert strongest_profile("strongest") == ("cpu", f"the strongest finished run on disk ({tmp_path / 'cpu'})")
+    manifest = json.loads((folder / artefacts.MANIFEST).read_text())
+    manifest["description"]["library_version"] = __version__ + ".old"
+    (folder / artefacts.MANIFEST).write_text(json.dumps(manifest))
+    assert strongest_profile("strongest")[0] == "smoke"

@@ -20,6 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from browser import LAUNCH_ARGS, require_browser
 
@@ -92,6 +93,31 @@ class Page:
         assert state["renders"] == before + 1, f"one change gave {state['renders'] - before} regenerations"
         return state
 
+    def ids(self) -> tuple[list[int], list[int]]:
+        """The shown text's prompt and generated token ids (data attributes of the status line)."""
+        span = self.page.locator(".metabolic-status [data-renders]")
+        return tuple([int(i) for i in (span.get_attribute(name) or "").split(",") if i]
+                     for name in ("data-prompt-ids", "data-generated-ids"))
+
+    def check_true_csc(self, state: dict[str, object], labeller) -> None:
+        """The true CSC the page shows is the labeller's total for the shown text, labelled here on its own."""
+        prompt, generated = self.ids()
+        assert len(generated) == state["tokens"], state["status"]
+        full = prompt + generated
+        (lab,) = labeller.label([full], [np.arange(len(prompt), len(full))])
+        total = float(np.asarray(lab, dtype=np.float64)[len(prompt):].sum()) * len(full)  # the length-aware scale
+        assert abs(state["spent"] - total) <= 5e-4 + 1e-5 * total, (state["status"], total)
+
+    def compare(self) -> list[dict[str, object]]:
+        """Click "low / medium / high" and read the three columns: budget, tokens and text of each."""
+        self.page.locator("button.metabolic-compare").click()
+        self.page.wait_for_selector(".metabolic-levels-view", timeout=STEP_S * 1000)
+        columns = self.page.locator(".metabolic-levels-view > div").all_inner_texts()
+        self.page.evaluate("() => document.querySelector('.metabolic-levels-view').remove()")  # the next click waits anew
+        assert len(columns) == 3, columns
+        return [{"budget": float(m[1]), "tokens": int(m[2]), "text": c}
+                for c in columns for m in [re.search(r"\(budget ([\d.]+) CSC, (\d+) tokens\)", c)]]
+
     def readout(self, name: str) -> str:
         return self.page.locator(f".metabolic-{name} .widget-readout").inner_text().strip()
 
@@ -119,6 +145,14 @@ class Page:
         self.page.mouse.move(track["x"] + track["width"] * fraction, y, steps=8)
         self.page.mouse.up()
         return self.committed(before)
+
+
+def _labeller():
+    """The smoke profile's exact CSC labeller, in this process: what the page's true CSC is checked against."""
+    from metabolic.core.profiles import load_config
+    from metabolic.pipeline.csc import csc_labeller
+
+    return csc_labeller(load_config("smoke"), device="cpu")
 
 
 def _changed(before: dict, after: dict, what: str, spend: bool = True) -> None:
@@ -166,16 +200,37 @@ def test_every_control_regenerates_the_text_in_jupyterlab(tmp_path):
                                                                        "verified N", "seed", "mode", "colour by")), \
                 f"labels cut off or missing: {labels}"
 
+            assert "the expected-cost model of the smoke run" in page.locator(".metabolic-source").inner_text()
+            labeller = _labeller()
+            ui.check_true_csc(first, labeller)
+
+            # both modes, at the study's levels: low / medium / high side by side, then the budget typed from the
+            # lowest level to the highest
+            levels = ui.compare()
+            assert [c["tokens"] for c in levels] == sorted({c["tokens"] for c in levels}), levels  # strictly longer
+            lowest = ui.type_into("budget", f"{levels[0]['budget']:.3f}", selector=".widget-readout")
+            highest = ui.type_into("budget", f"{levels[-1]['budget']:.3f}", selector=".widget-readout")
+            assert highest["tokens"] > lowest["tokens"], (lowest["status"], highest["status"])
+            ui.check_true_csc(highest, labeller)
+            before = ui.renders()
+            page.locator(".metabolic-mode button", has_text="verified").click()  # N = 8: one regeneration
+            verified = ui.committed(before)
+            assert "candidate" in verified["status"], verified["status"]  # the verified controller's status line
+            levels = ui.compare()
+            assert [c["tokens"] for c in levels] == sorted({c["tokens"] for c in levels}), levels
+            assert all("(in band)" in c["text"] for c in levels), levels
+            lowest = ui.type_into("budget", f"{levels[0]['budget']:.3f}", selector=".widget-readout")
+            highest = ui.type_into("budget", f"{levels[-1]['budget']:.3f}", selector=".widget-readout")
+            assert highest["tokens"] > lowest["tokens"], (lowest["status"], highest["status"])
+            assert "(in band)" in lowest["status"] and "(in band)" in highest["status"], (lowest["status"], highest["status"])
+            ui.check_true_csc(highest, labeller)
+            before = ui.renders()
+            page.locator(".metabolic-mode button", has_text="proxy").click()
+            ui.committed(before)
+
             # budget, dragged to the top of its range: budget forcing holds EOS back, so the text grows with it
             top = ui.drag_slider("budget", 1.0)
             assert top["budget"] > first["budget"] and top["tokens"] > first["tokens"], (first["status"], top["status"])
-
-            # low / medium / high side by side: three texts, longer with each level
-            page.locator("button.metabolic-compare").click()
-            page.wait_for_selector(".metabolic-levels-view", timeout=STEP_S * 1000)
-            columns = page.locator(".metabolic-levels-view > div").all_inner_texts()
-            lengths = [int(re.search(r"(\d+) tokens\)", c)[1]) for c in columns]
-            assert len(columns) == 3 and lengths[0] < lengths[1] < lengths[2], columns
 
             # "resample": the next seed on each click, until a sample is long enough to be cut short.
             state = top

@@ -149,7 +149,7 @@ PROFILES["cpu"] = {
     # A backbone worth reading: one epoch of every WikiText-2 training text (2.4M tokens, ~2,345 steps of 8 x 128
     # tokens, ~20 min on 2 cores at ~2,000 tokens/s), where smoke sees 30 steps of its 600 texts. 128 positions,
     # not smoke's 64: the generator's text is cheaper per token than training text, and the high level needs ~50
-    # tokens after the 16-token prompt (the 64-position run capped 57% of its high-level decodings at the context).
+    # tokens after the 16-token prompt (the 64-position run capped 55-68% of its high-level decodings at the context).
     "backbone.corpus": "all",
     "backbone.block_size": 128,
     "backbone.batch_size": 8,

@@ -19,6 +19,7 @@ context, a bad budget) is shown as one line in the output widget instead.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 import math
@@ -28,7 +29,8 @@ from typing import Any
 
 import torch
 
-from metabolic.core.budget import ProxyCalibration, in_band
+from metabolic.core import artefacts
+from metabolic.core.budget import ProxyCalibration, check_scale, in_band
 from metabolic.core.config import StudyConfig
 from metabolic.core.errors import ConfigError
 from metabolic.evaluate.budgets import decoding_calibration, sampled_proxy_rate
@@ -130,6 +132,10 @@ def gauge_html(spent: float, budget: float, band: float = 0.10, what: str = "CSC
     )
 
 
+def _ids(ids) -> str:
+    return ",".join(str(int(i)) for i in ids)
+
+
 def _whole(value: Any, name: str) -> int:
     """`value` as an int when it is one (or a float without a fraction), else a `ConfigError` naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or int(value) != value:
@@ -155,7 +161,7 @@ class BudgetExplorer:
     Args:
         model: a MetabolicGPT2 (its C_vocab and calibration are used) or a plain LM with `token_costs`
             and `calibration` given.
-        budget_range: (low, high) CSC budgets the slider spans (the trained range); others are clamped.
+        budget_range: (low, high) CSC budgets the slider spans (the trained range on the trained scale); others are clamped.
         labeller: a `CSCLabeller`, needed for the verified mode (`candidates >= 1`) and for the true CSC of
             proxy-mode texts; `rate_hint` places the verified search's first probe (CSC per generated token).
         max_new_tokens: the token cap (default: what the context leaves after a short prompt); budget forcing
@@ -163,6 +169,10 @@ class BudgetExplorer:
         proxy_rate: mean learned cost per generated token: paces steering over the tokens the budget needs.
         levels: the study's budget levels (name -> CSC), rendered side by side by `render_levels`.
         colour_by: "learned" (C_vocab) or "csc" (the labelled CSC of each token, when labelled).
+        source: which model and run this is, in words: the widget's first line.
+        scale: the CSC scale of budgets and true CSC ("raw", or "length": T x mean CSC, where a larger budget
+            buys more text); `condition`: feed the budget to a MetabolicGPT-2's budget pathway (only on the
+            scale it was trained on).
     """
 
     def __init__(self, model, tokenizer, budget_range: tuple[float, float], *, token_costs: Any = None,
@@ -170,7 +180,8 @@ class BudgetExplorer:
                  budget: float | None = None, temperature: float = 1.0, max_new_tokens: int | None = None,
                  top_k: int = 50, steer: bool = True, seed: int = 0, labeller=None, candidates: int = 0,
                  rate_hint: float | None = None, proxy_rate: float | None = None,
-                 levels: dict[str, float] | None = None, colour_by: str = "learned", band: float = 0.10) -> None:
+                 levels: dict[str, float] | None = None, colour_by: str = "learned", band: float = 0.10,
+                 source: str = "", scale: str = "raw", condition: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.token_costs = torch.as_tensor(token_costs, dtype=torch.float32) if token_costs is not None else model_token_costs(model)
@@ -195,6 +206,9 @@ class BudgetExplorer:
             raise ConfigError(f"colour_by={colour_by!r} is invalid: choose 'learned' or 'csc'")
         self.colour_by = colour_by
         self.band = float(band)
+        self.source = source
+        self.scale = check_scale(scale)
+        self.condition = bool(condition)
         self._prefixes = PrefixLabeller(labeller) if labeller is not None else None  # one memo: a re-render labels nothing
         # Colour scale: the 5% and 95% quantiles of C_vocab, so typical tokens span the palette.
         q = torch.quantile(self.token_costs.double(), torch.tensor([0.05, 0.95], dtype=torch.float64))
@@ -224,7 +238,7 @@ class BudgetExplorer:
                 self.model, self.tokenizer, [prompt], float(budget), token_costs=self.token_costs,
                 calibration=self.calibration, max_new_tokens=int(max_new_tokens), steer=self.steer, stop=True,
                 force=True, band=self.band, proxy_rate=self.proxy_rate, do_sample=True, temperature=float(temperature),
-                top_k=self.top_k, seed=seed, budget_range=self.budget_range,
+                top_k=self.top_k, seed=seed, budget_range=self.budget_range, condition=self.condition,
             )
         except Exception as exc:  # noqa: BLE001 - the widget shows every failure as one line
             return error_view(_first_line(exc))
@@ -248,7 +262,7 @@ class BudgetExplorer:
         if warning:
             status += f"; warning: {warning}"
         if g.budget_csc != g.budget_requested_csc:
-            status += f"; budget {g.budget_requested_csc:g} clamped to the trained range"
+            status += f"; budget {g.budget_requested_csc:g} clamped to the slider's range"
         gauge = gauge_html(spent, g.budget_csc, self.band, "CSC (true)" if measured else "CSC (the learned spend's share)")
         return ExplorerView(
             text_html=self._tokens(prompt, pieces, costs, per_token, g.budget_csc), gauge_html=gauge, status=status,
@@ -265,9 +279,8 @@ class BudgetExplorer:
             return [], 0.0, 0, 0.0
         t0 = time.perf_counter()
         (lab,), (spent,) = self._prefixes.labels([(prompt_ids, generated_ids)])
-        values = [float(v) for v in lab]
-        total = float(sum(values)) if all(math.isfinite(v) for v in values) else math.nan
-        return values, total, spent, time.perf_counter() - t0
+        (total,), _ = self._prefixes.totals([(prompt_ids, generated_ids)], self.scale)  # from the memo: free
+        return [float(v) for v in lab], total, spent, time.perf_counter() - t0
 
     def _tokens(self, prompt: str, pieces: list[str], costs: list[float], per_token: list[float] | None,
                 budget: float) -> str:
@@ -282,7 +295,7 @@ class BudgetExplorer:
             if self.labeller is None:
                 raise ValueError("the verified mode needs a labeller: BudgetExplorer(..., labeller=stages.csc_labeller(cfg))")
             (g,) = generate_verified(self.model, self.tokenizer, self.labeller, [prompt], float(budget),
-                                     n_candidates=candidates, max_new_tokens=int(max_new_tokens),
+                                     n_candidates=candidates, max_new_tokens=int(max_new_tokens), scale=self.scale,
                                      temperature=float(temperature), top_k=self.top_k, seed=seed, rate_hint=self.rate_hint,
                                      band=self.band, prefixes=self._prefixes)
         except Exception as exc:  # noqa: BLE001 - the widget shows every failure as one line
@@ -322,6 +335,7 @@ class BudgetExplorer:
     # (on focus) and hides its left edge.
     LABEL_WIDTH = "110px"
     SLIDER_WIDTH = "calc(50% - 4px)"
+    VERIFIED_N = 8  # the mode switch's N: Table I's verified rows hit every level at N = 8 (results/budgets/cpu-*)
 
     def widget(self):
         """The ipywidgets UI. Every control regenerates once per committed change: sliders on release,
@@ -337,7 +351,7 @@ class BudgetExplorer:
             # Text, not Textarea: with continuous_update=False it commits on Enter, not per keystroke.
             "prompt": w.Text(value=self.prompt, description="prompt", continuous_update=False, style=style,
                              layout=w.Layout(width="calc(100% - 4px)")),
-            "budget": w.FloatSlider(value=self.budget, min=lo, max=hi, step=(hi - lo) / 100, description="budget (CSC)",
+            "budget": w.FloatSlider(value=self.budget, min=lo, max=hi, step=(hi - lo) / 1000, description="budget (CSC)",
                                     readout_format=".3f", **slider),
             "temperature": w.FloatSlider(value=self.temperature, min=0.1, max=2.0, step=0.05, description="temperature",
                                          **slider),
@@ -363,8 +377,9 @@ class BudgetExplorer:
                            disabled=not self.levels, layout=w.Layout(width="180px"))
         compare.on_click(self._on_compare)
         gauge, output, status, levels_view = w.HTML(), w.HTML(), w.HTML(), w.HTML()
+        source = w.HTML(f'<span style="font-size:12px;color:#555">{html.escape(self.source)}</span>')
         parts = {**controls, "mode": mode, "resample": resample, "compare": compare, "gauge": gauge, "output": output,
-                 "status": status, "levels": levels_view}
+                 "status": status, "levels": levels_view, "source": source}
         for name, widget in parts.items():
             widget.add_class(f"metabolic-{name}")
         self._widgets = parts
@@ -373,7 +388,7 @@ class BudgetExplorer:
         mode.observe(self._on_mode, names="value")
         self.refresh()
         row = w.Layout(width="100%")
-        return w.VBox([controls["prompt"], w.HBox([controls["budget"], controls["temperature"]], layout=row),
+        return w.VBox([source, controls["prompt"], w.HBox([controls["budget"], controls["temperature"]], layout=row),
                        w.HBox([controls["max_new_tokens"], controls["candidates"]], layout=row),
                        w.HBox([controls["seed"], resample, mode]), w.HBox([controls["colour_by"], compare]), gauge, output, status,
                        levels_view], layout=w.Layout(width="100%", max_width="1000px"))
@@ -386,10 +401,10 @@ class BudgetExplorer:
         ws["levels"].value = self.levels_html(views)
 
     def _on_mode(self, change) -> None:
-        """The mode switch moves the N slider (which regenerates once): verified starts at N = 4."""
+        """The mode switch moves the N slider (which regenerates once): verified starts at `VERIFIED_N`."""
         n = self._widgets["candidates"]
         if change["new"] == "verified" and n.value == 0:
-            n.value = 4
+            n.value = self.VERIFIED_N
         elif change["new"] == "proxy" and n.value != 0:
             n.value = 0
 
@@ -427,7 +442,9 @@ class BudgetExplorer:
         if ws is not None:
             ws["output"].value = view.text_html
             ws["gauge"].value = view.gauge_html
-            ws["status"].value = (f'<span data-renders="{self.renders}" style="font-size:12px">'
+            # the shown text's token ids ride along, so a test can label it independently of the explorer
+            ids = f'data-prompt-ids="{_ids(view.prompt_ids)}" data-generated-ids="{_ids(view.generated_ids)}"'
+            ws["status"].value = (f'<span data-renders="{self.renders}" {ids} style="font-size:12px">'
                                   f"render #{self.renders}: {html.escape(view.status)}</span>")
         return view
 
@@ -441,26 +458,40 @@ class StudyExplorer:
     calibration_note: str  # how the budget -> proxy map was made
 
 
-def study_explorer(cfg: StudyConfig, variant: str = "expected-cost") -> StudyExplorer:
+def study_explorer(cfg: StudyConfig, variant: str = "expected-cost", reuse_only: bool = False,
+                   scale: str | None = None) -> StudyExplorer:
     """The explorer for `variant` of `cfg`'s profile, building any missing artefact (backbone, CSC
-    labels, the trained variant) the way every stage does. Budgets, their range and the budget -> proxy
-    map are notebook 04's; the verified mode labels candidates with the exact CSC labeller."""
+    labels, the trained variant) the way every stage does; with `reuse_only`, a missing or stale one is a
+    `StaleArtefactError` instead (a run found on disk is shown as it is, never rebuilt for an hour).
+
+    Budgets (on `scale`, default `csc.scale`), their range and the budget -> proxy map are notebook 04's:
+    on `csc.scale` its proxy decodings', on the other scale its verified rows' (the same quantiles of that
+    scale's training continuations; the budget pathway, trained on `csc.scale`, is then left off). The
+    verified mode labels candidates with the exact CSC labeller."""
+    with artefacts.reuse_only() if reuse_only else contextlib.nullcontext():
+        return _study_explorer(cfg, variant, check_scale(scale or cfg.csc.scale))
+
+
+def _study_explorer(cfg: StudyConfig, variant: str, scale: str) -> StudyExplorer:
     g = cfg.generation
     tokenizer = stages.corpus(cfg).tokenizer
     model = stages.train_metabolic(cfg, variant).load_best(device="cpu")
     csc = stages.csc_labels(cfg)
     levels = stages.budget_levels(cfg, csc)
-    budgets = list(levels.budgets.values())
-    calibration, how = decoding_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
-                                          budgets)
-    _, rate_hints = stages.verified_targets(csc, cfg, levels.budgets, (cfg.csc.scale,))
+    targets, rate_hints = stages.verified_targets(csc, cfg, levels.budgets, (scale,))
+    budget_range = stages.budget_levels(cfg, csc, scale).budget_range
+    budgets = list(targets[scale].values())
+    calibration, how = decoding_calibration(model, g, scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc, budgets)
     # the token cap's proxy rate: the model's own unbudgeted samples of the evaluation's prompts, as notebook 04's
     unbudgeted = generate_with_budget(model, tokenizer, select_prompts(g, tokenizer, csc.valid_ids), math.inf, steer=False,
                                       stop=False, force=False, max_new_tokens=g.max_new_tokens, calibration=calibration,
                                       temperature=g.temperature, top_k=g.top_k, seed=g.seed)
-    explorer = BudgetExplorer(model, tokenizer, levels.budget_range, calibration=calibration, prompt=g.prompts[0],
+    on = "" if scale == "raw" else ", budgets and true CSC on the length-aware scale (T x mean CSC per token)"
+    explorer = BudgetExplorer(model, tokenizer, budget_range, calibration=calibration, prompt=g.prompts[0],
                               budget=budgets[len(budgets) // 2], temperature=g.temperature, top_k=g.top_k, seed=g.seed,
-                              labeller=stages.csc_labeller(cfg), rate_hint=rate_hints[cfg.csc.scale],
-                              proxy_rate=sampled_proxy_rate(unbudgeted), levels=levels.budgets,
-                              band=g.verified_band)
-    return StudyExplorer(explorer, dict(levels.budgets), how)
+                              labeller=stages.csc_labeller(cfg), rate_hint=rate_hints[scale],
+                              proxy_rate=sampled_proxy_rate(unbudgeted), levels=targets[scale], band=g.verified_band,
+                              scale=scale, condition=scale == cfg.csc.scale,
+                              source=f"the {variant} model of the {cfg.profile} run "
+                                     f"({artefacts.shown(artefacts.run_dir(cfg.profile))}){on}")
+    return StudyExplorer(explorer, dict(targets[scale]), how)

@@ -10,7 +10,8 @@ import os
 import sys
 from typing import Any, Mapping
 
-from metabolic.core import numerics  # standard library only: importing it never loads torch
+from metabolic import __version__
+from metabolic.core import artefacts, numerics  # neither loads torch: the profile pins its numerics first
 from metabolic.core.config import StudyConfig
 from metabolic.core.errors import MetabolicError
 from metabolic.core.profiles import load_config
@@ -21,6 +22,32 @@ PROFILE_NOTES = {
     "gpu": "gpu profile (one H100, GPT-2 6x384 pretrained here on WikiText-2)",
     "paper": "paper profile (GPT-2 small from the Hub, the paper's hyper-parameters)",
 }
+
+
+STRONGEST = "strongest"  # notebook 06's default profile: the strongest finished run on disk
+RUNS_BY_STRENGTH = ("cpu", "smoke")  # the CPU profiles whose runs the explorer can show, strongest first
+
+
+def strongest_profile(requested: str) -> tuple[str, str]:
+    """(profile, why): `requested`, or for "strongest" the first of `RUNS_BY_STRENGTH` whose evaluate stage
+    finished on disk with this library and the profile's current settings (else smoke, which any stage
+    call builds in minutes). Reads files only, so the chosen profile can still pin its CPU numerics."""
+    if requested != STRONGEST:
+        return requested, "as asked"
+    skipped = []
+    for profile in RUNS_BY_STRENGTH[:-1]:
+        folder = artefacts.run_dir(profile) / "evaluation"
+        manifest = artefacts.read_manifest(folder)
+        config = folder / artefacts.CONFIG_FILE
+        if manifest is None or not config.exists():
+            skipped.append(f"no finished {profile} run in {artefacts.shown(folder.parent)}")
+        elif (manifest.get("description", {}).get("library_version") != __version__
+              or config.read_text() != load_config(profile).to_json()):
+            skipped.append(f"the {profile} run in {artefacts.shown(folder.parent)} was made by other code or settings")
+        else:
+            return profile, f"the strongest finished run on disk ({artefacts.shown(folder.parent)})"
+    fallback = RUNS_BY_STRENGTH[-1]
+    return fallback, f"{'; '.join(skipped)}: the {fallback} run (scripts/cpu_budgets.sh makes the cpu run)"
 
 
 def profile_label(cfg: StudyConfig) -> str:

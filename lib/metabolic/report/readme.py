@@ -46,12 +46,15 @@ def cpu_block(folder: Path) -> list[str]:
            "",
            f"- Backbone: {pretrain.get('steps')} pretraining steps, validation perplexity {pretrain.get('val_ppl', math.nan):.0f}.",
            f"- Budgets (CSC, {next(iter(table1.tables_of(combined, 'model').values()))['csc_scale']} scale): "
-           + ", ".join(f"{k} {v:.4f}" for k, v in combined["budgets"].items()) + f", from {combined['budget_source']}.",
+           + ", ".join(f"{k} {v:.4f}" for k, v in table1.in_level_order(combined["budgets"]).items())
+           + f", from {combined['budget_source']}.",
            f"- {len(combined['prompts'])} prompts x {combined.get('samples_per_prompt', 1)} samples = {n} generations "
            "per level and table; Hit@10 in true CSC with [Wilson 95% intervals].", ""]
     out += ["Proxy decodings (budget forcing + budget stop on the learned C_vocab):", ""]
     out += _markdown([{"table": key, **{k: v for k, v in row.items() if k in ("level", "Hit@10 [95% CI]", "tokens", "on budget %")}}
                       for key, t in table1.tables_of(combined, "model").items() for row in table1.proxy_rows(t)])
+    summary = table1.stop_summary(combined)
+    out += ["", summary] if summary else []
     ceiling = table1.proxy_against_ceiling(combined)
     if ceiling:
         out += ["", "Against the open-loop ceiling (one stop length per level, fitted on training text, scored on held-out text):", ""]

@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from metabolic.evaluate.budgets import LEVELS
 from metabolic.evaluate.scoring import BUDGET_STOPS
+from metabolic.generate.budgeted import TOKEN_CAP_HEADROOM
 from metabolic.report import gpu_results
 
 STOP_REASONS = ("budget", "sentence", "eos", "max_new_tokens")  # why a proxy decoding ended, in that order
@@ -24,6 +26,12 @@ def tables_of(combined: dict[str, Any], variant: str) -> dict[str, dict[str, Any
     if variant == "model":
         return {k: t for k, t in combined["tables"].items() if t["variant"] not in ("verified", "baseline")}
     return {k: t for k, t in combined["tables"].items() if t["variant"] == variant}
+
+
+def in_level_order(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` keyed by budget level, low to high (JSON files store their keys sorted: high, low, medium)."""
+    rank = {level: i for i, level in enumerate(LEVELS)}
+    return dict(sorted(values.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
 
 def hit_with_interval(csc: dict[str, Any], delta: int = 10) -> str:
@@ -79,7 +87,7 @@ def stop_rule_rows(rules: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for rule, levels in rules["rules"].items():
         row: dict[str, Any] = {"rule": rule}
-        for level, v in levels.items():
+        for level, v in in_level_order(levels).items():
             row[f"Hit@10 {level}"] = hit_with_interval(v)
             row[f"tokens {level}"] = v["mean_tokens"]
         out.append(row)
@@ -134,7 +142,30 @@ def hit_bars(combined: dict[str, Any], scale: str, title: str):
 
 
 def _levels(values: dict[str, float], fmt: str = "{:.0f}") -> str:
-    return ", ".join(f"{level} {fmt.format(v)}" for level, v in values.items())
+    return ", ".join(f"{level} {fmt.format(v)}" for level, v in in_level_order(values).items())
+
+
+def stop_summary(combined: dict[str, Any]) -> str | None:
+    """How the proxy decodings ended (budget or sentence end vs EOS or cap), their lengths per level, and the
+    proxy rate their token caps were sized from; None without proxy tables."""
+    proxy = tables_of(combined, "model")
+    rows = [r for t in proxy.values() for r in t["rows"]]
+    if not rows:
+        return None
+    total = sum(sum(r["stopped_by"].values()) for r in rows)
+    on_budget = sum(r["stopped_by"].get(k, 0) for r in rows for k in BUDGET_STOPS)
+    lengths = in_level_order({level: float(np.mean([r["mean_tokens"] for r in rows if r["level"] == level]))
+                              for level in dict.fromkeys(r["level"] for r in rows)})
+    unreachable = sorted({r["level"] for r in rows if not r.get("reachable", True)})
+    rising = all(a < b for a, b in zip(list(lengths.values()), list(lengths.values())[1:]))
+    rates = {t["variant"]: t["proxy_rate"]["per_token"] for t in proxy.values() if "proxy_rate" in t}
+    rate = (f" Token caps: {TOKEN_CAP_HEADROOM}x the tokens each budget needs at the generator's own proxy rate per "
+            f"token ({_levels(rates, '{:.5f}')}, over its unbudgeted samples of the same prompts), at most the context."
+            if rates else "")
+    return (f"Proxy decodings (budget forcing + budget stop on C_vocab): {on_budget} of {total} generations "
+            f"({100 * on_budget / total:.0f}%) ended on the budget or a sentence end; mean tokens per level "
+            f"{_levels(lengths, '{:.1f}')} ({'rising' if rising else 'NOT rising'} with the budget); "
+            f"levels not reachable within the context: {', '.join(unreachable) if unreachable else 'none'}.{rate}")
 
 
 def conclusion(combined: dict[str, Any], run_label: str, seconds: bool = False) -> list[str]:
@@ -145,18 +176,9 @@ def conclusion(combined: dict[str, Any], run_label: str, seconds: bool = False) 
            "per level and table; Hit@10 in true CSC, [Wilson 95% interval]. Goal: Hit@10 >= 90% at every level with "
            "the judge perplexity at most 10% above unbudgeted text (one-sided)."]
     proxy = tables_of(combined, "model")
-    rows = [r for t in proxy.values() for r in t["rows"]]
-    if rows:
-        total = sum(sum(r["stopped_by"].values()) for r in rows)
-        on_budget = sum(r["stopped_by"].get(k, 0) for r in rows for k in BUDGET_STOPS)
-        lengths = {level: float(np.mean([r["mean_tokens"] for r in rows if r["level"] == level]))
-                   for level in dict.fromkeys(r["level"] for r in rows)}
-        unreachable = sorted({r["level"] for r in rows if not r.get("reachable", True)})
-        rising = all(a < b for a, b in zip(list(lengths.values()), list(lengths.values())[1:]))
-        out.append(f"Proxy decodings (budget forcing + budget stop on C_vocab): {on_budget} of {total} generations "
-                   f"({100 * on_budget / total:.0f}%) ended on the budget or a sentence end; mean tokens per level "
-                   f"{_levels(lengths, '{:.1f}')} ({'rising' if rising else 'NOT rising'} with the budget); "
-                   f"levels not reachable within the context: {', '.join(unreachable) if unreachable else 'none'}.")
+    summary = stop_summary(combined)
+    if summary:
+        out.append(summary)
         for key, t in proxy.items():
             out.append(f"- {key}: Hit@10 " + ", ".join(f"{r['level']} {hit_with_interval(r['csc'])}" for r in t["rows"])
                        + f"; judge perplexity {100 * t['goal']['judge_ppl_rel_change']:+.0f}% vs unbudgeted.")

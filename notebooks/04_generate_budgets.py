@@ -199,6 +199,10 @@ for scale, rules in combined["stop_rules"].items():
     print(pd.DataFrame(table1.stop_rule_rows(rules)).round(1).to_string(index=False))
 if not combined["stop_rules"]:
     print("no stop-rule table: generation.stop_rule_texts=0")
+beside = table1.rules_on_text_and_generations(combined)
+if beside:
+    print("\neach rule on fixed held-out text beside the same rule on generated text (Hit@10 [95% CI]):")
+    print(pd.DataFrame(beside).to_string(index=False))
 ceiling_rows = table1.proxy_against_ceiling(combined)
 if ceiling_rows:
     print("\nproxy decodings (generated text) against the open-loop ceiling on the same scale:")

@@ -55,3 +55,25 @@ def test_the_readme_holds_no_internal_history():
     assert not re.search(r"\bissues? \d+", text, re.IGNORECASE)
     assert "run(command=" not in text and "../shared" not in text and "carry=" not in text
     assert (ROOT / "DEVELOPMENT.md").is_file() and "DEVELOPMENT.md" in text
+
+
+def test_each_stop_rule_is_paired_with_the_same_rule_on_generations():
+    from metabolic.report import table1
+
+    folder = next((ROOT / "results" / "budgets").glob("cpu-*"))
+    combined = read_json(folder / "tables.json")
+    rows = table1.rules_on_text_and_generations(combined)
+    pairs = {(r["rule"], r["generated table"]) for r in rows}
+    scale = next(iter(combined["verified_budgets"]))
+    assert {("exact", f"verified_n1_{scale}"), ("token_count", f"baseline_token_count_{scale}"),
+            ("random_cut", f"baseline_random_cut_{scale}")} <= pairs
+    assert [r["level"] for r in rows[:3]] == ["low", "medium", "high"]  # level order, not the file's sorted keys
+    first = rows[0]
+    fixed = combined["stop_rules"][first["scale"]]["rules"][first["rule"]]["low"]
+    generated = next(r["csc"] for r in combined["tables"][first["generated table"]]["rows"] if r["level"] == "low")
+    assert (first["on held-out text"], first["on generations"]) == (table1.hit_with_interval(fixed),
+                                                                     table1.hit_with_interval(generated))
+    summary = table1.stop_summary(combined)
+    stops = [r["stopped_by"] for t in table1.tables_of(combined, "model").values() for r in t["rows"]]
+    on_budget = sum(s.get("budget", 0) + s.get("sentence", 0) for s in stops)
+    assert f"{on_budget} of {sum(sum(s.values()) for s in stops)} generations" in summary

@@ -67,6 +67,10 @@ def cpu_block(folder: Path) -> list[str]:
     for scale, rules in combined.get("stop_rules", {}).items():
         out += ["", f"Stop rules on fixed held-out text ({rules['n_held_out']} continuations, {scale} scale):", ""]
         out += _markdown([{k: v for k, v in r.items() if not k.startswith("tokens")} for r in table1.stop_rule_rows(rules)])
+    beside = table1.rules_on_text_and_generations(combined)
+    if beside:
+        out += ["", "Each stop rule on fixed held-out text beside the same rule on generated text (Hit@10 [95% CI]):", ""]
+        out += _markdown(beside)
     for paragraph in table1.cost_model_conclusion(combined):
         out += ["", paragraph]
     return out

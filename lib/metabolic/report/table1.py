@@ -94,6 +94,29 @@ def stop_rule_rows(rules: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def rules_on_text_and_generations(combined: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each stop rule's Hit@10 on fixed held-out text beside the same rule on generated text, per scale and
+    level: `exact` and verified N = 1 (one sample cut by exact labels), the label-free baselines on the
+    verified candidates, `proxy` and the sampler's plain proxy decoding. Where the two differ, the generator
+    (its text, not the rule) made the difference."""
+    sampler = combined.get("verified_model", "").split(" ")[0]
+    out = []
+    for scale, rules in combined.get("stop_rules", {}).items():
+        on_generations = {"exact": f"verified_n1_{scale}", "token_count": f"baseline_token_count_{scale}",
+                          "random_cut": f"baseline_random_cut_{scale}", "proxy": f"{sampler}_plain"}
+        for rule, key in on_generations.items():
+            table = combined["tables"].get(key)
+            if rule not in rules["rules"] or table is None or table["csc_scale"] != scale:
+                continue
+            generated = {r["level"]: r["csc"] for r in table["rows"]}
+            for level, fixed in in_level_order(rules["rules"][rule]).items():
+                if level in generated:
+                    out.append({"rule": rule, "scale": scale, "level": level,
+                                "on held-out text": hit_with_interval(fixed),
+                                "on generations": hit_with_interval(generated[level]), "generated table": key})
+    return out
+
+
 def proxy_against_ceiling(combined: dict[str, Any]) -> list[dict[str, Any]]:
     """Each proxy decoding's Hit@10 per level beside the open-loop ceiling on the same scale (the best single
     length fitted on training text, scored on held-out text) and its share of it."""

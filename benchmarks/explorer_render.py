@@ -7,7 +7,7 @@ same number of tokens (no processor, no labels), measured in the same run. Print
 `--repeats` renders per level (each a new seed) and the ratio to the baseline; the issue's target is a
 render within 2 s on 2 CPU cores for the smoke profile.
 
-    python benchmarks/explorer_render.py --profile smoke [--variant expected-cost] [--repeats 10] [--json PATH]
+    python benchmarks/explorer_render.py --profile smoke [--variant expected-cost] [--scale length] [--repeats 10] [--json PATH]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="smoke")
     parser.add_argument("--variant", default="expected-cost")
+    parser.add_argument("--scale", default="length", choices=("raw", "length"), help="the budgets' CSC scale (notebook 06's)")
     parser.add_argument("--repeats", type=int, default=10, help="renders per budget level (one seed each)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the table printed here to PATH (JSON)")
@@ -34,7 +35,7 @@ def main() -> None:
     from metabolic.report.explorer import study_explorer
 
     cfg = load_config(args.profile, parse_override_strings(args.overrides))
-    explorer = study_explorer(cfg, args.variant).explorer
+    explorer = study_explorer(cfg, args.variant, scale=args.scale).explorer
     prompt = cfg.generation.prompts[0]
     explorer.render(prompt, explorer.budget, explorer.temperature, explorer.max_new_tokens)  # warm-up
     rows = []
@@ -54,7 +55,8 @@ def main() -> None:
         render, plain = statistics.median(render_s), statistics.median(plain_s)
         rows.append({"level": level, "budget_csc": budget, "median_tokens": statistics.median(tokens),
                      "render_s": render, "plain_generate_s": plain, "ratio": render / plain})
-    print(f"explorer proxy-mode render ({args.profile} profile, {args.variant}; median of {args.repeats} seeds per level)")
+    print(f"explorer proxy-mode render ({args.profile} profile, {args.variant}, {args.scale} scale; median of "
+          f"{args.repeats} seeds per level)")
     print(f"{'level':<8}{'budget':>9}{'tokens':>8}{'render s':>10}{'plain s':>9}{'ratio':>8}")
     for r in rows:
         print(f"{r['level']:<8}{r['budget_csc']:>9.4f}{r['median_tokens']:>8.1f}{r['render_s']:>10.3f}"

@@ -301,8 +301,9 @@ def test_a_kill_between_the_csc_merge_and_its_commit_keeps_the_merged_labels(tin
     assert calls == [] and _sha(run_copy / "csc" / "csc.npz") == clean  # nothing relabelled, the same labels
 
 
-# The evaluate stage at its smallest: one validation prompt, short texts, one stop-rule text per split.
-EVALUATE_OVERRIDES = {"generation.n_valid_prompts": 1, "generation.max_new_tokens": 6, "generation.stop_rule_texts": 1,
+# The evaluate stage at its smallest: the paper's prompt alone, short texts, one stop-rule text per split (most
+# of its time is labelling the generations).
+EVALUATE_OVERRIDES = {"generation.n_valid_prompts": 0, "generation.max_new_tokens": 6, "generation.stop_rule_texts": 1,
                       "generation.verified_candidates": (1,), "generation.verified_max_new_tokens": 8,
                       "generation.verified_scales": ("length",), "generation.verified_steered_candidates": ()}
 

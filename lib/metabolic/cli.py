@@ -20,6 +20,7 @@ import sys
 import time
 
 from metabolic.core.errors import ConfigError, MetabolicError, os_fault_message
+from metabolic.core.profiles import PROFILES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         ("config", "print the resolved config"),
     ):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--profile", default="smoke", help="smoke, gpu or paper (default: smoke)")
+        p.add_argument("--profile", default="smoke", help=f"{', '.join(PROFILES)} (default: smoke)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value; repeatable")
         if name == "run":

@@ -170,6 +170,9 @@ PROFILES["cpu"] = {
     # rows (at 16 prompts they took fewer labels in 4 of 6 rows and hit no level unsteered missed).
     "generation.verified_steered_candidates": (),
     "generation.verified_scales": ("length",),
+    # Candidates of up to 64 tokens (smoke's 40 fit its 64 positions): at the generator's own rate the high level
+    # needs ~43 tokens of the length scale's ~0.3 CSC per token, so 40-token candidates left 5% of it unreachable.
+    "generation.verified_max_new_tokens": 64,
 }
 
 

@@ -182,11 +182,11 @@ def stop_summary(combined: dict[str, Any]) -> str | None:
     unreachable = sorted({r["level"] for r in rows if not r.get("reachable", True)})
     rising = all(a < b for a, b in zip(list(lengths.values()), list(lengths.values())[1:]))
     rates = {t["variant"]: t["proxy_rate"]["per_token"] for t in proxy.values() if "proxy_rate" in t}
-    rate = (f" Token caps: {TOKEN_CAP_HEADROOM}x the tokens each budget needs at the generator's own proxy rate per "
+    rate = (f" Token caps: {TOKEN_CAP_HEADROOM:g}x the tokens each budget needs at the generator's own proxy rate per "
             f"token ({_levels(rates, '{:.5f}')}, over its unbudgeted samples of the same prompts), at most the context."
             if rates else "")
     return (f"Proxy decodings (budget forcing + budget stop on C_vocab): {on_budget} of {total} generations "
-            f"({100 * on_budget / total:.0f}%) ended on the budget or a sentence end; mean tokens per level "
+            f"({100 * on_budget / total:.1f}%) ended on the budget or a sentence end; mean tokens per level "
             f"{_levels(lengths, '{:.1f}')} ({'rising' if rising else 'NOT rising'} with the budget); "
             f"levels not reachable within the context: {', '.join(unreachable) if unreachable else 'none'}.{rate}")
 

@@ -207,7 +207,7 @@ print(gpu_results.overview("csc_throughput"))
 if gpu_rows := gpu_results.rows("csc_throughput", "methods"):
     columns = ["gpu", "method", "labels_per_s", "ratio_vs_naive", "mean_abs_diff_vs_fp32", "max_abs_diff_vs_fp32"]
     print(pd.DataFrame(gpu_rows).reindex(columns=columns).to_string(index=False))
-for run in gpu_results.committed("budgets"):
+for run in gpu_results.committed("budgets", profile="gpu"):
     if (stage := run.get("csc_stage")) and stage.get("seconds"):
         print(f"{run['gpu']}: the gpu profile's csc stage labelled {stage['n_train']:,} + {stage['n_valid']:,} texts "
               f"({stage['n_labels']:,} training tokens) in {stage['seconds']:.0f} s, encoder loading included")

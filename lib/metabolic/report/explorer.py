@@ -479,7 +479,8 @@ def _study_explorer(cfg: StudyConfig, variant: str, scale: str) -> StudyExplorer
     csc = stages.csc_labels(cfg)
     levels = stages.budget_levels(cfg, csc)
     targets, rate_hints = stages.verified_targets(csc, cfg, levels.budgets, (scale,))
-    budget_range = stages.budget_levels(cfg, csc, scale).budget_range
+    # the slider's range on `scale` (the levels above already hold it on the evaluation's own scale)
+    budget_range = (levels if scale == cfg.csc.scale else stages.budget_levels(cfg, csc, scale)).budget_range
     budgets = list(targets[scale].values())
     calibration, how = decoding_calibration(model, g, scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc, budgets)
     # the token cap's proxy rate: the model's own unbudgeted samples of the evaluation's prompts, as notebook 04's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 from unittest import mock
@@ -93,11 +94,14 @@ def own_data(small_grid_cfg, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def small_grid_cfg(tiny_cfg):
-    return apply_overrides(tiny_cfg, {
-        "energy.models": ("tiny",), "energy.tasks": ("chat",), "energy.batch_sizes": (1, 2),
-        "energy.paths": ("default", "static"), "energy.repeats": 2, "energy.input_tokens": 8,
-        "energy.max_output_tokens": 3, "energy.min_window_s": 0.02, "energy.idle_s": 0.03, "energy.calibrate": False,
-    })
+    return apply_overrides(tiny_cfg, SMALL_GRID)
+
+
+SMALL_GRID = {
+    "energy.models": ("tiny",), "energy.tasks": ("chat",), "energy.batch_sizes": (1, 2),
+    "energy.paths": ("default", "static"), "energy.repeats": 2, "energy.input_tokens": 8,
+    "energy.max_output_tokens": 3, "energy.min_window_s": 0.02, "energy.idle_s": 0.03, "energy.calibrate": False,
+}
 
 
 REAL_MEASURE = grid_module._Runner.measure
@@ -121,6 +125,36 @@ def _counting(monkeypatch, fail_after: int | None = None) -> list[str]:
 DETERMINISTIC = ("model", "path", "task", "batch_size", "repeat", "input_tokens", "output_tokens", "n_params",
                  "compiled", "outputs_sha256", "same_outputs_as_first_path", "energy_source", "gpu_name")
 ENERGIES = ("preprocess_j", "prefill_j", "full_j", "total_j", "idle_j", "active_j", "decode_j", "j_per_output_token")
+
+
+def test_a_kill_9_keeps_every_unit_written_and_a_damaged_one_is_measured_again(small_grid_cfg, own_data, monkeypatch,
+                                                                              caplog):
+    """A real kill -9 after the second unit record was kept (no GPU: timings only): the rerun keeps both records as
+    they were written, except one whose bytes no longer match their hash, and measures only the rest; the rows
+    equal an uninterrupted run's."""
+    from conftest import TINY_OVERRIDES
+    from kill import kill_9
+    from metabolic.pipeline.stages import measure_etokens
+
+    root = own_data("interrupted")
+    kill_9("measure_etokens", {**TINY_OVERRIDES, **SMALL_GRID}, "metabolic.core.artefacts.write_hashed_json", 2)
+    cells = next(root.glob("*.partial")) / grid_module.CELLS
+    kept = sorted(p.stem for p in cells.glob("*.json"))
+    assert kept == ["preprocess-chat-b1", "preprocess-chat-b2"]
+    first = json.loads((cells / "preprocess-chat-b1.json").read_text())
+    damaged = cells / "preprocess-chat-b2.json"
+    damaged.write_text(damaged.read_text().replace('"key"', '"kEy"'))  # still JSON: only the hash tells
+    after = _counting(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="metabolic.energy.grid"):
+        resumed = measure_etokens(small_grid_cfg, progress=False)
+    assert [r.getMessage() for r in caplog.records] == \
+        [f"{damaged}: its bytes do not match their recorded hash: its unit is measured again"]
+    assert "preprocess-chat-b2" in after and "preprocess-chat-b1" not in after and len(after) == 5 and resumed.complete
+    assert resumed.grid.records["preprocess-chat-b1"]["wall_s"] == first["wall_s"]  # kept, not measured again
+    own_data("uninterrupted")
+    clean = measure_etokens(small_grid_cfg, progress=False)
+    pick = lambda rows: [{f: r[f] for f in DETERMINISTIC} for r in rows]  # noqa: E731
+    assert pick(resumed.rows) == pick(clean.rows) and len(clean.rows) == 4 * 2  # cells x repeats
 
 
 def test_killed_grid_resumes_with_only_the_rest_and_writes_no_negative_energy(small_grid_cfg, own_data, monkeypatch):

@@ -1,5 +1,6 @@
-"""Fault injection on the real stages (tiny config): kills during a commit, corrupted artefact files,
-unreadable checkpoints, diverging runs and disk faults. Each ends in a resume without rework, a
+"""Fault injection on the real stages (tiny config): a real kill -9 inside pretraining, CSC labelling, training and
+evaluation (e-tokens: test_etokens_grid.py) whose resume ends as the uninterrupted run, kills during a commit,
+corrupted artefact files, unreadable checkpoints, diverging runs and disk faults. Each ends in a resume without rework, a
 rebuild identical to a clean run, or one line naming the path and the fix; never in lost or silently
 wrong work. The commit protocol's own kill sweep is in test_artefacts.py.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_OVERRIDES
+from kill import kill_9
 from metabolic.core import artefacts, resume
 from metabolic.core.errors import DivergedError
 from metabolic.core.profiles import load_config
@@ -308,23 +310,6 @@ EVALUATE_OVERRIDES = {"generation.n_valid_prompts": 0, "generation.max_new_token
                       "generation.verified_scales": ("length",), "generation.verified_steered_candidates": ()}
 
 
-# A real kill -9 of `evaluate_budgets` in its own process, the moment the verified rows begin (both variants'
-# tables saved): no handler, no `finally`, as the kernel's OOM killer or a pulled plug would end it.
-_KILL_AT_VERIFIED = textwrap.dedent("""
-    import ast, os, signal, sys
-    from metabolic.pipeline import evaluate as stage
-    real = stage.resumable
-    def kill_at_verified(work, name, compute):
-        if name == "verified":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(work, name, compute)
-    stage.resumable = kill_at_verified
-    from metabolic.core.profiles import load_config
-    from metabolic.pipeline import stages
-    stages.evaluate_budgets(load_config("smoke", ast.literal_eval(sys.argv[1])), progress=False)
-""")
-
-
 def test_a_killed_evaluation_resumes_per_table_and_ends_as_an_uninterrupted_one(clean_run, monkeypatch):
     from metabolic.pipeline import evaluate as evaluate_stage
 
@@ -334,9 +319,7 @@ def test_a_killed_evaluation_resumes_per_table_and_ends_as_an_uninterrupted_one(
     folder = artefacts.run_dir(cfg.profile) / "evaluation"
     shutil.rmtree(folder)
 
-    proc = subprocess.run([sys.executable, "-c", _KILL_AT_VERIFIED, repr(overrides)], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == -9, proc.stderr[-2000:]
+    kill_9("evaluate_budgets", overrides, "metabolic.pipeline.evaluate.save_checkpoint", 2)  # both tables saved
     parts = folder.with_name("evaluation.partial") / evaluate_stage.PARTS
     saved = sorted(p.name for p in parts.glob("*.pt"))
     assert saved == ["table1_expected-cost.pt", "table1_faithful.pt"] and not folder.exists()
@@ -348,6 +331,51 @@ def test_a_killed_evaluation_resumes_per_table_and_ends_as_an_uninterrupted_one(
     assert calls == ["faithful"]  # the intact table was reused, the damaged one and the rest were computed
     assert not folder.with_name("evaluation.partial").exists() and not (folder / evaluate_stage.PARTS).exists()
     assert _without_timings(resumed) == _without_timings(uninterrupted)
+
+
+def test_a_killed_pretraining_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(tiny_cfg, run_copy, caplog):
+    folder = run_copy / "backbone"
+    clean = {p.relative_to(folder): _sha(p) for p in folder.rglob("*") if p.is_file() and p.name != artefacts.MANIFEST}
+    shutil.rmtree(folder)
+    kill_9("pretrain_backbone", TINY_OVERRIDES, "metabolic.core.resume.save_checkpoint", 1)  # step 2 of 4 kept
+    assert (folder.with_name("backbone.partial") / "checkpoint.pt").is_file() and not folder.exists()
+    with caplog.at_level(logging.INFO, logger="metabolic.train.pretrain"):
+        stages.pretrain_backbone(tiny_cfg, progress=False)
+    assert "resuming pretraining at step 2 of 4" in [r.getMessage() for r in caplog.records]
+    resumed = {p.relative_to(folder): _sha(p) for p in folder.rglob("*") if p.is_file() and p.name != artefacts.MANIFEST}
+    assert resumed == clean  # weights and metrics byte for byte
+
+
+def test_a_killed_labelling_resumes_at_its_first_missing_chunk_and_ends_as_an_uninterrupted_one(run_copy, monkeypatch):
+    overrides = {**TINY_OVERRIDES, "csc.chunk_sequences": 2}  # 3 train + 2 valid chunks
+    cfg = load_config("smoke", overrides)
+    kill_9("csc_labels", overrides, "metabolic.core.artefacts.write_hashed", 1)  # the first chunk kept
+    chunks = run_copy / "csc.partial" / "chunks"
+    assert sorted(p.name for p in chunks.glob("*.npz")) == ["train-00000.npz"]
+    written, real_write = [], artefacts.write_hashed
+    monkeypatch.setattr(artefacts, "write_hashed", lambda path, data: written.append(Path(path).name) or real_write(path, data))
+    stages.csc_labels(cfg, progress=False)
+    assert written == ["train-00001.npz", "train-00002.npz", "valid-00000.npz", "valid-00001.npz"]  # the rest, once
+    resumed = _sha(run_copy / "csc" / "csc.npz")
+    shutil.rmtree(run_copy / "csc")
+    stages.csc_labels(cfg, progress=False)
+    assert resumed == _sha(run_copy / "csc" / "csc.npz")  # the uninterrupted labels, byte for byte
+
+
+def test_a_killed_training_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_one(tiny_cfg, clean_run, run_copy,
+                                                                                       caplog):
+    folder = run_copy / "train" / "faithful"
+    shutil.rmtree(folder)
+    # train.variant names the variant the child trains; the run's key holds the variant either way
+    kill_9("train_metabolic", {**TINY_OVERRIDES, "train.variant": "faithful"}, "metabolic.core.resume.save_checkpoint", 1)
+    assert (folder.with_name("faithful.partial") / "checkpoint.pt").is_file() and not folder.exists()
+    with caplog.at_level(logging.INFO, logger="metabolic.train.loop"):
+        stages.train_metabolic(tiny_cfg, "faithful", progress=False)
+    assert "resuming faithful training after epoch 1 of 2" in [r.getMessage() for r in caplog.records]
+    clean = clean_run / "train" / "faithful"
+    files = sorted(p.relative_to(clean) for p in clean.rglob("*") if p.is_file() and p.name != artefacts.MANIFEST)
+    assert files == sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.name != artefacts.MANIFEST)
+    assert {f: _sha(folder / f) for f in files} == {f: _sha(clean / f) for f in files}  # models, metrics, selection
 
 
 def _counting(function, calls):

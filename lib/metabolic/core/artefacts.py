@@ -116,7 +116,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    atomic_write_text(path, _json_text(obj))
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
@@ -140,6 +144,11 @@ def write_hashed(path: Path, data: bytes) -> None:
     its hash, never one that passes with the wrong bytes. For work a later run resumes from (checkpoints, chunks)."""
     atomic_write_bytes(path, data)
     atomic_write_text(hash_path(path), hashlib.sha256(data).hexdigest() + "\n")
+
+
+def write_hashed_json(path: Path, obj: Any) -> None:
+    """`obj` as JSON through `write_hashed` (a record a later run resumes from, e.g. one e-token unit)."""
+    write_hashed(path, _json_text(obj).encode("utf-8"))
 
 
 def read_hashed(path: Path) -> tuple[bytes | None, str]:

@@ -11,6 +11,7 @@ parts, on several machines of one kind, gives the same table as one uninterrupte
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -72,13 +73,18 @@ class Grid:
 
 
 def load_records(cells: Path) -> dict[str, dict]:
-    """The kept unit records; an unreadable one is measured again (it was being written when cut off)."""
+    """The kept unit records whose bytes match their recorded SHA-256 (`artefacts.write_hashed_json`); a
+    damaged or unreadable one is measured again, never loaded (it was being written when cut off)."""
     records = {}
     for path in sorted(Path(cells).glob("*.json")):
         try:
-            records[path.stem] = artefacts.read_json(path)
-        except (OSError, ValueError):
-            log.warning("%s is unreadable: its unit is measured again", path)
+            data, why = artefacts.read_hashed(path)
+            if data is None:
+                log.warning("%s: %s: its unit is measured again", path, why)
+                continue
+            records[path.stem] = json.loads(data)
+        except (OSError, ValueError) as exc:
+            log.warning("%s is unreadable (%s): its unit is measured again", path, exc)
     return records
 
 
@@ -217,7 +223,7 @@ def run_grid(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid: S
         record = runner.measure(unit)
         wall_s = time.perf_counter() - t0
         record.update(key=key, machine=machine, estimate_s=estimate_s, wall_s=wall_s)
-        artefacts.atomic_write_json(Path(cells) / f"{key}.json", record)  # kept before the next unit starts
+        artefacts.write_hashed_json(Path(cells) / f"{key}.json", record)  # kept before the next unit starts
         records[key] = record
         measured.append(key)
         estimator.advance(state, unit)

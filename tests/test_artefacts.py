@@ -22,9 +22,9 @@ def _builder(calls, payload="x"):
 
 def test_fresh_artefact_is_reused_and_stale_one_rebuilt(tmp_path):
     folder, calls = tmp_path / "stage", []
-    artefacts.build_artefact(folder, {"a": 1}, _builder(calls), "{}", required=("payload.txt",))
-    artefacts.build_artefact(folder, {"a": 1}, _builder(calls), "{}", required=("payload.txt",))
-    assert len(calls) == 1
+    built = artefacts.build_artefact(folder, {"a": 1}, _builder(calls), "{}", required=("payload.txt",))
+    assert artefacts.build_artefact(folder, {"a": 1}, _builder(calls), "{}", required=("payload.txt",)) == built
+    assert len(calls) == 1 and built == (folder, artefacts.read_manifest(folder)["fingerprint"])
     assert json.loads((folder / artefacts.CONFIG_FILE).read_text()) == {}
     artefacts.build_artefact(folder, {"a": 2}, _builder(calls, "y"), required=("payload.txt",))
     assert len(calls) == 2 and (folder / "payload.txt").read_text() == "y"
@@ -174,9 +174,25 @@ def test_reuse_only_reads_a_fresh_artefact_and_refuses_to_build(tmp_path):
     assert not built and not folder.exists() and not (tmp_path / "stage.partial").exists()
     artefacts.build_artefact(folder, {"a": 1}, build)
     with artefacts.reuse_only():
-        assert artefacts.build_artefact(folder, {"a": 1}, build) == folder  # fresh: read, not built
+        assert artefacts.build_artefact(folder, {"a": 1}, build).folder == folder  # fresh: read, not built
         with pytest.raises(StaleArtefactError, match=r"stale \(made from other inputs\)"):
             artefacts.build_artefact(folder, {"a": 2}, build)
     assert len(built) == 1 and (folder / "payload.txt").read_text() == "1"
     artefacts.build_artefact(folder, {"a": 2}, build)  # outside the block, a stale artefact is rebuilt as ever
     assert len(built) == 2
+
+
+def test_a_stage_is_loaded_once_per_process_until_its_files_change(tmp_path):
+    from metabolic.pipeline.stage import loaded_once
+
+    folder, loads = tmp_path / "stage", []
+    built = artefacts.build_artefact(folder, {"a": 1}, _builder([]), required=("payload.txt",))
+
+    def load():
+        loads.append(1)
+        return (folder / "payload.txt").read_text()
+
+    stage = object()
+    assert loaded_once(stage, built, load) == loaded_once(stage, built, load) == "x" and len(loads) == 1
+    (folder / "payload.txt").write_text("zz")  # other bytes now: loaded again
+    assert loaded_once(stage, built, load) == "zz" and len(loads) == 2

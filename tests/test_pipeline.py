@@ -6,7 +6,9 @@ import json
 
 import numpy as np
 import torch
+from conftest import TINY_OVERRIDES
 from metabolic.core import artefacts
+from metabolic.core.profiles import load_config
 from metabolic.model.backbone import load_backbone
 from metabolic.pipeline import stages
 
@@ -45,14 +47,30 @@ def test_every_stage_follows_the_stage_protocol(tiny_cfg):
     from metabolic.pipeline.corpus import CorpusStage
     from metabolic.pipeline.csc import CSCStage
     from metabolic.pipeline.etokens import EtokenStage
+    from metabolic.pipeline.evaluate import EvaluateStage
     from metabolic.pipeline.pretrain import PretrainStage
     from metabolic.pipeline.prior import PriorStage
     from metabolic.pipeline.stage import Stage
     from metabolic.pipeline.train import TrainStage
 
-    for cls in (CorpusStage, PretrainStage, PriorStage, CSCStage, TrainStage, EtokenStage):
+    for cls in (CorpusStage, PretrainStage, PriorStage, CSCStage, TrainStage, EvaluateStage, EtokenStage):
         assert all(callable(getattr(cls, name, None)) for name in ("description", "build", "load")), cls
         assert isinstance(cls.required, tuple) and cls.required, cls
     stage = CorpusStage(tiny_cfg)
     assert isinstance(stage, Stage) and stage.folder == "corpus"
-    assert stages.corpus(tiny_cfg).fingerprint == artefacts.fingerprint(stage.description())
+
+
+def test_every_stage_returns_the_key_its_manifest_records(tiny_cfg):
+    """What a stage hands to the next is the key `build_artefact` committed, never one rebuilt by hand."""
+    from test_faults import EVALUATE_OVERRIDES
+
+    cfg = load_config("smoke", {**TINY_OVERRIDES, **EVALUATE_OVERRIDES})
+    returned = {"corpus": stages.corpus(cfg), "backbone": stages.pretrain_backbone(cfg, progress=False),
+                "prior": stages.energy_prior(cfg), "csc": stages.csc_labels(cfg, progress=False),
+                **{f"train/{v}": r for v, r in stages.train_variants(cfg, progress=False).items()},
+                "evaluation": stages.evaluation(cfg, progress=False)}
+    run = artefacts.run_dir(cfg.profile)
+    assert sorted(returned) == ["backbone", "corpus", "csc", "evaluation", "prior", "train/expected-cost", "train/faithful"]
+    for folder, result in returned.items():
+        manifest = artefacts.read_manifest(run / folder)
+        assert result.fingerprint == manifest["fingerprint"] == artefacts.artefact_key(manifest["description"]), folder

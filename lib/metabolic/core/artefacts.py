@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -284,6 +284,26 @@ def is_fresh(folder: Path, key: str, required: tuple[str, ...] = ()) -> bool:
     return staleness(folder, key, required) is None
 
 
+class Built(NamedTuple):
+    """A committed artefact: its folder and the key its manifest records (what a later stage's description cites)."""
+
+    folder: Path
+    key: str
+
+
+def artefact_key(description: dict[str, Any]) -> str:
+    """The key an artefact made from `description` is committed under: its fingerprint with the library's version.
+    `build_artefact` computes it; a caller needs it beforehand only to agree on it with other processes."""
+    return fingerprint({**description, "library_version": __version__})
+
+
+def stat_signature(folder: Path) -> tuple:
+    """(name, bytes, mtime, inode) of every file under `folder`: equal signatures, the same files as before."""
+    folder = Path(folder)
+    return tuple((p.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns, st.st_ino)
+                 for p in sorted(folder.rglob("*")) if p.is_file() for st in (p.stat(),))
+
+
 def build_artefact(
     folder: Path,
     description: dict[str, Any],
@@ -291,21 +311,21 @@ def build_artefact(
     config_json: str | None = None,
     required: tuple[str, ...] = (),
     force: bool = False,
-) -> Path:
-    """Return `folder`, building it with `build(work_dir)` unless a fresh copy already exists.
+) -> Built:
+    """The artefact in `folder`, built with `build(work_dir)` unless a fresh copy already exists.
 
-    `description` is everything the artefact depends on; its fingerprint decides freshness. A stale
-    or corrupt folder is rebuilt, never reused. `build` writes into `work_dir` (`<folder>.partial`,
-    kept across interruptions when its fingerprint matches, so a build can resume from checkpoints)
-    and may return extra manifest fields.
+    `description` is everything the artefact depends on; its key (`artefact_key`) decides freshness. A
+    stale or corrupt folder is rebuilt, never reused. `build` writes into `work_dir` (`<folder>.partial`,
+    kept across interruptions when its key matches, so a build can resume from checkpoints) and may
+    return extra manifest fields.
     """
     folder = Path(folder)
+    key = artefact_key(description)
     description = {**description, "library_version": __version__}
-    key = fingerprint(description)
     if not force and is_fresh(folder, key, required):
         log.info("reusing %s (fingerprint %s)", shown(folder), key[:12])
         shutil.rmtree(_trash_name(folder), ignore_errors=True)  # left by a kill just after a commit
-        return folder
+        return Built(folder, key)
     if _REUSE_ONLY.get():
         raise StaleArtefactError(f"{shown(folder)} is {staleness(folder, key, required)}: rerun the stages that make it "
                                  "(python -m metabolic run --profile <profile>)")
@@ -313,8 +333,9 @@ def build_artefact(
     # One builder at a time per artefact (two notebooks or processes may ask for the same stage).
     with _exclusive(folder.with_name(f".{folder.name}.lock")):
         if not force and is_fresh(folder, key, required):
-            return folder
-        return _build_locked(folder, key, description, build, config_json, required)
+            return Built(folder, key)
+        _build_locked(folder, key, description, build, config_json, required)
+        return Built(folder, key)
 
 
 # Disk faults a library writer can hit; their own exceptions (safetensors' SafetensorError: "... No space left on
@@ -369,7 +390,7 @@ def _exclusive(lock_path: Path):
 
 
 def _build_locked(folder: Path, key: str, description: dict[str, Any], build, config_json: str | None,
-                  required: tuple[str, ...]) -> Path:
+                  required: tuple[str, ...]) -> None:
     """Build into `<folder>.partial`, then commit it with renames that a kill at any point cannot undo.
 
     A partial keeps its `.fingerprint` until it is in place, and a finished one also holds the
@@ -402,7 +423,6 @@ def _build_locked(folder: Path, key: str, description: dict[str, Any], build, co
                                             "files": content_record(work)})
     _replace_dir(work, folder)
     (folder / PARTIAL_KEY).unlink(missing_ok=True)  # only partials carry it; a leftover here is harmless
-    return folder
 
 
 def _trash_name(dst: Path) -> Path:

@@ -61,7 +61,7 @@ class CorpusStage:
             "source": texts.source,
         }
 
-    def load(self, folder: Path) -> CorpusData:
+    def load(self, folder: Path, key: str) -> CorpusData:
         data = torch.load(folder / "tokens.pt", weights_only=True)
         return CorpusData(
             train_ids=unpack_ids(data["train_ids"], data["train_offsets"]),
@@ -69,7 +69,7 @@ class CorpusStage:
             tokenizer=self.tok.value,
             source=self.texts.source,
             location=self.texts.location,
-            fingerprint=artefacts.fingerprint(self.description()),
+            fingerprint=key,
             folder=folder,
         )
 

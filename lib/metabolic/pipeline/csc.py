@@ -69,7 +69,7 @@ class CSCStage:
             "precision": labeller.precision,
             "device_type": labeller.device.type,
         }
-        self.key = artefacts.fingerprint({**self._description, "library_version": artefacts.__version__})
+        self.key = artefacts.artefact_key(self._description)  # before the build: every rank must agree on it
         self.splits = (("train", 0, self.train), ("valid", 1, self.valid))
 
     def description(self) -> dict[str, Any]:

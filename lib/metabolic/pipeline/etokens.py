@@ -136,7 +136,7 @@ class EtokenStage:
         return {"n_rows": len(grid.rows), "energy_available": meter.available,
                 "wall_s": sum(u["wall_s"] or 0.0 for u in units)}
 
-    def load(self, folder: Path) -> Path:
+    def load(self, folder: Path, key: str) -> Path:
         return folder
 
 

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -40,111 +41,149 @@ from metabolic.pipeline.corpus import corpus
 from metabolic.pipeline.csc import csc_labeller, csc_labels
 from metabolic.pipeline.pretrain import pretrain_backbone
 from metabolic.pipeline.prior import energy_prior
+from metabolic.pipeline.stage import realise
 from metabolic.pipeline.train import train_variants
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def evaluate_budgets(cfg, progress: bool = True):
-    """Stage `evaluate`: Table I for both training variants x both decodings, written to data/<profile>/.
+@dataclass(frozen=True)
+class Evaluation:
+    """The `evaluate` artefact: `tables` is its tables.json (Table I, the verified rows, the stop rules, the
+    budgets and prompts they used); the per-generation records are in `folder`/generations.jsonl."""
 
-    Writes the artefact `data/<profile>/evaluation/` (tables.json, generations.jsonl) and publishes
-    `data/<profile>/table1_<variant>_<decoding>.json` plus the combined `data/<profile>/table1.json`.
-    Returns the combined dict (tables, paper, profile, budgets, prompts).
-    """
-    tok = corpus(cfg).tokenizer
-    csc = csc_labels(cfg, progress=progress)
-    backbone = pretrain_backbone(cfg, progress=progress)
-    results = train_variants(cfg, progress=progress)  # one load of the training inputs for both
-    g = cfg.generation
-    levels = budget_levels(cfg, csc)
-    budgets, budget_range, cont = levels.budgets, levels.budget_range, levels.continuation
-    # The stop rules on fixed text are judged on every scale (their labels are raw; the length scale is a
-    # product), so the proxy decodings, on the evaluation's scale, always have their open-loop ceiling; the
-    # verified rows use the configured scales of the same targets.
-    rule_budgets, rule_rates = verified_targets(csc, cfg, budgets, SCALES)
-    verified_budgets = {s: rule_budgets[s] for s in g.verified_scales}
-    rate_hints = {s: rule_rates[s] for s in g.verified_scales}
-    description = {
-        "stage": "evaluate", "version": EVALUATION_VERSION, "generation": cfg.generation.__dict__, "csc": csc.fingerprint, "csc_scale": cfg.csc.scale,
-        "backbone": backbone.fingerprint, "train": {v: r.fingerprint for v, r in results.items()},
-        "encoder": cfg.assets.encoder, "budgets": budgets, "budget_range": budget_range,
-        "verified_budgets": verified_budgets, "verified_model": cfg.train.variant, "stop_rule_budgets": rule_budgets,
-    }
-    folder = artefacts.run_dir(cfg.profile) / "evaluation"
+    tables: dict[str, Any]
+    folder: Path
+    fingerprint: str
 
-    def build(work):
-        torch.manual_seed(cfg.generation.seed)
-        distinct = select_prompts(g, tok, csc.valid_ids)
+
+class EvaluateStage:
+    """Table I for both variants x both decodings, the verified rows and the stop rules, from the trained
+    models, the CSC cache and the budgets of `metabolic.evaluate.budgets`; each part resumable (`resumable`)."""
+
+    folder = "evaluation"
+    required = (TABLES_FILE, GENERATIONS_FILE)
+
+    def __init__(self, cfg: StudyConfig, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.tok = corpus(cfg).tokenizer
+        self.csc = csc_labels(cfg, progress=progress)
+        self.backbone = pretrain_backbone(cfg, progress=progress)
+        self.results = train_variants(cfg, progress=progress)  # one load of the training inputs for both
+        self.levels = budget_levels(cfg, self.csc)
+        # The stop rules on fixed text are judged on every scale (their labels are raw; the length scale is a
+        # product), so the proxy decodings, on the evaluation's scale, always have their open-loop ceiling; the
+        # verified rows use the configured scales of the same targets.
+        self.rule_budgets, self.rule_rates = verified_targets(self.csc, cfg, self.levels.budgets, SCALES)
+        self.verified_budgets = {s: self.rule_budgets[s] for s in cfg.generation.verified_scales}
+        self.rate_hints = {s: self.rule_rates[s] for s in cfg.generation.verified_scales}
+
+    def description(self) -> dict[str, Any]:
+        cfg, levels = self.cfg, self.levels
+        return {
+            "stage": "evaluate", "version": EVALUATION_VERSION, "generation": cfg.generation.__dict__,
+            "csc": self.csc.fingerprint, "csc_scale": cfg.csc.scale, "backbone": self.backbone.fingerprint,
+            "train": {v: r.fingerprint for v, r in self.results.items()}, "encoder": cfg.assets.encoder,
+            "budgets": levels.budgets, "budget_range": levels.budget_range, "verified_budgets": self.verified_budgets,
+            "verified_model": cfg.train.variant, "stop_rule_budgets": self.rule_budgets,
+        }
+
+    def build(self, work: Path) -> dict[str, Any]:
+        cfg, g, csc = self.cfg, self.cfg.generation, self.csc
+        torch.manual_seed(g.seed)
+        distinct = select_prompts(g, self.tok, csc.valid_ids)
         # samples_per_prompt independent rows per prompt: Table I's n per level is their product
         prompts = [p for p in distinct for _ in range(g.samples_per_prompt)]
-        judge = Judge(load_backbone(backbone.path))  # one memo: texts several tables judge are scored once
+        judge = Judge(load_backbone(self.backbone.path))  # one memo: texts several tables judge are scored once
         prefixes = PrefixLabeller(csc_labeller(cfg))  # one memo: texts several decodings produce are labelled once
-        models = {variant: result.load_best() for variant, result in results.items()}
+        models = {variant: result.load_best() for variant, result in self.results.items()}
         # What simple predictors fitted on the same labels reach on the same held-out texts (cost_fit).
-        ceilings = cost_ceilings(load_backbone(backbone.path), csc.train_ids, csc.train_csc, csc.valid_ids, csc.valid_csc,
-                                 energy_prior(cfg).prior.cost, g.prompt_tokens, cfg.csc.scale)
-
-        def variant_tables(variant):
-            model, result = models[variant], results[variant]
-            cal, note = decoding_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
-                                             list(budgets.values()))
-            t, r = evaluate_variant(model, tok, judge, prefixes, prompts, budgets, g, cfg.csc.scale, budget_range, variant,
-                                    cal, note, progress)
-            fit = cost_model_fit(model, csc.valid_ids, csc.valid_csc, g.prompt_tokens, cfg.csc.scale)
-            best = result.metrics[result.best_epoch - 1] if 0 < result.best_epoch <= len(result.metrics) else {}
-            for table in t.values():
-                table.update(best_epoch=result.best_epoch, val_ppl=best.get("val_ppl"), backbone_val_ppl=result.reference_ppl,
-                             cost_model=fit, cost_model_vs_ceiling=against_ceiling(fit, ceilings))
-            return t, r
-
+        ceilings = cost_ceilings(load_backbone(self.backbone.path), csc.train_ids, csc.train_csc, csc.valid_ids,
+                                 csc.valid_csc, energy_prior(cfg).prior.cost, g.prompt_tokens, cfg.csc.scale)
         tables, records = {}, []
-        for variant in results:
-            t, r = resumable(work, f"table1_{variant}", functools.partial(variant_tables, variant))
+        for variant, model in models.items():
+            t, r = resumable(work, f"table1_{variant}", functools.partial(
+                self._variant_tables, variant, model, judge, prefixes, prompts, ceilings))
             tables.update(t)
             records.extend(r)
         sampler = models.get(cfg.train.variant) or next(iter(models.values()))
         scale_cal = {scale: decoding_calibration(sampler, g, scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
-                                                 list(b.values()))[0] for scale, b in rule_budgets.items()}
+                                                 list(b.values()))[0] for scale, b in self.rule_budgets.items()}
         sampler_costs = model_token_costs(sampler)
-        steered = None
-        if g.verified_steered_candidates:
-            steered = SteeredRows(g.verified_steered_candidates, sampler_costs, scale_cal, g.lambda_max)
-        t, r = resumable(work, "verified", lambda: verified_tables(
-            sampler, tok, judge, prefixes, prompts, verified_budgets, rate_hints, g.verified_candidates,
-            max_new_tokens=g.verified_max_new_tokens, band=g.verified_band, max_probes=g.verified_max_probes,
-            temperature=g.temperature, top_k=g.top_k, seed=g.seed, steered=steered))
+        t, r = resumable(work, "verified", lambda: self._verified_rows(sampler, sampler_costs, scale_cal, judge,
+                                                                        prefixes, prompts))
         tables.update(t)
         records.extend(r)
-
-        def stop_rules():  # the stop rules on fixed held-out text (labels every word-end prefix of each)
-            if not g.stop_rule_texts:
-                return {}
-            fixed = {split: label_continuations(ids, tok, prefixes, g.prompt_tokens, g.max_new_tokens, g.stop_rule_texts)
-                     for split, ids in (("train", csc.train_ids), ("held_out", csc.valid_ids))}
-            return {scale: judge_stop_rules(fixed["train"], fixed["held_out"], b, scale, rule_rates[scale],
-                                            sampler_costs.numpy(), scale_cal[scale], tok, g.verified_band,
-                                            g.max_new_tokens, g.seed)
-                    for scale, b in rule_budgets.items()}
-
-        rules = resumable(work, "stop_rules", stop_rules)
-        combined = {"profile": cfg.profile, "budgets": budgets, "budget_source": levels.source,
-                    "budget_range": list(budget_range), "training_targets": levels.training_targets,
-                    "continuation_csc": {"n": int(cont.size), "min": float(cont.min()), "median": float(np.median(cont)),
-                                         "max": float(cont.max())},
-                    "verified_budgets": verified_budgets, "verified_rate_hints": rate_hints,
-                    "verified_model": f"{cfg.train.variant} (best checkpoint; budget pathway off)",
-                    "cost_model_ceiling": ceilings,
-                    "prompts": distinct, "samples_per_prompt": g.samples_per_prompt, "stop_rules": rules,
-                    "tables": tables, "paper": PAPER_TABLE1}
-        artefacts.atomic_write_json(work / TABLES_FILE, combined)
+        rules = resumable(work, "stop_rules", lambda: self._stop_rules(judge, prefixes, sampler_costs, scale_cal))
+        artefacts.atomic_write_json(work / TABLES_FILE, self._combined(distinct, ceilings, rules, tables))
         artefacts.atomic_write_text(work / GENERATIONS_FILE, "".join(json.dumps(r) + "\n" for r in records))
         shutil.rmtree(work / PARTS, ignore_errors=True)  # superseded by the two files above
         return {"n_generations": len(records)}
 
-    artefacts.build_artefact(folder, description, build, cfg.to_json(), required=(TABLES_FILE, GENERATIONS_FILE))
-    combined = artefacts.read_json(folder / TABLES_FILE)
+    def load(self, folder: Path, key: str) -> Evaluation:
+        return Evaluation(tables=artefacts.read_json(folder / TABLES_FILE), folder=folder, fingerprint=key)
+
+    def _variant_tables(self, variant, model, judge, prefixes, prompts, ceilings):
+        """One variant's Table I rows (both decodings) with its training and cost-model columns."""
+        cfg, g, csc, result = self.cfg, self.cfg.generation, self.csc, self.results[variant]
+        budgets = self.levels.budgets
+        cal, note = decoding_calibration(model, g, cfg.csc.scale, cfg.train.calib_ridge, csc.train_ids, csc.train_csc,
+                                         list(budgets.values()))
+        t, r = evaluate_variant(model, self.tok, judge, prefixes, prompts, budgets, g, cfg.csc.scale,
+                                self.levels.budget_range, variant, cal, note, self.progress)
+        fit = cost_model_fit(model, csc.valid_ids, csc.valid_csc, g.prompt_tokens, cfg.csc.scale)
+        best = result.metrics[result.best_epoch - 1] if 0 < result.best_epoch <= len(result.metrics) else {}
+        for table in t.values():
+            table.update(best_epoch=result.best_epoch, val_ppl=best.get("val_ppl"), backbone_val_ppl=result.reference_ppl,
+                         cost_model=fit, cost_model_vs_ceiling=against_ceiling(fit, ceilings))
+        return t, r
+
+    def _verified_rows(self, sampler, sampler_costs, scale_cal, judge, prefixes, prompts):
+        """The verified controller's rows (N x scale) on the sampler, and its label-free baselines."""
+        g = self.cfg.generation
+        steered = None
+        if g.verified_steered_candidates:
+            steered = SteeredRows(g.verified_steered_candidates, sampler_costs, scale_cal, g.lambda_max)
+        return verified_tables(sampler, self.tok, judge, prefixes, prompts, self.verified_budgets, self.rate_hints,
+                               g.verified_candidates, max_new_tokens=g.verified_max_new_tokens, band=g.verified_band,
+                               max_probes=g.verified_max_probes, temperature=g.temperature, top_k=g.top_k, seed=g.seed,
+                               steered=steered)
+
+    def _stop_rules(self, judge, prefixes, sampler_costs, scale_cal):
+        """The stop rules on fixed held-out text (labels every word-end prefix of each), per scale."""
+        g, csc = self.cfg.generation, self.csc
+        if not g.stop_rule_texts:
+            return {}
+        fixed = {split: label_continuations(ids, self.tok, prefixes, g.prompt_tokens, g.max_new_tokens, g.stop_rule_texts)
+                 for split, ids in (("train", csc.train_ids), ("held_out", csc.valid_ids))}
+        return {scale: judge_stop_rules(fixed["train"], fixed["held_out"], b, scale, self.rule_rates[scale],
+                                        sampler_costs.numpy(), scale_cal[scale], self.tok, g.verified_band,
+                                        g.max_new_tokens, g.seed)
+                for scale, b in self.rule_budgets.items()}
+
+    def _combined(self, distinct, ceilings, rules, tables) -> dict[str, Any]:
+        cfg, levels, cont = self.cfg, self.levels, self.levels.continuation
+        return {"profile": cfg.profile, "budgets": levels.budgets, "budget_source": levels.source,
+                "budget_range": list(levels.budget_range), "training_targets": levels.training_targets,
+                "continuation_csc": {"n": int(cont.size), "min": float(cont.min()), "median": float(np.median(cont)),
+                                     "max": float(cont.max())},
+                "verified_budgets": self.verified_budgets, "verified_rate_hints": self.rate_hints,
+                "verified_model": f"{cfg.train.variant} (best checkpoint; budget pathway off)",
+                "cost_model_ceiling": ceilings, "prompts": distinct,
+                "samples_per_prompt": cfg.generation.samples_per_prompt, "stop_rules": rules, "tables": tables,
+                "paper": PAPER_TABLE1}
+
+
+def evaluation(cfg: StudyConfig, progress: bool = True) -> Evaluation:
+    """Stage `evaluate`: the artefact `data/<profile>/evaluation/` (tables.json, generations.jsonl)."""
+    return realise(EvaluateStage(cfg, progress), cfg)
+
+
+def evaluate_budgets(cfg: StudyConfig, progress: bool = True) -> dict[str, Any]:
+    """Stage `evaluate` (`evaluation`), then publish `data/<profile>/table1_<variant>_<decoding>.json` and the
+    combined `data/<profile>/table1.json`. Returns the combined dict (tables, paper, profile, budgets, prompts)."""
+    combined = evaluation(cfg, progress).tables
     run = artefacts.run_dir(cfg.profile)
     for key, table in combined["tables"].items():
         artefacts.atomic_write_json(run / f"table1_{key}.json",

@@ -64,11 +64,9 @@ class PretrainStage:
             "wall_s": time.perf_counter() - t0,
         }
 
-    def load(self, folder: Path) -> BackboneData:
-        return BackboneData(
-            path=str(folder), pretrained_here=True, metrics=read_metrics(folder / PRETRAIN_METRICS),
-            fingerprint=artefacts.fingerprint({**self._description, "library_version": artefacts.__version__}),
-        )
+    def load(self, folder: Path, key: str) -> BackboneData:
+        return BackboneData(path=str(folder), pretrained_here=True, metrics=read_metrics(folder / PRETRAIN_METRICS),
+                            fingerprint=key)
 
 
 def pretrain_backbone(cfg: StudyConfig, progress: bool = True) -> BackboneData:

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from metabolic.core import artefacts
 from metabolic.core.config import StudyConfig
 from metabolic.data.prior import Prior, build_prior, decoded_tokens, token_counts
 from metabolic.pipeline.corpus import CorpusData, corpus
@@ -41,11 +40,11 @@ class PriorStage:
             np.savez(fh, cost=prior.cost, counts=prior.counts, lengths=prior.lengths, heading=prior.heading)
         return {"vocab_size": self.vocab_size, "mean": float(prior.cost.mean()), "min": float(prior.cost.min())}
 
-    def load(self, folder: Path) -> PriorData:
+    def load(self, folder: Path, key: str) -> PriorData:
         arrays = np.load(folder / "prior.npz")
         prior = Prior(cost=arrays["cost"], counts=arrays["counts"], lengths=arrays["lengths"], heading=arrays["heading"],
                       tokens=self.tokens)
-        return PriorData(prior=prior, folder=folder, fingerprint=artefacts.fingerprint(self._description))
+        return PriorData(prior=prior, folder=folder, fingerprint=key)
 
 
 def energy_prior(cfg: StudyConfig) -> PriorData:

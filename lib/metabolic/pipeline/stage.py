@@ -6,9 +6,11 @@ A stage builds (or reuses) one artefact, `data/<profile>/<folder>/`, from its in
   artefact made from the same inputs is reused, a stale or corrupt one rebuilt);
 - `build(work)` writes the artefact's files into its partial folder (kept across interruptions, so
   long builds resume) and returns a summary for the manifest;
-- `load(folder)` reads the finished artefact back into what the stage returns.
+- `load(folder, key)` reads the finished artefact back into what the stage returns; `key` is the one its
+  manifest records, which a later stage's description cites.
 
-`realise(stage, cfg)` runs that protocol through `metabolic.core.artefacts.build_artefact`. A stage
+`realise(stage, cfg)` runs that protocol through `metabolic.core.artefacts.build_artefact`, and loads each
+artefact once per process (again only when its files change). A stage
 asks for its inputs by calling the stages before it when it is made, so any notebook can run alone.
 One module per stage (`corpus`, `pretrain`, `prior`, `csc`, `train`, `evaluate`, `etokens`) and the
 manifest of them all, `metabolic.pipeline.stages`. Only `pipeline` unpacks `StudyConfig`: domain code
@@ -17,9 +19,10 @@ takes its own config section or plain arguments and never calls a stage.
 
 from __future__ import annotations
 
+import collections
 import functools
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
 
 from metabolic.core import artefacts
 from metabolic.core.assets import load_encoder, load_tokenizer
@@ -40,7 +43,7 @@ class Stage(Protocol[T]):
 
     def build(self, work: Path) -> dict[str, Any]: ...
 
-    def load(self, folder: Path) -> T: ...
+    def load(self, folder: Path, key: str) -> T: ...
 
 
 def stage_folder(cfg: StudyConfig, stage: Stage) -> Path:
@@ -48,11 +51,32 @@ def stage_folder(cfg: StudyConfig, stage: Stage) -> Path:
 
 
 def realise(stage: Stage[T], cfg: StudyConfig, force: bool = False) -> T:
-    """Build `stage`'s artefact unless a fresh one exists (or `force`), then load it."""
-    folder = stage_folder(cfg, stage)
-    artefacts.build_artefact(folder, stage.description(), stage.build, cfg.to_json(), required=stage.required,
-                             force=force)
-    return stage.load(folder)
+    """Build `stage`'s artefact unless a fresh one exists (or `force`), then load it (once per process)."""
+    built = artefacts.build_artefact(stage_folder(cfg, stage), stage.description(), stage.build, cfg.to_json(),
+                                     required=stage.required, force=force)
+    return loaded_once(stage, built, lambda: stage.load(built.folder, built.key))
+
+
+# (stage class, folder, key) -> (the folder's stat signature when loaded, what `load` returned). Bounded: a test
+# session makes hundreds of small runs.
+_LOADED: collections.OrderedDict[tuple[str, str, str], tuple[tuple, Any]] = collections.OrderedDict()
+_LOADED_MAX = 32
+
+
+def loaded_once(stage: Any, built: artefacts.Built, load: Callable[[], T]) -> T:
+    """`load()` of a committed artefact, or what it returned before in this process while the artefact's files
+    are the same files (a stage's later callers, e.g. every stage that needs the corpus, share one load)."""
+    memo = (type(stage).__qualname__, str(built.folder), built.key)
+    signature = artefacts.stat_signature(built.folder)
+    hit = _LOADED.get(memo)
+    if hit is not None and hit[0] == signature:
+        _LOADED.move_to_end(memo)
+        return hit[1]
+    value = load()
+    _LOADED[memo] = (signature, value)
+    while len(_LOADED) > _LOADED_MAX:
+        _LOADED.popitem(last=False)
+    return value
 
 
 # --- shared by stages and notebooks: loaded once per process ------------------------------------

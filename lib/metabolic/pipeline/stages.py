@@ -22,7 +22,7 @@ from metabolic.core.errors import ConfigError
 from metabolic.pipeline.corpus import CorpusData, corpus, train_sequences, valid_sequences
 from metabolic.pipeline.csc import csc_description_keys, csc_labeller, csc_labels, select_for_labelling
 from metabolic.pipeline.etokens import EtokenResults, etokens_plan, measure_etokens
-from metabolic.pipeline.evaluate import budget_levels, evaluate_budgets, read_generations, verified_targets
+from metabolic.pipeline.evaluate import budget_levels, evaluate_budgets, evaluation, read_generations, verified_targets
 from metabolic.pipeline.pretrain import BackboneData, pretrain_backbone
 from metabolic.pipeline.prior import PriorData, energy_prior
 from metabolic.pipeline.stage import tokenizer_fingerprint
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "STAGES", "run", "CorpusData", "corpus", "train_sequences", "valid_sequences", "BackboneData", "pretrain_backbone",
     "PriorData", "energy_prior", "csc_labeller", "csc_labels", "csc_description_keys", "select_for_labelling",
-    "StageInputs", "stage_inputs", "train_metabolic", "train_variants", "evaluate_budgets", "read_generations",
+    "StageInputs", "stage_inputs", "train_metabolic", "train_variants", "evaluation", "evaluate_budgets", "read_generations",
     "budget_levels", "verified_targets", "EtokenResults", "measure_etokens", "etokens_plan", "tokenizer_fingerprint",
 ]
 

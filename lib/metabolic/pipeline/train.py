@@ -87,12 +87,12 @@ class TrainStage:
         resume.remove_checkpoint(work / CHECKPOINT)  # best/ and last/ supersede it
         return {"best_epoch": result.best_epoch, "reference_ppl": result.reference_ppl, "epochs": len(result.metrics)}
 
-    def load(self, folder: Path) -> TrainResult:
+    def load(self, folder: Path, key: str) -> TrainResult:
         selection = artefacts.read_json(folder / SELECTION)
         return TrainResult(variant=self.variant, folder=folder, metrics=read_metrics(folder / METRICS),
                            best_epoch=selection["best_epoch"], best_dir=folder / BEST_DIR, last_dir=folder / LAST_DIR,
                            reference_ppl=selection["reference_ppl"], targets=selection["targets"],
-                           fingerprint=artefacts.fingerprint({**self._description, "library_version": artefacts.__version__}))
+                           fingerprint=key)
 
 
 def train_metabolic(cfg: StudyConfig, variant: str | None = None, progress: bool = True,

@@ -14,7 +14,7 @@ set -euo pipefail
 source "$(dirname "$0")/budget_files.sh"
 
 PROFILE=${PROFILE:-cpu}
-STAGES=${STAGES:-"corpus,pretrain,prior,csc,train,evaluate"}
+STAGES=${STAGES:-"..evaluate"}  # every stage up to evaluate, in the pipeline's order (metabolic.pipeline.stages)
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 run="data/$PROFILE"
 

@@ -119,7 +119,7 @@ status_of() {
 part_budgets() {
   local run="$DATA/$PROFILE"
   "$PY" -m metabolic config --profile "$PROFILE" "${A_ARGS[@]}" > "$DEST/study_config.json" || return $?
-  capped "$PY" -m metabolic run --profile "$PROFILE" --stages corpus,pretrain,prior,csc,train,evaluate "${A_ARGS[@]}" \
+  capped "$PY" -m metabolic run --profile "$PROFILE" --stages ..evaluate "${A_ARGS[@]}" \
     2>&1 | tee "$DEST/log.txt"
   RC=${PIPESTATUS[0]}
   copy_budget_files "$run" "$DEST"

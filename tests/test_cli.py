@@ -27,6 +27,8 @@ def _run(args, tmp_path, **env):
         (["run", "--stages", "corpus"], {"METABOLIC_ASSETS": "/no/such/folder"}, "METABOLIC_ASSETS='/no/such/folder' is not a folder"),
         (["run", "--stages", "nope"], {}, "unknown stage 'nope'"),
         (["run", "--stages", ","], {}, "--stages ',' names no stage"),
+        (["run", "--stages", "evaluate..csc"], {}, "--stages 'evaluate..csc' runs backwards"),
+        (["run", "--stages", "..nope"], {}, "unknown stage 'nope' in --stages '..nope'"),
         (["config", "--set", "prior.alpha=1e300"], {}, "prior.alpha=1e+300"),
         (["config", "--set", "prior.beta=1e308"], {}, "prior.beta=1e+308"),
         (["config", "--set", "backbone.n_embd=131072", "--set", "backbone.n_head=1"], {}, "backbone.n_embd=131072"),

@@ -74,3 +74,30 @@ def test_every_stage_returns_the_key_its_manifest_records(tiny_cfg):
     for folder, result in returned.items():
         manifest = artefacts.read_manifest(run / folder)
         assert result.fingerprint == manifest["fingerprint"] == artefacts.artefact_key(manifest["description"]), folder
+
+
+def test_budget_levels_read_what_training_saved_and_derive_only_other_scales(tiny_cfg, monkeypatch):
+    """On the trained scale the evaluation's levels take training's targets and range from its artefact
+    (selection.json), never by redoing training's data preparation; another scale derives them by its rule."""
+    from metabolic.evaluate import budgets as budget_derivation
+    from metabolic.train import loop
+
+    trained = stages.train_metabolic(tiny_cfg, progress=False)
+    csc = stages.csc_labels(tiny_cfg, progress=False)
+    selection = json.loads((trained.folder / loop.SELECTION).read_text())
+    real_prepare = budget_derivation.prepare_data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training's data preparation rerun for data its artefact holds")
+
+    monkeypatch.setattr(budget_derivation, "prepare_data", refuse)
+    levels = stages.budget_levels(tiny_cfg, csc)
+    assert levels.training_targets == selection["targets"] and len(levels.budgets) == 3
+    low, high = selection["budget_range"]
+    assert levels.budget_range == (min(low, levels.continuation.min()), max(high, levels.continuation.max()))
+    monkeypatch.setattr(budget_derivation, "prepare_data", real_prepare)
+    other = "length" if tiny_cfg.csc.scale == "raw" else "raw"
+    on_other = stages.budget_levels(tiny_cfg, csc, other)
+    data = real_prepare(csc, tiny_cfg.train, vocab_size=50257, scale=other,
+                        counted_from=loop.counted_from(tiny_cfg.train, tiny_cfg.generation.prompt_tokens))
+    assert on_other.training_targets == data.targets.tolist() and on_other.training_targets != levels.training_targets

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value; repeatable")
         if name == "run":
-            p.add_argument("--stages", default="", help="comma-separated stages (default: all, in order)")
+            p.add_argument("--stages", default="", help="comma-separated stages or ranges in pipeline order, e.g. "
+                           "'csc', '..evaluate' (corpus to evaluate), 'train..' (default: all, in order)")
         if name == "study":
             p.add_argument("--only", default="", help="comma-separated notebook prefixes, e.g. 00,01")
             p.add_argument("--inplace", action="store_true", help="write outputs back into notebooks/*.ipynb (smoke)")
@@ -63,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             from metabolic.csc.sharding import shard_from_env
             from metabolic.pipeline import stages
 
-            names = [s.strip() for s in args.stages.split(",") if s.strip()]
-            if args.stages.strip() and not names:  # "," names no stage: never read as "all of them"
-                raise ConfigError(f"--stages {args.stages!r} names no stage: give stage names separated by commas, "
-                                  f"or leave --stages out for all of them")
+            names = stages.select(args.stages)
             rank, world = shard_from_env()
             if world > 1 and names != ["csc"]:
                 raise ConfigError(f"--stages {args.stages or '<all>'} under torchrun (WORLD_SIZE={world}): only the csc "

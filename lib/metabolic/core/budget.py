@@ -13,10 +13,12 @@ Band: an achieved total meets a target within `band` (a fraction, 0.1 = ±10%) w
 exactly on the edge stays in band despite rounding. Hit@delta (Table I), the verified controller's
 band and the explorer's gauge all use this one rule.
 
-Budget -> proxy: `ProxyCalibration` is the affine map of one sequence total, `csc = a + b x proxy`
-(eq. 17). A CSC budget becomes a proxy budget through `ProxyCalibration.proxy_budgets`, which keeps an
-unlimited budget (inf) unlimited and refuses a budget that maps to a proxy budget <= 0 (below the
-intercept); `usable_calibration` says whether (a, b) can map a set of budgets at all.
+Budget -> proxy, the one rule (`affine_or_ratio`): the affine map of one sequence total, `csc = a + b x
+proxy` (eq. 17, `ProxyCalibration`), where it can turn every budget into a spend > 0 (b > 0, no budget at
+or below the intercept), else the ratio map through the origin, `csc = r x proxy`, r = mean CSC / mean
+proxy of the same points. Decoding, evaluation and the explorer map a total with it (`ProxyCalibration
+.proxy_budgets` keeps an unlimited budget unlimited); training applies it per budget dimension on tensors
+(`proxy_budgets_per_dimension`), where a budget below a dimension's intercept asks for no spend (0).
 """
 
 from __future__ import annotations
@@ -141,6 +143,38 @@ class ProxyCalibration:
                 f"b={self.b:.4g}: ask for a budget above {self.a:.4g} CSC, or refit the calibration"
             )
         return proxy
+
+
+def affine_or_ratio(a: float, b: float, ratio: float, budgets_csc: Iterable[float] = (),
+                    fit: str = "affine") -> tuple[ProxyCalibration, str]:
+    """The budget -> proxy rule (module docstring): the affine map (a, b) when it maps every one of `budgets_csc`
+    to a spend > 0, else the ratio map (0, `ratio`); and how it was made (`fit`, the affine map's name, or why not).
+
+    >>> affine_or_ratio(0.1, 2.0, 3.0), affine_or_ratio(0.1, -1.0, 3.0)[1], affine_or_ratio(0.1, 2.0, 3.0, [0.05])[1]
+    ((ProxyCalibration(a=0.1, b=2.0), 'affine'), 'ratio (affine slope -1 <= 0)', 'ratio (a budget is below the affine intercept 0.1)')
+    """
+    budgets_csc = list(budgets_csc)
+    calibration = usable_calibration(a, b, budgets_csc)
+    if calibration is not None:
+        return calibration, fit
+    if not (math.isfinite(a) and math.isfinite(b)):
+        why = f"{fit} a={a!r}, b={b!r} not finite"
+    elif b <= 0:
+        why = f"{fit} slope {b:.4g} <= 0"
+    else:
+        why = f"a budget is below the {fit} intercept {a:.4g}"
+    return ProxyCalibration(0.0, float(ratio)), f"ratio ({why})"
+
+
+def proxy_budgets_per_dimension(budgets_csc: Any, a: Any, b: Any, ratio: Any) -> Any:
+    """Training's form of `affine_or_ratio`, per budget dimension k on tensors: CSC budgets [n, K] -> proxy
+    budgets [n, K], (B - a_k) / b_k where b_k > 0, else B / ratio_k; floored at 0 (a budget below a dimension's
+    intercept asks for no spend: training refits (a_k, b_k) every epoch, so it must not switch maps per row)."""
+    import torch
+
+    ok = b > 0
+    slope = torch.where(ok, b, ratio)
+    return ((budgets_csc - torch.where(ok, a, torch.zeros_like(a))) / slope).clamp_min(0.0)
 
 
 def usable_calibration(a: float, b: float, budgets_csc: Iterable[float]) -> ProxyCalibration | None:

@@ -10,13 +10,12 @@ budgets on each CSC scale; `decoding_calibration` the proxy <-> CSC map steered 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from metabolic.core.budget import ProxyCalibration, length_factor, usable_calibration
+from metabolic.core.budget import affine_or_ratio, length_factor
 from metabolic.core.config import GenerationConfig, TrainConfig
 from metabolic.core.errors import DataError
 from metabolic.csc.dataset import CSCData
@@ -24,7 +23,6 @@ from metabolic.generate.budgeted import model_token_costs
 from metabolic.model.calibration import OnlineAffine
 from metabolic.train.loop import counted_from, prepare_data
 
-log = logging.getLogger(__name__)
 
 LEVELS = ("low", "medium", "high")
 
@@ -40,20 +38,39 @@ class BudgetLevels:
     training_targets: list[float]  # the training stage's targets (whole texts, every token counted)
 
 
-def budget_levels(csc: CSCData, g: GenerationConfig, train: TrainConfig, scale: str, vocab_size: int) -> BudgetLevels:
-    """`generation.budgets`, else the `train.budget_quantiles` of the true CSC of training-text
-    continuations (first `prompt_tokens` tokens = prompt, 1..max_new_tokens counted): what Table I scores."""
-    data = prepare_data(csc, train, vocab_size=vocab_size, scale=scale, counted_from=counted_from(train, g.prompt_tokens))
+@dataclass(frozen=True)
+class TrainedBudgets:
+    """What training conditions on, on one CSC scale: its K targets and the budget range (min, max) of targets
+    and training totals (the `train` stage saves both in selection.json for the scale it trained on)."""
+
+    targets: list[float]
+    budget_range: tuple[float, float]
+
+
+def budgets_training_would_use(csc: CSCData, train: TrainConfig, prompt_tokens: int, scale: str,
+                               vocab_size: int) -> TrainedBudgets:
+    """`TrainedBudgets` on a scale training did not run on (the explorer's other scale), by the training
+    stage's own rule (`prepare_data`); on the trained scale read selection.json instead."""
+    data = prepare_data(csc, train, vocab_size=vocab_size, scale=scale, counted_from=counted_from(train, prompt_tokens))
+    return TrainedBudgets([float(x) for x in data.targets], data.budget_range)
+
+
+def budget_levels(csc: CSCData, g: GenerationConfig, budget_quantiles: Sequence[float], scale: str,
+                  trained: TrainedBudgets) -> BudgetLevels:
+    """`generation.budgets`, else the `budget_quantiles` of the true CSC of training-text continuations
+    (first `prompt_tokens` tokens = prompt, 1..max_new_tokens counted): what Table I scores. The range
+    generation accepts spans `trained.budget_range` and the continuations."""
     cont = continuation_totals(csc.train_ids, csc.train_csc, g.prompt_tokens, g.max_new_tokens, scale)
     if g.budgets:
         targets, source = list(g.budgets), "generation.budgets"
     else:
-        targets = [float(np.quantile(cont, q)) for q in train.budget_quantiles]
-        source = (f"quantiles {list(train.budget_quantiles)} of the true CSC of {cont.size} training-text continuations "
+        targets = [float(np.quantile(cont, q)) for q in budget_quantiles]
+        source = (f"quantiles {list(budget_quantiles)} of the true CSC of {cont.size} training-text continuations "
                   f"(first {g.prompt_tokens} tokens = prompt, 1..{g.max_new_tokens} tokens counted)")
     names = LEVELS if len(targets) == 3 else tuple(f"B{i}" for i in range(len(targets)))
-    budget_range = (min(data.budget_range[0], float(cont.min())), max(data.budget_range[1], float(cont.max())))
-    return BudgetLevels(dict(zip(names, targets)), source, budget_range, cont, [float(x) for x in data.targets])
+    low, high = trained.budget_range
+    budget_range = (min(low, float(cont.min())), max(high, float(cont.max())))
+    return BudgetLevels(dict(zip(names, targets)), source, budget_range, cont, list(trained.targets))
 
 
 def verified_targets(csc: CSCData, g: GenerationConfig, budget_quantiles: Sequence[float], scale: str,
@@ -130,13 +147,7 @@ def fit_continuation_calibration(x: np.ndarray, y: np.ndarray, ridge: float = 1e
     if x.size < 2 or not np.all(np.isfinite(x)) or not np.all(np.isfinite(y)):
         raise DataError(f"{x.size} continuation points: label more training texts longer than generation.prompt_tokens")
     fit = OnlineAffine(1, ridge).update(x, y).fit()
-    a, b = float(fit.a[0]), float(fit.b[0])
-    if b > 0 and np.isfinite(a):
-        calibration = usable_calibration(a, b, budgets)
-        if calibration is not None:
-            return calibration, "ridge"
-        return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (a budget is below the ridge intercept {a:.4g})"
-    return ProxyCalibration(0.0, float(y.sum() / x.sum())), f"ratio (ridge slope {b:.4g} <= 0)"
+    return affine_or_ratio(float(fit.a[0]), float(fit.b[0]), float(y.sum() / x.sum()), budgets, fit="ridge")
 
 
 def sampled_proxy_rate(samples) -> float:
@@ -162,11 +173,8 @@ def decoding_calibration(model, g: GenerationConfig, scale: str, ridge: float, t
     `ridge` is eq. 21's gamma (`train.calib_ridge`); `scale` the CSC scale of the budgets.
     """
     if g.calibration == "model":
-        a, b = float(model.calib_a.mean()), float(model.calib_b.mean())
-        calibration = usable_calibration(a, b, budgets)
-        if calibration is not None:
-            return calibration, "model (training calibration)"
-        log.warning("the model's calibration (a=%.4g, b=%.4g) cannot map budgets %s: using the continuation fit", a, b, budgets)
+        calibration, how = model.proxy_calibration_for(budgets)
+        return calibration, f"model ({how})"
     # The same continuations the budgets come from (1..max_new_tokens tokens), else any length.
     costs = model_token_costs(model).numpy()
     x, y = continuation_points(train_ids, train_csc, costs, g.prompt_tokens, scale, max_tokens=g.max_new_tokens)

@@ -334,7 +334,7 @@ def evaluate_variant(model, tokenizer, judge, prefixes: PrefixLabeller, prompts:
             "fluency": {"budgeted": flu, "unbudgeted": ref_fluency,
                         "judge_ppl_rel_change": relative_change(flu["judge_ppl"], ref_fluency["judge_ppl"])},
             "calibration": {"a": cal.a, "b": cal.b, "how": calibration_note,
-                            "model_a": float(model.calib_a.mean()), "model_b": float(model.calib_b.mean())},
+                            "model_a": model.proxy_calibration().a, "model_b": model.proxy_calibration().b},
             "proxy_rate": {"per_token": proxy_rate, "tokens": sum(len(r.generated_ids) for r in reference),
                            "how": f"the model's unbudgeted samples of the same prompts (<= {g.max_new_tokens} tokens)"},
         }

@@ -82,7 +82,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from metabolic.core.artefacts import atomic_write_bytes, atomic_write_json, read_json
-from metabolic.core.budget import ProxyCalibration
+from metabolic.core.budget import ProxyCalibration, affine_or_ratio, proxy_budgets_per_dimension
 from metabolic.core.errors import ConfigError, DataError
 from metabolic.model.backbone import load_backbone
 from metabolic.model.calibration import OnlineAffine
@@ -321,26 +321,25 @@ class MetabolicGPT2(nn.Module):
         return costs.mean(dim=-1)
 
     def proxy_calibration(self) -> ProxyCalibration:
-        """The calibration as one affine map on sequence totals: the mean of the K (a, b) pairs; where their
-        mean slope is not positive, the ratio map (a = 0, b = the mean CSC / proxy ratio), the rule
-        `budget_in_proxy` applies per dimension (a slope <= 0 cannot map a budget to a spend)."""
-        a, b = float(self.calib_a.mean()), float(self.calib_b.mean())
-        if b > 0:
-            return ProxyCalibration(a=a, b=b)
-        return ProxyCalibration(a=0.0, b=float(self.budget_ratio.mean()))
+        """The calibration as one map on sequence totals: the mean of the K (a, b) pairs and of the K ratios
+        through `core.budget.affine_or_ratio` (the rule `budget_in_proxy` applies per dimension)."""
+        return self.proxy_calibration_for(())[0]
+
+    def proxy_calibration_for(self, budgets_csc) -> tuple[ProxyCalibration, str]:
+        """`proxy_calibration` where it maps every one of `budgets_csc` to a spend > 0, else the ratio map; and how."""
+        return affine_or_ratio(float(self.calib_a.mean()), float(self.calib_b.mean()), float(self.budget_ratio.mean()),
+                               budgets_csc, fit="training calibration")
 
     def budget_in_proxy(self, budgets_csc: torch.Tensor) -> torch.Tensor:
         """CSC budgets [b, K] in proxy units through each dimension's calibration, (B - a_k) / b_k, floored at 0.
 
         A dimension whose slope is not positive (proxy and CSC totals not rising together, as on the raw
         scale of short texts) takes the ratio map B / r_k, r_k = mean CSC / mean proxy of the calibration's
-        points: without it a constant offset between the two is left for the constraint to push against.
-        Identity before any point."""
-        a, b = self.calib_a.to(budgets_csc.dtype), self.calib_b.to(budgets_csc.dtype)
-        ok = b > 0
-        slope = torch.where(ok, b, self.budget_ratio.to(budgets_csc.dtype))
-        mapped = (budgets_csc - torch.where(ok, a, torch.zeros_like(a))) / slope
-        return mapped.clamp_min(0.0)
+        points: without it a constant offset between the two is left for the constraint to push against
+        (`core.budget.proxy_budgets_per_dimension`). Identity before any point."""
+        dtype = budgets_csc.dtype
+        return proxy_budgets_per_dimension(budgets_csc, self.calib_a.to(dtype), self.calib_b.to(dtype),
+                                           self.budget_ratio.to(dtype))
 
     def set_calibration(self, a: np.ndarray, b: np.ndarray) -> None:
         self.calib_a.copy_(torch.as_tensor(a, dtype=torch.float64))

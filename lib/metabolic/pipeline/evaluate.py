@@ -21,7 +21,7 @@ from metabolic.core.errors import DataError
 from metabolic.core.resume import load_checkpoint, save_checkpoint
 from metabolic.csc.dataset import CSCData
 from metabolic.evaluate import budgets as budget_derivation
-from metabolic.evaluate.budgets import BudgetLevels, decoding_calibration
+from metabolic.evaluate.budgets import BudgetLevels, TrainedBudgets, decoding_calibration
 from metabolic.evaluate.cost_fit import against_ceiling, cost_ceilings, cost_model_fit
 from metabolic.evaluate.scoring import (
     EVALUATION_VERSION,
@@ -42,7 +42,8 @@ from metabolic.pipeline.csc import csc_labeller, csc_labels
 from metabolic.pipeline.pretrain import pretrain_backbone
 from metabolic.pipeline.prior import energy_prior
 from metabolic.pipeline.stage import realise
-from metabolic.pipeline.train import train_variants
+from metabolic.pipeline.train import train_metabolic, train_variants
+from metabolic.train.loop import SELECTION, TrainResult
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,7 +72,7 @@ class EvaluateStage:
         self.csc = csc_labels(cfg, progress=progress)
         self.backbone = pretrain_backbone(cfg, progress=progress)
         self.results = train_variants(cfg, progress=progress)  # one load of the training inputs for both
-        self.levels = budget_levels(cfg, self.csc)
+        self.levels = budget_levels(cfg, self.csc, trained=self.results[cfg.train.variant])
         # The stop rules on fixed text are judged on every scale (their labels are raw; the length scale is a
         # product), so the proxy decodings, on the evaluation's scale, always have their open-loop ceiling; the
         # verified rows use the configured scales of the same targets.
@@ -210,11 +211,19 @@ def resumable(work: Path, name: str, compute: Callable[[], T]) -> T:
     return value
 
 
-def budget_levels(cfg: StudyConfig, csc: CSCData, scale: str | None = None) -> BudgetLevels:
+def budget_levels(cfg: StudyConfig, csc: CSCData, scale: str | None = None,
+                  trained: TrainResult | None = None) -> BudgetLevels:
     """The profile's generation budgets (`metabolic.evaluate.budgets.budget_levels` on its config), on `scale`
-    (default `csc.scale`)."""
-    return budget_derivation.budget_levels(csc, cfg.generation, cfg.train, scale or cfg.csc.scale,
-                                           vocab_size=len(corpus(cfg).tokenizer))
+    (default `csc.scale`). On the scale training ran on, its targets and budget range are read from the
+    training artefact (`trained`, default the `train.variant` run); on another, derived by training's rule."""
+    scale = scale or cfg.csc.scale
+    if scale == cfg.csc.scale:
+        selection = artefacts.read_json((trained or train_metabolic(cfg, progress=False)).folder / SELECTION)
+        saved = TrainedBudgets(selection["targets"], tuple(selection["budget_range"]))
+    else:
+        saved = budget_derivation.budgets_training_would_use(csc, cfg.train, cfg.generation.prompt_tokens, scale,
+                                                             vocab_size=len(corpus(cfg).tokenizer))
+    return budget_derivation.budget_levels(csc, cfg.generation, cfg.train.budget_quantiles, scale, saved)
 
 
 def verified_targets(csc: CSCData, cfg: StudyConfig, budgets: dict[str, float],

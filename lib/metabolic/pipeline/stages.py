@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # What notebooks, benchmarks and the CLI reach through `stages.<name>`.
 __all__ = [
-    "STAGES", "run", "CorpusData", "corpus", "train_sequences", "valid_sequences", "BackboneData", "pretrain_backbone",
+    "STAGES", "select", "run", "CorpusData", "corpus", "train_sequences", "valid_sequences", "BackboneData", "pretrain_backbone",
     "PriorData", "energy_prior", "csc_labeller", "csc_labels", "csc_description_keys", "select_for_labelling",
     "StageInputs", "stage_inputs", "train_metabolic", "train_variants", "evaluation", "evaluate_budgets", "read_generations",
     "budget_levels", "verified_targets", "EtokenResults", "measure_etokens", "etokens_plan", "tokenizer_fingerprint",
@@ -48,6 +48,36 @@ STAGES: dict[str, Callable[[StudyConfig], Any]] = {
     "evaluate": evaluate_budgets,
     "etokens": measure_etokens,  # last: it also measures the trained MetabolicGPT-2 when it exists
 }
+
+
+def select(spec: str) -> list[str]:
+    """The stages `spec` names, in the order given: comma-separated names or ranges of `STAGES`' order
+    (`a..b`, `..b` from the first, `a..` to the last); "" is every stage. Scripts name ranges, so the
+    pipeline's order is written only in `STAGES`.
+
+    >>> select("..csc"), select("train.."), select("csc,evaluate")
+    (['corpus', 'pretrain', 'prior', 'csc'], ['train', 'evaluate', 'etokens'], ['csc', 'evaluate'])
+    """
+    order = list(STAGES)
+    if not spec.strip():
+        return order
+    names: list[str] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        first, dots, last = item.partition("..")
+        ends = [first or order[0], last or order[-1]] if dots else [first]
+        for name in ends:
+            if name not in STAGES:
+                raise ConfigError(f"unknown stage {name!r} in --stages {spec!r}: choose among {', '.join(order)}")
+        if order.index(ends[0]) > order.index(ends[-1]):
+            raise ConfigError(f"--stages {item!r} runs backwards: {ends[0]} comes after {ends[-1]} "
+                              f"({' -> '.join(order)}); write {ends[-1]}..{ends[0]}")
+        names += order[order.index(ends[0]):order.index(ends[-1]) + 1]
+    if not names:  # "," names no stage: never read as "all of them"
+        raise ConfigError(f"--stages {spec!r} names no stage: give stage names or ranges (..evaluate) separated by "
+                          "commas, or leave --stages out for all of them")
+    return names
 
 
 def run(cfg: StudyConfig, stages: list[str] | None = None) -> dict[str, float]:

@@ -36,7 +36,7 @@ def backbone(tokenizer):
 def model_at(backbone, scale: float, scaled: bool) -> MetabolicGPT2:
     """Costs starting at the labels' mean `scale`: the scaled parameterisation (s = scale) or the paper's (s = 1)."""
     settings = MetabolicSettings(token_cost_init=scale, cost_scale=scale if scaled else 1.0, standardise_head=scaled,
-                                 c_min=0.0)
+                                 vocab_cost_min=0.0)
     model = MetabolicGPT2(backbone, settings)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a head that reads its inputs (zero weights would hide the input side)

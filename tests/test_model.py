@@ -53,7 +53,7 @@ def test_untrained_model_predicts_like_its_backbone_and_costs_start_at_init(back
 
 
 def test_vocab_costs_follow_eq14(backbone_dir):
-    model = make(backbone_dir, a_mix=0.3, c_min=0.04)
+    model = make(backbone_dir, a_mix=0.3, vocab_cost_min=0.04)
     randomise_budget_pathway(model)
     with torch.no_grad():
         model.token_cost_logits.copy_(torch.linspace(-6, 2, model.token_cost_logits.numel()).view_as(model.token_cost_logits))

@@ -43,6 +43,19 @@ SCALES: tuple[str, ...] = typing.get_args(Scale)
 BAND_TOLERANCE = 1e-12
 
 
+# The names of budget levels: three are low/medium/high (Table I's), any other number B0, B1, ... in ascending order.
+LEVELS: tuple[str, ...] = ("low", "medium", "high")
+
+
+def level_names(n: int) -> tuple[str, ...]:
+    """The names of `n` ascending budget levels.
+
+    >>> level_names(3), level_names(2)
+    (('low', 'medium', 'high'), ('B0', 'B1'))
+    """
+    return LEVELS if n == len(LEVELS) else tuple(f"B{i}" for i in range(n))
+
+
 # --- the scale -------------------------------------------------------------------------------------
 
 

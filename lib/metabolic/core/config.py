@@ -274,7 +274,7 @@ class GenerationConfig:
     """Budget-conditioned generation and its evaluation (paper V.C, VI.C)."""
 
     # CSC-space budgets. Empty: the evaluation, notebook 04 and the explorer take the train.budget_quantiles
-    # of the true CSC of training-text continuations (metabolic.evaluate.budgets.budget_levels); the
+    # of the true CSC of training-text continuations (metabolic.evaluate.budgets.levels_from_continuations); the
     # e-token stage measures a MetabolicGPT-2 at train.budgets, else at the targets it was trained on.
     budgets: tuple[float, ...] = ()
     prompts: tuple[str, ...] = ("The future of artificial intelligence",)

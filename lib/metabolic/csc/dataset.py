@@ -39,7 +39,7 @@ import torch
 
 from metabolic.core import artefacts
 from metabolic.core.artefacts import pack_ragged, unpack_ragged
-from metabolic.core.budget import check_scale, length_factor
+from metabolic.core.budget import check_scale, length_factor, level_names
 from metabolic.core.config import CSCConfig
 from metabolic.core.errors import ConfigError, DataError
 
@@ -91,10 +91,6 @@ def scale_labels(csc_list: Sequence[np.ndarray], scale: str = "raw") -> list[np.
     return [np.asarray(c, np.float32) * length_factor(scale, c.size) for c in csc_list]
 
 
-def budget_names(quantiles: Sequence[float]) -> tuple[str, ...]:
-    return ("low", "medium", "high") if len(quantiles) == 3 else tuple(f"q{q:g}" for q in quantiles)
-
-
 def csc_stats(csc_list: Sequence[np.ndarray], scale: str, budget_quantiles: Sequence[float]) -> dict[str, Any]:
     """Mean, variance, quantiles of total CSC per sequence, budget targets (paper V.B), per-token moments."""
     totals = sequence_totals(csc_list, scale)
@@ -105,7 +101,7 @@ def csc_stats(csc_list: Sequence[np.ndarray], scale: str, budget_quantiles: Sequ
     tokens = tokens[np.isfinite(tokens)]
     qs = sorted(set(STAT_QUANTILES) | set(float(q) for q in budget_quantiles))
     quantiles = {q: float(np.quantile(totals, q)) for q in qs}
-    budgets = {name: quantiles[float(q)] for name, q in zip(budget_names(budget_quantiles), budget_quantiles)}
+    budgets = {name: quantiles[float(q)] for name, q in zip(level_names(len(budget_quantiles)), budget_quantiles)}
     return {
         "scale": scale,
         "n_sequences": int(totals.size),

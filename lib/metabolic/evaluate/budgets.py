@@ -3,8 +3,8 @@
 Budgets are scored on what a generation counts (its generated tokens, labelled in the context of
 prompt + generation), so they are derived from training texts split the same way: the first
 `generation.prompt_tokens` tokens are the prompt, the rest (1..`max_new_tokens` tokens) the
-continuation (`continuation_points`, `continuation_totals`). `budget_levels` gives the evaluate
-stage, notebook 04 and the explorer (06) their levels, `verified_targets` the verified controller's
+continuation (`continuation_points`, `continuation_totals`). `levels_from_continuations` gives the evaluate
+stage, notebook 04 and the explorer (06) their levels, `targets_per_scale` the verified controller's
 budgets on each CSC scale; `decoding_calibration` the proxy <-> CSC map steered decoding uses.
 """
 
@@ -15,16 +15,13 @@ from typing import Sequence
 
 import numpy as np
 
-from metabolic.core.budget import affine_or_ratio, length_factor
+from metabolic.core.budget import affine_or_ratio, length_factor, level_names
 from metabolic.core.config import GenerationConfig, TrainConfig
 from metabolic.core.errors import DataError
 from metabolic.csc.dataset import CSCData
 from metabolic.generate.budgeted import model_token_costs
 from metabolic.model.calibration import OnlineAffine
 from metabolic.train.loop import counted_from, prepare_data
-
-
-LEVELS = ("low", "medium", "high")
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ def budgets_training_would_use(csc: CSCData, train: TrainConfig, prompt_tokens: 
     return TrainedBudgets([float(x) for x in data.targets], data.budget_range)
 
 
-def budget_levels(csc: CSCData, g: GenerationConfig, budget_quantiles: Sequence[float], scale: str,
+def levels_from_continuations(csc: CSCData, g: GenerationConfig, budget_quantiles: Sequence[float], scale: str,
                   trained: TrainedBudgets) -> BudgetLevels:
     """`generation.budgets`, else the `budget_quantiles` of the true CSC of training-text continuations
     (first `prompt_tokens` tokens = prompt, 1..max_new_tokens counted): what Table I scores. The range
@@ -67,13 +64,13 @@ def budget_levels(csc: CSCData, g: GenerationConfig, budget_quantiles: Sequence[
         targets = [float(np.quantile(cont, q)) for q in budget_quantiles]
         source = (f"quantiles {list(budget_quantiles)} of the true CSC of {cont.size} training-text continuations "
                   f"(first {g.prompt_tokens} tokens = prompt, 1..{g.max_new_tokens} tokens counted)")
-    names = LEVELS if len(targets) == 3 else tuple(f"B{i}" for i in range(len(targets)))
+    names = level_names(len(targets))
     low, high = trained.budget_range
     budget_range = (min(low, float(cont.min())), max(high, float(cont.max())))
     return BudgetLevels(dict(zip(names, targets)), source, budget_range, cont, list(trained.targets))
 
 
-def verified_targets(csc: CSCData, g: GenerationConfig, budget_quantiles: Sequence[float], scale: str,
+def targets_per_scale(csc: CSCData, g: GenerationConfig, budget_quantiles: Sequence[float], scale: str,
                      budgets: dict[str, float], scales: Sequence[str] | None = None) -> tuple[dict, dict[str, float]]:
     """Budgets per CSC scale (`scales`, default `g.verified_scales`) for the verified rows, and each scale's
     CSC per generated token (the controller's first probe, the token-count rule's rate). The configured

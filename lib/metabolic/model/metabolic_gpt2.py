@@ -22,10 +22,10 @@ Parts, with shapes (V vocabulary, H hidden size, K cost dimensions):
 * `cost_grad_to_backbone=False` (the scaled parameterisation) reads the backbone's states for the
   costs without gradient into the backbone (the budget bias keeps its own): in scaled units L_CSC is
   O(1), and through the states it bent the language model (smoke: validation perplexity +10%);
-* vocabulary cost map (eq. 14): C_vocab(v) = max(c_min, a_mix c_token(v) + (1 - a_mix) c_head(e_v)),
+* vocabulary cost map (eq. 14): C_vocab(v) = max(vocab_cost_min, a_mix c_token(v) + (1 - a_mix) c_head(e_v)),
   e_v the input embedding of v -> `vocab_costs()` [V, K];
 * per-token proxy cost of the token at position t in its context: the same mix with the hidden
-  state in place of the embedding, c_t = max(c_min, a_mix c_token(x_t) + (1 - a_mix) c_head(h_t));
+  state in place of the embedding, c_t = max(vocab_cost_min, a_mix c_token(x_t) + (1 - a_mix) c_head(h_t));
   so C_vocab is exactly the context-free version of the cost that CSC supervises;
 * budget encoder (eq. 15-16): u = W_bud log(1 + B / scale), added to the final hidden states
   (after `ln_f`, before the LM head); `per_layer_budget=True` also adds its own projection to the
@@ -116,7 +116,7 @@ class MetabolicSettings:
     variant: Literal["faithful", "expected-cost"] = "expected-cost"
     K: int = 3
     a_mix: float = 0.5
-    c_min: float = 1e-4  # floor of every proxy cost, in proxy (CSC-like) units
+    vocab_cost_min: float = 1e-4  # floor of every proxy cost, in proxy (CSC-like) units (train.vocab_cost_min)
     budget_scale: float = 1.0  # median total CSC of the training texts (eq. 15's "scale")
     per_layer_budget: bool = False
     token_cost_init: float = 0.05  # every cost at initialisation, in proxy units
@@ -136,8 +136,8 @@ class MetabolicSettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name}={value!r} is invalid: use a finite value > 0")
-        if not (math.isfinite(self.c_min) and self.c_min >= 0):
-            raise ConfigError(f"c_min={self.c_min!r} is invalid: use a finite floor >= 0")
+        if not (math.isfinite(self.vocab_cost_min) and self.vocab_cost_min >= 0):
+            raise ConfigError(f"vocab_cost_min={self.vocab_cost_min!r} is invalid: use a finite floor >= 0")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MetabolicSettings":
@@ -299,7 +299,7 @@ class MetabolicGPT2(nn.Module):
 
     def mix_costs(self, c_token: torch.Tensor, c_head: torch.Tensor) -> torch.Tensor:
         s = self.settings
-        return torch.clamp_min(s.a_mix * c_token + (1.0 - s.a_mix) * c_head, s.c_min)
+        return torch.clamp_min(s.a_mix * c_token + (1.0 - s.a_mix) * c_head, s.vocab_cost_min)
 
     def costs_at(self, ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Per-token proxy costs [..., K] of tokens `ids` [...] read on hidden `states` [..., H] (module doc)."""

@@ -213,7 +213,7 @@ def resumable(work: Path, name: str, compute: Callable[[], T]) -> T:
 
 def budget_levels(cfg: StudyConfig, csc: CSCData, scale: str | None = None,
                   trained: TrainResult | None = None) -> BudgetLevels:
-    """The profile's generation budgets (`metabolic.evaluate.budgets.budget_levels` on its config), on `scale`
+    """The profile's generation budgets (`metabolic.evaluate.budgets.levels_from_continuations` on its config), on `scale`
     (default `csc.scale`). On the scale training ran on, its targets and budget range are read from the
     training artefact (`trained`, default the `train.variant` run); on another, derived by training's rule."""
     scale = scale or cfg.csc.scale
@@ -223,15 +223,15 @@ def budget_levels(cfg: StudyConfig, csc: CSCData, scale: str | None = None,
     else:
         saved = budget_derivation.budgets_training_would_use(csc, cfg.train, cfg.generation.prompt_tokens, scale,
                                                              vocab_size=len(corpus(cfg).tokenizer))
-    return budget_derivation.budget_levels(csc, cfg.generation, cfg.train.budget_quantiles, scale, saved)
+    return budget_derivation.levels_from_continuations(csc, cfg.generation, cfg.train.budget_quantiles, scale, saved)
 
 
 def verified_targets(csc: CSCData, cfg: StudyConfig, budgets: dict[str, float],
                      scales: tuple[str, ...] | None = None) -> tuple[dict, dict[str, float]]:
-    """The verified rows' budgets per scale and rate hints (`metabolic.evaluate.budgets.verified_targets`);
+    """The verified rows' budgets per scale and rate hints (`metabolic.evaluate.budgets.targets_per_scale`);
     `scales` defaults to `generation.verified_scales`."""
-    return budget_derivation.verified_targets(csc, cfg.generation, cfg.train.budget_quantiles, cfg.csc.scale, budgets,
-                                              scales)
+    return budget_derivation.targets_per_scale(csc, cfg.generation, cfg.train.budget_quantiles, cfg.csc.scale, budgets,
+                                               scales)
 
 
 def read_generations(cfg) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ A stage builds (or reuses) one artefact, `data/<profile>/<folder>/`, from its in
 artefact once per process (again only when its files change). A stage
 asks for its inputs by calling the stages before it when it is made, so any notebook can run alone.
 One module per stage (`corpus`, `pretrain`, `prior`, `csc`, `train`, `evaluate`, `etokens`) and the
-manifest of them all, `metabolic.pipeline.stages`. Only `pipeline` unpacks `StudyConfig`: domain code
+manifest of them all, `metabolic.pipeline.stages`. Below `pipeline` no module unpacks `StudyConfig`: domain code
 takes its own config section or plain arguments and never calls a stage.
 """
 

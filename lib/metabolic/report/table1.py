@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from metabolic.evaluate.budgets import LEVELS
+from metabolic.core.budget import LEVELS
 from metabolic.evaluate.scoring import BUDGET_STOPS
 from metabolic.generate.budgeted import TOKEN_CAP_HEADROOM
 from metabolic.report import gpu_results

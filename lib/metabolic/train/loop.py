@@ -684,7 +684,7 @@ def model_settings(cfg: TrainConfig, variant: str, budget_scale: float, mean_lab
     from_labels = uses_mean_label(cfg)
     if from_labels and mean_label is None:
         raise ConfigError(f"train.cost_parameterisation={cfg.cost_parameterisation!r} needs the mean per-token CSC label")
-    return MetabolicSettings(variant=variant, K=cfg.K, a_mix=cfg.a_mix, c_min=cfg.vocab_cost_min, budget_scale=budget_scale,
+    return MetabolicSettings(variant=variant, K=cfg.K, a_mix=cfg.a_mix, vocab_cost_min=cfg.vocab_cost_min, budget_scale=budget_scale,
                              per_layer_budget=cfg.per_layer_budget,
                              token_cost_init=mean_label if from_labels else cfg.token_cost_init,
                              calib_ridge=cfg.calib_ridge, cost_scale=mean_label if scaled else 1.0, standardise_head=scaled,

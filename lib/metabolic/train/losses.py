@@ -10,8 +10,9 @@ logp/probs [N, V] at those positions; per-token costs [batch, T, K]; CSC labels 
 unlabelled); totals and budgets [batch, K].
 
 Training takes every next-token term from one shared softmax (`next_token_terms`, a fused forward
-and backward); the separate functions (`lm_loss`, `mean_entropy`, `repetition_loss`,
-`expected_totals`) define the same quantities one by one, serve evaluation, and are its test oracle.
+and backward); the separate functions (`lm_loss`, `mean_entropy`, `repetition_loss`, `repeat_probability`,
+`expected_totals`) define the same quantities one by one and are its test oracle (`lm_loss` and
+`expected_totals` also serve validation).
 Apart from `Positions.of` (packing needs the number of positions) and `LossTerms.as_floats`, nothing
 here reads a value back to the host (no `.item()` or `bool()` on a tensor).
 """

@@ -12,40 +12,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from metabolic.report import figures
 from metabolic.report.explorer import tokens_html
-from metabolic.report.figures import binned_histogram
+
+C_VOCAB = "learned token cost C_vocab (proxy units)"  # the x-axis of the learned-cost histogram
 
 
 def cost_histogram(costs: np.ndarray, title: str):
     """Histogram of C_vocab over the full vocabulary (80 bins) with the mean and median marked (paper Fig. 1)."""
-    import plotly.graph_objects as go
-
-    costs = np.asarray(costs, dtype=np.float64)
-    fig = go.Figure(binned_histogram(costs, 80, name="tokens", unit="tokens"))
-    fig.add_vline(x=float(costs.mean()), line_dash="dash", annotation_text=f"mean {costs.mean():.4f}")
-    fig.add_vline(x=float(np.median(costs)), line_dash="dot", annotation_text=f"median {np.median(costs):.4f}",
-                  annotation_position="bottom right")
-    fig.update_layout(title=f"{title}<br><sup>n = {costs.size:,} vocabulary tokens in 80 equal bins</sup>",
-                      xaxis_title="learned token cost C_vocab (proxy units)", yaxis_title="tokens per bin (log scale)",
-                      yaxis_type="log", bargap=0)
-    return fig
+    return figures.vocabulary_histogram(costs, title, C_VOCAB, decimals=4)
 
 
 def extremes_box(costs: np.ndarray, tokens: Sequence[str], title: str, n: int = 100):
     """Box plots of the n cheapest and n most expensive tokens (paper Fig. 2); token text on hover."""
-    import plotly.graph_objects as go
-
-    costs = np.asarray(costs, dtype=np.float64)
-    order = np.argsort(costs, kind="stable")
-    cheap, dear = order[:n], order[::-1][:n]
-    fig = go.Figure([
-        go.Box(y=costs[cheap], name=f"{n} cheapest tokens", boxpoints="all", text=[tokens[i] for i in cheap]),
-        go.Box(y=costs[dear], name=f"{n} most expensive tokens", boxpoints="all", text=[tokens[i] for i in dear]),
-    ])
-    fig.update_layout(title=f"{title}<br><sup>n = {n} tokens per box (points: each token, text on hover); "
-                            f"box: median and quartiles</sup>",
-                      xaxis_title=f"token group (of {costs.size:,})", yaxis_title="C_vocab (proxy units)", showlegend=False)
-    return fig
+    return figures.extremes_box(costs, tokens, title, "C_vocab (proxy units)", n)
 
 
 # Axis titles of the reliability curve per compared quantity: (target, achieved), with units.

@@ -83,17 +83,9 @@ print(f"wall time (not checked): {time.perf_counter() - t0:.1f} s")
 # NBVAL_CHECK_OUTPUT
 from metabolic.report import table1
 
-print(f"budgets (CSC, scale={cfg.csc.scale}):", {k: round(v, 4) for k, v in combined["budgets"].items()})
-print("  from:", combined["budget_source"])
-cont = combined["continuation_csc"]
-print(f"training targets (whole texts, all tokens counted): {[round(x, 4) for x in combined['training_targets']]}; "
-      f"true CSC of training-text continuations: min {cont['min']:.4f} median {cont['median']:.4f} max {cont['max']:.4f}")
-print("budget range accepted (CSC):", [round(x, 4) for x in combined["budget_range"]])
-print(f"{len(combined['prompts'])} prompts x {combined['samples_per_prompt']} samples = "
-      f"{len(combined['prompts']) * combined['samples_per_prompt']} generations per level and table; {len(records)} records")
+print("\n".join(table1.budget_lines(combined, cfg.csc.scale, len(records))))
 model_tables = table1.tables_of(combined, "model")
 verified = table1.tables_of(combined, "verified")
-model_records = [r for r in records if r["variant"] not in ("verified", "baseline")]
 
 # %% [markdown]
 # ## Table I, side by side with the paper
@@ -105,12 +97,9 @@ model_records = [r for r in records if r["variant"] not in ("verified", "baselin
 import pandas as pd
 from metabolic.evaluate.scoring import PAPER_TABLE1
 
-COLS = ["Budget", "MAE", "MAPE", "Hit@10", "Hit@20", "Hit@50", "Achieved", "Target"]
 pd.set_option("display.width", 160)
-paper = pd.DataFrame(PAPER_TABLE1["rows"])[COLS]
-paper.insert(0, "level", ["low", "medium", "high"])
 print(f"paper (GPT-2 small, epoch 13): average MAE {PAPER_TABLE1['average_MAE']}")
-print(paper.to_string(index=False))
+print(pd.DataFrame(table1.paper_rows()).to_string(index=False))
 for key, table in model_tables.items():
     print(f"\nours, {key} ({cfg.profile}), CSC space: average MAE {table['average_MAE_csc']:.3f}")
     print(pd.DataFrame(table1.proxy_rows(table)).round(3).to_string(index=False))
@@ -123,14 +112,10 @@ for key, table in model_tables.items():
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print("verified budgets per scale:", {s: {k: round(v, 4) for k, v in b.items()} for s, b in combined["verified_budgets"].items()})
-print("candidates sampled from:", combined["verified_model"])
+print("\n".join(table1.verified_budget_lines(combined)))
 for key, table in verified.items():
-    ours = pd.DataFrame([{"level": r["level"], **{c: r["csc"][c] for c in COLS}, "Hit@10 CI": table1.hit_with_interval(r["csc"]),
-                          "tokens": r["mean_tokens"], "labels/gen": r["labels_per_generation"],
-                          "outcome": ", ".join(f"{k} {v}" for k, v in sorted(r["status"].items()))} for r in table["rows"]])
     print(f"\n{key}: N={table['n_candidates']}, scale {table['csc_scale']}, average MAE {table['average_MAE_csc']:.3f}")
-    print(ours.round(3).to_string(index=False))
+    print(pd.DataFrame(table1.verified_rows(table)).round(3).to_string(index=False))
 
 # %% [markdown]
 # ### The controller against rules that label nothing, on its own candidates
@@ -156,15 +141,7 @@ for scale in combined["verified_budgets"]:
 
 # %%
 # NBVAL_CHECK_OUTPUT
-steer_rows = []
-for key, t in verified.items():
-    steer_rows.append({"scale": t["csc_scale"], "N": t["n_candidates"],
-                       "candidates": "steered" if t["decoding"] == "verified_steered" else "unsteered",
-                       **{f"Hit@10 {r['level']}": r["csc"]["Hit@10"] for r in t["rows"]},
-                       "labels/gen": t["labels_per_generation"], "MAE": t["average_MAE_csc"],
-                       "judge ppl change": t["fluency"]["judge_ppl_rel_change"]})
-steer_table = pd.DataFrame(steer_rows).sort_values(["scale", "N", "candidates"], kind="stable")
-print(steer_table.round(3).to_string(index=False))
+print(pd.DataFrame(table1.steering_rows(combined)).round(3).to_string(index=False))
 if not cfg.generation.verified_steered_candidates:
     print(f"no steered rows on the {cfg.profile} profile: generation.verified_steered_candidates=() "
           "(the cpu profile's committed run below has them)")
@@ -176,13 +153,9 @@ print("seconds per generation (not checked: wall time on this machine):",
 # %%
 # NBVAL_CHECK_OUTPUT
 for key, table in model_tables.items():
-    rows = pd.DataFrame([{"level": r["level"], **{c: r["proxy"][c] for c in COLS},
-                          "calibrated MAE": r["calibrated"]["MAE"], "tokens": r["mean_tokens"],
-                          "stopped by": ", ".join(f"{k} {v}" for k, v in sorted(r["stopped_by"].items()))}
-                         for r in table["rows"]])
     print(f"\n{key}: proxy space (C_vocab spend vs calibrated budget), calibration a={table['calibration']['a']:.4f} "
           f"b={table['calibration']['b']:.4f}")
-    print(rows.round(3).to_string(index=False))
+    print(pd.DataFrame(table1.proxy_space_rows(table)).round(3).to_string(index=False))
 
 # %% [markdown]
 # ## Stop rules judged on language: fixed held-out text
@@ -215,9 +188,7 @@ if ceiling_rows:
 
 # %%
 # NBVAL_CHECK_OUTPUT
-shown = [f"verified_n{max(cfg.generation.verified_candidates)}_{s}" for s in cfg.generation.verified_scales]
-shown += [f"{next(iter(model_tables)).rsplit('_', 1)[0]}_steered"] if model_tables else []
-for decoding in shown:
+for decoding in table1.example_tables(combined):
     print(f"{decoding}:")
     print("\n".join(table1.examples(records, decoding, per_level=5)))
 
@@ -226,25 +197,13 @@ for decoding in shown:
 
 # %%
 # NBVAL_CHECK_OUTPUT
-flu = pd.DataFrame([
-    {"table": key, "judge ppl": t["fluency"]["budgeted"]["judge_ppl"], "unbudgeted judge ppl": t["fluency"]["unbudgeted"]["judge_ppl"],
-     "rel. change": t["fluency"]["judge_ppl_rel_change"], "distinct-2": t["fluency"]["budgeted"]["distinct_2"],
-     "unbudgeted distinct-2": t["fluency"]["unbudgeted"]["distinct_2"], "tokens": t["fluency"]["budgeted"]["mean_tokens"],
-     "model val ppl": t["val_ppl"], "backbone val ppl": t["backbone_val_ppl"]}
-    for key, t in model_tables.items()
-] + [
-    {"table": key, "judge ppl": t["fluency"]["judge_ppl"], "unbudgeted judge ppl": t["fluency"]["judge_ppl_same_length_unbudgeted"],
-     "rel. change": t["fluency"]["judge_ppl_rel_change"], "distinct-2": t["fluency"]["distinct_2"]}
-    for key, t in verified.items()
-])
 print("verified rows: unbudgeted = each prompt's first sample cut to the same length as the returned text")
-print(flu.round(3).to_string(index=False))
+print(pd.DataFrame(table1.fluency_rows(combined)).round(3).to_string(index=False))
 
 # %% [markdown]
 # ## Figures (paper Figs. 1-2, reliability, lambda)
 
 # %%
-import numpy as np
 from metabolic.data.prior import decoded_tokens
 from metabolic.generate.budgeted import model_token_costs
 from metabolic.model.metabolic_gpt2 import VARIANTS
@@ -259,12 +218,7 @@ tokens = decoded_tokens(tok, len(tok))
 
 # %%
 # NBVAL_CHECK_OUTPUT
-for v, c in costs.items():
-    order = np.argsort(c, kind="stable")
-    print(f"{v}: C_vocab over {c.size:,} tokens: mean {c.mean():.5f} median {np.median(c):.5f} "
-          f"min {c.min():.5f} max {c.max():.5f}")
-    print("  cheapest:", ", ".join(repr(tokens[i]) for i in order[:8]))
-    print("  dearest: ", ", ".join(repr(tokens[i]) for i in order[::-1][:8]))
+print("\n".join(bf.cost_summary(costs, tokens)))
 
 # %%
 for v, c in costs.items():
@@ -276,19 +230,10 @@ for v, c in costs.items():
     fig.show()
 
 # %%
-raw_records = [r for r in records if r["variant"] != "verified" or r["decoding"].endswith("_raw")]
-fig = bf.reliability_curve(raw_records, "Reliability: achieved true CSC vs target budget (raw scale)", key="csc")
-save_figure(fig, cfg, "04_reliability_csc", NB)
-fig.show()
-length_records = [r for r in records if r["variant"] == "verified" and r["decoding"].endswith("_length")]
-fig = bf.reliability_curve(length_records, "Reliability of the verified controller, length-aware CSC scale", key="csc")
-save_figure(fig, cfg, "04_reliability_csc_length", NB)
-fig.show()
-proxy_records = [{**r, "budget_csc": r["budget_proxy"], "proxy": r["spent_proxy"]} for r in model_records]
-fig = bf.reliability_curve(proxy_records, "Reliability in proxy space: C_vocab spend vs calibrated budget", key="proxy")
-save_figure(fig, cfg, "04_reliability_proxy", NB)
-fig.show()
-for scale in sorted({t["csc_scale"] for t in combined["tables"].values()}):
+for name, fig in bf.reliability_figures(records).items():
+    save_figure(fig, cfg, name, NB)
+    fig.show()
+for scale in table1.scales(combined):
     fig = table1.hit_bars(combined, scale, f"Hit@10 per budget level, CSC scale '{scale}' ({profile_label(cfg)})")
     save_figure(fig, cfg, f"04_hit10_{scale}", NB)
     fig.show()
@@ -303,10 +248,7 @@ fig.show()
 from IPython.display import HTML, display
 from metabolic.core import artefacts
 
-allc = np.concatenate(list(costs.values()))
-low, high = float(np.quantile(allc, 0.05)), float(np.quantile(allc, 0.95))
-steered = [r for r in records if r["decoding"] == "steered" and r["prompt"] in cfg.generation.prompts]
-page = bf.examples_html(steered or model_records, tok, low, high, per_level=1)
+page = bf.cost_examples_html(records, tok, costs, cfg.generation.prompts)
 artefacts.atomic_write_text(artefacts.figures_dir(cfg.profile) / "04_examples.html", f"<html><body>{page}</body></html>")
 display(HTML(page))
 
@@ -322,29 +264,9 @@ display(HTML(page))
 
 # %%
 # NBVAL_CHECK_OUTPUT
-ceil = combined["cost_model_ceiling"]
-METRICS = ("token_spearman", "continuation_r2")
-
-
-def with_ci(fit):
-    return {**{m: fit[m] for m in METRICS},
-            **{f"{m} 95% CI": "[{:.2f}, {:.2f}]".format(*fit.get(f"{m}_ci", (float("nan"),) * 2)) for m in METRICS},
-            "sd/mean": fit["predicted_cost_cv"]}
-
-
-fit_rows = [{"model": f"learned, {k.rsplit('_', 1)[0]}", **with_ci(t["cost_model"])}
-            for k, t in model_tables.items() if k.endswith("_plain")]
-fit_rows += [{"model": name, **with_ci(ceil[name])} for name in ("ridge_linear", "ridge_log", "token_mean", "token_count")]
-print(f"held-out: {ceil['token_mean']['n_tokens']} tokens of {len(stages.csc_labels(cfg).valid_ids)} validation texts, "
-      f"{ceil['token_mean']['n_continuations']} continuations; true CSC sd/mean {ceil['token_mean']['true_csc_cv']:.2f}")
-print(pd.DataFrame(fit_rows).round(3).to_string(index=False))
-print("ceiling:", {m: f"{ceil['ceiling'][m]:.3f} ({ceil['ceiling'][m + '_by']})" for m in ("token_spearman", "continuation_r2")})
-for k, t in model_tables.items():
-    if k.endswith("_plain"):
-        vs = t["cost_model_vs_ceiling"]
-        print(f"{k.rsplit('_', 1)[0]}: " + "; ".join(
-            f"{m} {v['learned']:.3f} = {100 * v['ratio']:.0f}% of the ceiling, goal {v['goal']:.3f}: {'met' if v['met'] else 'NOT met'}"
-            for m, v in vs.items()))
+print(table1.cost_model_heading(combined, len(stages.csc_labels(cfg).valid_ids)))
+print(pd.DataFrame(table1.cost_model_rows(combined)).round(3).to_string(index=False))
+print("\n".join(table1.cost_model_goal_lines(combined)))
 
 # %% [markdown]
 # ## What this run shows
@@ -379,20 +301,12 @@ for folder in cpu_runs:
 # %%
 # NBVAL_CHECK_OUTPUT
 for folder in cpu_runs:
-    combined_cpu = read_json(folder / "tables.json")
-    shown = [k for k in combined_cpu["tables"] if k.endswith("_steered")][:1]
-    shown += [k for k in combined_cpu["tables"] if k.startswith("verified_n8_")]
-    for table in shown:
-        rows = gpu_results.committed_examples("budgets", profile="cpu", table=table)
-        print(f"{table}:" if rows else f"{table}: no examples committed (runs before examples.jsonl)")
-        for r in rows:
-            print(f"  [{r['level']}] budget {r['budget_csc']:.3f}, true CSC {r['csc']:.3f}, {r['n_tokens']} tokens: "
-                  f"{r['prompt']!r} -> {r['text']!r}")
+    print("\n".join(table1.committed_example_lines(read_json(folder / "tables.json"), profile="cpu")))
 
 # %%
 for folder in cpu_runs:
     combined_cpu = read_json(folder / "tables.json")
-    for scale in sorted({t["csc_scale"] for t in combined_cpu["tables"].values()}):
+    for scale in table1.scales(combined_cpu):
         fig = table1.hit_bars(combined_cpu, scale, f"Hit@10 per budget level, cpu profile ({folder.name}), scale '{scale}'")
         save_figure(fig, cfg, f"04_hit10_cpu_{scale}", NB)
         fig.show()

@@ -12,40 +12,32 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from metabolic.report import figures
 from metabolic.report.explorer import tokens_html
-from metabolic.report.figures import binned_histogram
+
+C_VOCAB = "learned token cost C_vocab (proxy units)"  # the x-axis of the learned-cost histogram
 
 
 def cost_histogram(costs: np.ndarray, title: str):
     """Histogram of C_vocab over the full vocabulary (80 bins) with the mean and median marked (paper Fig. 1)."""
-    import plotly.graph_objects as go
-
-    costs = np.asarray(costs, dtype=np.float64)
-    fig = go.Figure(binned_histogram(costs, 80, name="tokens", unit="tokens"))
-    fig.add_vline(x=float(costs.mean()), line_dash="dash", annotation_text=f"mean {costs.mean():.4f}")
-    fig.add_vline(x=float(np.median(costs)), line_dash="dot", annotation_text=f"median {np.median(costs):.4f}",
-                  annotation_position="bottom right")
-    fig.update_layout(title=f"{title}<br><sup>n = {costs.size:,} vocabulary tokens in 80 equal bins</sup>",
-                      xaxis_title="learned token cost C_vocab (proxy units)", yaxis_title="tokens per bin (log scale)",
-                      yaxis_type="log", bargap=0)
-    return fig
+    return figures.vocabulary_histogram(costs, title, C_VOCAB, decimals=4)
 
 
 def extremes_box(costs: np.ndarray, tokens: Sequence[str], title: str, n: int = 100):
     """Box plots of the n cheapest and n most expensive tokens (paper Fig. 2); token text on hover."""
-    import plotly.graph_objects as go
+    return figures.extremes_box(costs, tokens, title, "C_vocab (proxy units)", n)
 
-    costs = np.asarray(costs, dtype=np.float64)
-    order = np.argsort(costs, kind="stable")
-    cheap, dear = order[:n], order[::-1][:n]
-    fig = go.Figure([
-        go.Box(y=costs[cheap], name=f"{n} cheapest tokens", boxpoints="all", text=[tokens[i] for i in cheap]),
-        go.Box(y=costs[dear], name=f"{n} most expensive tokens", boxpoints="all", text=[tokens[i] for i in dear]),
-    ])
-    fig.update_layout(title=f"{title}<br><sup>n = {n} tokens per box (points: each token, text on hover); "
-                            f"box: median and quartiles</sup>",
-                      xaxis_title=f"token group (of {costs.size:,})", yaxis_title="C_vocab (proxy units)", showlegend=False)
-    return fig
+
+def cost_summary(costs_by_variant: dict[str, np.ndarray], tokens: Sequence[str], n: int = 8) -> list[str]:
+    """Per variant: C_vocab's mean, median and extremes over the vocabulary, and its `n` cheapest and dearest tokens."""
+    lines = []
+    for variant, c in costs_by_variant.items():
+        order = np.argsort(c, kind="stable")
+        lines += [f"{variant}: C_vocab over {c.size:,} tokens: mean {c.mean():.5f} median {np.median(c):.5f} "
+                  f"min {c.min():.5f} max {c.max():.5f}",
+                  "  cheapest: " + ", ".join(repr(tokens[i]) for i in order[:n]),
+                  "  dearest:  " + ", ".join(repr(tokens[i]) for i in order[::-1][:n])]
+    return lines
 
 
 # Axis titles of the reliability curve per compared quantity: (target, achieved), with units.
@@ -87,6 +79,25 @@ def reliability_curve(records: list[dict[str, Any]], title: str, key: str = "csc
     return fig
 
 
+def is_proxy_decoding(record: dict[str, Any]) -> bool:
+    """Whether a generation record is a trained variant's proxy decoding (not the verified controller or a baseline)."""
+    return record["variant"] not in ("verified", "baseline")
+
+
+def reliability_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reliability curves of notebook 04 by figure name: true CSC against the raw-scale budget (proxy
+    decodings and the verified controller on the raw scale), the verified controller on the length-aware
+    scale, and the proxy decodings in proxy space (C_vocab spend against the calibrated budget)."""
+    raw = [r for r in records if r["variant"] != "verified" or r["decoding"].endswith("_raw")]
+    length = [r for r in records if r["variant"] == "verified" and r["decoding"].endswith("_length")]
+    proxy = [{**r, "budget_csc": r["budget_proxy"], "proxy": r["spent_proxy"]} for r in records if is_proxy_decoding(r)]
+    return {"04_reliability_csc": reliability_curve(raw, "Reliability: achieved true CSC vs target budget (raw scale)"),
+            "04_reliability_csc_length": reliability_curve(
+                length, "Reliability of the verified controller, length-aware CSC scale"),
+            "04_reliability_proxy": reliability_curve(
+                proxy, "Reliability in proxy space: C_vocab spend vs calibrated budget", key="proxy")}
+
+
 def lambda_curve(metrics_by_variant: dict[str, list[dict[str, Any]]], title: str):
     """The dual variable lambda (mean over K) per epoch, one line per training variant."""
     import plotly.graph_objects as go
@@ -120,3 +131,13 @@ def examples_html(records: list[dict[str, Any]], tokenizer, colour_low: float, c
                 + tokens_html(r["prompt"], pieces, costs, colour_low, colour_high)
             )
     return "\n".join(parts)
+
+
+def cost_examples_html(records: list[dict[str, Any]], tokenizer, costs_by_variant: dict[str, np.ndarray],
+                       prompts: Sequence[str]) -> str:
+    """One generation per level of the steered proxy decodings of `prompts` (else of every proxy decoding),
+    tokens coloured by C_vocab between the 5% and 95% quantiles of every variant's costs."""
+    every = np.concatenate(list(costs_by_variant.values()))
+    low, high = float(np.quantile(every, 0.05)), float(np.quantile(every, 0.95))
+    steered = [r for r in records if r["decoding"] == "steered" and r["prompt"] in prompts]
+    return examples_html(steered or [r for r in records if is_proxy_decoding(r)], tokenizer, low, high, per_level=1)

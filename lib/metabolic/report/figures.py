@@ -95,6 +95,38 @@ def binned_histogram(values, nbins: int = 80, name: str = "", unit: str = "value
                   hovertemplate=f"%{{customdata[0]:.4g}} .. %{{customdata[1]:.4g}}: %{{y}} {unit}<extra>{name}</extra>")
 
 
+def vocabulary_histogram(costs, title: str, cost_title: str, decimals: int = 4):
+    """Histogram of one cost per vocabulary token (80 bins, log counts) with the mean and median marked,
+    each written to `decimals` places."""
+    import plotly.graph_objects as go
+
+    costs = np.asarray(costs, dtype=np.float64)
+    mean, median = float(costs.mean()), float(np.median(costs))
+    fig = go.Figure(binned_histogram(costs, 80, name="tokens", unit="tokens"))
+    fig.add_vline(x=mean, line_dash="dash", annotation_text=f"mean {mean:.{decimals}f}")
+    fig.add_vline(x=median, line_dash="dot", annotation_text=f"median {median:.{decimals}f}", annotation_position="bottom right")
+    fig.update_layout(title=f"{title}<br><sup>n = {costs.size:,} vocabulary tokens in 80 equal bins</sup>",
+                      xaxis_title=cost_title, yaxis_title="tokens per bin (log scale)", yaxis_type="log", bargap=0)
+    return fig
+
+
+def extremes_box(costs, tokens, title: str, cost_title: str, n: int = 100):
+    """Box plots of the `n` cheapest and `n` most expensive tokens by `costs`; token text on hover."""
+    import plotly.graph_objects as go
+
+    costs = np.asarray(costs, dtype=np.float64)
+    order = np.argsort(costs, kind="stable")
+    cheap, dear = order[:n], order[::-1][:n]
+    fig = go.Figure([
+        go.Box(y=costs[cheap], name=f"{n} cheapest tokens", boxpoints="all", text=[tokens[i] for i in cheap]),
+        go.Box(y=costs[dear], name=f"{n} most expensive tokens", boxpoints="all", text=[tokens[i] for i in dear]),
+    ])
+    fig.update_layout(title=f"{title}<br><sup>n = {n} tokens per box (points: each token, text on hover); "
+                            f"box: median and quartiles</sup>",
+                      xaxis_title=f"token group (of {costs.size:,})", yaxis_title=cost_title, showlegend=False)
+    return fig
+
+
 # The HTML loads plotly.min.js from its own folder (one copy per folder, not 3.5 MB per figure): a figure
 # copied alone says what it needs instead of opening blank (the script tag's onerror adds the note).
 MISSING_JS_NOTE = ('<p id="needs-plotly-js" style="font-family:sans-serif;color:#b00">This figure needs '

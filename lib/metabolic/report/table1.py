@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 
 from metabolic.core.budget import LEVELS
-from metabolic.evaluate.scoring import BUDGET_STOPS
+from metabolic.evaluate.scoring import BUDGET_STOPS, PAPER_TABLE1
 from metabolic.generate.budgeted import TOKEN_CAP_HEADROOM
 from metabolic.report import gpu_results
 
 STOP_REASONS = ("budget", "sentence", "eos", "max_new_tokens")  # why a proxy decoding ended, in that order
+TABLE_I_COLUMNS = ["Budget", "MAE", "MAPE", "Hit@10", "Hit@20", "Hit@50", "Achieved", "Target"]  # the paper's columns
 
 
 def tables_of(combined: dict[str, Any], variant: str) -> dict[str, dict[str, Any]]:
@@ -32,6 +33,162 @@ def in_level_order(values: dict[str, Any]) -> dict[str, Any]:
     """`values` keyed by budget level, low to high (JSON files store their keys sorted: high, low, medium)."""
     rank = {level: i for i, level in enumerate(LEVELS)}
     return dict(sorted(values.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def scales(combined: dict[str, Any]) -> list[str]:
+    """The CSC scales the evaluation's tables are scored on, sorted."""
+    return sorted({t["csc_scale"] for t in combined["tables"].values()})
+
+
+def is_steered_verified(table: dict[str, Any]) -> bool:
+    """Whether a verified table's candidates were sampled under cost steering."""
+    return table["decoding"] == "verified_steered"
+
+
+def _rounded(values: dict[str, float], digits: int = 4) -> dict[str, float]:
+    return {k: round(v, digits) for k, v in values.items()}
+
+
+def budget_lines(combined: dict[str, Any], scale: str, n_records: int) -> list[str]:
+    """Where the budgets came from: the budgets on `scale` (the training scale), their source, the training
+    targets beside the continuations' true CSC, the accepted range, and the generations per level and table."""
+    cont = combined["continuation_csc"]
+    n_prompts, samples = len(combined["prompts"]), combined["samples_per_prompt"]
+    return [f"budgets (CSC, scale={scale}): {_rounded(combined['budgets'])}",
+            f"  from: {combined['budget_source']}",
+            f"training targets (whole texts, all tokens counted): {[round(x, 4) for x in combined['training_targets']]}; "
+            f"true CSC of training-text continuations: min {cont['min']:.4f} median {cont['median']:.4f} max {cont['max']:.4f}",
+            f"budget range accepted (CSC): {[round(x, 4) for x in combined['budget_range']]}",
+            f"{n_prompts} prompts x {samples} samples = {n_prompts * samples} generations per level and table; "
+            f"{n_records} records"]
+
+
+def paper_rows() -> list[dict[str, Any]]:
+    """The paper's Table I (GPT-2 small, epoch 13), one row per level in `TABLE_I_COLUMNS`."""
+    return [{"level": level, **{c: row[c] for c in TABLE_I_COLUMNS}} for level, row in zip(LEVELS, PAPER_TABLE1["rows"])]
+
+
+def verified_budget_lines(combined: dict[str, Any]) -> list[str]:
+    """The verified controller's budgets per scale and the model its candidates were sampled from."""
+    budgets = {scale: _rounded(b) for scale, b in combined["verified_budgets"].items()}
+    return [f"verified budgets per scale: {budgets}",
+            f"candidates sampled from: {combined['verified_model']}"]
+
+
+def verified_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per level of a verified table: Table I in true CSC, Hit@10 with its interval, tokens, labels per
+    generation and how the generations ended."""
+    return [{"level": r["level"], **{c: r["csc"][c] for c in TABLE_I_COLUMNS}, "Hit@10 CI": hit_with_interval(r["csc"]),
+             "tokens": r["mean_tokens"], "labels/gen": r["labels_per_generation"],
+             "outcome": ", ".join(f"{k} {v}" for k, v in sorted(r["status"].items()))} for r in table["rows"]]
+
+
+def steering_rows(combined: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each verified table, steered or not: Hit@10 per level, labels per generation, MAE and the judge perplexity's
+    change, sorted by scale, N and candidates (steered beside unsteered at the same N)."""
+    rows = [{"scale": t["csc_scale"], "N": t["n_candidates"],
+             "candidates": "steered" if is_steered_verified(t) else "unsteered",
+             **{f"Hit@10 {r['level']}": r["csc"]["Hit@10"] for r in t["rows"]},
+             "labels/gen": t["labels_per_generation"], "MAE": t["average_MAE_csc"],
+             "judge ppl change": t["fluency"]["judge_ppl_rel_change"]}
+            for t in tables_of(combined, "verified").values()]
+    return sorted(rows, key=lambda r: (r["scale"], r["N"], r["candidates"]))
+
+
+def proxy_space_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per level of a proxy decoding in proxy space (C_vocab spend against the calibrated budget), with
+    the MAE after calibration back to CSC, tokens and how the generations ended."""
+    return [{"level": r["level"], **{c: r["proxy"][c] for c in TABLE_I_COLUMNS}, "calibrated MAE": r["calibrated"]["MAE"],
+             "tokens": r["mean_tokens"], "stopped by": ", ".join(f"{k} {v}" for k, v in sorted(r["stopped_by"].items()))}
+            for r in table["rows"]]
+
+
+def example_tables(combined: dict[str, Any]) -> list[str]:
+    """The tables whose generations notebook 04 shows: the unsteered verified controller with the largest N on
+    each verified scale, and the steered proxy decoding of the first trained variant."""
+    verified = [t for t in tables_of(combined, "verified").values() if not is_steered_verified(t)]
+    shown = []
+    for scale in combined["verified_budgets"]:
+        on_scale = [t for t in verified if t["csc_scale"] == scale]
+        if on_scale:
+            shown.append(f"verified_n{max(t['n_candidates'] for t in on_scale)}_{scale}")
+    model = tables_of(combined, "model")
+    return shown + ([f"{next(iter(model.values()))['variant']}_steered"] if model else [])
+
+
+def fluency_rows(combined: dict[str, Any]) -> list[dict[str, Any]]:
+    """Judge perplexity and distinct-2 of budgeted text beside unbudgeted text, per table: the proxy decodings
+    against unbudgeted generation (with the model's and backbone's validation perplexity), the verified tables
+    against each prompt's first sample cut to the same length."""
+    rows = []
+    for key, t in tables_of(combined, "model").items():
+        f = t["fluency"]
+        rows.append({"table": key, "judge ppl": f["budgeted"]["judge_ppl"], "unbudgeted judge ppl": f["unbudgeted"]["judge_ppl"],
+                     "rel. change": f["judge_ppl_rel_change"], "distinct-2": f["budgeted"]["distinct_2"],
+                     "unbudgeted distinct-2": f["unbudgeted"]["distinct_2"], "tokens": f["budgeted"]["mean_tokens"],
+                     "model val ppl": t["val_ppl"], "backbone val ppl": t["backbone_val_ppl"]})
+    for key, t in tables_of(combined, "verified").items():
+        f = t["fluency"]
+        rows.append({"table": key, "judge ppl": f["judge_ppl"], "unbudgeted judge ppl": f["judge_ppl_same_length_unbudgeted"],
+                     "rel. change": f["judge_ppl_rel_change"], "distinct-2": f["distinct_2"]})
+    return rows
+
+
+COST_MODEL_METRICS = ("token_spearman", "continuation_r2")  # how a cost model is scored on held-out text
+CEILING_PREDICTORS = ("ridge_linear", "ridge_log", "token_mean", "token_count")  # the simple predictors beside it
+
+
+def _learned_fits(combined: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each trained variant's plain-decoding table (the one that carries its cost-model fit), by variant."""
+    return {t["variant"]: t for t in tables_of(combined, "model").values() if t["decoding"] == "plain"}
+
+
+def cost_model_heading(combined: dict[str, Any], n_valid_texts: int) -> str:
+    """The held-out text the cost models are scored on: tokens, texts, continuations and the true CSC's spread."""
+    fit = combined["cost_model_ceiling"]["token_mean"]
+    return (f"held-out: {fit['n_tokens']} tokens of {n_valid_texts} validation texts, {fit['n_continuations']} "
+            f"continuations; true CSC sd/mean {fit['true_csc_cv']:.2f}")
+
+
+def cost_model_rows(combined: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each learned cost model and simple predictor on held-out text: Spearman and R² with 95% intervals, and
+    the spread of its predicted costs (sd/mean)."""
+    def with_ci(fit: dict[str, Any]) -> dict[str, Any]:
+        return {**{m: fit[m] for m in COST_MODEL_METRICS},
+                **{f"{m} 95% CI": "[{:.2f}, {:.2f}]".format(*fit.get(f"{m}_ci", (math.nan,) * 2)) for m in COST_MODEL_METRICS},
+                "sd/mean": fit["predicted_cost_cv"]}
+
+    ceil = combined["cost_model_ceiling"]
+    return ([{"model": f"learned, {v}", **with_ci(t["cost_model"])} for v, t in _learned_fits(combined).items()]
+            + [{"model": name, **with_ci(ceil[name])} for name in CEILING_PREDICTORS])
+
+
+def cost_model_goal_lines(combined: dict[str, Any]) -> list[str]:
+    """The ceiling per metric (and the predictor that sets it), then each variant's learned score against it
+    and its goal."""
+    ceiling = combined["cost_model_ceiling"]["ceiling"]
+    best = {m: f"{ceiling[m]:.3f} ({ceiling[m + '_by']})" for m in COST_MODEL_METRICS}
+    lines = [f"ceiling: {best}"]
+    for v, t in _learned_fits(combined).items():
+        lines.append(f"{v}: " + "; ".join(
+            f"{m} {c['learned']:.3f} = {100 * c['ratio']:.0f}% of the ceiling, goal {c['goal']:.3f}: "
+            f"{'met' if c['met'] else 'NOT met'}" for m, c in t["cost_model_vs_ceiling"].items()))
+    return lines
+
+
+def committed_example_lines(combined: dict[str, Any], profile: str) -> list[str]:
+    """Five generations per level of a committed run of `profile` (its `examples.jsonl`), for its first steered
+    proxy decoding and its unsteered verified controller with the largest N, each with budget, true CSC and length."""
+    model = [k for k, t in tables_of(combined, "model").items() if t["decoding"] == "steered"][:1]
+    verified = {k: t for k, t in tables_of(combined, "verified").items() if not is_steered_verified(t)}
+    largest = max((t["n_candidates"] for t in verified.values()), default=None)
+    lines = []
+    for table in model + [k for k, t in verified.items() if t["n_candidates"] == largest]:
+        rows = gpu_results.committed_examples("budgets", profile=profile, table=table)
+        lines.append(f"{table}:" if rows else f"{table}: no examples committed (runs before examples.jsonl)")
+        lines += [f"  [{r['level']}] budget {r['budget_csc']:.3f}, true CSC {r['csc']:.3f}, {r['n_tokens']} tokens: "
+                  f"{r['prompt']!r} -> {r['text']!r}" for r in rows]
+    return lines
 
 
 def hit_with_interval(csc: dict[str, Any], delta: int = 10) -> str:

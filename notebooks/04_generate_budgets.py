@@ -249,7 +249,7 @@ from IPython.display import HTML, display
 from metabolic.core import artefacts
 
 page = bf.cost_examples_html(records, tok, costs, cfg.generation.prompts)
-artefacts.atomic_write_text(artefacts.figures_dir(cfg.profile) / "04_examples.html", f"<html><body>{page}</body></html>")
+artefacts.atomic_write_text(artefacts.figures_dir(cfg.run_name) / "04_examples.html", f"<html><body>{page}</body></html>")
 display(HTML(page))
 
 # %% [markdown]

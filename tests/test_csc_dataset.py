@@ -23,9 +23,9 @@ def fresh_data(tiny_cfg, tmp_path, monkeypatch):
     from metabolic.pipeline import stages
 
     stages.corpus(tiny_cfg)
-    src = artefacts.run_dir(tiny_cfg.profile) / "corpus"
+    src = artefacts.run_dir(tiny_cfg.run_name) / "corpus"
     monkeypatch.setenv("METABOLIC_DATA", str(tmp_path))
-    shutil.copytree(src, artefacts.run_dir(tiny_cfg.profile) / "corpus")
+    shutil.copytree(src, artefacts.run_dir(tiny_cfg.run_name) / "corpus")
     return apply_overrides(tiny_cfg, CACHE_OVERRIDES)
 
 
@@ -40,7 +40,7 @@ def test_interrupted_run_resumes_and_gives_the_same_labels(fresh_data, monkeypat
     from metabolic.pipeline.stages import csc_labels
 
     cfg = fresh_data
-    folder = artefacts.run_dir(cfg.profile) / "csc"
+    folder = artefacts.run_dir(cfg.run_name) / "csc"
     real_groups = CSCLabeller.label_groups
     chunks_done = []
 
@@ -109,7 +109,7 @@ def test_changed_inputs_rebuild_and_corrupt_cache_is_rebuilt(fresh_data, assets_
     monkeypatch.setattr(CSCLabeller, "label_groups", counting)
 
     # A corrupt data file under a matching manifest is detected and rebuilt, not reused.
-    path = artefacts.run_dir(cfg.profile) / "csc" / "csc.npz"
+    path = artefacts.run_dir(cfg.run_name) / "csc" / "csc.npz"
     path.write_bytes(path.read_bytes()[:100])
     rebuilt = csc_labels(cfg, progress=False)
     assert calls and _same(rebuilt.train_csc, base.train_csc)

@@ -27,9 +27,9 @@ def one_process(tiny_cfg, tmp_path, monkeypatch):
     from metabolic.pipeline import stages
 
     stages.corpus(tiny_cfg)
-    corpus = artefacts.run_dir(tiny_cfg.profile) / "corpus"
+    corpus = artefacts.run_dir(tiny_cfg.run_name) / "corpus"
     monkeypatch.setenv("METABOLIC_DATA", str(tmp_path / "single"))
-    shutil.copytree(corpus, artefacts.run_dir(tiny_cfg.profile) / "corpus")
+    shutil.copytree(corpus, artefacts.run_dir(tiny_cfg.run_name) / "corpus")
     cfg = apply_overrides(tiny_cfg, CACHE_OVERRIDES)
     data = stages.csc_labels(cfg, progress=False)
     sharded = tmp_path / "sharded"

@@ -221,7 +221,7 @@ def test_cpu_machine_only_merges_copied_gpu_results(small_cfg):
     from metabolic.pipeline.stages import measure_etokens
 
     cfg = small_cfg
-    root = artefacts.run_dir(cfg.profile) / "etokens"
+    root = artefacts.run_dir(cfg.run_name) / "etokens"
     gpu_folder = root / "NVIDIA-H100-gpuhost-abcdef12"
     e = etokens(92.0, 32, 100)
     row = {"gpu_name": "NVIDIA H100", "host": "gpuhost", "model": "tiny", "path": "default", "task": "chat",

@@ -224,7 +224,6 @@ def test_the_strongest_run_is_a_finished_cpu_run_made_by_this_code(tmp_path, mon
     from metabolic.report.notebook import strongest_profile
 
     monkeypatch.setenv("METABOLIC_DATA", str(tmp_path))
-    monkeypatch.delenv("METABOLIC_RUN", raising=False)
     assert strongest_profile("cpu") == ("cpu", "as asked")
     profile, why = strongest_profile("strongest")
     assert profile == "smoke" and "no finished cpu run" in why

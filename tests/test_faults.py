@@ -37,7 +37,7 @@ def clean_run(tiny_cfg) -> Path:
     """The tiny study through the faithful training run (shared with the other tests of the session)."""
     stages.run(tiny_cfg, ["corpus", "pretrain", "prior"])
     stages.train_metabolic(tiny_cfg, "faithful", progress=False)
-    return artefacts.run_dir(tiny_cfg.profile)
+    return artefacts.run_dir(tiny_cfg.run_name)
 
 
 @pytest.fixture
@@ -316,7 +316,7 @@ def test_a_killed_evaluation_resumes_per_table_and_ends_as_an_uninterrupted_one(
     overrides = {**TINY_OVERRIDES, **EVALUATE_OVERRIDES}
     cfg = load_config("smoke", overrides)
     uninterrupted = stages.evaluate_budgets(cfg, progress=False)
-    folder = artefacts.run_dir(cfg.profile) / "evaluation"
+    folder = artefacts.run_dir(cfg.run_name) / "evaluation"
     shutil.rmtree(folder)
 
     kill_9("evaluate_budgets", overrides, "metabolic.pipeline.evaluate.save_checkpoint", 2)  # both tables saved

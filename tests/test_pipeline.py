@@ -16,7 +16,7 @@ from metabolic.pipeline import stages
 def test_foundation_stages_run_and_are_reused(tiny_cfg):
     timings = stages.run(tiny_cfg, ["corpus", "pretrain", "prior"])
     assert set(timings) == {"corpus", "pretrain", "prior"}
-    root = artefacts.run_dir(tiny_cfg.profile)
+    root = artefacts.run_dir(tiny_cfg.run_name)
     for name in ("corpus", "backbone", "prior"):
         manifest = artefacts.read_manifest(root / name)
         assert manifest is not None and manifest["description"]["library_version"]
@@ -69,7 +69,7 @@ def test_every_stage_returns_the_key_its_manifest_records(tiny_cfg):
                 "prior": stages.energy_prior(cfg), "csc": stages.csc_labels(cfg, progress=False),
                 **{f"train/{v}": r for v, r in stages.train_variants(cfg, progress=False).items()},
                 "evaluation": stages.evaluation(cfg, progress=False)}
-    run = artefacts.run_dir(cfg.profile)
+    run = artefacts.run_dir(cfg.run_name)
     assert sorted(returned) == ["backbone", "corpus", "csc", "evaluation", "prior", "train/expected-cost", "train/faithful"]
     for folder, result in returned.items():
         manifest = artefacts.read_manifest(run / folder)

@@ -12,7 +12,7 @@ import pytest
 from metabolic.core import artefacts
 from metabolic.core.errors import ConfigError
 from metabolic.core.profiles import load_config
-from metabolic.core.runs import RUN_ENV, run_name
+from metabolic.core.runs import run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,17 +29,20 @@ def test_run_name_fingerprints_what_the_overrides_change():
         run_name("smoke", {"prior.nope": 1})
 
 
-def test_run_folders_follow_the_run_of_their_profile(monkeypatch, tmp_path):
+def test_the_run_travels_on_the_config(monkeypatch, tmp_path):
+    """A notebook's setup names an override run on its config; no environment variable carries it."""
+    from metabolic.report.notebook import setup
+
     monkeypatch.setenv("METABOLIC_DATA", str(tmp_path / "d"))
     monkeypatch.setenv("METABOLIC_FIGURES", str(tmp_path / "f"))
-    monkeypatch.delenv(RUN_ENV, raising=False)
-    assert artefacts.run_dir("smoke") == tmp_path / "d" / "smoke"
-    monkeypatch.setenv(RUN_ENV, "smoke+0123abcd")
-    assert artefacts.run_dir("smoke") == tmp_path / "d" / "smoke+0123abcd"
-    assert artefacts.figures_dir("smoke") == tmp_path / "f" / "smoke+0123abcd"
-    assert artefacts.run_dir("gpu") == tmp_path / "d" / "gpu"  # another profile's run is not this one
-    monkeypatch.setenv(RUN_ENV, "smoke")
-    assert artefacts.figures_dir("smoke") == tmp_path / "f" / "smoke"
+    default, own = setup("smoke"), setup("smoke", {"prior.beta": 0.25})
+    assert (default.run, default.run_name) == ("", "smoke") and load_config("smoke").run_name == "smoke"
+    assert own.run == own.run_name == run_name("smoke", {"prior.beta": 0.25}) != "smoke"
+    assert artefacts.run_dir(own.run_name) == tmp_path / "d" / own.run and "METABOLIC_RUN" not in os.environ
+    assert artefacts.figures_dir(default.run_name) == tmp_path / "f" / "smoke"
+    assert setup("smoke", {"train.epochs": default.train.epochs}).run == ""  # restating the profile's value
+    with pytest.raises(ConfigError, match="unknown override key 'run'"):
+        load_config("smoke", {"run": "elsewhere"})
 
 
 def test_an_input_error_in_a_notebook_is_one_line_and_exit_2(tmp_path):
@@ -47,7 +50,6 @@ def test_an_input_error_in_a_notebook_is_one_line_and_exit_2(tmp_path):
     missing = tmp_path / "no-assets"
     env = {**os.environ, "METABOLIC_ASSETS": str(missing), "METABOLIC_DATA": str(tmp_path / "data"),
            "METABOLIC_FIGURES": str(tmp_path / "fig")}
-    env.pop(RUN_ENV, None)
     proc = subprocess.run([sys.executable, "-m", "metabolic", "study", "--only", "00"], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2, proc.stderr
@@ -80,7 +82,7 @@ from metabolic.core import artefacts
 from metabolic.report.notebook import setup
 
 cfg = setup(profile, overrides)
-for folder in (artefacts.run_dir(cfg.profile), artefacts.figures_dir(cfg.profile)):
+for folder in (artefacts.run_dir(cfg.run_name), artefacts.figures_dir(cfg.run_name)):
     artefacts.atomic_write_text(folder / "beta.txt", str(cfg.prior.beta))
 '''
 
@@ -100,7 +102,6 @@ def scratch_project(monkeypatch, tmp_path) -> Path:
     monkeypatch.setenv("METABOLIC_ROOT", str(tmp_path))
     monkeypatch.setenv("METABOLIC_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("METABOLIC_FIGURES", str(tmp_path / "figures"))
-    monkeypatch.delenv(RUN_ENV, raising=False)
     return tmp_path
 
 
@@ -115,7 +116,7 @@ def test_an_override_run_writes_beside_the_default_run(scratch_project, capsys):
     run = run_study("smoke", overrides, only=["00"])
     name = run_name("smoke", overrides)
     assert (run.name, run.data_dir, run.figures_dir) == (name, data / name, figures / name)
-    assert set(run.notebooks_s) == {"00_write"} and os.environ.get(RUN_ENV) is None  # restored
+    assert set(run.notebooks_s) == {"00_write"}
     for root in (data, figures):
         assert (root / "smoke" / "beta.txt").read_text() == "0.1"  # the default run's, untouched
         assert (root / name / "beta.txt").read_text() == "0.25"

@@ -309,7 +309,7 @@ def test_train_stage_builds_both_variant_folders_and_reuses_them(tiny_cfg):
     results = stages.STAGES["train"](tiny_cfg, progress=False)
     assert set(results) == {"faithful", "expected-cost"}
     for variant, result in results.items():
-        assert result.folder == artefacts.run_dir(tiny_cfg.profile) / "train" / variant
+        assert result.folder == artefacts.run_dir(tiny_cfg.run_name) / "train" / variant
         assert len(result.metrics) == tiny_cfg.train.epochs
         assert not (result.folder / training.CHECKPOINT).exists()  # best/ and last/ supersede it
         assert MetabolicGPT2.from_pretrained(result.best_dir, device="cpu").settings.variant == variant

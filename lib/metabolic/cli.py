@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             if rank > 0:
                 return 0  # rank 0 reports the run
             summary = {"profile": cfg.profile, "stages_s": timings, "total_s": time.perf_counter() - t0}
-            artefacts.atomic_write_json(artefacts.run_dir(cfg.profile) / "run_timings.json", summary)
+            artefacts.atomic_write_json(artefacts.run_dir(cfg.run_name) / "run_timings.json", summary)
             print(json.dumps(summary, indent=2))
         elif args.command == "study":
             from metabolic.core import artefacts

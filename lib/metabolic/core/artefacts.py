@@ -74,22 +74,15 @@ def output_root(variable: str, default: str) -> Path:
     return base
 
 
-def run_dir(profile: str) -> Path:
-    """`data/<run>/` under the project root (or under $METABOLIC_DATA when set).
-
-    The run is the profile's name, or `$METABOLIC_RUN` when that names a run of this profile
-    (`<profile>+<hash>`: a run with overrides, see `metabolic.pipeline.study.run_name`).
-    """
-    base = output_root("METABOLIC_DATA", "data")
-    run = os.environ.get("METABOLIC_RUN", "")
-    return base / (run if run.startswith(f"{profile}+") else profile)
+def run_dir(run: str) -> Path:
+    """`data/<run>/` under the project root (or under $METABOLIC_DATA when set): `run` is a config's
+    `run_name`, the profile or `<profile>+<hash>` for a study run with overrides (`metabolic.core.runs`)."""
+    return output_root("METABOLIC_DATA", "data") / run
 
 
-def figures_dir(profile: str) -> Path:
-    """`figures/<run>/` under the project root (or under $METABOLIC_FIGURES when set); the run as in `run_dir`."""
-    base = output_root("METABOLIC_FIGURES", "figures")
-    run = os.environ.get("METABOLIC_RUN", "")
-    return base / (run if run.startswith(f"{profile}+") else profile)
+def figures_dir(run: str) -> Path:
+    """`figures/<run>/` under the project root (or under $METABOLIC_FIGURES when set); `run` as in `run_dir`."""
+    return output_root("METABOLIC_FIGURES", "figures") / run
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -400,6 +400,10 @@ class StudyConfig:
 
     profile: str = "smoke"
     seed: int = 0
+    # The run's folder under data/ and figures/ when it is not the profile's own: a study run with overrides is
+    # `<profile>+<hash>` (`metabolic.core.runs.run_name`, set by `report.notebook.setup`), so it never overwrites
+    # the profile's default run. "" = the profile's run. Not an override key.
+    run: str = ""
     assets: AssetsConfig = field(default_factory=AssetsConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -417,6 +421,11 @@ class StudyConfig:
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
+
+    @property
+    def run_name(self) -> str:
+        """The run's folder name under data/ and figures/ (`artefacts.run_dir`, `figures_dir`)."""
+        return self.run or self.profile
 
 
 SECTIONS = ("assets", "corpus", "backbone", "prior", "csc", "train", "generation", "energy")

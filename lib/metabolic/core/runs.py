@@ -2,10 +2,10 @@
 
 A run with overrides is a run of its own, named `<profile>+<hash>`: its artefacts, executed notebooks
 and figures go to `data/<profile>+<hash>/` and `figures/<profile>+<hash>/`, so it never overwrites the
-profile's default run (`data/<profile>/`), nor makes the next default run rebuild. The run in force is
-`$METABOLIC_RUN`, read by `metabolic.core.artefacts.run_dir` / `figures_dir`, set by
-`metabolic.pipeline.study.run_study` (for its kernels) and by `metabolic.report.notebook.setup` (from
-the notebook's `overrides` parameter, so a papermill or Lab run outside `study` agrees).
+profile's default run (`data/<profile>/`), nor makes the next default run rebuild. The run travels on
+the config (`StudyConfig.run`, read through `run_name` by every stage): `metabolic.report.notebook.setup`
+sets it from the notebook's `overrides` parameter, so `metabolic study`, papermill and Lab agree. The CLI's
+`run --set ...` keeps the profile's folder.
 
 Standard library and config only: notebooks import it (through `report.notebook`) before the CPU
 numerics are pinned, so it must not load numpy or torch.
@@ -18,9 +18,6 @@ import json
 from typing import Any, Mapping
 
 from metabolic.core.profiles import load_config
-
-RUN_ENV = "METABOLIC_RUN"
-
 
 def run_name(profile: str, overrides: Mapping[str, Any] | None = None) -> str:
     """The run's folder name: the profile, or `<profile>+<hash>` when the overrides change its config.

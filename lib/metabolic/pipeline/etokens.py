@@ -61,7 +61,7 @@ def measure_etokens(cfg: StudyConfig, progress: bool = True) -> EtokenResults:
     measures the next part, and the run that measures the last one finishes the artefact.
     """
     e = cfg.energy
-    root = artefacts.run_dir(cfg.profile) / "etokens"
+    root = artefacts.run_dir(cfg.run_name) / "etokens"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meter = EnergyMeter(gpu_index=e.gpu_index, counter_period_s=e.counter_period_s, poll_interval_s=e.poll_interval_s)
     try:
@@ -105,7 +105,7 @@ class EtokenStage:
         data = corpus(cfg)
         self.valid = valid_sequences(cfg, data)
         self.tokenizer = data.tokenizer
-        self.specs, self.skipped_models = model_specs(e.models, artefacts.run_dir(cfg.profile), measured_budgets(cfg))
+        self.specs, self.skipped_models = model_specs(e.models, artefacts.run_dir(cfg.run_name), measured_budgets(cfg))
         # How a grid is split into runs does not change what it measures: none of these keys goes into the fingerprint.
         settings = {k: v for k, v in e.__dict__.items() if k not in ("measure", *RUN_SPLITTING)}
         self._description = stage_description(settings, cfg.seed, data.fingerprint, measured_model_keys(self.specs), machine)
@@ -155,6 +155,6 @@ def etokens_plan(cfg: StudyConfig, calibrate: bool = True) -> Plan:
     """The profile's e-token grid as planned for one H100 (`metabolic.energy.plan`), nothing measured:
     the models this run folder offers, the tasks, batch sizes and paths, each unit's estimate, the parts."""
     e = cfg.energy
-    specs, _ = model_specs(e.models, artefacts.run_dir(cfg.profile), measured_budgets(cfg))
+    specs, _ = model_specs(e.models, artefacts.run_dir(cfg.run_name), measured_budgets(cfg))
     tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)
     return make_plan(e, grid_units(e, specs, tasks, calibrate=calibrate and e.calibrate), tasks, cfg.seed)

@@ -185,7 +185,7 @@ def evaluate_budgets(cfg: StudyConfig, progress: bool = True) -> dict[str, Any]:
     """Stage `evaluate` (`evaluation`), then publish `data/<profile>/table1_<variant>_<decoding>.json` and the
     combined `data/<profile>/table1.json`. Returns the combined dict (tables, paper, profile, budgets, prompts)."""
     combined = evaluation(cfg, progress).tables
-    run = artefacts.run_dir(cfg.profile)
+    run = artefacts.run_dir(cfg.run_name)
     for key, table in combined["tables"].items():
         artefacts.atomic_write_json(run / f"table1_{key}.json",
                                     {"profile": cfg.profile, **table, "paper": PAPER_TABLE1})
@@ -236,7 +236,7 @@ def verified_targets(csc: CSCData, cfg: StudyConfig, budgets: dict[str, float],
 
 def read_generations(cfg) -> list[dict[str, Any]]:
     """The per-generation records of the `evaluate` stage (run it first)."""
-    path = artefacts.run_dir(cfg.profile) / "evaluation" / GENERATIONS_FILE
+    path = artefacts.run_dir(cfg.run_name) / "evaluation" / GENERATIONS_FILE
     if not path.is_file():
         raise DataError(f"{path} is missing: run the evaluate stage (python -m metabolic run --stages evaluate)")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

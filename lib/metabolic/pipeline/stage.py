@@ -47,7 +47,7 @@ class Stage(Protocol[T]):
 
 
 def stage_folder(cfg: StudyConfig, stage: Stage) -> Path:
-    return artefacts.run_dir(cfg.profile) / stage.folder
+    return artefacts.run_dir(cfg.run_name) / stage.folder
 
 
 def realise(stage: Stage[T], cfg: StudyConfig, force: bool = False) -> T:

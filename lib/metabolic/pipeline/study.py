@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 from metabolic.core import artefacts, errors, numerics
 from metabolic.core.errors import ConfigError, MetabolicError
-from metabolic.core.runs import RUN_ENV, run_name
+from metabolic.core.runs import run_name
 
 
 class NotebookFailed(RuntimeError):
@@ -74,20 +74,13 @@ def run_study(
         sources = [p for p in sources if any(p.stem.startswith(o) for o in only)]
         if not sources:
             raise ConfigError(f"no notebook matches {only!r}: names start with 00, 01, ...")
-    previous = os.environ.get(RUN_ENV)
-    os.environ[RUN_ENV] = name
-    try:
-        run = StudyRun(name, artefacts.run_dir(profile), artefacts.figures_dir(profile), {})
-        if name != profile:
-            print(f"run {name} (overrides {dict(overrides or {})}): artefacts and executed notebooks in "
-                  f"{run.data_dir}, figures in {run.figures_dir}; the default run's are left as they are", flush=True)
-        _execute(sources, run, {} if inplace else {"profile": profile, "overrides": dict(overrides or {})},
-                 inplace, stream_output)
-    finally:
-        if previous is None:
-            os.environ.pop(RUN_ENV, None)
-        else:
-            os.environ[RUN_ENV] = previous
+    run = StudyRun(name, artefacts.run_dir(name), artefacts.figures_dir(name), {})
+    if name != profile:
+        print(f"run {name} (overrides {dict(overrides or {})}): artefacts and executed notebooks in "
+              f"{run.data_dir}, figures in {run.figures_dir}; the default run's are left as they are", flush=True)
+    # Each notebook's setup(profile, overrides) names the same run on its config (metabolic.core.runs).
+    _execute(sources, run, {} if inplace else {"profile": profile, "overrides": dict(overrides or {})},
+             inplace, stream_output)
     return run
 
 

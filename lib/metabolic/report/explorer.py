@@ -494,5 +494,5 @@ def _study_explorer(cfg: StudyConfig, variant: str, scale: str) -> StudyExplorer
                               proxy_rate=sampled_proxy_rate(unbudgeted), levels=targets[scale], band=g.verified_band,
                               scale=scale, condition=scale == cfg.csc.scale,
                               source=f"the {variant} model of the {cfg.profile} run "
-                                     f"({artefacts.shown(artefacts.run_dir(cfg.profile))}){on}")
+                                     f"({artefacts.shown(artefacts.run_dir(cfg.run_name))}){on}")
     return StudyExplorer(explorer, dict(targets[scale]), how)

@@ -148,7 +148,7 @@ def save_figure(fig, cfg: StudyConfig, name: str, notebook: str) -> dict[str, Pa
     """Write `figures/<profile>/<name>.html` (with `plotly.min.js` beside it) and, if possible, `.png`;
     return the paths written."""
 
-    folder = artefacts.figures_dir(cfg.profile)
+    folder = artefacts.figures_dir(cfg.run_name)
     folder.mkdir(parents=True, exist_ok=True)
     stamp(fig, cfg, notebook)
     written = {"plotly.js": ship_plotlyjs(folder)}

@@ -5,8 +5,8 @@ Kept tiny on purpose: notebooks call the library; this only sets up the session.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import sys
 from typing import Any, Mapping
 
@@ -15,7 +15,7 @@ from metabolic.core import artefacts, numerics  # neither loads torch: the profi
 from metabolic.core.config import StudyConfig
 from metabolic.core.errors import MetabolicError
 from metabolic.core.profiles import load_config
-from metabolic.core.runs import RUN_ENV, run_name  # standard library and config only, as numerics
+from metabolic.core.runs import run_name  # standard library and config only, as numerics
 
 PROFILE_NOTES = {
     "smoke": "smoke profile (tiny CPU run: its numbers show that the pipeline runs, not what the method achieves)",
@@ -81,11 +81,11 @@ def setup(profile: str, overrides: Mapping[str, Any] | None = None, level: int =
             shell.set_custom_exc((MetabolicError,), one_line_error)
     except ImportError:  # pragma: no cover
         pass
-    cfg = load_config(profile, overrides)
     # A run with overrides writes beside the profile's default run, also when papermill or Lab runs the
     # notebook directly (see metabolic.core.runs).
-    os.environ[RUN_ENV] = run_name(profile, overrides)
-    if os.environ[RUN_ENV] != profile:
+    name = run_name(profile, overrides)
+    cfg = dataclasses.replace(load_config(profile, overrides), run="" if name == profile else name)
+    if cfg.run:
         logging.getLogger(__name__).warning("override run: artefacts in data/%s/, figures in figures/%s/ "
-                                            "(beside the default run)", os.environ[RUN_ENV], os.environ[RUN_ENV])
+                                            "(beside the default run)", cfg.run, cfg.run)
     return cfg

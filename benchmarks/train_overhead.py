@@ -2,7 +2,7 @@
 
 Both run on the same device, with the same batch (real WikiText-2 texts of the profile's length),
 the same optimiser (AdamW), gradient clipping and precision (bf16 autocast on CUDA, fp32 on CPU).
-The MetabolicGPT-2 step is the full `metabolic.train.loop.train_step`: all eq. (22) terms, dual ascent
+The MetabolicGPT-2 step is the full `metabolic.train.step.train_step`: all eq. (22) terms, dual ascent
 and the online-calibration update. Token values do not change the speed, so the CSC targets here are
 a constant 1/T per token (no encoder run) and the backbone keeps whatever weights it loads with.
 
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from metabolic.model.metabolic_gpt2 import MetabolicGPT2
     from metabolic.pipeline import stages
     from metabolic.train import loop as training
+    from metabolic.train.data import make_batch, token_label_means
+    from metabolic.train.step import EpochLedger, make_optimizer, step_budgets, train_step
 
     try:
         cfg = load_config(args.profile, parse_override_strings(args.overrides))
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             path = args.backbone or stages.pretrain_backbone(cfg).path
             return load_backbone(path, device=device)
 
-        batch = training.make_batch(texts, labels, totals, device)
+        batch = make_batch(texts, labels, totals, device)
         n_tokens = int(batch.mask.sum())
         autocast = resume.autocast(device)
 
@@ -103,17 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         ledgers = {}
         variants = ("faithful", "expected-cost") if args.variant == "both" else (args.variant,)
         targets = np.full(cfg.train.K, 1.0)
-        vocab_ids, means = training.token_label_means(texts, labels)
+        vocab_ids, means = token_label_means(texts, labels)
         vocab_ids = torch.as_tensor(vocab_ids, device=device)
         means = torch.as_tensor(means, dtype=torch.float32, device=device)
         for variant in variants:
             model = MetabolicGPT2(fresh_backbone(), training.model_settings(cfg.train, variant, 1.0, mean_label=1.0 / t)).train()
-            mopt = training.make_optimizer(model, cfg.train)
-            budgets = training.step_budgets(model, batch, targets, 1.0)
-            ledgers[variant] = (model, training.EpochLedger())
+            mopt = make_optimizer(model, cfg.train)
+            budgets = step_budgets(model, batch, targets, 1.0)
+            ledgers[variant] = (model, EpochLedger())
 
             def metabolic_step(model=model, mopt=mopt, budgets=budgets, ledger=ledgers[variant][1]):
-                training.train_step(model, mopt, batch, budgets, cfg.train, vocab_ids, means, ledger=ledger)
+                train_step(model, mopt, batch, budgets, cfg.train, vocab_ids, means, ledger=ledger)
 
             steps[variant] = metabolic_step
 

@@ -149,7 +149,7 @@ def test_constraint_leaves_out_texts_without_a_counted_span():
 
 
 def test_span_totals_count_what_a_generation_counts():
-    from metabolic.train.loop import span_totals
+    from metabolic.train.data import span_totals
 
     labels = [np.array([0.1, 0.2, 0.3, 0.4], np.float32), np.array([0.5, 0.5], np.float32)]
     raw = span_totals(labels, "raw", 2)
@@ -286,7 +286,8 @@ def test_a_mix_cross_validation_picks_the_part_that_carries_the_labels(backbone,
     import dataclasses
 
     from metabolic.core.config import TrainConfig
-    from metabolic.train.loop import COST_PREFIXES, choose_a_mix, head_input_statistics
+    from metabolic.train.loop import choose_a_mix, head_input_statistics
+    from metabolic.train.step import COST_PREFIXES
 
     gen = torch.Generator().manual_seed(11)
     if rule == "context":  # CSC follows the states; each fold's texts use token ids no other fold uses

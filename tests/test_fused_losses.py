@@ -3,7 +3,7 @@
 * `losses.next_token_terms` (one shared softmax, hand-fused backward) against the separate terms
   `lm_loss`, `mean_entropy`, `repetition_loss`, `expected_totals` on `log_softmax`: values and
   gradients (logits and vocabulary costs) on random inputs, in float64 so that only rounding differs.
-* `loop.EpochLedger`: a training step with a ledger leaves its metrics on the device; the host reads
+* `step.EpochLedger`: a training step with a ledger leaves its metrics on the device; the host reads
   them once (`settle`), which feeds the calibration the same points and raises on a non-finite loss.
 """
 
@@ -23,6 +23,8 @@ from metabolic.model.backbone import scratch_model
 from metabolic.model.metabolic_gpt2 import MetabolicGPT2
 from metabolic.train import loop as training
 from metabolic.train import losses
+from metabolic.train.data import make_batch, token_label_means
+from metabolic.train.step import EpochLedger, make_optimizer, step_budgets, train_step
 from torch.nn import functional as F
 
 
@@ -109,9 +111,9 @@ def fresh(tiny, variant, cfg):
     _, backbone, texts, labels, totals = tiny
     torch.manual_seed(0)
     model = MetabolicGPT2(copy.deepcopy(backbone), training.model_settings(cfg, variant, 1.0, mean_label=0.03))
-    batch = training.make_batch(texts, labels, totals, "cpu")
-    ids, means = training.token_label_means(texts, labels)
-    return model, training.make_optimizer(model, cfg), batch, torch.as_tensor(ids), torch.as_tensor(means).float()
+    batch = make_batch(texts, labels, totals, "cpu")
+    ids, means = token_label_means(texts, labels)
+    return model, make_optimizer(model, cfg), batch, torch.as_tensor(ids), torch.as_tensor(means).float()
 
 
 def test_ledger_steps_equal_self_contained_steps_and_read_back_once(tiny):
@@ -119,9 +121,9 @@ def test_ledger_steps_equal_self_contained_steps_and_read_back_once(tiny):
     runs = []
     for use_ledger in (False, True):
         model, opt, batch, ids, means = fresh(tiny, "expected-cost", cfg)
-        budgets = training.step_budgets(model, batch, np.array([0.2, 0.3, 0.4]), 1.0)
-        ledger = training.EpochLedger() if use_ledger else None
-        rows = [training.train_step(model, opt, batch, budgets, cfg, ids, means, step, ledger).terms.as_floats()
+        budgets = step_budgets(model, batch, np.array([0.2, 0.3, 0.4]), 1.0)
+        ledger = EpochLedger() if use_ledger else None
+        rows = [train_step(model, opt, batch, budgets, cfg, ids, means, step, ledger).terms.as_floats()
                 for step in range(2)]
         if use_ledger:
             assert model.calibration.n == 0  # nothing read back yet: the points wait in the ledger
@@ -140,10 +142,10 @@ def test_ledger_steps_equal_self_contained_steps_and_read_back_once(tiny):
 def test_ledger_settle_raises_for_the_first_non_finite_step(tiny):
     cfg = dataclasses.replace(tiny[0], lr=1e30)  # the first step's update makes every later loss NaN
     model, opt, batch, ids, means = fresh(tiny, "faithful", cfg)
-    budgets = training.step_budgets(model, batch, np.array([0.2, 0.3, 0.4]), 1.0)
-    ledger = training.EpochLedger()
+    budgets = step_budgets(model, batch, np.array([0.2, 0.3, 0.4]), 1.0)
+    ledger = EpochLedger()
     for step in range(2):
-        training.train_step(model, opt, batch, budgets, cfg, ids, means, step, ledger)  # no raise: no host sync
+        train_step(model, opt, batch, budgets, cfg, ids, means, step, ledger)  # no raise: no host sync
     with pytest.raises(DivergedError, match=r"^training diverged at step 1 \(loss nan\): lower train.lr"):
         ledger.settle(model, cfg)
     assert model.calibration.n == 0  # the diverged steps' points never reached the calibration

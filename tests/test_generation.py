@@ -10,15 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from metabolic.core.errors import ConfigError, DataError
-from metabolic.generate.budgeted import (
-    BudgetStoppingCriteria,
-    CostSteeringLogitsProcessor,
-    generate_with_budget,
-    kept_lengths,
-    plain_generate,
-    sentence_end_mask,
-    stop_rule,
-)
+from metabolic.generate.budgeted import generate_with_budget, kept_lengths, plain_generate, sentence_end_mask
+from metabolic.generate.processors import BudgetStoppingCriteria, CostSteeringLogitsProcessor, stop_rule
 from metabolic.core.budget import ProxyCalibration
 from tiny_lm import tiny_gpt2, token_costs
 
@@ -317,7 +310,7 @@ def test_one_sided_shortcut_is_exact(costs):
 
 
 def test_forcing_holds_eos_back_only_below_the_floor(costs, tokenizer):
-    from metabolic.generate.budgeted import EosForcingLogitsProcessor
+    from metabolic.generate.processors import EosForcingLogitsProcessor
 
     eos = tokenizer.eos_token_id
     ids = torch.tensor([[1, 2, 3], [1, 2, 3]])  # prompt [1], generated [2, 3]

@@ -20,6 +20,9 @@ from metabolic.model.backbone import scratch_model
 from metabolic.model.metabolic_gpt2 import MetabolicGPT2
 from metabolic.train import loop as training
 from metabolic.train import losses
+from metabolic.train.data import make_batch, prepare_data, target_budgets, token_label_means
+from metabolic.train.step import make_optimizer, step_budgets, train_step
+from metabolic.train.validation import balanced_score
 from torch.nn import functional as F
 
 N_TRAIN, N_VALID = 8, 4
@@ -62,7 +65,7 @@ def train_cfg(tiny_cfg, **changes):
 
 @pytest.fixture(scope="module")
 def data(csc_data, tiny_cfg, tokenizer):
-    return training.prepare_data(csc_data, tiny_cfg.train, vocab_size=len(tokenizer))
+    return prepare_data(csc_data, tiny_cfg.train, vocab_size=len(tokenizer))
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +151,13 @@ def test_fixed_budget_steps_lower_lm_and_csc_losses_and_move_lambda(backbone_dir
     from metabolic.model.backbone import load_backbone
 
     model = MetabolicGPT2(load_backbone(backbone_dir, device="cpu"), training.model_settings(cfg, "faithful", data.budget_scale))
-    opt = training.make_optimizer(model, cfg)
-    vocab_ids, means = (torch.as_tensor(a) for a in training.token_label_means(data.train_ids, data.train_labels))
-    batch = training.make_batch(data.train_ids[:4], data.train_labels[:4], data.train_totals[:4], "cpu")
-    budgets = training.step_budgets(model, batch, data.targets, 1.0)
+    opt = make_optimizer(model, cfg)
+    vocab_ids, means = (torch.as_tensor(a) for a in token_label_means(data.train_ids, data.train_labels))
+    batch = make_batch(data.train_ids[:4], data.train_labels[:4], data.train_totals[:4], "cpu")
+    budgets = step_budgets(model, batch, data.targets, 1.0)
     history, lambdas = [], []
     for _ in range(6):
-        res = training.train_step(model, opt, batch, budgets, cfg, vocab_ids, means.float())
+        res = train_step(model, opt, batch, budgets, cfg, vocab_ids, means.float())
         assert all(math.isfinite(v) for v in res.terms.as_floats().values())
         history.append(res.terms.as_floats())
         lambdas.append(model.dual_lambda.clone())
@@ -196,7 +199,7 @@ def test_training_runs_log_every_monitored_quantity(runs, variant, data):
     best = min(rows, key=lambda r: (r["balanced_score"], -r["epoch"]))
     assert result.best_epoch == best["epoch"]
     assert best["balanced_score"] == pytest.approx(
-        training.balanced_score(best["val_ppl"], result.reference_ppl, best["val_level_rel_err"]))
+        balanced_score(best["val_ppl"], result.reference_ppl, best["val_level_rel_err"]))
     selection = json.loads((result.folder / training.SELECTION).read_text())
     assert selection["best_epoch"] == result.best_epoch
     model = result.load_best(device="cpu")
@@ -276,7 +279,7 @@ def test_checkpoint_from_another_config_is_refused_untouched(backbone_dir, data,
 def test_csc_cache_for_another_tokenizer_is_refused(csc_data, tiny_cfg, backbone_dir, data, tmp_path):
     foreign = dataclasses.replace(csc_data, train_ids=[[i + 60000 for i in s] for s in csc_data.train_ids])
     with pytest.raises(DataError, match="another tokenizer"):
-        training.prepare_data(foreign, tiny_cfg.train, vocab_size=50257)
+        prepare_data(foreign, tiny_cfg.train, vocab_size=50257)
     small_vocab = dataclasses.replace(data, train_ids=[[50300] + s[1:] for s in data.train_ids])
     with pytest.raises(DataError, match="another tokenizer"):
         training.train(backbone_dir, small_vocab, train_cfg(tiny_cfg), "faithful", tmp_path, progress=False, device="cpu")
@@ -286,15 +289,15 @@ def test_csc_cache_for_another_tokenizer_is_refused(csc_data, tiny_cfg, backbone
 def test_target_budgets_from_stats_config_or_quantiles(csc_data, tiny_cfg):
     stats = csc_data.stats
     totals = np.array([0.2, 0.4, 0.6, 0.8])
-    got = training.target_budgets(tiny_cfg.train, stats, totals)
+    got = target_budgets(tiny_cfg.train, stats, totals)
     np.testing.assert_allclose(got, sorted(stats["budgets"].values()))
     fixed = dataclasses.replace(tiny_cfg.train, budgets=(0.9, 0.3, 0.5))
-    np.testing.assert_allclose(training.target_budgets(fixed, stats, totals), [0.3, 0.5, 0.9])
+    np.testing.assert_allclose(target_budgets(fixed, stats, totals), [0.3, 0.5, 0.9])
     k2 = dataclasses.replace(tiny_cfg.train, K=2, budget_quantiles=(0.25, 0.75))
-    np.testing.assert_allclose(training.target_budgets(k2, stats, totals), np.quantile(totals, [0.25, 0.75]))
+    np.testing.assert_allclose(target_budgets(k2, stats, totals), np.quantile(totals, [0.25, 0.75]))
     k4 = dataclasses.replace(tiny_cfg.train, K=4)
     with pytest.raises(ConfigError, match="give K quantiles"):
-        training.target_budgets(k4, stats, totals)
+        target_budgets(k4, stats, totals)
 
 
 def test_unknown_variant_is_a_config_error(backbone_dir, data, tiny_cfg, tmp_path):

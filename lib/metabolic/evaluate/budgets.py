@@ -21,7 +21,7 @@ from metabolic.core.errors import DataError
 from metabolic.csc.dataset import CSCData
 from metabolic.generate.budgeted import model_token_costs
 from metabolic.model.calibration import OnlineAffine
-from metabolic.train.loop import counted_from, prepare_data
+from metabolic.train.data import counted_from, prepare_data
 
 
 @dataclass(frozen=True)

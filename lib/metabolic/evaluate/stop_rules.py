@@ -7,7 +7,7 @@ is labelled exactly on prompt + prefix, and each rule's stop is scored in true C
 
 - `exact`: the labelled stop nearest the budget (what the verified controller does on one candidate);
 - `proxy`: the first stop where the calibrated learned spend (C_vocab) meets the budget, by the
-  budget stop's own rule (`metabolic.generate.budgeted.stop_rule`);
+  budget stop's own rule (`metabolic.generate.processors.stop_rule`);
 - `token_count`: the stop nearest `budget / rate` tokens (rate = true CSC per token of training continuations);
 - `random_cut`: a uniformly random stop (seeded);
 - `length_fitted`: the one length per budget with the best Hit@10 on labelled *training* continuations,
@@ -28,7 +28,8 @@ import torch
 
 from metabolic.core.budget import ProxyCalibration, in_band
 from metabolic.core.stats import wilson_interval
-from metabolic.generate.budgeted import sentence_end_mask, stop_rule
+from metabolic.generate.budgeted import sentence_end_mask
+from metabolic.generate.processors import stop_rule
 from metabolic.generate.verified import PrefixLabeller, stop_points
 
 RULES = ("exact", "proxy", "token_count", "random_cut", "length_fitted", "length_oracle")

@@ -48,7 +48,6 @@ from metabolic.core.budget import ProxyCalibration, above_band, below_band, chec
 from metabolic.core.errors import ConfigError
 from metabolic.generate.budgeted import (
     SENTENCE_END_CHARS,
-    CostSteeringLogitsProcessor,
     check_context,
     check_sampling,
     encode_prompts,
@@ -56,6 +55,7 @@ from metabolic.generate.budgeted import (
     model_token_costs,
     prepare_generate,
 )
+from metabolic.generate.processors import CostSteeringLogitsProcessor
 
 # Rows (prompts x candidates) per generate() call when sampling candidates: generate keeps every step's
 # scores, [rows, V] floats each (the cpu profile's 192 x 8 rows x 50,257 x 40 steps asked for 12 GB).

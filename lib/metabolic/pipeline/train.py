@@ -19,16 +19,14 @@ from metabolic.pipeline.csc import csc_labels
 from metabolic.pipeline.pretrain import BackboneData, pretrain_backbone
 from metabolic.pipeline.prior import energy_prior
 from metabolic.pipeline.stage import realise, tokenizer_fingerprint
+from metabolic.train.data import TrainingData, counted_from, prepare_data
 from metabolic.train.loop import (
     BEST_DIR,
     CHECKPOINT,
     LAST_DIR,
     METRICS,
     SELECTION,
-    TrainingData,
     TrainResult,
-    counted_from,
-    prepare_data,
     read_metrics,
     train,
 )

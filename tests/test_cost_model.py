@@ -232,7 +232,7 @@ def test_budgets_reach_proxy_units_through_each_dimensions_calibration(backbone)
     want = torch.tensor([[0.2, 0.5, 0.5], [0.0, 0.05, 0.05]])  # (B - a) / b, floored at 0; no positive slope, no points: B
     torch.testing.assert_close(model.budget_in_proxy(budgets), want)
     # points whose proxy totals fall as CSC rises: the slope is negative, the ratio map (mean CSC / mean proxy = 0.25) holds
-    model.calibration.update(np.array([[1.0] * 3, [3.0] * 3]), np.array([1.0, 0.0]))
+    model.calibration_stats.update(np.array([[1.0] * 3, [3.0] * 3]), np.array([1.0, 0.0]))
     model.refit_calibration()
     assert float(model.calib_b[0]) < 0
     torch.testing.assert_close(model.budget_in_proxy(budgets), budgets / 0.25)

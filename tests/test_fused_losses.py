@@ -126,13 +126,13 @@ def test_ledger_steps_equal_self_contained_steps_and_read_back_once(tiny):
         rows = [train_step(model, opt, batch, budgets, cfg, ids, means, step, ledger).terms.as_floats()
                 for step in range(2)]
         if use_ledger:
-            assert model.calibration.n == 0  # nothing read back yet: the points wait in the ledger
+            assert model.calibration_stats.n == 0  # nothing read back yet: the points wait in the ledger
             ledger.settle(model, cfg)
             terms, gap, achieved, target = ledger.summary()
             assert terms == {k: (rows[0][k] * 4 + rows[1][k] * 4) / 8 for k in rows[0]}  # 2 batches of 4
             assert gap.shape == achieved.shape == target.shape == (cfg.K,)
-        assert model.calibration.n == 2 * 3  # 3 known totals per step
-        runs.append((rows, model.dual_lambda.clone(), model.calibration.state_dict(),
+        assert model.calibration_stats.n == 2 * 3  # 3 known totals per step
+        runs.append((rows, model.dual_lambda.clone(), model.calibration_stats.state_dict(),
                      [p.detach().clone() for p in model.parameters()]))
     (rows0, lam0, cal0, w0), (rows1, lam1, cal1, w1) = runs
     assert rows0 == rows1 and torch.equal(lam0, lam1) and cal0 == cal1
@@ -148,7 +148,7 @@ def test_ledger_settle_raises_for_the_first_non_finite_step(tiny):
         train_step(model, opt, batch, budgets, cfg, ids, means, step, ledger)  # no raise: no host sync
     with pytest.raises(DivergedError, match=r"^training diverged at step 1 \(loss nan\): lower train.lr"):
         ledger.settle(model, cfg)
-    assert model.calibration.n == 0  # the diverged steps' points never reached the calibration
+    assert model.calibration_stats.n == 0  # the diverged steps' points never reached the calibration
 
 
 def test_shared_softmax_refuses_a_second_backward_through_the_same_graph():

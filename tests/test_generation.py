@@ -63,8 +63,8 @@ def test_processor_returns_new_tensor_and_leaves_scores_alone(costs):
     assert out is not scores and out.data_ptr() != scores.data_ptr()
     assert torch.equal(scores, before)
     lam = proc.last_lambda
-    assert torch.allclose(out, scores - lam[:, None] * costs[None, :] / proc.cost_scale, atol=1e-6)
-    assert proc.cost_scale == pytest.approx(float(costs.std()))
+    assert torch.allclose(out, scores - lam[:, None] * costs[None, :] / proc.lambda_unit, atol=1e-6)
+    assert proc.lambda_unit == pytest.approx(float(costs.std()))
 
 
 @settings(max_examples=40, deadline=None)

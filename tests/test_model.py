@@ -132,7 +132,7 @@ def test_save_and_load_round_trip_everything(backbone_dir, tmp_path):
     with torch.no_grad():
         model.token_cost_logits.add_(torch.randn(model.token_cost_logits.shape, generator=torch.Generator().manual_seed(1)))
         model.dual_lambda.copy_(torch.tensor([0.5, 1.5, 2.5], dtype=torch.float64))
-    model.calibration.update(np.array([1.0, 2.0, 3.5]), np.array([0.4, 0.5, 0.7]))
+    model.calibration_stats.update(np.array([1.0, 2.0, 3.5]), np.array([0.4, 0.5, 0.7]))
     model.refit_calibration()
     model.training_info = {"budget_range": [0.3, 1.1], "targets": [0.4, 0.5, 0.6]}
     model.save_pretrained(tmp_path / "m")
@@ -140,7 +140,7 @@ def test_save_and_load_round_trip_everything(backbone_dir, tmp_path):
     assert loaded.settings == model.settings
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    assert loaded.calibration.state_dict() == model.calibration.state_dict()
+    assert loaded.calibration_stats.state_dict() == model.calibration_stats.state_dict()
     assert loaded.training_info == model.training_info
     budget = torch.tensor([0.5, 0.8])
     a, b = model(IDS, budget=budget), loaded(IDS, budget=budget)

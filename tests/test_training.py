@@ -165,7 +165,7 @@ def test_fixed_budget_steps_lower_lm_and_csc_losses_and_move_lambda(backbone_dir
     assert history[-1]["csc_mse"] < history[0]["csc_mse"]
     assert not torch.equal(lambdas[0], lambdas[-1])
     assert torch.all(lambdas[-1] > 0)  # init costs (0.05 / token) exceed the budgets: lambda rises
-    assert model.calibration.n == 6 * 4  # every step's pairs reached the online calibration
+    assert model.calibration_stats.n == 6 * 4  # every step's pairs reached the online calibration
 
 
 @pytest.mark.parametrize("variant", ["faithful", "expected-cost"])

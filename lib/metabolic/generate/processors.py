@@ -101,8 +101,8 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         budgets_proxy: proxy-unit budget per prompt (or one for all); `inf` = unlimited (no steering).
         prompt_len: length of the (left-padded) prompt; tokens after it are the generation.
         max_new_tokens: the generation's token limit, which sets the pace `(B - spent) / steps_left`.
-        lambda_max: bound on `|lambda_t|`, in score units (nats) per `cost_scale` of cost.
-        cost_scale: the cost unit lambda is measured in (default: the std of `token_costs` over the
+        lambda_max: bound on `|lambda_t|`, in score units (nats) per `lambda_unit` of cost.
+        lambda_unit: the cost unit lambda is measured in (default: the std of `token_costs` over the
             vocabulary), so `lambda_max` means the same tilt whatever the scale of C_vocab.
         newton_steps: Newton iterations solving E_lambda[C] = pace (1 is cheap and enough for pacing;
             each adds one softmax over the vocabulary per step).
@@ -113,14 +113,14 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
 
     def __init__(self, token_costs: Any, budgets_proxy: Any, prompt_len: int, max_new_tokens: int,
                  lambda_max: float = 5.0, newton_steps: int = 1, two_sided: bool = False,
-                 cost_scale: float | None = None) -> None:
+                 lambda_unit: float | None = None) -> None:
         self.token_costs = as_cost_vector(token_costs)
-        if cost_scale is None:
-            cost_scale = float(self.token_costs.std()) if self.token_costs.numel() > 1 else 0.0
-            cost_scale = cost_scale if cost_scale > 0 else max(float(self.token_costs.mean()), 1e-8)
-        if not (math.isfinite(cost_scale) and cost_scale > 0):
-            raise ConfigError(f"cost_scale={cost_scale!r} is invalid: use a finite value > 0")
-        self.cost_scale = float(cost_scale)
+        if lambda_unit is None:
+            lambda_unit = float(self.token_costs.std()) if self.token_costs.numel() > 1 else 0.0
+            lambda_unit = lambda_unit if lambda_unit > 0 else max(float(self.token_costs.mean()), 1e-8)
+        if not (math.isfinite(lambda_unit) and lambda_unit > 0):
+            raise ConfigError(f"lambda_unit={lambda_unit!r} is invalid: use a finite value > 0")
+        self.lambda_unit = float(lambda_unit)
         self.budgets = as_budgets(budgets_proxy, "budgets_proxy")
         if not isinstance(prompt_len, int) or prompt_len < 0:
             raise ConfigError(f"prompt_len={prompt_len!r} is invalid: give the prompt's token count (>= 0)")
@@ -140,10 +140,10 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         self._max: float | None = None
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(C / cost_scale, its square, C, the budgets) on `device`, copied there once, not at every token."""
+        """(C / lambda_unit, its square, C, the budgets) on `device`, copied there once, not at every token."""
         if self._cached is None or self._cached[0].device != device:
             raw = self.token_costs.to(device)
-            costs = raw / self.cost_scale  # in units of cost_scale
+            costs = raw / self.lambda_unit  # in units of lambda_unit
             self._cached = (costs, costs * costs, raw, self.budgets.to(device))
         return self._cached
 
@@ -166,7 +166,7 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         budget = per_row(budgets, scores.shape[0], "budgets_proxy")
         spent = generated_spend(input_ids, raw, self.prompt_len)
         steps_left = max(self.max_new_tokens - n_gen, 1)
-        pace = ((budget - spent) / steps_left / self.cost_scale).clamp(min=0.0).float()
+        pace = ((budget - spent) / steps_left / self.lambda_unit).clamp(min=0.0).float()
         lam = torch.zeros(scores.shape[0], dtype=torch.float32, device=scores.device)
         # E[C] <= max C <= pace for every row: the one-sided brake is exactly 0, no softmax needed. On
         # the CPU that check is free and saves the softmax; on an accelerator reading it would stall
@@ -192,7 +192,7 @@ class CostSteeringLogitsProcessor(LogitsProcessor):
         lam = self.lambdas(input_ids, scores)
         self.last_lambda = lam.detach()  # stays on the device: the recorder's history is read once, at the end
         costs = self._on(scores.device)[0]
-        # A new tensor (scores - lambda * C / cost_scale): scores are never edited in place.
+        # A new tensor (scores - lambda * C / lambda_unit): scores are never edited in place.
         return torch.addcmul(scores, lam[:, None].to(scores.dtype), costs[None, :].to(scores.dtype), value=-1.0)
 
 

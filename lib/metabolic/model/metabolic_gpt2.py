@@ -195,7 +195,7 @@ class MetabolicGPT2(nn.Module):
         # The cost head's input standardisation for hidden states (identity until set; see module doc).
         self.register_buffer("head_in_mean", torch.zeros(hidden, dtype=dtype, device=device))
         self.register_buffer("head_in_std", torch.ones(hidden, dtype=dtype, device=device))
-        self.calibration = OnlineAffine(k, settings.calib_ridge)
+        self.calibration_stats = OnlineAffine(k, settings.calib_ridge)
         self.training_info: dict[str, Any] = {}  # e.g. {"budget_range": [lo, hi], "targets": [...]}, set by training
         self._layer_bias: list[torch.Tensor] | None = None
         self._hooks = [block.register_forward_pre_hook(self._make_hook(i)) for i, block in enumerate(backbone.transformer.h)]
@@ -347,9 +347,9 @@ class MetabolicGPT2(nn.Module):
 
     def refit_calibration(self) -> None:
         """Refit (a, b) from the running statistics (eq. 21); identity (0, 1) before any point."""
-        fit = self.calibration.fit()
+        fit = self.calibration_stats.fit()
         self.set_calibration(fit.a, fit.b)
-        c = self.calibration
+        c = self.calibration_stats
         ratio = np.divide(c.mean_y, c.mean_x, out=np.ones(c.k), where=(c.mean_x > 0) & (c.mean_y > 0))
         self.budget_ratio.copy_(torch.as_tensor(ratio, dtype=torch.float64))
 
@@ -416,7 +416,7 @@ class MetabolicGPT2(nn.Module):
         self.backbone.save_pretrained(folder)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.cost_state_dict().items()}
         atomic_write_bytes(folder / STATE_FILE, save(tensors))
-        atomic_write_json(folder / CALIBRATION_FILE, self.calibration.state_dict())
+        atomic_write_json(folder / CALIBRATION_FILE, self.calibration_stats.state_dict())
         atomic_write_json(folder / TRAINING_INFO_FILE, self.training_info)
         atomic_write_json(folder / SETTINGS_FILE, asdict(self.settings))  # last: its presence marks a complete save
         return folder
@@ -446,7 +446,7 @@ class MetabolicGPT2(nn.Module):
             raise DataError(f"{folder / STATE_FILE} does not match the model's cost parts (another vocabulary or K?): retrain")
         model.load_state_dict({**model.backbone.state_dict(prefix="backbone."), **state}, strict=True)
         if (folder / CALIBRATION_FILE).is_file():
-            model.calibration = OnlineAffine.from_state_dict(read_json(folder / CALIBRATION_FILE))
+            model.calibration_stats = OnlineAffine.from_state_dict(read_json(folder / CALIBRATION_FILE))
         model.training_info = read_training_info(folder)
         return model.eval()
 

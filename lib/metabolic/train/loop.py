@@ -228,7 +228,9 @@ class TrainResult:
     last_dir: Path
     reference_ppl: float
     targets: list[float]
-    fingerprint: str
+    # The key of the committed `train` artefact (set by `metabolic.pipeline.train`, which later stages cite);
+    # None for a run outside the pipeline. Not the checkpoint's resume key (`run_fingerprint`).
+    fingerprint: str | None = None
 
     def load_best(self, device=None) -> MetabolicGPT2:
         return MetabolicGPT2.from_pretrained(self.best_dir, device=device)
@@ -329,7 +331,7 @@ class TrainingRun:
         """Weights, calibration, optimiser, RNG and state of the last finished epoch."""
         model = self.model
         model.load_state_dict(checkpoint["model"])
-        model.calibration = OnlineAffine.from_state_dict(checkpoint["calibration"])
+        model.calibration_stats = OnlineAffine.from_state_dict(checkpoint["calibration_stats"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         resume.set_rng_state(checkpoint["rng"], self.device)
         self.state = RunState(metrics=checkpoint["metrics"], points=checkpoint["points"], best=checkpoint["best"],
@@ -410,7 +412,7 @@ class TrainingRun:
         """One `metrics.jsonl` row (module doc): training means from the ledger's `summary`, validation `val`."""
         model, cfg, targets = self.model, self.cfg, self.data.targets
         terms, gap_k, achieved_k, target_k = summary  # loss terms, then [K] gap, achieved C_hat and budget
-        fit = model.calibration.fit()
+        fit = model.calibration_stats.fit()
         return {
             "epoch": epoch + 1, "step": self.state.step, "variant": self.variant,
             "train_loss": terms["total"], "val_loss": val["val_loss"], "val_ppl": val["val_ppl"], "val_lm": val["val_lm"],
@@ -440,7 +442,7 @@ class TrainingRun:
         atomic_write_json(self.work_dir / CALIBRATION_POINTS, state.points)
         resume.save_checkpoint(self.work_dir / CHECKPOINT, {
             "run_key": self.run_key, "model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "calibration": model.calibration.state_dict(), "rng": resume.rng_state(self.device), "metrics": state.metrics,
+            "calibration_stats": model.calibration_stats.state_dict(), "rng": resume.rng_state(self.device), "metrics": state.metrics,
             "points": state.points, "best": state.best, "epochs_done": state.epochs_done, "step": state.step,
             "reference_ppl": state.reference_ppl, "training_info": model.training_info,
         })
@@ -457,7 +459,7 @@ class TrainingRun:
         })
         return TrainResult(variant=self.variant, folder=work_dir, metrics=state.metrics, best_epoch=state.best["epoch"],
                            best_dir=work_dir / BEST_DIR, last_dir=work_dir / LAST_DIR, reference_ppl=state.reference_ppl,
-                           targets=data.targets.tolist(), fingerprint=self.run_key)
+                           targets=data.targets.tolist())
 
 
 def train(

@@ -125,7 +125,7 @@ def _update_calibration(model: MetabolicGPT2, totals: torch.Tensor, csc_totals: 
     x, y = totals.double().cpu().numpy(), csc_totals.cpu().numpy()
     known = np.isfinite(y)
     if known.any():
-        model.calibration.update(x[known], y[known])
+        model.calibration_stats.update(x[known], y[known])
 
 
 class EpochLedger:

@@ -216,11 +216,16 @@ class EnergyMeter:
         """zeus's GPUs when GPU `index` exists, else None (with the reason in `missing`)."""
         from zeus.device import get_gpus
 
+        amd_log = logging.getLogger("zeus.device.gpu.amd")
+        level = amd_log.level
+        amd_log.setLevel(logging.ERROR)  # without an AMD GPU its library fails to load: no warning, `missing` says why
         try:
             gpus = get_gpus()
         except Exception as exc:  # noqa: BLE001 - zeus's init errors, or a vendor library failing on import
             self.missing["gpu"] = f"no GPU energy counter ({exc})"
             return None
+        finally:
+            amd_log.setLevel(level)
         if index >= len(gpus):
             self.missing["gpu"] = f"GPU index {index} requested but zeus sees {len(gpus)} GPU(s)"
             return None

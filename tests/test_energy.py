@@ -267,3 +267,27 @@ def test_benchmark_exits_cleanly_without_gpu(capsys, tmp_path):
     with fake_rapl(None, tmp_path), fake_nvml(init_error=NO_LIBRARY):
         assert bench.main([]) == 0
     assert "no GPU energy meter on this machine" in capsys.readouterr().out
+
+
+def test_benchmark_checks_the_adapter_against_a_bare_zeus_monitor(tmp_path):
+    """benchmarks/energy_meter.py's agreement part on a fake 100 W GPU: the adapter's window and a bare
+    ZeusMonitor's nested in it (or around it) read the same counter, so they agree to within the nesting."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "energy_meter.py"
+    spec = importlib.util.spec_from_file_location("energy_meter_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    t0 = time.perf_counter()
+    with fake_rapl(None, tmp_path), fake_nvml(lambda h: int(100_000 * (time.perf_counter() - t0))), \
+            mock.patch.object(torch.cuda, "synchronize", autospec=True), \
+            mock.patch("zeus.monitor.energy.sync_execution_fn", autospec=True), \
+            mock.patch.object(bench, "_workload", autospec=True, return_value=(lambda: time.sleep(0.3), 1)):
+        rows = bench.agreement([0.3], 2, 0)
+    assert [r["source"] for r in rows] == ["counter", "counter"]
+    for r in rows:
+        assert r["adapter_j"] == pytest.approx(100.0 * r["window_s"], rel=0.05)  # 100 W over the window
+        assert r["agreement_pct"] < 5.0  # the outer window is wider by the inner one's edges only

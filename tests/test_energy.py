@@ -172,14 +172,19 @@ def test_bad_meter_settings():
 
 # --- CPU package and DRAM (RAPL) ----------------------------------------------------------------------
 
+# With RAPL the meter opens and cancels one zeus window at start-up (zeus starts its wraparound watchers at
+# a file's first read): that read's instant (and GPU counter read) comes first.
+STARTUP = -1.0
+
 
 def test_rapl_joules_are_the_counter_differences_over_packages_and_dram(tmp_path):
     cap = Powercap(tmp_path, packages=2)
     for p, start in enumerate((5_000_000, 9_000_000)):
         cap.set(cap.package(p), start)
         cap.set(cap.dram(p), 1_000_000 * (p + 1))
-    with fake_rapl(cap, tmp_path) as trackers, fake_nvml(init_error=NO_LIBRARY), zeus_clock(0.0, 0.5):
+    with fake_rapl(cap, tmp_path) as trackers, fake_nvml(init_error=NO_LIBRARY), zeus_clock(STARTUP, 0.0, 0.5):
         meter = EnergyMeter(sync=None)
+        assert len(trackers) == 4  # zeus's watchers started with the meter, not inside the first window
         with meter.window("full") as w:
             cap.set(cap.package(0), 7_500_000)  # +2.5 J
             cap.set(cap.package(1), 9_250_000)  # +0.25 J
@@ -199,7 +204,7 @@ def test_rapl_joules_are_the_counter_differences_over_packages_and_dram(tmp_path
 def test_rapl_wraparound_is_unwrapped(tmp_path):
     cap = Powercap(tmp_path, dram=False)
     cap.set(cap.package(0), MAX_ENERGY_RANGE_UJ - 400_000)
-    with fake_rapl(cap, tmp_path), fake_nvml(init_error=NO_LIBRARY), zeus_clock(0.0, 1.0):
+    with fake_rapl(cap, tmp_path), fake_nvml(init_error=NO_LIBRARY), zeus_clock(STARTUP, 0.0, 1.0):
         meter = EnergyMeter(sync=None)
         with meter.window() as w:
             cap.set(cap.package(0), 600_000)  # past the counter's range ...
@@ -209,7 +214,7 @@ def test_rapl_wraparound_is_unwrapped(tmp_path):
 
 def test_rapl_without_dram_zone_measures_the_package_and_names_dram(tmp_path):
     cap = Powercap(tmp_path, dram=False)
-    with fake_rapl(cap, tmp_path), fake_nvml(init_error=NO_LIBRARY), zeus_clock(0.0, 1.0):
+    with fake_rapl(cap, tmp_path), fake_nvml(init_error=NO_LIBRARY), zeus_clock(STARTUP, 0.0, 1.0):
         meter = EnergyMeter(sync=None)
         with meter.window() as w:
             cap.set(cap.package(0), 12_000_000)
@@ -240,7 +245,7 @@ def test_unreadable_rapl_is_unavailable_with_reason(tmp_path):
 
 def test_cpu_device_on_a_gpu_machine_measures_rapl_and_keeps_the_gpu(tmp_path):
     cap = Powercap(tmp_path)
-    with fake_rapl(cap, tmp_path), fake_nvml([0, 30_000]), zeus_clock(0.0, 1.0):
+    with fake_rapl(cap, tmp_path), fake_nvml([0, 0, 30_000]), zeus_clock(STARTUP, 0.0, 1.0):
         meter = EnergyMeter(device="cpu", sync=None)
         with meter.window() as w:
             cap.set(cap.package(0), 20_000_000)

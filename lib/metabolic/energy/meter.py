@@ -207,6 +207,9 @@ class EnergyMeter:
         self.reason = "" if self.source != "unavailable" else missing_text({k: self.missing[k] for k in target if k in self.missing})
         gpu_indices = [gpu_index] if self._gpus is not None else []
         self._zeus = ZeusMonitor(gpu_indices=gpu_indices, cpu_indices=list(range(len(self._cpus or ()))))
+        if self._cpus is not None:  # zeus starts a RAPL wraparound watcher (a process) at a file's first read: now,
+            self._zeus.begin_window("rapl-start", sync_execution=False)  # not inside the first measured window
+            self._zeus.end_window("rapl-start", sync_execution=False, cancel=True)
         self._ids = itertools.count()
         log.info("energy meter (zeus): %s, source %s%s", self.counters, self.source,
                  f"; not read: {missing_text(self.missing)}" if self.missing else "")

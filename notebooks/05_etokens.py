@@ -15,25 +15,28 @@
 # ---
 
 # %% [markdown]
-# # 05 · e-tokens: measured energy per query, by phase, task, model, batch size and GPU
+# # 05 · e-tokens: measured energy per query, by phase, task, model, batch size and device
 #
 # A query's energy runs from receiving its text to its last output token: **preprocess**
 # (tokenisation), **prefill** (`generate` with one new token, as in the AI Energy Score method) and
 # **decode** (the full `generate` minus prefill). Each phase is measured in windows of whole,
-# identical calls lasting at least `energy.min_window_s` (NVML's counter moves in ~100 ms steps),
-# repeated, and reported as medians with their inter-quartile range. The idle GPU is measured before
-# each cell; an active energy (or decode energy) the meter cannot resolve is shown as
-# "below resolution (< x J)", never as a negative number.
+# identical calls lasting at least `energy.min_window_s` (a named zeus window, longer than the energy
+# counter's update period), repeated, and reported as medians with their inter-quartile range. The idle
+# device is measured before each cell; an active energy (or decode energy) the meter cannot resolve is
+# shown as "below resolution (< x J)", never as a negative number.
 #
 # `e-token (input) = E_Wh / T_in x 1000` and `e-token (output) = E_Wh / T_out x 1000`, with
 # `e_in / e_out = T_out / T_in` checked on every row. Tasks follow the note's I/O ratios:
 # classification 1:0.1, chat 1:1, reasoning 1:5, creative writing 1:50.
 #
-# **Without a GPU there is no energy measurement.** Energy comes from GPU runs committed under
-# `results/etokens/<gpu>/` (a slice made by `scripts/gpu_results.sh`, the rest of the grid by
-# `scripts/gpu_etokens.sh`); this machine adds what it can measure
-# itself (on a CPU: wall times and tokens/s, labelled as timings). No number here is an estimate
-# presented as a measurement; the plan's time estimate is labelled as one.
+# **Energy is measured wherever a counter can be read**, through zeus (`metabolic.energy.meter`): the
+# GPU that runs the queries through NVML, or on a CPU run the CPU package and DRAM through RAPL
+# (`/sys/class/powercap/intel-rapl`, which most Linux laptops and workstations expose, often readable
+# by root only). Where no counter can be read (no GPU, RAPL hidden as in containers and on CI) the
+# rows are wall times and tokens/s, labelled as timings, and the first line below says which
+# counters were missing. GPU runs are committed under `results/etokens/<gpu>/` (a slice made by
+# `scripts/gpu_results.sh`, the rest of the grid by `scripts/gpu_etokens.sh`). No number here is an
+# estimate presented as a measurement; the plan's time estimate is labelled as one.
 
 # %% tags=["parameters"]
 profile = "smoke"
@@ -57,16 +60,13 @@ res = stages.measure_etokens(cfg)
 committed_root = project_root() / "results" / "etokens"
 committed = merge_results(committed_root)  # GPU runs committed to the repository
 rows = pd.DataFrame(res.rows)
-here = "energy measured" if res.energy_available else "energy UNAVAILABLE"
 own_file = (res.folder.name + "/") if res.folder is not None else "unfinished/"
 own_rows = [r for r in res.rows if r["results_file"].startswith(own_file)] if res.measured_here else []
 own = pd.DataFrame(own_rows)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"this machine: {res.machine['device']}, GPU {res.machine['gpu_name']}, energy source: {res.machine['energy_source']} ({here})")
-if not res.energy_available:
-    print("why:", res.machine["energy_unavailable_reason"].split(" (")[0])
+print(ef.energy_status_line(res.machine))
 print(f"rows measured here: {len(own)} (models x paths x tasks x batch sizes x {cfg.energy.repeats} repeats)"
       + ("" if res.complete else "; the grid is unfinished: rerun to measure its next part"))
 if len(own):
@@ -75,7 +75,11 @@ if len(own):
           "| batch sizes:", ", ".join(str(b) for b in sorted(own["batch_size"].unique())))
 for s in res.skipped:
     print(f"skipped {s['model']}: {s['reason'][:90]}")
-print("devices in this profile's merged table:", ", ".join(sorted(set(rows["gpu_name"].fillna("cpu (no energy)")))) if len(rows) else "none")
+print("devices in this profile's merged table:", ", ".join(sorted(set(rows["gpu_name"].fillna("cpu")))) if len(rows) else "none")
+
+# %%
+# the counters this machine could not read, and why (machine-specific, so not a checked output)
+print("counters not read:", res.machine["energy_missing"] or "none")
 
 # %% [markdown]
 # ## GPU measurements committed to the repository
@@ -109,11 +113,12 @@ from metabolic.core.profiles import load_config
 print(stages.etokens_plan(load_config("gpu")).describe())
 
 # %% [markdown]
-# ## e-tokens by task x model x GPU
+# ## e-tokens by task x model x device
 #
-# Medians over repeats; every row names its GPU, batch size and shortest window. Measured energy
-# comes from the committed GPU runs and from this machine when it has a GPU; without any, the
-# table holds this machine's CPU wall time per query instead (not energy).
+# Medians over repeats with their inter-quartile range (`_iqr`); every row names its device, batch
+# size and shortest window. Measured energy comes from the committed GPU runs and from this machine
+# when one of its counters is readable; without any, the table holds this machine's wall time per
+# query instead (not energy).
 
 # %%
 committed_files = {r["results_file"] for r in committed}  # a committed run also in data/ counts once
@@ -129,7 +134,7 @@ if agree["cells_with_several_paths"]:
 if has_energy:
     print("Wh per 1,000 tokens (e-tokens) and joules per query, measured:")
 else:
-    print("CPU wall times per query (seconds) and tokens/s: timings only, NOT energy (no GPU energy measured).")
+    print("Wall times per query (seconds) and tokens/s: timings only, NOT energy (no energy counter readable).")
 ef.etoken_view(table, has_energy).sort_values(ef.CELL_COLUMNS).round(6)
 
 # %% [markdown]
@@ -141,16 +146,19 @@ save_figure(fig, cfg, "05_prefill_decode", "05_etokens")
 fig.show()
 
 # %% [markdown]
-# ## J per output token against batch size
+# ## Batch size: what the rows show
 #
-# Batching shares each decode step's weight reads across queries, so J/token is expected to fall with it; the
-# figure shows only the batch sizes this profile measured (`energy.batch_sizes`), and no energy where no
-# counter could be read.
+# J per output token where energy was measured, else tokens/s, at every batch size this profile ran
+# (`energy.batch_sizes`); the lines under the figure compare each batch size with batch 1, computed
+# from the same rows, and say nothing about energy where no row has it.
 
 # %%
 fig = ef.batch_size_figure(table, has_energy)
 save_figure(fig, cfg, "05_batch_size", "05_etokens")
 fig.show()
+measured_by = "the committed and this machine's energy rows" if has_energy else \
+    f"this machine ({res.machine['cpu']}, {res.machine['cpu_threads']} threads), {profile_label(cfg)}"
+print(ef.batching_text(table, has_energy, measured_by))
 
 # %% [markdown]
 # ## Semantic cost -> joules calibration, and physical (joule) budgets

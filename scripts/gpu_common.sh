@@ -1,4 +1,6 @@
 # Sourced by scripts/gpu_*.sh (run from the repository root): what every GPU run shares.
+# ensure_zeus installs zeus (the energy meter's library) offline from the carried .assets/wheels when the
+# GPU image lacks it (scripts/pack-zeus-wheels, once on the session's side).
 # Sets PY, RESULTS (where results/<part>/<gpu>/ go: results/ unless given) and DRY_RUN; exports PYTHONPATH
 # (the checkout's lib/: the GPU image has no installed package), HF_HUB_OFFLINE (no network there),
 # PYTHONUNBUFFERED and METABOLIC_ASSETS: as given, else the carried .assets tarball
@@ -43,4 +45,28 @@ require_nvml() {
 gpu_slug() {
   if [ "$DRY_RUN" = 1 ]; then echo "cpu-dry-run"; return 0; fi
   echo "$GPU_NAME" | sed -E 's/[^A-Za-z0-9]+/-/g; s/^-+//; s/-+$//' | tr '[:upper:]' '[:lower:]'
+}
+
+# ensure_zeus: make `import zeus.monitor` work (metabolic.energy.meter) on a GPU image without zeus and
+# without network: each wheel in .assets/wheels (scripts/pack-zeus-wheels: zeus, httpx, idna) whose module the
+# image cannot import is installed with --no-index --no-deps into $PYDEPS (/tmp/pydeps), appended to
+# PYTHONPATH, so the image's own packages are never replaced. Says what it installed; 1 when zeus stays missing.
+ensure_zeus() {
+  if "$PY" -c "import zeus.monitor" 2>/dev/null; then return 0; fi
+  local wheels=.assets/wheels whl module
+  if ! ls "$wheels"/zeus-*.whl >/dev/null 2>&1; then
+    echo "zeus is not importable here and $wheels holds no zeus wheel: run scripts/pack-zeus-wheels on the session's side and carry .assets"
+    return 1
+  fi
+  PYDEPS=${PYDEPS:-/tmp/pydeps}
+  mkdir -p "$PYDEPS"
+  export PYTHONPATH="$PYTHONPATH:$PYDEPS"
+  for whl in "$wheels"/*.whl; do
+    module=$(basename "$whl"); module=${module%%-*}
+    if "$PY" -c "import $module" 2>/dev/null; then continue; fi
+    PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install --quiet --no-index --no-deps --target "$PYDEPS" "$whl" \
+      || "$PY" -m zipfile -e "$whl" "$PYDEPS"
+    echo "installed $(basename "$whl") into $PYDEPS (offline)"
+  done
+  "$PY" -c "import zeus.monitor" || { echo "zeus is still not importable (above: the module it lacks)"; return 1; }
 }

@@ -8,7 +8,7 @@
 #   1. restores the units kept by earlier calls from $STATE (.etokens-state/state.tgz, when carried);
 #   2. prints the plan (what is left, its time estimate, its parts) and measures the next part
 #      (`energy.part_seconds` of the gpu profile, 440 s; PART_SECONDS overrides; ONLY=pattern,... measures only
-#      the units whose keys match, see `energy.only`), keeping every unit the moment it is measured, so even
+#      the units whose keys match, see `energy.only`; SET="key=value ..." adds overrides), keeping every unit the moment it is measured, so even
 #      a kill loses at most the unit in flight;
 #   3. saves every kept unit to $OUT/etokens-state.tgz (carry it back for the next call);
 #   4. writes the rows measured so far to $RESULTS/etokens/<gpu>/rows.jsonl (results/ unless RESULTS is
@@ -20,6 +20,7 @@
 #
 # With the device tool, from the project checkout (the session's side):
 #   ../shared/scripts/pack-device-assets                    # once: .assets/assets.tar.gz, ignored by git
+#   scripts/pack-zeus-wheels                                # once: .assets/wheels (zeus, offline on the GPU)
 #   grep -qx '/.etokens-state/' .git/info/exclude || echo '/.etokens-state/' >> .git/info/exclude
 #   mkdir -p .etokens-state && cp <files_at>/etokens-state.tgz .etokens-state/state.tgz   # from gpu_results.sh
 #   run(command="bash scripts/gpu_etokens.sh", carry=[".assets", ".etokens-state"], timeout_s=600)
@@ -29,14 +30,15 @@
 # Without the device tool (a GPU machine of your own): `bash scripts/gpu_etokens.sh` until it says
 # "grid complete" (the state stays in data/gpu/etokens/, or under $METABOLIC_DATA), or the whole grid in one run:
 #   python -m metabolic run --profile gpu --stages etokens --set energy.part_seconds=None
-# BENCH=1 also runs benchmarks/energy_meter.py (the meter vs zeus, and its overhead). STOP_AFTER_S (540)
+# BENCH=1 also runs benchmarks/energy_meter.py (the adapter vs a bare ZeusMonitor, and its overhead). STOP_AFTER_S (540)
 # interrupts a run whose part overruns its estimate, so the kept units are still saved in time.
 set -euo pipefail
 
 PROFILE=${PROFILE:-gpu}
 STATE=${STATE:-.etokens-state/state.tgz}
 source "$(dirname "$0")/gpu_common.sh"
-require_nvml "this script measures GPU energy (CPU timings: python -m metabolic run --stages etokens)"
+require_nvml "this script measures GPU energy (CPU timings, and CPU joules where RAPL is readable: python -m metabolic run --stages etokens)"
+ensure_zeus  # the meter is zeus: installed offline from .assets/wheels when the image lacks it
 
 data="${METABOLIC_DATA:-data}"
 results="$data/$PROFILE/etokens"
@@ -52,6 +54,7 @@ args+=(--set "energy.models=$("$PY" -c "from metabolic.core.profiles import load
 print(','.join(m for m in load_config('$PROFILE').energy.models if m != 'metabolic'))")")
 if [ -n "${PART_SECONDS:-}" ]; then args+=(--set "energy.part_seconds=$PART_SECONDS"); fi
 if [ -n "${ONLY:-}" ]; then args+=(--set "energy.only=$ONLY"); fi
+for s in ${SET:-}; do args+=(--set "$s"); done  # SET="energy.repeats=1 ...": more overrides (the dry run's)
 # A part ends by itself (energy.part_seconds); should the estimates be far off, SIGINT at STOP_AFTER_S
 # stops it anyway (KILL 10 s later), keeping every finished unit, so the state below is still saved
 # within the device's 10-minute command limit.

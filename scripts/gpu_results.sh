@@ -22,15 +22,16 @@
 # within the caps' sum (510 s) plus packing. A part cut at its cap (SIGINT, KILL 10 s later) still writes
 # its summary.json with what it finished; artefacts are built resumably in data/<profile>/<stage>.partial/.
 #
-# With the device tool (once, on the session's side: ../shared/scripts/pack-device-assets):
+# With the device tool (once, on the session's side: ../shared/scripts/pack-device-assets, then
+# scripts/pack-zeus-wheels: the image has no zeus and no network, so part c installs it from .assets/wheels):
 #   run(command="bash scripts/gpu_results.sh", carry=[".assets"], timeout_s=600)
 # then on the session's side, from the call's files_at folder:
 #   for p in budgets csc_throughput etokens overhead; do tar xzf <files_at>/$p.tgz -C results; done
 #   git add results/      # summary.txt is the call's log; overhead-profiles.tgz holds the Chrome traces
 #   mkdir -p .etokens-state && cp <files_at>/etokens-state.tgz .etokens-state/state.tgz   # the rest of the grid
 #
-# PARTS="budgets overhead" runs only those parts; CAP_A..CAP_D, A_SET, B_SIZES, C_ONLY and C_CALIB_MIN_S
-# change the settings above. On a GPU machine of your own, without $OUT, the results stay in results/.
+# PARTS="budgets overhead" runs only those parts; CAP_A..CAP_D, A_SET, B_SIZES, C_ONLY, C_SET (overrides of the
+# grid) and C_CALIB_MIN_S change the settings above. On a GPU machine of your own, without $OUT, the results stay in results/.
 # DRY_RUN=1 runs the same commands on the CPU (tests/test_gpu_results.py): the smoke profile with tiny
 # settings, no CUDA check, results under $RESULTS (give a temporary folder).
 set -uo pipefail  # not -e: a part that fails must not stop the next
@@ -58,6 +59,7 @@ if [ "$DRY_RUN" = 1 ]; then
         generation.verified_scales=raw,length"}
   B_SIZES=${B_SIZES:-"2"} B_TOKENS=16 B_START_S=5
   C_ONLY=${C_ONLY:-"cell-tiny-*-chat-b1"} C_START_S=5 C_CALIB_MIN_S=${C_CALIB_MIN_S:-0} C_REST_MIN_S=${C_REST_MIN_S:-0}
+  C_SET=${C_SET:-"energy.batch_sizes=1 energy.repeats=1"}  # smoke's batch 4 / 16 and repeats are notebook 05's
   D_SET=$TINY D_TRAIN="--steps 1 --warmup 1" D_GEN="--batch 2 --repeats 1 --candidates 2 --new-tokens 4"
   D_SET="$D_SET generation.verified_max_new_tokens=8"
   CAP_A=${CAP_A:-400} CAP_B=${CAP_B:-200} CAP_C=${CAP_C:-200} CAP_D=${CAP_D:-300}
@@ -69,7 +71,7 @@ else
   B_SIZES=${B_SIZES:-"100 400 2000"} B_TOKENS=256 B_START_S=20  # imports, corpus, encoder: before the timed work
   C_ONLY=${C_ONLY:-"cell-gpu-6x384-*-chat-b1,cell-gpu-6x384-*-chat-b32,cell-gpu-6x384-*-creative-b1,cell-gpu-6x384-*-creative-b32,cell-gpt2-small-scratch-*-chat-b1,cell-gpt2-small-scratch-*-chat-b32,cell-gpt2-small-scratch-*-creative-b1,cell-gpt2-small-scratch-*-creative-b32"}
   # a process's start before the part clock runs; what the calibration and the rest of the grid need at least
-  C_START_S=25 C_CALIB_MIN_S=${C_CALIB_MIN_S:-110} C_REST_MIN_S=${C_REST_MIN_S:-60}
+  C_START_S=25 C_CALIB_MIN_S=${C_CALIB_MIN_S:-110} C_REST_MIN_S=${C_REST_MIN_S:-60} C_SET=${C_SET:-}
   D_SET="" D_TRAIN="--steps 20 --warmup 5" D_GEN="--batch 8 --repeats 5 --candidates 4"
   CAP_A=${CAP_A:-290} CAP_B=${CAP_B:-50} CAP_C=${CAP_C:-105} CAP_D=${CAP_D:-65}
 fi
@@ -101,6 +103,9 @@ LOG=()  # the call's log for $OUT: the plan, then each part's status and numbers
 if [ -n "${OUT:-}" ]; then LOG=("$OUT/summary.txt") && echo "gpu_results plan: $PARTS; caps a-d ${CAP_A}/${CAP_B}/${CAP_C}/${CAP_D} s" > "$LOG"; fi
 
 require_cuda "this script is for a GPU machine (the CPU rehearsal: DRY_RUN=1 RESULTS=<tmp> OUT=<tmp> bash scripts/gpu_results.sh)"
+# the energy meter (part c) is zeus: installed offline from .assets/wheels when the image lacks it; without it
+# part c fails and says why, the other parts run
+if [[ " $PARTS " == *" etokens "* ]]; then ensure_zeus || echo "!! zeus missing: part c (etokens) will fail"; fi
 GPU=$(gpu_slug)
 echo "results: $RESULTS/<part>/$GPU/"
 
@@ -162,7 +167,7 @@ part_etokens() {
       if [ "$i" -eq 0 ]; then return 124; else break; fi
     fi
     echo "etokens: the ${what[$i]}, $(left) s left"
-    PROFILE=$PROFILE METABOLIC_DATA=$grid ONLY=${only[$i]} PART_SECONDS=$seconds STOP_AFTER_S=$(left) \
+    PROFILE=$PROFILE METABOLIC_DATA=$grid ONLY=${only[$i]} PART_SECONDS=$seconds STOP_AFTER_S=$(left) SET=$C_SET \
       bash "$here/gpu_etokens.sh" || { rc=$?; break; }
   done
   return "$rc"

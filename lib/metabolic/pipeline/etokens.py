@@ -63,7 +63,7 @@ def measure_etokens(cfg: StudyConfig, progress: bool = True) -> EtokenResults:
     e = cfg.energy
     root = artefacts.run_dir(cfg.run_name) / "etokens"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    meter = EnergyMeter(gpu_index=e.gpu_index, counter_period_s=e.counter_period_s, poll_interval_s=e.poll_interval_s)
+    meter = EnergyMeter(device=device.type, gpu_index=e.gpu_index, counter_period_s=e.counter_period_s)
     try:
         machine = machine_info(meter, device)
         existing = merge_results(root)

@@ -122,6 +122,7 @@ def fake_rapl(powercap: Optional[Powercap], tmp_path: Path):
     folder = powercap.dir if powercap is not None else Path(tmp_path) / "no-powercap" / "intel-rapl"
     reset_zeus()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(os.environ, {"METABOLIC_RAPL": "on"}))  # conftest switches it off
         stack.enter_context(mock.patch.object(rapl, "RAPL_DIR", str(folder)))
         stack.enter_context(mock.patch.object(rapl, "CONTAINER_RAPL_DIR", str(Path(tmp_path) / "no-zeus-sys")))
         stack.enter_context(mock.patch.object(rapl, "RaplWraparoundTracker", autospec=True, side_effect=tracker))

@@ -80,6 +80,7 @@ def test_budget_levels_read_what_training_saved_and_derive_only_other_scales(tin
     """On the trained scale the evaluation's levels take training's targets and range from its artefact
     (selection.json), never by redoing training's data preparation; another scale derives them by its rule."""
     from metabolic.evaluate import budgets as budget_derivation
+    from metabolic.train import data as training_data
     from metabolic.train import loop
 
     trained = stages.train_metabolic(tiny_cfg, progress=False)
@@ -99,5 +100,5 @@ def test_budget_levels_read_what_training_saved_and_derive_only_other_scales(tin
     other = "length" if tiny_cfg.csc.scale == "raw" else "raw"
     on_other = stages.budget_levels(tiny_cfg, csc, other)
     data = real_prepare(csc, tiny_cfg.train, vocab_size=50257, scale=other,
-                        counted_from=loop.counted_from(tiny_cfg.train, tiny_cfg.generation.prompt_tokens))
+                        counted_from=training_data.counted_from(tiny_cfg.train, tiny_cfg.generation.prompt_tokens))
     assert on_other.training_targets == data.targets.tolist() and on_other.training_targets != levels.training_targets

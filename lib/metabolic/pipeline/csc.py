@@ -19,7 +19,7 @@ from metabolic.csc.labeller import CSCLabeller
 from metabolic.csc.sharding import build_sharded, shard_group
 from metabolic.data.corpus import subsample_indices
 from metabolic.pipeline.corpus import CorpusData, corpus, train_sequences, valid_sequences
-from metabolic.pipeline.stage import encoder, encoder_sha256, stage_folder, tokenizer, tokenizer_fingerprint
+from metabolic.pipeline.stage import encoder, encoder_sha256, loaded_once, stage_folder, tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class CSCStage:
             log.warning("CSC: the merged %s in the partial build is not usable (%s): merging again", DATA_FILE, exc)
             return None
 
-    def load(self, folder: Path) -> CSCData:
+    def load(self, folder: Path, key: str) -> CSCData:
         return self.labelled(folder, self.read_labels(folder))
 
     def read_labels(self, folder: Path) -> tuple[list, list]:
@@ -138,6 +138,8 @@ def csc_labels(cfg: StudyConfig, progress: bool = True, device: str | None = Non
             device = f"cuda:{local}"
         stage = CSCStage(cfg, device, progress and rank == 0, (rank, world))
         folder = stage_folder(cfg, stage)
+        committed = artefacts.Built(folder, stage.key)
         labels = build_sharded(folder, stage.description(), stage.key, cfg.to_json(), stage.required, build=stage.build,
-                               label_shard=stage.label_shard, load=lambda: stage.read_labels(folder), shard=(rank, world))
+                               label_shard=stage.label_shard, shard=(rank, world),
+                               load=lambda: loaded_once(stage, committed, lambda: stage.read_labels(folder)))
         return stage.labelled(folder, labels)

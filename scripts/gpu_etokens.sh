@@ -78,7 +78,7 @@ GPU=$(gpu_slug)
 dest="$RESULTS/etokens/$GPU"
 mkdir -p "$dest"
 if [ -n "$folder" ]; then
-  for f in rows.jsonl machine.json calibration.json manifest.json study_config.json energy_meter_benchmark.txt; do
+  for f in rows.jsonl machine.json joule_fit.json manifest.json study_config.json energy_meter_benchmark.txt; do
     if [ -f "$folder/$f" ]; then cp "$folder/$f" "$dest/"; fi
   done
   if [ -f "$results/energy_meter_benchmark.txt" ]; then cp "$results/energy_meter_benchmark.txt" "$dest/"; fi

@@ -159,7 +159,7 @@ part_etokens() {
     ln -s "$(cd "$DATA/$PROFILE/corpus" && pwd)" "$grid/$PROFILE/corpus"
   fi
   # the slice; then, with the time left, the calibration; then the rest of the grid in its order
-  local -a only=("$C_ONLY" calibration "") need=(0 "$C_CALIB_MIN_S" "$C_REST_MIN_S") what=(slice calibration rest)
+  local -a only=("$C_ONLY" joule_fit "") need=(0 "$C_CALIB_MIN_S" "$C_REST_MIN_S") what=(slice "joule fit" rest)
   for i in 0 1 2; do
     seconds=$(( $(left) - C_START_S ))
     if [ "$seconds" -le 0 ] || [ "$(left)" -lt "${need[$i]}" ]; then

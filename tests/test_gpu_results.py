@@ -80,12 +80,12 @@ def test_dry_run_runs_every_part_and_saves_each(corpus_folder, tmp_path):
     # the slice first (one cell and its preprocess unit), the calibration (none without a GPU), then the rest
     log = out + proc.stderr
     assert "this run: only units matching cell-tiny-*-chat-b1: 2 of the 8 left" in log
-    assert "this run: only units matching calibration: 0 of the 6 left" in log and "grid complete: " in log
+    assert "this run: only units matching joule_fit: 0 of the 6 left" in log and "grid complete: " in log
     etokens = summaries["etokens"]
     assert etokens["cells"] == [{"model": "tiny", "path": "default", "task": t, "batch_size": 1}
                                 for t in ("chat", "classification", "creative", "reasoning")]
     assert etokens["n_rows"] == 4 and etokens["grid_complete"]  # smoke: 1 repeat, tiny only on the CPU
-    assert {"rows.jsonl", "machine.json", "calibration.json"} <= {p.name for p in (results / "etokens" / GPU).iterdir()}
+    assert {"rows.jsonl", "machine.json", "joule_fit.json"} <= {p.name for p in (results / "etokens" / GPU).iterdir()}
 
     overhead = summaries["overhead"]
     assert [r["model"] for r in overhead["train"]] == ["GPT-2 plain LM loss", "MetabolicGPT-2 faithful",

@@ -106,7 +106,7 @@ class _Runner:
         e = self.e
         if unit.kind == JOULE_FIT:
             self.close()
-            return {"calibration": run_joule_fit(e, self.seed, self.meter, self.tokenizer, self.valid,
+            return {JOULE_FIT: run_joule_fit(e, self.seed, self.meter, self.tokenizer, self.valid,
                                                    self.token_cost(), self.device, self.progress)}
         prompts = pick_prompts(self.valid, unit.batch_size, unit.task.input_tokens, self.seed)
         if unit.kind == PREPROCESS:
@@ -236,7 +236,7 @@ def run_grid(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid: S
                  " (without energy.only for the units it left out)" if e.only else "")
     rows, skipped = assemble(units, records, e)
     if JOULE_FIT in records:
-        joule_fit = records[JOULE_FIT]["calibration"]  # the key persisted unit records keep
+        joule_fit = records[JOULE_FIT][JOULE_FIT]
     elif not meter.available:
         joule_fit = {"skipped": f"energy unavailable: {meter.reason}"}
     elif not e.calibrate:

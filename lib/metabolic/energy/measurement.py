@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 PHASES = ("preprocess", "prefill", "full")
 ROWS = "rows.jsonl"
-JOULE_FIT_FILE = "calibration.json"  # the joule fit (file name kept for results already measured)
+JOULE_FIT_FILE = "joule_fit.json"  # the joule fit (semantic cost and tokens -> joules, `metabolic.energy.joules`)
 MACHINE = "machine.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -314,9 +314,9 @@ def run_joule_fit(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, val
     idle = idle_record(meter, e.idle_s)
     points = []
     requests = joule_fit_requests(e, seed)
-    for i, (t_in, t_out) in enumerate(tqdm(requests, desc="calibration", disable=not progress)):
+    for i, (t_in, t_out) in enumerate(tqdm(requests, desc="joule fit", disable=not progress)):
         ids = torch.tensor(pick_prompts(valid, 1, t_in, seed + i), device=device)
-        m, n, out = adaptive_window(meter, lambda: gen(ids, t_out), e.min_window_s, sync, "calibration")  # noqa: B023
+        m, n, out = adaptive_window(meter, lambda: gen(ids, t_out), e.min_window_s, sync, "joule_fit")  # noqa: B023
         points.append({"input_tokens": t_in, "output_tokens": t_out, "context_tokens": t_in + t_out,
                        "semantic_cost": float(token_cost[out[0].tolist()].sum()), "energy_j": m.energy_j / n,
                        "resolution_j": m.resolution_j / n, "window_s": m.time_s, "n_calls": n, "batch_size": 1})

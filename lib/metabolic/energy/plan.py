@@ -3,7 +3,7 @@
 A *unit* is measured and kept (persisted) as one piece, so a run cut off anywhere loses at most the
 unit in flight:
 
-* ``calibration``: the joule fit (semantic cost and tokens -> joules, `metabolic.energy.joules`) and the
+* ``joule_fit``: the joule fit (semantic cost and tokens -> joules, `metabolic.energy.joules`) and the
   joule budgets (batch 1);
 * ``preprocess``: tokenising one batch of a task's texts, once per task x batch size (tokenising does
   not depend on the model or the serving path, so every generation cell of that task and batch size
@@ -45,7 +45,7 @@ from metabolic.core.config import EnergyConfig
 from metabolic.core.errors import ConfigError
 from metabolic.energy.workloads import ModelSpec, Task
 
-JOULE_FIT = "calibration"  # the joule fit's unit kind and key (the name kept by persisted grids)
+JOULE_FIT = "joule_fit"  # the joule fit's unit kind and key ("calibration" alone is the proxy <-> CSC map)
 PREPROCESS = "preprocess"
 CELL = "cell"
 # How a grid is split into runs (`energy.part_seconds`, `energy.only`): not what it measures, so not in its fingerprint.

@@ -20,8 +20,11 @@ def test_foundation_stages_run_and_are_reused(tiny_cfg):
     for name in ("corpus", "backbone", "prior"):
         manifest = artefacts.read_manifest(root / name)
         assert manifest is not None and manifest["description"]["library_version"]
-        saved = json.loads((root / name / artefacts.CONFIG_FILE).read_text())
-        assert saved == json.loads(tiny_cfg.to_json())
+        # the config of the run that built it: another test's config with other energy or generation settings
+        # shares these artefacts, so only the sections they are made from must agree
+        saved, ours = json.loads((root / name / artefacts.CONFIG_FILE).read_text()), json.loads(tiny_cfg.to_json())
+        made_from = ("profile", "seed", "assets", "corpus", {"backbone": "backbone", "prior": "prior"}.get(name, "corpus"))
+        assert {k: saved[k] for k in made_from} == {k: ours[k] for k in made_from}
     backbone = stages.pretrain_backbone(tiny_cfg, progress=False)
     assert backbone.pretrained_here and [m["step"] for m in backbone.metrics] == [2, 4]
     model = load_backbone(backbone.path, "cpu")

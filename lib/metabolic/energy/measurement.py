@@ -66,7 +66,7 @@ from metabolic.core.config import EnergyConfig
 from metabolic.core.errors import DataError
 from metabolic.energy.etokens import check_rows, etokens, spread
 from metabolic.energy.joules import JouleBudgetStopping, cost_predictor, fit_linear, tokens_predictor
-from metabolic.energy.meter import EnergyMeter, Measurement, active_energy_j, idle_energy_j, missing_text
+from metabolic.energy.meter import COUNTERS, EnergyMeter, Measurement, active_energy_j, idle_energy_j, missing_text
 from metabolic.energy.plan import joule_fit_requests
 from metabolic.energy.workloads import SCRATCH_SHAPES, ModelSpec, Task, load_model, pick_prompts
 
@@ -248,7 +248,7 @@ def phase_row(windows: dict[str, dict], batch_size: int, task: Task, idle: dict[
     row["total_s_per_query"] = row["preprocess_s_per_query"] + row["full_s_per_query"]
     row["output_tokens_per_s"] = windows["full"]["n_calls"] * batch_size * task.output_tokens / windows["full"]["time_s"]
     row["prefill_tokens_per_s"] = windows["prefill"]["n_calls"] * batch_size * task.input_tokens / windows["prefill"]["time_s"]
-    for counter in ("gpu", "cpu_package", "dram"):  # each counter read, per query (None where it was not)
+    for counter in COUNTERS:  # each counter read, per query (None where it was not)
         parts = [windows[ph].get(f"{counter}_j") for ph in ("preprocess", "full")]
         row[f"total_{counter}_j"] = None if None in parts else sum(
             p / (windows[ph]["n_calls"] * batch_size) for p, ph in zip(parts, ("preprocess", "full")))

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from metabolic.core.profiles import load_config
 
+
 def run_name(profile: str, overrides: Mapping[str, Any] | None = None) -> str:
     """The run's folder name: the profile, or `<profile>+<hash>` when the overrides change its config.
 

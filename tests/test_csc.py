@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from metabolic.core.errors import AssetError, ConfigError, DataError
+from metabolic.csc.splice import counterfactual_texts
 
 FIXED_TEXT = "The quick brown fox jumps over the lazy dog near the old river bank."
 MULTIBYTE = "naïve café – 東京"
@@ -59,7 +60,7 @@ def test_multibyte_counterfactuals_are_decodings_of_the_remaining_ids(labeller, 
     byte_decoder = {v: k for k, v in _gpt2_bytes_to_unicode().items()}
     token_bytes = [bytes(byte_decoder[ch] for ch in tokenizer.convert_ids_to_tokens(i)) for i in ids]
     assert b"".join(token_bytes).decode("utf-8") == MULTIBYTE == tokenizer.decode(ids)
-    cfs = labeller.counterfactual_texts(ids)
+    cfs = counterfactual_texts(tokenizer, np.array(ids), np.arange(len(ids)))
     assert len(cfs) == len(ids)
     whole = 0
     for t, text in enumerate(cfs):
@@ -145,7 +146,7 @@ def test_missing_encoder_is_an_asset_error(tiny_cfg, tmp_path):
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.integers(0, 50256), min_size=1, max_size=40), st.data())
 def test_counterfactual_ids_delete_exactly_one_position(ids, data):
-    from metabolic.csc.labeller import counterfactual_ids
+    from metabolic.csc.splice import counterfactual_ids
 
     positions = data.draw(st.lists(st.integers(0, len(ids) - 1), min_size=1, max_size=len(ids), unique=True))
     rows = counterfactual_ids(np.array(ids), np.array(positions))

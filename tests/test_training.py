@@ -109,9 +109,15 @@ def test_expected_totals_entropy_and_repetition_by_hand():
         torch.testing.assert_close(totals[b], want)
     h = -(probs * probs.log()).sum(-1).mean()
     torch.testing.assert_close(losses.mean_entropy(probs.log(), probs), h)
-    # repeat probability at the prediction after x_<=2 = (5, 7, 5): mass on the distinct tokens {5, 7}
-    r = losses.repeat_probability(probs, at, ids, mask)
-    torch.testing.assert_close(r[2], probs[2, 5] + probs[2, 7])
+    # the repetition term by its definition, one prediction at a time: r[n] = the mass prediction n gives the
+    # distinct tokens already seen (after x_<=2 = (5, 7, 5): tokens {5, 7}); per sequence relu(mean(r - repeats))
+    excess = {}
+    for n, (b, t) in enumerate(zip(at.seq.tolist(), at.pos.tolist())):
+        seen = set(ids[b, : t + 1].tolist())
+        r = sum(probs[n, v] for v in seen)
+        excess.setdefault(b, []).append(r - float(ids[b, t + 1].item() in seen))
+    want = sum(F.relu(torch.stack(e).mean()) for e in excess.values()) / len(excess)
+    torch.testing.assert_close(losses.repetition_loss(probs, at, ids, mask), want)
     # sequence 0 repeats 2 of its 4 next tokens (x_3 = 5, x_5 = 7); a model putting all its mass on
     # already-seen tokens repeats 4 of 4: excess 0.5 for that sequence, none for sequence 1
     onehot = F.one_hot(ids[at.seq, at.pos], 11).float()

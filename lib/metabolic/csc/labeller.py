@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from metabolic.core.errors import ConfigError, DataError
-from metabolic.csc.splice import PieceRows, PieceSplicer, counterfactual_ids
+from metabolic.csc.splice import PieceRows, PieceSplicer
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +163,6 @@ class CSCLabeller:
         """GPT-2 ids of `text` and the CSC of each of its tokens."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids, self.label([ids], progress=False)[0]
-
-    def counterfactual_texts(self, ids: Sequence[int], positions: np.ndarray | None = None) -> list[str]:
-        """`tokenizer.decode(ids without position t)` for each t of `positions` (default: all)."""
-        arr = np.asarray(list(ids), dtype=np.int64)
-        pos = np.arange(arr.size) if positions is None else np.asarray(positions, dtype=np.int64)
-        return self.tokenizer.batch_decode(counterfactual_ids(arr, pos))
 
     @property
     def dim(self) -> int:

@@ -62,6 +62,12 @@ def counterfactual_ids(ids: np.ndarray, positions: np.ndarray) -> list[list[int]
     return np.broadcast_to(ids, (positions.size, n))[keep].reshape(positions.size, n - 1).tolist()
 
 
+def counterfactual_texts(tokenizer, ids: np.ndarray, positions: np.ndarray) -> list[str]:
+    """The counterfactual texts of CSC: `tokenizer.decode(ids without position t)` for each t of `positions`
+    (the texts the encoder sees when splicing cannot build their pieces from the full text's)."""
+    return tokenizer.batch_decode(counterfactual_ids(ids, positions))
+
+
 @dataclass
 class PieceRows:
     """Word-piece rows, each up to three slices of one buffer (no copy of the full text's pieces per row).
@@ -267,7 +273,7 @@ class PieceSplicer:
             parts.append(np.fromiter(itertools.chain.from_iterable(mid_ids), dtype=np.int64, count=int(lengths.sum())))
             n_buf += int(lengths.sum())
         for first, ids, pos in slow:
-            texts = self.tokenizer.batch_decode(counterfactual_ids(ids, pos))
+            texts = counterfactual_texts(self.tokenizer, ids, pos)
             pieces = self._encode(texts, special=True)["input_ids"]
             for j, x in enumerate(pieces):
                 segments[first + j, :2] = (n_buf, len(x))

@@ -103,7 +103,7 @@ class VerifiedGeneration:
 class PrefixLabeller:
     """Exact CSC labels of the generated tokens of (prompt, continuation) pairs, batched and memoised.
 
-    `labels(requests)` labels, in one `CSCLabeller.label` call, every request not seen before: the
+    `labels(requests)` labels, in one `CSCLabeller.label_generated` call, every request not seen before: the
     generated positions of prompt + continuation (the prompt's tokens are context, never counted).
     `totals(requests, scale)` sums them on either scale. One instance shared by several calls (budget
     levels, candidate counts, scales, decodings that produce the same text) labels each text once.
@@ -122,14 +122,13 @@ class PrefixLabeller:
         todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
         cost = dict.fromkeys(todo, 0)
         if todo:
-            seqs = [list(full) for full, _ in todo]
-            positions = [np.arange(n_prompt, len(full), dtype=np.int64) for full, n_prompt in todo]
             t0 = time.perf_counter()
-            labels = self.labeller.label(seqs, positions, progress=progress)
+            labels = self.labeller.label_generated([full[:n] for full, n in todo], [full[n:] for full, n in todo],
+                                                   progress=progress)
             self.seconds += time.perf_counter() - t0
-            for key, lab, pos in zip(todo, labels, positions):
-                self.memo[key] = lab[pos]
-                cost[key] = int(pos.size) + 1  # the full text and one counterfactual per counted token
+            for key, lab in zip(todo, labels):
+                self.memo[key] = lab
+                cost[key] = lab.size + 1  # the full text and one counterfactual per counted token
                 self.texts += cost[key]
         spent = [cost.pop(k, 0) for k in keys]  # charged to the first request of a key
         return [self.memo[k].copy() for k in keys], spent

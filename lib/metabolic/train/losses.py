@@ -10,7 +10,7 @@ logp/probs [N, V] at those positions; per-token costs [batch, T, K]; CSC labels 
 unlabelled); totals and budgets [batch, K].
 
 Training takes every next-token term from one shared softmax (`next_token_terms`, a fused forward
-and backward); the separate functions (`lm_loss`, `mean_entropy`, `repetition_loss`, `repeat_probability`,
+and backward); the separate functions (`lm_loss`, `mean_entropy`, `repetition_loss`,
 `expected_totals`) define the same quantities one by one and are its test oracle (`lm_loss` and
 `expected_totals` also serve validation).
 Apart from `Positions.of` (packing needs the number of positions) and `LossTerms.as_floats`, nothing
@@ -154,13 +154,9 @@ def _first_occurrence(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ~(same & earlier).any(-1) & mask.bool()
 
 
-def repeat_probability(probs: torch.Tensor, at: Positions, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """r[n]: the probability given at prediction n to the distinct tokens already in x_<=pos[n] ([N])."""
-    return _repeat_from_picked(probs.gather(-1, ids[at.seq]), at, ids, _first_occurrence(ids, mask))
-
-
 def _repeat_from_picked(picked: torch.Tensor, at: Positions, ids: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """r[n] from picked[n, s] = p_n(x_s) for every s of the sequence ([N, T]) and `_first_occurrence`."""
+    """r[n]: the probability prediction n gives the distinct tokens already in x_<=pos[n] ([N]), from
+    picked[n, s] = p_n(x_s) for every s of the sequence ([N, T]) and `_first_occurrence`."""
     s = torch.arange(ids.shape[1], device=ids.device)
     allowed = (s[None, :] <= at.pos[:, None]) & first[at.seq]
     return (picked * allowed).sum(-1)

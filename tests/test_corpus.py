@@ -89,3 +89,26 @@ def test_pack_blocks_joins_with_eos_and_drops_the_remainder():
     assert torch.equal(blocks, torch.tensor([[1, 2, 3], [0, 4, 5]]))
     with pytest.raises(DataError, match="backbone.block_size=64"):
         pack_blocks([[1]], 64, 0)
+
+
+def test_corpus_texts_are_read_once_until_their_files_change(tmp_path, monkeypatch):
+    """Every stage asks for the corpus: its texts and hashes are read once per process, and read again
+    (with new hashes) when a source file is replaced."""
+    from metabolic.data import corpus as corpus_module
+    from metabolic.pipeline.corpus import corpus_texts
+
+    folder = tmp_path / "wikitext-2"
+    folder.mkdir()
+    for name, text in (("train.txt", "A first text.\nA second text.\n"), ("valid.txt", "Held out.\n"), ("test.txt", "Test.\n")):
+        (folder / name).write_text(text, encoding="utf-8")
+    reads = []
+    real = corpus_module._load_from_assets
+    monkeypatch.setattr(corpus_module, "_load_from_assets", lambda f: reads.append(f) or real(f))
+    assets = AssetsConfig(wikitext_dataset=str(folder))
+    texts, hashes = corpus_texts(assets)
+    assert texts.train == ["A first text.", "A second text."] and corpus_texts(assets)[1] is hashes
+    assert len(reads) == 1
+    (folder / "train.txt").write_text("Another text.\n", encoding="utf-8")
+    again, new_hashes = corpus_texts(assets)
+    assert len(reads) == 2 and again.train == ["Another text."]
+    assert new_hashes["train_sha256"] != hashes["train_sha256"] and new_hashes["valid_sha256"] == hashes["valid_sha256"]

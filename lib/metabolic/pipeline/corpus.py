@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from metabolic.core import artefacts
-from metabolic.core.config import StudyConfig
-from metabolic.data.corpus import load_corpus, pack_ids, select_sequences, tokenize, unpack_ids
+from metabolic.core.assets import candidates
+from metabolic.core.config import AssetsConfig, StudyConfig
+from metabolic.data.corpus import Corpus, load_corpus, pack_ids, select_sequences, tokenize, unpack_ids
 from metabolic.pipeline.stage import realise, tokenizer, tokenizer_fingerprint
 
 
@@ -28,19 +29,39 @@ class CorpusData:
     folder: Path
 
 
+# (assets config, the places it resolves to now) -> (the source folder's stat signature, (texts, their hashes))
+_TEXTS: dict[tuple, tuple[Any, tuple[Corpus, dict[str, str]]]] = {}
+
+
+def corpus_texts(assets: AssetsConfig) -> tuple[Corpus, dict[str, str]]:
+    """WikiText-2's texts and the SHA-256 of each split, read once per process while the source files are
+    the same files (every stage that needs the corpus asks for it; reading and hashing take ~0.2 s)."""
+    memo = (assets, tuple(candidates("wikitext", assets.wikitext_dataset)))
+    hit = _TEXTS.get(memo)
+    if hit is not None and hit[0] == _source_signature(hit[1][0].location):
+        return hit[1]
+    texts = load_corpus(assets)
+    hashes = {"train_sha256": artefacts.sha256_bytes("\n".join(texts.train).encode("utf-8")),
+              "valid_sha256": artefacts.sha256_bytes("\n".join(texts.validation).encode("utf-8"))}
+    if len(_TEXTS) >= 2:  # each entry holds a whole corpus; a process rarely needs more than one
+        _TEXTS.pop(next(iter(_TEXTS)))
+    _TEXTS[memo] = (_source_signature(texts.location), (texts, hashes))
+    return texts, hashes
+
+
+def _source_signature(location: str) -> Any:
+    """The files of a local source folder (None for a Hub dataset, which `datasets` caches itself)."""
+    return artefacts.stat_signature(Path(location)) if Path(location).is_dir() else None
+
+
 class CorpusStage:
     folder = "corpus"
     required = ("tokens.pt",)
 
     def __init__(self, cfg: StudyConfig) -> None:
-        self.texts = load_corpus(cfg.assets)
+        self.texts, hashes = corpus_texts(cfg.assets)
         self.tok = tokenizer(cfg.assets.tokenizer)
-        self._description = {
-            "stage": "corpus",
-            "train_sha256": artefacts.sha256_bytes("\n".join(self.texts.train).encode("utf-8")),
-            "valid_sha256": artefacts.sha256_bytes("\n".join(self.texts.validation).encode("utf-8")),
-            "tokenizer": tokenizer_fingerprint(self.tok.value),
-        }
+        self._description = {"stage": "corpus", **hashes, "tokenizer": tokenizer_fingerprint(self.tok.value)}
 
     def description(self) -> dict[str, Any]:
         return self._description

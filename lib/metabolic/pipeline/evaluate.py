@@ -96,11 +96,12 @@ class EvaluateStage:
         distinct = select_prompts(g, self.tok, csc.valid_ids)
         # samples_per_prompt independent rows per prompt: Table I's n per level is their product
         prompts = [p for p in distinct for _ in range(g.samples_per_prompt)]
-        judge = Judge(load_backbone(self.backbone.path))  # one memo: texts several tables judge are scored once
+        backbone = load_backbone(self.backbone.path)  # the judge and the cost ceilings' features (read-only)
+        judge = Judge(backbone)  # one memo: texts several tables judge are scored once
         prefixes = PrefixLabeller(csc_labeller(cfg))  # one memo: texts several decodings produce are labelled once
         models = {variant: result.load_best() for variant, result in self.results.items()}
         # What simple predictors fitted on the same labels reach on the same held-out texts (cost_fit).
-        ceilings = cost_ceilings(load_backbone(self.backbone.path), csc.train_ids, csc.train_csc, csc.valid_ids,
+        ceilings = cost_ceilings(backbone, csc.train_ids, csc.train_csc, csc.valid_ids,
                                  csc.valid_csc, energy_prior(cfg).prior.cost, g.prompt_tokens, cfg.csc.scale)
         tables, records = {}, []
         for variant, model in models.items():

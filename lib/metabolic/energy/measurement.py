@@ -98,7 +98,6 @@ def machine_info(meter: EnergyMeter, device: torch.device) -> dict[str, Any]:
         "energy_source": meter.source,
         "energy_counters": meter.counters,
         "energy_missing": missing_text(meter.missing),
-        "energy_unavailable_reason": meter.reason,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }

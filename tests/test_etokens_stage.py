@@ -129,7 +129,7 @@ def small_cfg(tiny_cfg):
         "energy.models": ("tiny",), "energy.tasks": ("creative",), "energy.batch_sizes": (1, 2),
         "energy.paths": ("default", "static"), "energy.repeats": 2, "energy.input_tokens": 16,
         "energy.max_output_tokens": 3, "energy.min_window_s": 0.02, "energy.idle_s": 0.05,
-        "energy.calib_model": "tiny", "energy.calib_requests": 5, "energy.budget_prompts": 2,
+        "energy.joule_fit_model": "tiny", "energy.joule_fit_requests": 5, "energy.budget_prompts": 2,
         "energy.budget_fractions": (1.0,),
     })
 
@@ -185,8 +185,8 @@ def test_grid_with_mocked_gpu_counter(small_cfg, tokenizer, tmp_path):
         grid = run_grid(cfg.energy, cfg.seed, meter, tokenizer, valid, specs, torch.device("cpu"), machine,
                         tmp_path / "cells", progress=False)
         rows, skipped = grid.rows, grid.skipped
-        calib = run_joule_fit(cfg.energy, cfg.seed, meter, tokenizer, valid, np.ones(len(tokenizer)), torch.device("cpu"),
-                                progress=False)
+        fit = run_joule_fit(cfg.energy, cfg.seed, meter, tokenizer, valid, np.ones(len(tokenizer)), torch.device("cpu"),
+                            progress=False)
         meter.close()
     assert not skipped and len(rows) == 2
     for r in rows:
@@ -203,10 +203,10 @@ def test_grid_with_mocked_gpu_counter(small_cfg, tokenizer, tmp_path):
         assert r["active_j"] is None and r["active_below_resolution"]
         assert 0 < r["active_resolution_j"] < 0.1 * r["total_j"]
         assert r["identity_ok"] and r["e_in_wh"] / r["e_out_wh"] == pytest.approx(r["output_tokens"] / r["input_tokens"])
-    assert len(calib["points"]) == 5 and all(p["energy_j"] > 0 for p in calib["points"])
-    assert calib["fit_tokens"]["names"] == ("input_tokens", "output_tokens") and calib["fit_tokens"]["r2"] <= 1
-    assert [(b["predictor"], b["fraction"]) for b in calib["budgets"]] == [("tokens", 1.0), ("cost", 1.0)]
-    for b in calib["budgets"]:
+    assert len(fit["points"]) == 5 and all(p["energy_j"] > 0 for p in fit["points"])
+    assert fit["fit_tokens"]["names"] == ("input_tokens", "output_tokens") and fit["fit_tokens"]["r2"] <= 1
+    assert [(b["predictor"], b["fraction"]) for b in fit["budgets"]] == [("tokens", 1.0), ("cost", 1.0)]
+    for b in fit["budgets"]:
         assert 0.0 <= b["hit10"] <= 1.0 and len(b["measured_j"]) == 2 and all(m > 0 for m in b["measured_j"])
         assert math.isfinite(b["budget_j"])
 
@@ -242,7 +242,7 @@ def test_cpu_grid_measures_package_and_dram_through_rapl(small_cfg, tmp_path):
 
     # the joule fit with a meter is test_grid_with_mocked_gpu_counter's: left out here to keep the suite's time
     # windows of >= 0.2 s: a read preempted for a few ms (2 shared cores) moves a joule by a few percent at most
-    cfg = apply_overrides(small_cfg, {"energy.paths": ("default",), "energy.calibrate": False, "energy.min_window_s": 0.2,
+    cfg = apply_overrides(small_cfg, {"energy.paths": ("default",), "energy.joule_fit": False, "energy.min_window_s": 0.2,
                                       "energy.idle_s": 0.2})
     with live_rapl(tmp_path):
         res = measure_etokens(cfg, progress=False)
@@ -264,7 +264,7 @@ def test_cpu_grid_measures_package_and_dram_through_rapl(small_cfg, tmp_path):
         decode = r["full_j"] - r["prefill_j"]  # resolved, or written as below resolution (never negative)
         assert (r["decode_j"] == pytest.approx(decode) and decode >= r["decode_resolution_j"]) or \
             (r["decode_j"] is None and r["decode_below_resolution"] and decode < r["decode_resolution_j"])
-    assert res.joule_fit == {"skipped": "energy.calibrate=false for this run"}  # not "energy unavailable": RAPL measures
+    assert res.joule_fit == {"skipped": "energy.joule_fit=false for this run"}  # not "energy unavailable": RAPL measures
 
 
 def test_cpu_machine_only_merges_copied_gpu_results(small_cfg):

@@ -69,8 +69,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # CPU package + DRAM joules where RAPL is readable, else timings
         "energy.models": ("tiny",),
         "energy.max_output_tokens": 8,
-        "energy.calib_model": "tiny",
-        "energy.calib_requests": 8,
+        "energy.joule_fit_model": "tiny",
+        "energy.joule_fit_requests": 8,
         "energy.budget_prompts": 2,
     },
     # One H100, offline assets: a 6 x 384 GPT-2 pretrained on all of WikiText-2, thousands of
@@ -112,7 +112,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "energy.repeats": 3,
         "energy.models": ("tiny", "gpu-6x384", "gpt2-small-scratch", "metabolic"),
         "energy.max_output_tokens": 256,  # reasoning 51 -> 255, creative 5 -> 250: the note's ratios, half the decode
-        "energy.calib_requests": 16,
+        "energy.joule_fit_requests": 16,
         "energy.budget_prompts": 4,
         "energy.part_seconds": 440.0,  # + ~40 s of process start: each run <= 8 min of a 10-min device command
     },

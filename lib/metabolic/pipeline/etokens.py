@@ -154,10 +154,10 @@ def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: t
     return built, stage.grid
 
 
-def etokens_plan(cfg: StudyConfig, calibrate: bool = True) -> Plan:
+def etokens_plan(cfg: StudyConfig, joule_fit: bool = True) -> Plan:
     """The profile's e-token grid as planned for one H100 (`metabolic.energy.plan`), nothing measured:
     the models this run folder offers, the tasks, batch sizes and paths, each unit's estimate, the parts."""
     e = cfg.energy
     specs, _ = model_specs(e.models, artefacts.run_dir(cfg.run_name), measured_budgets(cfg))
     tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)
-    return make_plan(e, grid_units(e, specs, tasks, calibrate=calibrate and e.calibrate), tasks, cfg.seed)
+    return make_plan(e, grid_units(e, specs, tasks, joule_fit=joule_fit and e.joule_fit), tasks, cfg.seed)

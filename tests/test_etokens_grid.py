@@ -275,7 +275,7 @@ def test_cell_estimate_by_hand():
 
 
 def test_gpu_profile_plan_fits_twenty_h100_minutes_in_parts_of_eight(tmp_path):
-    """The gpu profile's grid (3 models x 4 tasks x batch 1/8/32 x 2 paths) and the calibration: <= 20 min on
+    """The gpu profile's grid (3 models x 4 tasks x batch 1/8/32 x 2 paths) and the joule fit: <= 20 min on
     one H100 by the plan's estimate, in parts of <= 8 min each (process start included), cut between models."""
     from metabolic.core.profiles import load_config
 
@@ -303,7 +303,7 @@ def test_gpu_profile_plan_fits_twenty_h100_minutes_in_parts_of_eight(tmp_path):
 
 def test_gpu_results_slice_of_the_gpu_grid(tmp_path):
     """scripts/gpu_results.sh's e-token slice: gpu-6x384 and gpt2-small-scratch, chat and creative, batch 1 and
-    32, both paths: 16 cells and their 4 preprocess units of the gpu grid, no calibration; the rest plans alone."""
+    32, both paths: 16 cells and their 4 preprocess units of the gpu grid, no joule fit; the rest plans alone."""
     import re
 
     from metabolic.core.profiles import load_config

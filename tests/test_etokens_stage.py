@@ -73,7 +73,7 @@ def test_scratch_models_have_the_right_size(tokenizer):
     assert model.config.n_layer == 2 and model.config.n_embd == 128 and model.config.n_positions == 1024
 
 
-# --- calibration maths and the joule-budget stopping criterion ----------------------------------
+# --- joule-fit maths and the joule-budget stopping criterion ------------------------------------
 
 
 def test_fit_linear_recovers_a_plane():
@@ -102,7 +102,7 @@ def test_hit_rate():
         hit_fraction([], [], 10)
 
 
-def test_joule_budget_stops_where_the_calibration_says(tokenizer):
+def test_joule_budget_stops_where_the_joule_fit_says(tokenizer):
     model = load_model(ModelSpec("tiny", "scratch", shape=SCRATCH_SHAPES["tiny"]), len(tokenizer),
                        tokenizer.eos_token_id, torch.device("cpu"), torch.float32)
     x = [[i, o] for i in (4, 8) for o in (1, 5, 9)]

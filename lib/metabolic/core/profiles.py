@@ -107,7 +107,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "generation.stop_rule_texts": 50,
         # The e-token grid planned for one H100 (metabolic.energy.plan): 3 random-weight GPT-2 shapes (and
         # MetabolicGPT-2 when trained here) x 4 tasks x batch 1/8/32 x both serving paths, 3 repeats of
-        # >= 1 s windows, plus the joule calibration: about 20 minutes, run in parts of <= 8 minutes
+        # >= 1 s windows, plus the joule fit: about 20 minutes, run in parts of <= 8 minutes
         # (one part per run: a rerun measures the next). The Hub's gpt2 is left out: no network there.
         "energy.repeats": 3,
         "energy.models": ("tiny", "gpu-6x384", "gpt2-small-scratch", "metabolic"),

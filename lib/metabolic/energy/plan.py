@@ -273,9 +273,9 @@ class Plan:
             f"x tasks ({tasks}) x batch sizes {', '.join(map(str, s['batch_sizes']))}",
             f"  repeats {s['repeats']}; every phase window >= {s['min_window_s']} s of whole calls (prefill and full per cell, "
             f"preprocess once per task x batch size); idle baseline {s['idle_s']} s before each cell",
-            "  calibration: " + (f"{s['joule_fit_requests']} requests + {s['budget_generations']} joule-budget generations "
-                                  f"({s['joule_fit_model']}, batch 1, default path)" if kinds[JOULE_FIT] else "not in this run"),
-            f"  units: {len(self.units)} ({kinds[JOULE_FIT]} calibration, {kinds[PREPROCESS]} preprocess, "
+            "  joule fit: " + (f"{s['joule_fit_requests']} requests + {s['budget_generations']} joule-budget generations "
+                                f"({s['joule_fit_model']}, batch 1, default path)" if kinds[JOULE_FIT] else "not in this run"),
+            f"  units: {len(self.units)} ({kinds[JOULE_FIT]} joule fit, {kinds[PREPROCESS]} preprocess, "
             f"{kinds[CELL]} generation cells); measured already: {len(self.done)}; left: {len(self.remaining)}",
         ]
         if s["only"]:
@@ -302,7 +302,7 @@ def make_plan(e: EnergyConfig, units: Sequence[Unit], tasks: Sequence[Task], see
     """Pack the units not yet `done` (and selected by `only`, see `select`) into parts of at most
     `e.part_seconds` of measuring (one part without it).
 
-    Parts end between blocks (the calibration, the preprocess units, each model) where a block fits
+    Parts end between blocks (the joule fit, the preprocess units, each model) where a block fits
     in a part, so a model is loaded, warmed up and compiled once; a block larger than a part is
     split between its units.
     """

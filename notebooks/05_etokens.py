@@ -85,7 +85,7 @@ print("counters not read:", res.machine["energy_missing"] or "none")
 # ## GPU measurements committed to the repository
 #
 # `results/etokens/<gpu>/` holds the rows (and, once its grid is complete, the machine records and
-# calibration) of each GPU's run of the `gpu` profile's grid (see `results/etokens/README.md`).
+# joule fit) of each GPU's run of the `gpu` profile's grid (see `results/etokens/README.md`).
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -161,24 +161,24 @@ measured_by = "the committed and this machine's energy rows" if has_energy else 
 print(ef.batching_text(table, has_energy, measured_by))
 
 # %% [markdown]
-# ## Semantic cost -> joules calibration, and physical (joule) budgets
+# ## Semantic cost -> joules: the joule fit, and physical (joule) budgets
 
 # %%
-calib = next((c for c in joule_fits(committed_root) if "skipped" not in c), res.joule_fit)
-if "skipped" in calib:
-    print("calibration not measured (here or in the committed results):", calib["skipped"].split(":")[0])
+joule_fit = next((c for c in joule_fits(committed_root) if "skipped" not in c), res.joule_fit)
+if "skipped" in joule_fit:
+    print("joule fit not measured (here or in the committed results):", joule_fit["skipped"].split(":")[0])
     print("On a GPU this cell plots per-request joules against semantic cost (and tokens), with the fitted lines,"
           " R^2 and residuals; then the Hit@10% of generation stopped within joule budgets.")
 else:
-    print(ef.joule_fit_text(calib))
-    fig = ef.joule_fit_figure(calib)
+    print(ef.joule_fit_text(joule_fit))
+    fig = ef.joule_fit_figure(joule_fit)
     save_figure(fig, cfg, "05_cost_to_joules", "05_etokens")
     fig.show()
-    print(ef.joule_budget_table(calib).round(4).to_string(index=False))
+    print(ef.joule_budget_table(joule_fit).round(4).to_string(index=False))
 
 # %% [markdown]
 # ## What this run shows
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(ef.etokens_summary(profile_label(cfg), table, energy_rows, has_energy, calib, own))
+print(ef.etokens_summary(profile_label(cfg), table, energy_rows, has_energy, joule_fit, own))

@@ -3,7 +3,7 @@
 # (part c) measures a slice of the grid first through this script; each later call measures the next part.
 #
 # The `gpu` profile's grid (metabolic.energy.plan: 3 random-weight GPT-2 shapes x 4 tasks x batch
-# 1/8/32 x the default and static serving paths, 3 repeats, plus the joule calibration) is planned
+# 1/8/32 x the default and static serving paths, 3 repeats, plus the joule fit) is planned
 # at about 20 minutes of one H100, in 3 parts. Each call of this script:
 #   1. restores the units kept by earlier calls from $STATE (.etokens-state/state.tgz, when carried);
 #   2. prints the plan (what is left, its time estimate, its parts) and measures the next part
@@ -12,7 +12,7 @@
 #      a kill loses at most the unit in flight;
 #   3. saves every kept unit to $OUT/etokens-state.tgz (carry it back for the next call);
 #   4. writes the rows measured so far to $RESULTS/etokens/<gpu>/rows.jsonl (results/ unless RESULTS is
-#      given), and once the grid is complete its machine and calibration records beside them, with a table.
+#      given), and once the grid is complete its machine and joule-fit records beside them, with a table.
 #      It says "grid complete" or "grid unfinished" as its last line.
 #
 # The grid is the one a bare machine sees: `energy.models` without a trained MetabolicGPT-2 (none is

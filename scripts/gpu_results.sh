@@ -11,8 +11,8 @@
 #                      of exactly 256 tokens: slices of B_SIZES texts, growing while the next one is predicted
 #                      to fit (the largest that ran is the one reported; 2,000 if time allows)
 #   c. etokens         a slice of the gpu e-token grid (C_ONLY: gpu-6x384 and gpt2-small-scratch, chat and
-#                      creative, batch 1 and 32, both serving paths), then the joule calibration when
-#                      C_CALIB_MIN_S are left, then more of the grid in its order when C_REST_MIN_S are left;
+#                      creative, batch 1 and 32, both serving paths), then the joule fit when
+#                      C_JOULE_FIT_MIN_S are left, then more of the grid in its order when C_REST_MIN_S are left;
 #                      the rest in later calls of scripts/gpu_etokens.sh (carry $OUT/etokens-state.tgz back)
 #   d. overhead        the MetabolicGPT-2 training step and budgeted decoding against their plain baselines
 #                      (6 x 384 with random weights, bf16 autocast), with torch.profiler tables
@@ -31,7 +31,7 @@
 #   mkdir -p .etokens-state && cp <files_at>/etokens-state.tgz .etokens-state/state.tgz   # the rest of the grid
 #
 # PARTS="budgets overhead" runs only those parts; CAP_A..CAP_D, A_SET, B_SIZES, C_ONLY, C_SET (overrides of the
-# grid) and C_CALIB_MIN_S change the settings above. On a GPU machine of your own, without $OUT, the results stay in results/.
+# grid) and C_JOULE_FIT_MIN_S change the settings above. On a GPU machine of your own, without $OUT, the results stay in results/.
 # DRY_RUN=1 runs the same commands on the CPU (tests/test_gpu_results.py): the smoke profile with tiny
 # settings, no CUDA check, results under $RESULTS (give a temporary folder).
 set -uo pipefail  # not -e: a part that fails must not stop the next
@@ -39,6 +39,11 @@ set -uo pipefail  # not -e: a part that fails must not stop the next
 here=$(dirname "$0")
 source "$here/gpu_common.sh"
 source "$here/budget_files.sh"
+# C_CALIB_MIN_S was renamed ("calibration" alone is the proxy <-> CSC map): an old setting fails, never ignored
+if [ -n "${C_CALIB_MIN_S+x}" ]; then
+  echo "gpu_results: C_CALIB_MIN_S was renamed C_JOULE_FIT_MIN_S: use C_JOULE_FIT_MIN_S=$C_CALIB_MIN_S" >&2
+  exit 2
+fi
 PARTS=${PARTS:-"budgets csc_throughput etokens overhead"}
 DATA=${METABOLIC_DATA:-data}
 export METABOLIC_DATA=$DATA
@@ -58,7 +63,7 @@ if [ "$DRY_RUN" = 1 ]; then
         generation.max_new_tokens=4 generation.verified_max_new_tokens=8 generation.verified_candidates=1,2
         generation.verified_scales=raw,length"}
   B_SIZES=${B_SIZES:-"2"} B_TOKENS=16 B_START_S=5
-  C_ONLY=${C_ONLY:-"cell-tiny-*-chat-b1"} C_START_S=5 C_CALIB_MIN_S=${C_CALIB_MIN_S:-0} C_REST_MIN_S=${C_REST_MIN_S:-0}
+  C_ONLY=${C_ONLY:-"cell-tiny-*-chat-b1"} C_START_S=5 C_JOULE_FIT_MIN_S=${C_JOULE_FIT_MIN_S:-0} C_REST_MIN_S=${C_REST_MIN_S:-0}
   C_SET=${C_SET:-"energy.batch_sizes=1 energy.repeats=1"}  # smoke's batch 4 / 16 and repeats are notebook 05's
   D_SET=$TINY D_TRAIN="--steps 1 --warmup 1" D_GEN="--batch 2 --repeats 1 --candidates 2 --new-tokens 4"
   D_SET="$D_SET generation.verified_max_new_tokens=8"
@@ -70,8 +75,8 @@ else
   A_SET=${A_SET:-"backbone.epochs=2 generation.n_valid_prompts=32"}
   B_SIZES=${B_SIZES:-"100 400 2000"} B_TOKENS=256 B_START_S=20  # imports, corpus, encoder: before the timed work
   C_ONLY=${C_ONLY:-"cell-gpu-6x384-*-chat-b1,cell-gpu-6x384-*-chat-b32,cell-gpu-6x384-*-creative-b1,cell-gpu-6x384-*-creative-b32,cell-gpt2-small-scratch-*-chat-b1,cell-gpt2-small-scratch-*-chat-b32,cell-gpt2-small-scratch-*-creative-b1,cell-gpt2-small-scratch-*-creative-b32"}
-  # a process's start before the part clock runs; what the calibration and the rest of the grid need at least
-  C_START_S=25 C_CALIB_MIN_S=${C_CALIB_MIN_S:-110} C_REST_MIN_S=${C_REST_MIN_S:-60} C_SET=${C_SET:-}
+  # a process's start before the part clock runs; what the joule fit and the rest of the grid need at least
+  C_START_S=25 C_JOULE_FIT_MIN_S=${C_JOULE_FIT_MIN_S:-110} C_REST_MIN_S=${C_REST_MIN_S:-60} C_SET=${C_SET:-}
   D_SET="" D_TRAIN="--steps 20 --warmup 5" D_GEN="--batch 8 --repeats 5 --candidates 4"
   CAP_A=${CAP_A:-290} CAP_B=${CAP_B:-50} CAP_C=${CAP_C:-105} CAP_D=${CAP_D:-65}
 fi
@@ -83,7 +88,7 @@ declare -A CAP=([budgets]=$CAP_A [csc_throughput]=$CAP_B [etokens]=$CAP_C [overh
 declare -A WHAT=(
   [budgets]="profile $PROFILE, corpus -> evaluate${A_SET:+, with $(echo $A_SET | tr ' ' ',')}"
   [csc_throughput]="labeller vs naive encode, texts of $B_TOKENS tokens, slices of $(echo $B_SIZES | tr ' ' '/') texts while they fit"
-  [etokens]="e-token slice $C_ONLY; the calibration if >= ${C_CALIB_MIN_S} s are left, then the rest of the grid if >= ${C_REST_MIN_S} s"
+  [etokens]="e-token slice $C_ONLY; the joule fit if >= ${C_JOULE_FIT_MIN_S} s are left, then the rest of the grid if >= ${C_REST_MIN_S} s"
   [overhead]="training step and budgeted decoding vs plain (scratch weights)"
 )
 
@@ -158,8 +163,8 @@ part_etokens() {
   if [ -d "$DATA/$PROFILE/corpus" ] && [ ! -e "$grid/$PROFILE/corpus" ]; then
     ln -s "$(cd "$DATA/$PROFILE/corpus" && pwd)" "$grid/$PROFILE/corpus"
   fi
-  # the slice; then, with the time left, the calibration; then the rest of the grid in its order
-  local -a only=("$C_ONLY" joule_fit "") need=(0 "$C_CALIB_MIN_S" "$C_REST_MIN_S") what=(slice "joule fit" rest)
+  # the slice; then, with the time left, the joule fit; then the rest of the grid in its order
+  local -a only=("$C_ONLY" joule_fit "") need=(0 "$C_JOULE_FIT_MIN_S" "$C_REST_MIN_S") what=(slice "joule fit" rest)
   for i in 0 1 2; do
     seconds=$(( $(left) - C_START_S ))
     if [ "$seconds" -le 0 ] || [ "$(left)" -lt "${need[$i]}" ]; then

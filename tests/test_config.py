@@ -76,6 +76,31 @@ def test_bad_overrides_name_the_value_and_the_fix(overrides, message):
     assert "\n" not in text
 
 
+@pytest.mark.parametrize(
+    "old, value, message",
+    [
+        ("energy.calibrate", "false", "energy.calibrate was renamed energy.joule_fit: use energy.joule_fit=false"),
+        ("energy.calibrate", False, "energy.calibrate was renamed energy.joule_fit: use energy.joule_fit=false"),
+        ("energy.calib_model", "tiny", "energy.calib_model was renamed energy.joule_fit_model: use energy.joule_fit_model=tiny"),
+        ("energy.calib_requests", 8, "energy.calib_requests was renamed energy.joule_fit_requests: "
+                                     "use energy.joule_fit_requests=8"),
+    ],
+)
+def test_renamed_override_keys_name_the_new_key(old, value, message):
+    """The joule fit's keys once said "calibration", which in this study is the proxy <-> CSC map alone."""
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", {old: value})
+    assert str(info.value) == message
+
+
+def test_a_saved_config_reads_renamed_keys_under_their_new_names():
+    saved = load_config("smoke").to_dict()
+    energy = {k: v for k, v in saved["energy"].items() if k not in ("joule_fit", "joule_fit_model", "joule_fit_requests")}
+    saved["energy"] = {**energy, "calibrate": False, "calib_model": "gpu-6x384", "calib_requests": 5}
+    e = from_dict(saved).energy
+    assert (e.joule_fit, e.joule_fit_model, e.joule_fit_requests) == (False, "gpu-6x384", 5)
+
+
 def test_unknown_profile():
     with pytest.raises(ConfigError) as info:
         load_config("nope")

@@ -91,7 +91,7 @@ def small_grid_cfg(tiny_cfg):
 SMALL_GRID = {
     "energy.models": ("tiny",), "energy.tasks": ("chat",), "energy.batch_sizes": (1, 2),
     "energy.paths": ("default", "static"), "energy.repeats": 2, "energy.input_tokens": 8,
-    "energy.max_output_tokens": 3, "energy.min_window_s": 0.02, "energy.idle_s": 0.03, "energy.calibrate": False,
+    "energy.max_output_tokens": 3, "energy.min_window_s": 0.02, "energy.idle_s": 0.03, "energy.joule_fit": False,
 }
 
 
@@ -275,7 +275,7 @@ def test_cell_estimate_by_hand():
 
 
 def test_gpu_profile_plan_fits_twenty_h100_minutes_in_parts_of_eight(tmp_path):
-    """The gpu profile's grid (3 models x 4 tasks x batch 1/8/32 x 2 paths) and the calibration: <= 20 min on
+    """The gpu profile's grid (3 models x 4 tasks x batch 1/8/32 x 2 paths) and the joule fit: <= 20 min on
     one H100 by the plan's estimate, in parts of <= 8 min each (process start included), cut between models."""
     from metabolic.core.profiles import load_config
 
@@ -286,7 +286,7 @@ def test_gpu_profile_plan_fits_twenty_h100_minutes_in_parts_of_eight(tmp_path):
     assert [s.name for s in specs] == ["tiny", "gpu-6x384", "gpt2-small-scratch"] and skipped
     tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)
     assert e.batch_sizes == (1, 8, 32) and e.paths == ("default", "static") and len(tasks) == 4
-    units = grid_units(e, specs, tasks, calibrate=True)
+    units = grid_units(e, specs, tasks, joule_fit=True)
     plan = make_plan(e, units, tasks, cfg.seed)
     assert len(units) == 1 + 4 * 3 + 3 * 2 * 4 * 3
     assert plan.total_s <= 20 * 60
@@ -303,7 +303,7 @@ def test_gpu_profile_plan_fits_twenty_h100_minutes_in_parts_of_eight(tmp_path):
 
 def test_gpu_results_slice_of_the_gpu_grid(tmp_path):
     """scripts/gpu_results.sh's e-token slice: gpu-6x384 and gpt2-small-scratch, chat and creative, batch 1 and
-    32, both paths: 16 cells and their 4 preprocess units of the gpu grid, no calibration; the rest plans alone."""
+    32, both paths: 16 cells and their 4 preprocess units of the gpu grid, no joule fit; the rest plans alone."""
     import re
 
     from metabolic.core.profiles import load_config
@@ -315,7 +315,7 @@ def test_gpu_results_slice_of_the_gpu_grid(tmp_path):
     e = apply_overrides(load_config("gpu"), {"energy.only": patterns}).energy  # a string, as the script passes it
     specs, _ = model_specs(e.models, tmp_path, ())
     tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)
-    units = grid_units(e, specs, tasks, calibrate=True)
+    units = grid_units(e, specs, tasks, joule_fit=True)
     plan = make_plan(e, units, tasks, seed=0, only=e.only)
     keys = [k for p in plan.parts for k in p.keys]
     assert len(keys) == 20 and [k for k in keys if not k.startswith("cell-")] == [
@@ -329,7 +329,7 @@ def test_plan_rejects_a_unit_larger_than_a_part():
     e = EnergyConfig(part_seconds=5.0, tasks=("chat",), batch_sizes=(1,), paths=("static",))
     tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)
     with pytest.raises(ConfigError, match="more than energy.part_seconds=5"):
-        make_plan(e, grid_units(e, [GPT2_SMALL], tasks, calibrate=False), tasks, seed=0)
+        make_plan(e, grid_units(e, [GPT2_SMALL], tasks, joule_fit=False), tasks, seed=0)
 
 
 def test_part_clock_scales_estimates_by_what_units_took():

@@ -77,7 +77,7 @@ def test_dry_run_runs_every_part_and_saves_each(corpus_folder, tmp_path):
     assert methods["naive"]["max_abs_diff_vs_fp32"] < 1e-5  # the same labels: same window, same encoder
     assert (csc["largest"]["n_sequences"], csc["largest"]["tokens"], csc["largest"]["n_labels"]) == (2, 16, 32)
 
-    # the slice first (one cell and its preprocess unit), the calibration (none without a GPU), then the rest
+    # the slice first (one cell and its preprocess unit), the joule fit (none without a GPU), then the rest
     log = out + proc.stderr
     assert "this run: only units matching cell-tiny-*-chat-b1: 2 of the 8 left" in log
     assert "this run: only units matching joule_fit: 0 of the 6 left" in log and "grid complete: " in log

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from conftest import TINY_OVERRIDES
 from metabolic.core import artefacts
+from metabolic.core.config import apply_overrides
 from metabolic.core.profiles import load_config
 from metabolic.model.backbone import load_backbone
 from metabolic.pipeline import stages
@@ -73,10 +74,24 @@ def test_every_stage_returns_the_key_its_manifest_records(tiny_cfg):
                 **{f"train/{v}": r for v, r in stages.train_variants(cfg, progress=False).items()},
                 "evaluation": stages.evaluation(cfg, progress=False)}
     run = artefacts.run_dir(cfg.run_name)
-    assert sorted(returned) == ["backbone", "corpus", "csc", "evaluation", "prior", "train/expected-cost", "train/faithful"]
+    # etokens on a one-cell grid (timings only: no energy counter in the tests); its folder, etokens/<machine>-<key>/,
+    # is the one its result names
+    etokens = stages.measure_etokens(apply_overrides(cfg, ONE_CELL_GRID), progress=False)
+    assert etokens.folder is not None and etokens.folder.parent == run / "etokens"
+    reused = stages.measure_etokens(apply_overrides(cfg, ONE_CELL_GRID), progress=False)
+    assert reused.grid is None and (reused.folder, reused.fingerprint) == (etokens.folder, etokens.fingerprint)
+    returned[etokens.folder.relative_to(run).as_posix()] = etokens
+    assert sorted(returned) == sorted(["backbone", "corpus", "csc", "evaluation", "prior", "train/expected-cost",
+                                       "train/faithful", f"etokens/{etokens.folder.name}"])
     for folder, result in returned.items():
         manifest = artefacts.read_manifest(run / folder)
         assert result.fingerprint == manifest["fingerprint"] == artefacts.artefact_key(manifest["description"]), folder
+
+
+# The e-token grid at its smallest: one model, task, batch size and path, one repeat of short windows.
+ONE_CELL_GRID = {"energy.models": ("tiny",), "energy.tasks": ("creative",), "energy.batch_sizes": (1,),
+                 "energy.paths": ("default",), "energy.repeats": 1, "energy.input_tokens": 8, "energy.max_output_tokens": 2,
+                 "energy.min_window_s": 0.02, "energy.idle_s": 0.02, "energy.measure": "always"}
 
 
 def test_budget_levels_read_what_training_saved_and_derive_only_other_scales(tiny_cfg, monkeypatch):

@@ -357,11 +357,11 @@ class EnergyConfig:
     # "static")), whose decode step generate compiles itself on CUDA (metabolic.energy.measurement).
     paths: tuple[str, ...] = ("default", "static")
     dtype: Literal["fp32", "fp16", "bf16"] = "fp16"  # on CUDA; CPU runs fp32
-    calib_model: str = "gpt2-small-scratch"  # model of the semantic-cost -> joules calibration
-    calib_requests: int = 32  # requests of varied T_in / T_out measured for the calibration
-    budget_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # joule budgets as fractions of the largest calibration request
+    joule_fit_model: str = "gpt2-small-scratch"  # model of the semantic-cost -> joules fit (the joule fit)
+    joule_fit_requests: int = 32  # requests of varied T_in / T_out measured for the joule fit
+    budget_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # joule budgets as fractions of the joule fit's largest request
     budget_prompts: int = 8  # prompts generated per joule budget (Hit@10% over them)
-    calibrate: bool = True  # run the calibration and joule budgets (GPU only); off to split a long run into parts
+    joule_fit: bool = True  # run the joule fit and joule budgets (needs an energy meter); off to split a long run into parts
     # "auto": measure unless this machine has no energy meter and results with energy are already in
     # data/<profile>/etokens/ (copied from a GPU machine); then only merge them. "always" / "never" force it.
     measure: Literal["auto", "always", "never"] = "auto"
@@ -380,7 +380,7 @@ class EnergyConfig:
         _require(self.part_seconds is None or (math.isfinite(self.part_seconds) and self.part_seconds > 0),
                  "energy.part_seconds", self.part_seconds, "use None (the whole grid in one run) or seconds > 0")
         _positive("energy", self, "min_window_s", "repeats", "input_tokens", "idle_s", "counter_period_s",
-                  "max_output_tokens", "calib_requests", "budget_prompts")
+                  "max_output_tokens", "joule_fit_requests", "budget_prompts")
         _require(len(self.batch_sizes) > 0 and all(b > 0 for b in self.batch_sizes), "energy.batch_sizes",
                  self.batch_sizes, "give batch sizes > 0")
         _require(self.gpu_index >= 0, "energy.gpu_index", self.gpu_index, "use an NVML GPU index >= 0")
@@ -388,9 +388,10 @@ class EnergyConfig:
         _require(len(self.tasks) > 0, "energy.tasks", self.tasks, "name at least one task")
         _require(len(self.paths) > 0 and set(self.paths) <= {"default", "static"}, "energy.paths",
                  self.paths, "choose among 'default' and 'static' (HF's static cache, compiled by generate on CUDA)")
-        _require(self.calib_model in ("tiny", "gpu-6x384", "gpt2-small-scratch"), "energy.calib_model",
-                 self.calib_model, "choose tiny, gpu-6x384 or gpt2-small-scratch")
-        _require(self.calib_requests >= 4, "energy.calib_requests", self.calib_requests, "use >= 4 (3 parameters are fitted)")
+        _require(self.joule_fit_model in ("tiny", "gpu-6x384", "gpt2-small-scratch"), "energy.joule_fit_model",
+                 self.joule_fit_model, "choose tiny, gpu-6x384 or gpt2-small-scratch")
+        _require(self.joule_fit_requests >= 4, "energy.joule_fit_requests", self.joule_fit_requests,
+                 "use >= 4 (3 parameters are fitted)")
         _require(all(0 < f <= 1 for f in self.budget_fractions), "energy.budget_fractions", self.budget_fractions,
                  "use fractions in (0, 1]")
 
@@ -434,6 +435,14 @@ TOP_LEVEL = ("profile", "seed")
 
 
 # --- overrides -------------------------------------------------------------------------------
+
+# Keys renamed since (old dotted key -> new): an override with the old one fails naming the new one, and a
+# saved config (`from_dict`) reads its value under the new one. "calibration" alone is the proxy <-> CSC map.
+RENAMED = {
+    "energy.calib_model": "energy.joule_fit_model",
+    "energy.calib_requests": "energy.joule_fit_requests",
+    "energy.calibrate": "energy.joule_fit",
+}
 
 
 def _type_name(tp: Any) -> str:
@@ -535,6 +544,9 @@ def apply_overrides(config: StudyConfig, overrides: Mapping[str, Any] | None) ->
         section, name = parts
         cls = type(getattr(config, section))
         types_ = _field_types(cls)
+        if name not in types_ and key in RENAMED:
+            shown = str(value).lower() if isinstance(value, bool) else value
+            raise ConfigError(f"{key} was renamed {RENAMED[key]}: use {RENAMED[key]}={shown}")
         if name not in types_:
             raise ConfigError(
                 f"unknown override key {key!r}: {section} has {', '.join(sorted(types_))}"
@@ -547,12 +559,14 @@ def apply_overrides(config: StudyConfig, overrides: Mapping[str, Any] | None) ->
 
 
 def from_dict(data: Mapping[str, Any]) -> StudyConfig:
-    """Rebuild a config from `to_dict()` output (e.g. a saved `study_config.json`)."""
+    """Rebuild a config from `to_dict()` output (e.g. a saved `study_config.json`; keys renamed since it was
+    saved are read under their new names, `RENAMED`)."""
     kwargs: dict[str, Any] = {k: data[k] for k in TOP_LEVEL if k in data}
     for section in SECTIONS:
         if section in data:
             cls = type(getattr(StudyConfig(), section))
             types_ = _field_types(cls)
-            values = {k: _coerce(f"{section}.{k}", types_[k], v) for k, v in data[section].items() if k in types_}
+            named = {RENAMED.get(f"{section}.{k}", f"{section}.{k}").split(".")[1]: v for k, v in data[section].items()}
+            values = {k: _coerce(f"{section}.{k}", types_[k], v) for k, v in named.items() if k in types_}
             kwargs[section] = cls(**values)
     return StudyConfig(**kwargs)

@@ -69,8 +69,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # CPU package + DRAM joules where RAPL is readable, else timings
         "energy.models": ("tiny",),
         "energy.max_output_tokens": 8,
-        "energy.calib_model": "tiny",
-        "energy.calib_requests": 8,
+        "energy.joule_fit_model": "tiny",
+        "energy.joule_fit_requests": 8,
         "energy.budget_prompts": 2,
     },
     # One H100, offline assets: a 6 x 384 GPT-2 pretrained on all of WikiText-2, thousands of
@@ -107,12 +107,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "generation.stop_rule_texts": 50,
         # The e-token grid planned for one H100 (metabolic.energy.plan): 3 random-weight GPT-2 shapes (and
         # MetabolicGPT-2 when trained here) x 4 tasks x batch 1/8/32 x both serving paths, 3 repeats of
-        # >= 1 s windows, plus the joule calibration: about 20 minutes, run in parts of <= 8 minutes
+        # >= 1 s windows, plus the joule fit: about 20 minutes, run in parts of <= 8 minutes
         # (one part per run: a rerun measures the next). The Hub's gpt2 is left out: no network there.
         "energy.repeats": 3,
         "energy.models": ("tiny", "gpu-6x384", "gpt2-small-scratch", "metabolic"),
         "energy.max_output_tokens": 256,  # reasoning 51 -> 255, creative 5 -> 250: the note's ratios, half the decode
-        "energy.calib_requests": 16,
+        "energy.joule_fit_requests": 16,
         "energy.budget_prompts": 4,
         "energy.part_seconds": 440.0,  # + ~40 s of process start: each run <= 8 min of a 10-min device command
     },

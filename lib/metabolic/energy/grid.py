@@ -107,7 +107,7 @@ class _Runner:
         if unit.kind == JOULE_FIT:
             self.close()
             return {JOULE_FIT: run_joule_fit(e, self.seed, self.meter, self.tokenizer, self.valid,
-                                                   self.token_cost(), self.device, self.progress)}
+                                             self.token_cost(), self.device, self.progress)}
         prompts = pick_prompts(self.valid, unit.batch_size, unit.task.input_tokens, self.seed)
         if unit.kind == PREPROCESS:
             return measure_preprocess(self.meter, self.tokenizer, prompts, e.min_window_s, e.repeats)
@@ -195,14 +195,13 @@ def run_grid(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid: S
              throughput: Throughput = H100) -> Grid:
     """Measure the next part of the grid into `cells` (kept unit by unit); return everything measured so far.
 
-    `token_cost()` gives the semantic cost per token id for the calibration, which runs only with an
-    energy meter, `e.calibrate` and a `token_cost`.
+    `token_cost()` gives the semantic cost per token id for the joule fit, which runs only with an
+    energy meter, `e.joule_fit` and a `token_cost`.
     """
     from tqdm.auto import tqdm
 
     tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)
-    calibrate = e.calibrate and meter.available and token_cost is not None
-    units = grid_units(e, specs, tasks, calibrate)
+    units = grid_units(e, specs, tasks, joule_fit=e.joule_fit and meter.available and token_cost is not None)
     by_key = {u.key: u for u in units}
     records = {k: r for k, r in load_records(cells).items() if k in by_key}
     plan = make_plan(e, units, tasks, seed, done=records, throughput=throughput, only=e.only)
@@ -239,8 +238,8 @@ def run_grid(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid: S
         joule_fit = records[JOULE_FIT][JOULE_FIT]
     elif not meter.available:
         joule_fit = {"skipped": f"energy unavailable: {meter.reason}"}
-    elif not e.calibrate:
-        joule_fit = {"skipped": "energy.calibrate=false for this run"}
+    elif not e.joule_fit:
+        joule_fit = {"skipped": "energy.joule_fit=false for this run"}
     else:
         joule_fit = {"skipped": "not measured yet: the grid is unfinished"}
     whole = make_plan(e, units, tasks, seed, throughput=throughput)

@@ -1,7 +1,7 @@
 """From semantic cost and tokens to joules, and generation within a joule budget (the paper's future work).
 
-The joule fit (the e-tokens note's and the `energy.calibrate` settings' "calibration"; in this study
-"calibration" alone means the proxy <-> CSC map of eq. 17): per-request joules (measured, windows of
+The joule fit (the e-tokens note's "calibration"; in this study "calibration" alone means the proxy <-> CSC
+map of eq. 17, and the settings are `energy.joule_fit*`): per-request joules (measured, windows of
 repeated identical requests) against a predictor, fitted by ordinary least squares with an intercept:
 
 * ``tokens``: J ~ a + b * T_in + c * T_out (prefill and decode cost grow with their token counts);
@@ -62,7 +62,7 @@ def fit_linear(x: Sequence[Sequence[float]], y: Sequence[float], names: Sequence
         raise DataError("joule-fit points contain NaN or infinite values: drop faulty measurements first")
     if X.shape[0] <= X.shape[1] + 1:
         raise DataError(f"{X.shape[0]} points cannot fit {X.shape[1] + 1} parameters: measure more requests "
-                        f"(energy.calib_requests)")
+                        f"(energy.joule_fit_requests)")
     A = np.hstack([np.ones((X.shape[0], 1)), X])
     beta, *_ = np.linalg.lstsq(A, Y, rcond=None)
     pred = A @ beta

@@ -98,7 +98,6 @@ def machine_info(meter: EnergyMeter, device: torch.device) -> dict[str, Any]:
         "energy_source": meter.source,
         "energy_counters": meter.counters,
         "energy_missing": missing_text(meter.missing),
-        "energy_unavailable_reason": meter.reason,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
@@ -290,7 +289,7 @@ def cell_rows(record: dict[str, Any], preprocess: dict[str, Any], task: Task, ba
 
 
 def run_joule_fit(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid, token_cost, device: torch.device,
-                    progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True) -> dict[str, Any]:
     """Per-request joules vs semantic cost and tokens; then generation within joule budgets, Hit@10%.
 
     Semantic cost of a request = sum of the synthetic prior's token costs over its input and output
@@ -303,7 +302,7 @@ def run_joule_fit(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, val
 
     if not meter.available:
         return {"skipped": f"energy unavailable: {meter.reason}"}
-    spec = ModelSpec(e.calib_model, "scratch", shape=SCRATCH_SHAPES[e.calib_model])
+    spec = ModelSpec(e.joule_fit_model, "scratch", shape=SCRATCH_SHAPES[e.joule_fit_model])
     dtype = DTYPES[e.dtype] if device.type == "cuda" else torch.float32
     eos = tokenizer.eos_token_id
     model = load_model(spec, len(tokenizer), eos, device, dtype)

@@ -137,9 +137,9 @@ def paths_for(spec: ModelSpec, paths: Sequence[str]) -> tuple[str, ...]:
     return METABOLIC_PATHS if spec.kind == "metabolic" else tuple(paths)
 
 
-def grid_units(e: EnergyConfig, specs: Sequence[ModelSpec], tasks: Sequence[Task], calibrate: bool) -> list[Unit]:
-    """Every unit of the grid, in measuring order."""
-    units = [Unit(JOULE_FIT)] if calibrate else []
+def grid_units(e: EnergyConfig, specs: Sequence[ModelSpec], tasks: Sequence[Task], joule_fit: bool) -> list[Unit]:
+    """Every unit of the grid, in measuring order (the joule fit first, when `joule_fit`)."""
+    units = [Unit(JOULE_FIT)] if joule_fit else []
     units += [Unit(PREPROCESS, task=t, batch_size=b) for t in tasks for b in e.batch_sizes]
     for spec in specs:
         for path in paths_for(spec, e.paths):
@@ -161,7 +161,7 @@ def select(units: Sequence[Unit], only: Sequence[str]) -> list[Unit]:
 def joule_fit_requests(e: EnergyConfig, seed: int) -> list[tuple[int, int]]:
     """(T_in, T_out) of each request of the joule fit: seeded, the same on every machine."""
     rng = random.Random(seed + 17)
-    return [(rng.randint(4, e.input_tokens), rng.randint(1, e.max_output_tokens)) for _ in range(e.calib_requests)]
+    return [(rng.randint(4, e.input_tokens), rng.randint(1, e.max_output_tokens)) for _ in range(e.joule_fit_requests)]
 
 
 def longest_task(tasks: Sequence[Task]) -> Task:
@@ -273,9 +273,9 @@ class Plan:
             f"x tasks ({tasks}) x batch sizes {', '.join(map(str, s['batch_sizes']))}",
             f"  repeats {s['repeats']}; every phase window >= {s['min_window_s']} s of whole calls (prefill and full per cell, "
             f"preprocess once per task x batch size); idle baseline {s['idle_s']} s before each cell",
-            "  calibration: " + (f"{s['calib_requests']} requests + {s['budget_generations']} joule-budget generations "
-                                  f"({s['calib_model']}, batch 1, default path)" if kinds[JOULE_FIT] else "not in this run"),
-            f"  units: {len(self.units)} ({kinds[JOULE_FIT]} calibration, {kinds[PREPROCESS]} preprocess, "
+            "  joule fit: " + (f"{s['joule_fit_requests']} requests + {s['budget_generations']} joule-budget generations "
+                                f"({s['joule_fit_model']}, batch 1, default path)" if kinds[JOULE_FIT] else "not in this run"),
+            f"  units: {len(self.units)} ({kinds[JOULE_FIT]} joule fit, {kinds[PREPROCESS]} preprocess, "
             f"{kinds[CELL]} generation cells); measured already: {len(self.done)}; left: {len(self.remaining)}",
         ]
         if s["only"]:
@@ -302,7 +302,7 @@ def make_plan(e: EnergyConfig, units: Sequence[Unit], tasks: Sequence[Task], see
     """Pack the units not yet `done` (and selected by `only`, see `select`) into parts of at most
     `e.part_seconds` of measuring (one part without it).
 
-    Parts end between blocks (the calibration, the preprocess units, each model) where a block fits
+    Parts end between blocks (the joule fit, the preprocess units, each model) where a block fits
     in a part, so a model is loaded, warmed up and compiled once; a block larger than a part is
     split between its units.
     """
@@ -349,8 +349,8 @@ def make_plan(e: EnergyConfig, units: Sequence[Unit], tasks: Sequence[Task], see
             est.advance(state, unit)
     close()
     settings = {"tasks": list(tasks), "batch_sizes": list(e.batch_sizes), "repeats": e.repeats,
-                "min_window_s": e.min_window_s, "idle_s": e.idle_s, "calib_requests": e.calib_requests,
-                "budget_generations": 2 * e.budget_prompts * len(e.budget_fractions), "calib_model": e.calib_model,
+                "min_window_s": e.min_window_s, "idle_s": e.idle_s, "joule_fit_requests": e.joule_fit_requests,
+                "budget_generations": 2 * e.budget_prompts * len(e.budget_fractions), "joule_fit_model": e.joule_fit_model,
                 "part_seconds": budget, "only": list(only)}
     return Plan(tuple(units), done, estimates, tuple(parts), throughput, settings)
 

@@ -42,6 +42,7 @@ class EtokenResults:
     measured_here: bool
     complete: bool = True  # False: this machine's grid is unfinished (energy.part_seconds); rerun to go on
     grid: Optional[Grid] = None  # this run's grid (plan, units measured now and before), when it measured
+    fingerprint: Optional[str] = None  # the key `folder`'s manifest records (None with `folder`)
 
 
 class _PartDone(Exception):
@@ -69,9 +70,10 @@ def measure_etokens(cfg: StudyConfig, progress: bool = True) -> EtokenResults:
         existing = merge_results(root)
         with_energy = any(r.get("total_j") is not None for r in existing)
         measure = e.measure == "always" or (e.measure == "auto" and (meter.available or not with_energy))
-        folder, grid = _measure_here(cfg, meter, machine, device, progress) if measure else (None, None)
+        built, grid = _measure_here(cfg, meter, machine, device, progress) if measure else (None, None)
     finally:
         meter.close()
+    folder = built.folder if built is not None else None
     rows = merge_results(root)
     if folder is not None:
         own = artefacts.read_json(folder / MACHINE)
@@ -84,7 +86,7 @@ def measure_etokens(cfg: StudyConfig, progress: bool = True) -> EtokenResults:
     joule_fit = next((c for c in joule_fits(root) if "skipped" not in c), own_fit)
     return EtokenResults(folder=folder, rows=rows, skipped=skipped, joule_fit=joule_fit, machine=machine,
                          energy_available=meter.available, measured_here=measure, complete=grid is None or grid.complete,
-                         grid=grid)
+                         grid=grid, fingerprint=built.key if built is not None else None)
 
 
 def measured_budgets(cfg: StudyConfig) -> tuple[float, ...]:
@@ -136,25 +138,26 @@ class EtokenStage:
         return {"n_rows": len(grid.rows), "energy_available": meter.available,
                 "wall_s": sum(u["wall_s"] or 0.0 for u in units)}
 
-    def load(self, folder: Path, key: str) -> Path:
-        return folder
+    def load(self, folder: Path, key: str) -> artefacts.Built:
+        """The finished folder and the key its manifest records (`measure_etokens` reads the files it merges)."""
+        return artefacts.Built(folder, key)
 
 
 def _measure_here(cfg: StudyConfig, meter: EnergyMeter, machine: dict, device: torch.device,
-                  progress: bool) -> tuple[Optional[Path], Optional[Grid]]:
+                  progress: bool) -> tuple[Optional[artefacts.Built], Optional[Grid]]:
     """(the finished artefact or None while unfinished, the grid as this run left it or None when reused)."""
     stage = EtokenStage(cfg, meter, machine, device, progress)
     try:
-        folder = realise(stage, cfg)
+        built = realise(stage, cfg)
     except _PartDone as done:
         return None, done.grid
-    return folder, stage.grid
+    return built, stage.grid
 
 
-def etokens_plan(cfg: StudyConfig, calibrate: bool = True) -> Plan:
+def etokens_plan(cfg: StudyConfig, joule_fit: bool = True) -> Plan:
     """The profile's e-token grid as planned for one H100 (`metabolic.energy.plan`), nothing measured:
     the models this run folder offers, the tasks, batch sizes and paths, each unit's estimate, the parts."""
     e = cfg.energy
     specs, _ = model_specs(e.models, artefacts.run_dir(cfg.run_name), measured_budgets(cfg))
     tasks = make_tasks(e.input_tokens, e.max_output_tokens, e.tasks)
-    return make_plan(e, grid_units(e, specs, tasks, calibrate=calibrate and e.calibrate), tasks, cfg.seed)
+    return make_plan(e, grid_units(e, specs, tasks, joule_fit=joule_fit and e.joule_fit), tasks, cfg.seed)

@@ -144,10 +144,10 @@ def etokens_summary(label: str, table, energy_rows: Sequence[dict], has_energy: 
                  f"tasks, the prefill/decode split and batch sizes {batches}; every row names its GPU, batch size and window "
                  f"length (shortest phase window {table['window_s_min'].min():.2f} s). {window_resolution_note(energy_rows)}."]
         if "skipped" in fit:
-            lines.append("The semantic-cost -> joules calibration and joule budgets were not measured in these results.")
+            lines.append("The joule fit (semantic cost -> joules) and joule budgets were not measured in these results.")
         else:
             hits = ", ".join(f"{b['hit10']:.0%} at {b['budget_j']:.3g} J ({b['predictor']})" for b in fit["budgets"])
-            lines.append(f"Calibration on {fit['model']} (batch 1): R^2 {fit['fit_tokens']['r2']:.2f} for J ~ tokens, "
+            lines.append(f"Joule fit on {fit['model']} (batch 1): R^2 {fit['fit_tokens']['r2']:.2f} for J ~ tokens, "
                          f"{fit['fit_cost']['r2']:.2f} for J ~ semantic cost; joule-budget Hit@10%: {hits} (goal >= 90%).")
         return "\n".join(lines)
     batches = ", ".join(str(int(b)) for b in sorted(own["batch_size"].unique())) if len(own) else "none"
@@ -159,4 +159,4 @@ def etokens_summary(label: str, table, energy_rows: Sequence[dict], has_energy: 
             f"repeats (median and IQR), which say nothing about energy. Left to measure where a counter is readable: "
             f"on a GPU (scripts/gpu_results.sh, then scripts/gpu_etokens.sh), or on a CPU whose RAPL counters are "
             f"readable (this notebook, as it is): the e-token table, prefill vs decode joules, J/token vs batch size, "
-            f"the semantic-cost -> joules calibration and the joule-budget Hit@10%.")
+            f"the joule fit (semantic cost -> joules) and the joule-budget Hit@10%.")

@@ -189,6 +189,7 @@ def test_grid_with_mocked_gpu_counter(small_cfg, tokenizer, tmp_path):
                             progress=False)
         meter.close()
     assert not skipped and len(rows) == 2
+    assert grid.joule_fit == {"skipped": "no semantic cost per token was given (token_cost)"}  # a meter, no costs
     for r in rows:
         assert r["gpu_name"] == "NVIDIA H100 80GB HBM3" and r["energy_source"] == "counter"
         assert r["idle_power_w"] == pytest.approx(WATTS, rel=0.05)

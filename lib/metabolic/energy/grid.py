@@ -240,6 +240,8 @@ def run_grid(e: EnergyConfig, seed: int, meter: EnergyMeter, tokenizer, valid: S
         joule_fit = {"skipped": f"energy unavailable: {meter.reason}"}
     elif not e.joule_fit:
         joule_fit = {"skipped": "energy.joule_fit=false for this run"}
+    elif token_cost is None:
+        joule_fit = {"skipped": "no semantic cost per token was given (token_cost)"}
     else:
         joule_fit = {"skipped": "not measured yet: the grid is unfinished"}
     whole = make_plan(e, units, tasks, seed, throughput=throughput)

@@ -13,7 +13,7 @@ from metabolic.core import artefacts
 from metabolic.core.assets import candidates
 from metabolic.core.config import AssetsConfig, StudyConfig
 from metabolic.data.corpus import Corpus, load_corpus, pack_ids, select_sequences, tokenize, unpack_ids
-from metabolic.pipeline.stage import realise, tokenizer, tokenizer_fingerprint
+from metabolic.pipeline.stage import read_once, realise, tokenizer, tokenizer_fingerprint
 
 
 @dataclass(frozen=True)
@@ -29,29 +29,18 @@ class CorpusData:
     folder: Path
 
 
-# (assets config, the places it resolves to now) -> (the source folder's stat signature, (texts, their hashes))
-_TEXTS: dict[tuple, tuple[Any, tuple[Corpus, dict[str, str]]]] = {}
-
-
 def corpus_texts(assets: AssetsConfig) -> tuple[Corpus, dict[str, str]]:
-    """WikiText-2's texts and the SHA-256 of each split, read once per process while the source files are
-    the same files (every stage that needs the corpus asks for it; reading and hashing take ~0.2 s)."""
-    memo = (assets, tuple(candidates("wikitext", assets.wikitext_dataset)))
-    hit = _TEXTS.get(memo)
-    if hit is not None and hit[0] == _source_signature(hit[1][0].location):
-        return hit[1]
+    """WikiText-2's texts and the SHA-256 of each split, read once per process while the local source folders
+    are the same files (every stage that needs the corpus asks for it; reading and hashing take ~0.2 s)."""
+    places = candidates("wikitext", assets.wikitext_dataset)
+    local = [Path(c.location) for c in places if Path(c.location).is_dir()]  # a Hub dataset: `datasets` caches it
+    return read_once(("corpus_texts", assets, tuple(places)), local, lambda: _read_texts(assets))
+
+
+def _read_texts(assets: AssetsConfig) -> tuple[Corpus, dict[str, str]]:
     texts = load_corpus(assets)
-    hashes = {"train_sha256": artefacts.sha256_bytes("\n".join(texts.train).encode("utf-8")),
-              "valid_sha256": artefacts.sha256_bytes("\n".join(texts.validation).encode("utf-8"))}
-    if len(_TEXTS) >= 2:  # each entry holds a whole corpus; a process rarely needs more than one
-        _TEXTS.pop(next(iter(_TEXTS)))
-    _TEXTS[memo] = (_source_signature(texts.location), (texts, hashes))
-    return texts, hashes
-
-
-def _source_signature(location: str) -> Any:
-    """The files of a local source folder (None for a Hub dataset, which `datasets` caches itself)."""
-    return artefacts.stat_signature(Path(location)) if Path(location).is_dir() else None
+    return texts, {"train_sha256": artefacts.sha256_bytes("\n".join(texts.train).encode("utf-8")),
+                   "valid_sha256": artefacts.sha256_bytes("\n".join(texts.validation).encode("utf-8"))}
 
 
 class CorpusStage:

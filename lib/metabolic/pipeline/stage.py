@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import functools
 from pathlib import Path
-from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, TypeVar, runtime_checkable
 
 from metabolic.core import artefacts
 from metabolic.core.assets import load_encoder, load_tokenizer
@@ -57,17 +57,22 @@ def realise(stage: Stage[T], cfg: StudyConfig, force: bool = False) -> T:
     return loaded_once(stage, built, lambda: stage.load(built.folder, built.key))
 
 
-# (stage class, folder, key) -> (the folder's stat signature when loaded, what `load` returned). Bounded: a test
-# session makes hundreds of small runs.
-_LOADED: collections.OrderedDict[tuple[str, str, str], tuple[tuple, Any]] = collections.OrderedDict()
+# memo key -> (the stat signature of its folders when loaded, what `load` returned). Bounded: a test session
+# makes hundreds of small runs.
+_LOADED: collections.OrderedDict[tuple, tuple[tuple, Any]] = collections.OrderedDict()
 _LOADED_MAX = 32
 
 
 def loaded_once(stage: Any, built: artefacts.Built, load: Callable[[], T]) -> T:
     """`load()` of a committed artefact, or what it returned before in this process while the artefact's files
     are the same files (a stage's later callers, e.g. every stage that needs the corpus, share one load)."""
-    memo = (type(stage).__qualname__, str(built.folder), built.key)
-    signature = artefacts.stat_signature(built.folder)
+    return read_once((type(stage).__qualname__, str(built.folder), built.key), (built.folder,), load)
+
+
+def read_once(memo: tuple, folders: Sequence[Path], load: Callable[[], T]) -> T:
+    """`load()`, or what it returned before in this process under `memo` while the files under `folders`
+    are the same files (their stat signatures, `artefacts.stat_signature`)."""
+    signature = tuple(artefacts.stat_signature(f) for f in folders)
     hit = _LOADED.get(memo)
     if hit is not None and hit[0] == signature:
         _LOADED.move_to_end(memo)

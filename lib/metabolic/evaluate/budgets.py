@@ -53,7 +53,7 @@ def budgets_training_would_use(csc: CSCData, train: TrainConfig, prompt_tokens: 
 
 
 def levels_from_continuations(csc: CSCData, g: GenerationConfig, budget_quantiles: Sequence[float], scale: str,
-                  trained: TrainedBudgets) -> BudgetLevels:
+                              trained: TrainedBudgets) -> BudgetLevels:
     """`generation.budgets`, else the `budget_quantiles` of the true CSC of training-text continuations
     (first `prompt_tokens` tokens = prompt, 1..max_new_tokens counted): what Table I scores. The range
     generation accepts spans `trained.budget_range` and the continuations."""
@@ -71,7 +71,7 @@ def levels_from_continuations(csc: CSCData, g: GenerationConfig, budget_quantile
 
 
 def targets_per_scale(csc: CSCData, g: GenerationConfig, budget_quantiles: Sequence[float], scale: str,
-                     budgets: dict[str, float], scales: Sequence[str] | None = None) -> tuple[dict, dict[str, float]]:
+                      budgets: dict[str, float], scales: Sequence[str] | None = None) -> tuple[dict, dict[str, float]]:
     """Budgets per CSC scale (`scales`, default `g.verified_scales`) for the verified rows, and each scale's
     CSC per generated token (the controller's first probe, the token-count rule's rate). The configured
     `scale` keeps the evaluation's budgets; the other is given the same quantiles of its own continuation totals."""

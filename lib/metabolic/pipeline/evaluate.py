@@ -41,7 +41,7 @@ from metabolic.pipeline.corpus import corpus
 from metabolic.pipeline.csc import csc_labeller, csc_labels
 from metabolic.pipeline.pretrain import pretrain_backbone
 from metabolic.pipeline.prior import energy_prior
-from metabolic.pipeline.stage import realise
+from metabolic.pipeline.stage import realise, stage_folder
 from metabolic.pipeline.train import train_metabolic, train_variants
 from metabolic.train.loop import SELECTION, TrainResult
 
@@ -237,7 +237,7 @@ def verified_targets(csc: CSCData, cfg: StudyConfig, budgets: dict[str, float],
 
 def read_generations(cfg) -> list[dict[str, Any]]:
     """The per-generation records of the `evaluate` stage (run it first)."""
-    path = artefacts.run_dir(cfg.run_name) / "evaluation" / GENERATIONS_FILE
+    path = stage_folder(cfg, EvaluateStage) / GENERATIONS_FILE
     if not path.is_file():
         raise DataError(f"{path} is missing: run the evaluate stage (python -m metabolic run --stages evaluate)")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -46,7 +46,7 @@ class Stage(Protocol[T]):
     def load(self, folder: Path, key: str) -> T: ...
 
 
-def stage_folder(cfg: StudyConfig, stage: Stage) -> Path:
+def stage_folder(cfg: StudyConfig, stage: Stage | type[Stage]) -> Path:
     return artefacts.run_dir(cfg.run_name) / stage.folder
 
 

@@ -187,7 +187,6 @@ PROFILES["cpu"] = {
 }
 
 
-
 def load_config(profile: str = "smoke", overrides: Mapping[str, Any] | None = None) -> StudyConfig:
     """Resolve a named profile plus overrides into a validated `StudyConfig`."""
     if profile not in PROFILES:

@@ -134,7 +134,6 @@ def label_positions(lengths: Sequence[int], policy: str, per_sequence: int, seed
     return out
 
 
-
 def encoder_weights_sha256(encoder) -> str:
     """A hash of the encoder's parameters and buffers (independent of where they were loaded from)."""
     h = hashlib.sha256()
